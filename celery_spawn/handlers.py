@@ -1,0 +1,181 @@
+"""Extension points: SpawnHandler (what to spawn), SpawnContext (what it sees), SpawnManager (the registry)."""
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+
+from celery.canvas import Signature
+
+from .config import SpawnConfig
+from .errors import HandlerError, HandlerNotFound
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+#: Namespace of deterministic child ids: uuid5(namespace, "<operation id>/<sequence>").
+CHILD_ID_NAMESPACE = uuid.UUID("6f1c2b8e-5a43-4d0e-9a57-2f1d6c3b9e10")
+
+
+def child_id(operation_id: str, sequence: int) -> str:
+    """The deterministic task id of the ``sequence``-th child of an operation."""
+    return str(uuid.uuid5(CHILD_ID_NAMESPACE, f"{operation_id}/{sequence}"))
+
+
+def default_operation_id(parent_id: str) -> str:
+    """The operation id of a parent's spawn when the config names none."""
+    return str(uuid.uuid5(CHILD_ID_NAMESPACE, f"op/{parent_id}"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParentJob:
+    """The finished parent task, as a handler sees it."""
+
+    id: str
+    name: str
+    args: tuple
+    kwargs: dict
+    result: Any
+    priority: int | None
+    queue: str | None
+    root_id: str
+    depth: int
+    parent_id: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SpawnResult:
+    """What a spawn produced: passed to ``on_spawn_complete`` and returned by the spawner."""
+
+    parent_job_id: str
+    spawned_job_ids: list[str]
+    spawned_at: datetime
+    operation_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "parent_job_id": self.parent_job_id,
+            "spawned_job_ids": list(self.spawned_job_ids),
+            "spawned_at": self.spawned_at.isoformat(),
+            "operation_id": self.operation_id,
+        }
+
+
+class SpawnContext:
+    """What a handler's ``spawn_jobs`` receives.
+
+    ``freeze(sig)`` gives a child its deterministic id before the handler
+    returns it, so that a later sibling can ``depends_on`` it.
+    """
+
+    def __init__(self, parent: ParentJob, config: SpawnConfig, app: Celery, operation_id: str) -> None:
+        self.parent = parent
+        self.config = config
+        self.app = app
+        self.operation_id = operation_id
+        self._sequence = 0
+
+    def next_child_id(self) -> str:
+        job_id = child_id(self.operation_id, self._sequence)
+        self._sequence += 1
+        return job_id
+
+    def freeze(self, sig: Signature) -> str:
+        """Give ``sig`` its deterministic task id now and return it."""
+        if not isinstance(sig, Signature):
+            raise HandlerError(f"freeze() takes a Celery signature, not {type(sig).__name__}")
+        existing = sig.options.get("task_id")
+        if existing:
+            return existing
+        job_id = self.next_child_id()
+        sig.set(task_id=job_id)
+        return job_id
+
+    @property
+    def metadata(self) -> dict:
+        return self.config.metadata or {}
+
+
+class SpawnHandler:
+    """Decides which children a finished parent spawns. Override ``spawn_jobs``."""
+
+    def validate_spawn(self, parent: ParentJob, config: SpawnConfig) -> None:
+        """Raise to refuse the spawn before any child is generated."""
+
+    def spawn_jobs(self, context: SpawnContext) -> Iterable[Signature]:
+        """Return (or yield) the child signatures."""
+        return ()
+
+    def on_spawn_complete(self, result: SpawnResult) -> None:
+        """Called once the children are recorded and dispatched."""
+
+
+class FunctionHandler(SpawnHandler):
+    """Adapts a plain function ``fn(context) -> Iterable[Signature]`` into a handler."""
+
+    def __init__(self, fn: Callable[[SpawnContext], Iterable[Signature]]) -> None:
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+
+    def spawn_jobs(self, context: SpawnContext) -> Iterable[Signature]:
+        return self.fn(context)
+
+    def __repr__(self) -> str:
+        return f"FunctionHandler({getattr(self.fn, '__qualname__', self.fn)!r})"
+
+
+class SpawnManager:
+    """The registry of spawn handlers, by name."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, SpawnHandler] = {}
+
+    def register_handler(self, name: str, handler: SpawnHandler | type[SpawnHandler] | Callable) -> SpawnHandler:
+        """Register ``handler`` under ``name``; a name may be registered once."""
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"handler name must be a non-empty string, not {name!r}")
+        handler = _as_handler(handler)
+        if name in self._handlers and self._handlers[name] is not handler:
+            raise ValueError(f"a spawn handler is already registered as {name!r}")
+        self._handlers[name] = handler
+        return handler
+
+    def handler(self, name: str) -> Callable:
+        """Decorator form: ``@manager.handler("name")`` on a function or SpawnHandler class."""
+        def decorate(obj: Any) -> Any:
+            self.register_handler(name, obj)
+            return obj
+        return decorate
+
+    def unregister_handler(self, name: str) -> None:
+        self._handlers.pop(name, None)
+
+    def has_handler(self, name: str) -> bool:
+        return name in self._handlers
+
+    def get_handler(self, name: str) -> SpawnHandler:
+        try:
+            return self._handlers[name]
+        except KeyError:
+            known = ", ".join(sorted(self._handlers)) or "none"
+            raise HandlerNotFound(f"no spawn handler registered as {name!r} (registered: {known})") from None
+
+    def registered_types(self) -> list[str]:
+        return sorted(self._handlers)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.registered_types())
+
+    def __len__(self) -> int:
+        return len(self._handlers)
+
+
+def _as_handler(obj: Any) -> SpawnHandler:
+    if isinstance(obj, SpawnHandler):
+        return obj
+    if isinstance(obj, type) and issubclass(obj, SpawnHandler):
+        return obj()
+    if callable(obj):
+        return FunctionHandler(obj)
+    raise TypeError(f"a spawn handler must be a SpawnHandler, a SpawnHandler class or a function, not {obj!r}")

@@ -1,0 +1,39 @@
+"""The recovery sweep: publish children that were recorded but never reached the broker."""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from kombu.utils.json import loads
+
+from .app import get_state
+from .config import SpawnConfig
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+logger = logging.getLogger("celery_spawn.recovery")
+
+
+def recover(app: Celery, grace_seconds: float | None = None, limit: int = 50) -> int:
+    """Publish pending children of operations untouched for ``grace_seconds``; returns how many.
+
+    Safe to run from every worker at once: operations are leased with
+    ``FOR UPDATE SKIP LOCKED`` (PostgreSQL, MySQL/MariaDB) and a refreshed
+    timestamp, and a child that is published twice runs once.
+    """
+    state = get_state(app)
+    grace = state.settings.recovery_grace if grace_seconds is None else grace_seconds
+    spawner = state.spawner
+    published = 0
+    for operation_id in state.store.claim_stale_operations(grace, limit):
+        with state.store.read() as conn:
+            operation = state.store.get_operation(conn, operation_id)
+        if operation is None:
+            continue
+        config = SpawnConfig.from_dict(loads(operation["config"]) if operation["config"] else {})
+        count = spawner.publish_pending(operation_id, config.batch_size)
+        if count:
+            logger.warning("recovery published %d stranded children of operation %s", count, operation_id)
+        published += count
+    return published

@@ -1,0 +1,479 @@
+"""One spawn operation: validate, generate, limit, inherit, record, publish.
+
+Persist, then publish: the operation, its children and their dependency edges
+are written in one transaction before any child is published. Child ids are
+deterministic (operation id + sequence), so a parent that is retried or
+redelivered finds its operation recorded and only publishes what is still
+pending.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+import sqlalchemy as sa
+from celery.canvas import Signature
+from kombu.utils.json import dumps
+
+from . import signals
+from .config import SpawnConfig
+from .errors import (
+    DependencyError,
+    HandlerError,
+    OperationConflict,
+    SpawnConfigError,
+    SpawnDepthExceeded,
+    SpawnError,
+    SpawnLimitExceeded,
+    SpawnValidationError,
+    StoreError,
+)
+from .handlers import ParentJob, SpawnContext, SpawnHandler, SpawnResult, default_operation_id
+from .publisher import publish_children
+from .signatures import DEPENDS_ON_OPTION, IGNORE_FAILURE_OPTION, SPAWN_CONFIG_KWARG
+from .store import schema as s
+from .store.sql import utcnow
+
+if TYPE_CHECKING:
+    from celery import Celery, Task
+
+    from .app import SpawnState
+
+logger = logging.getLogger("celery_spawn.spawner")
+
+#: Message headers every spawned child carries: its operation and its depth.
+HEADER_OPERATION = "spawn_operation"
+HEADER_DEPTH = "spawn_depth"
+
+#: Signature options that are the spawner's business, never published.
+_PRIVATE_OPTIONS = {"task_id", "parent_id", "root_id", "group_id", "group_index", "chord",
+                    DEPENDS_ON_OPTION, IGNORE_FAILURE_OPTION}
+
+
+def request_headers(request: Any) -> dict:
+    """Custom message headers of a task request, in a worker and in eager mode alike."""
+    headers = getattr(request, "headers", None) or {}
+    return headers if isinstance(headers, dict) else {}
+
+
+def parent_from_task(task: Task, result: Any) -> ParentJob:
+    request = task.request
+    headers = request_headers(request)
+    delivery = request.delivery_info or {}
+    kwargs = {k: v for k, v in (request.kwargs or {}).items() if k != SPAWN_CONFIG_KWARG}
+    try:
+        depth = int(headers.get(HEADER_DEPTH) or getattr(request, HEADER_DEPTH, 0) or 0)
+    except (TypeError, ValueError):
+        depth = 0
+    return ParentJob(
+        id=request.id,
+        name=task.name,
+        args=tuple(request.args or ()),
+        kwargs=kwargs,
+        result=result,
+        priority=delivery.get("priority"),
+        queue=delivery.get("routing_key") or None,
+        root_id=request.root_id or request.id,
+        depth=depth,
+        parent_id=request.parent_id,
+    )
+
+
+def effective_config(state: SpawnState, task: Task, call_config: Any) -> SpawnConfig:
+    """Named defaults, then the task's ``spawn_config``/``spawn_handler``, then the call's ``_spawn_config``."""
+    config = SpawnConfig(max_spawn_count=state.settings.default_max_spawn_count)
+    task_config = getattr(task, "spawn_config", None)
+    if task_config is not None:
+        config = config.merged(task_config)
+    task_handler = getattr(task, "spawn_handler", None)
+    if isinstance(task_handler, str) and config.handler is None:
+        config = config.merged({"handler": task_handler})
+    if call_config is not None:
+        config = config.merged(call_config)
+    ceiling = state.settings.max_spawn_count_ceiling
+    if config.max_spawn_count > ceiling:
+        raise SpawnConfigError(
+            f"max_spawn_count {config.max_spawn_count} is above this app's ceiling "
+            f"spawn_max_spawn_count_ceiling={ceiling}")
+    return config
+
+
+class Spawner:
+    """Runs the spawn of one finished parent task."""
+
+    def __init__(self, state: SpawnState) -> None:
+        self.state = state
+        self.app: Celery = state.app
+        self.store = state.store
+        self._route_cache: dict[str, str | None] = {}
+
+    # ---- entry point -------------------------------------------------------------------
+    def spawn(self, task: Task, result: Any, call_config: Any) -> SpawnResult | None:
+        """Spawn the children of ``task``; bad input is recorded as a failed operation.
+
+        Returns the SpawnResult, or None when the spawn was refused. A
+        :class:`~celery_spawn.errors.StoreError` propagates, so that the
+        parent fails (or retries) visibly.
+        """
+        parent = parent_from_task(task, result)
+        operation_id = default_operation_id(parent.id)
+        config: SpawnConfig | None = None
+        handler_name: str | None = None
+        try:
+            config = effective_config(self.state, task, call_config)
+            operation_id = config.operation_id or operation_id
+            handler_name = config.handler or task.name
+            handler = self._resolve_handler(task, handler_name)
+            if parent.depth + 1 > config.max_depth:
+                raise SpawnDepthExceeded(
+                    f"spawning from {parent.name} at depth {parent.depth} would exceed max_depth={config.max_depth}")
+            return self._run(task, handler, parent, config, operation_id, handler_name)
+        except SpawnError as exc:
+            if isinstance(exc, StoreError):  # the parent must fail or retry visibly
+                raise
+            self._refused(task, parent, operation_id, handler_name, config, call_config, exc)
+            return None
+
+    def _resolve_handler(self, task: Task, name: str) -> SpawnHandler:
+        task_handler = getattr(task, "spawn_handler", None)
+        if task_handler is not None and not isinstance(task_handler, str) and name == task.name:
+            from .handlers import _as_handler
+
+            return _as_handler(task_handler)
+        return self.state.manager.get_handler(name)
+
+    # ---- the operation -----------------------------------------------------------------
+    def _run(self, task: Task, handler: SpawnHandler, parent: ParentJob, config: SpawnConfig,
+             operation_id: str, handler_name: str) -> SpawnResult:
+        with self.store.read() as conn:
+            existing = self.store.get_operation(conn, operation_id)
+        if existing is not None and existing["parent_id"] != parent.id:
+            raise OperationConflict(
+                f"operation_id {operation_id!r} already belongs to the spawn of job {existing['parent_id']}")
+        if existing is not None and existing["state"] != s.OP_FAILED:
+            logger.info("spawn %s of %s already recorded; publishing what is pending", operation_id, parent.id)
+            return self._replay(handler, existing)
+
+        try:
+            handler.validate_spawn(parent, config)
+        except SpawnError:
+            raise
+        except Exception as exc:
+            raise SpawnValidationError(f"handler {handler_name!r} refused the spawn: {_describe(exc)}") from exc
+
+        context = SpawnContext(parent, config, self.app, operation_id)
+        now = utcnow()
+        with self.store.begin() as conn:
+            if existing is not None:
+                self.store.delete_operation(conn, operation_id)
+            self.store.insert_operation(conn, self._operation_row(parent, config, operation_id, handler_name, now))
+            self.store.ensure_job(conn, self._root_row(parent, now))
+            total = self._record_children(conn, handler, handler_name, context, now)
+            self._check_dependencies(conn, operation_id, parent.id)
+            self.store.update_operation(conn, operation_id, total=total,
+                                        state=s.OP_RUNNING if total else s.OP_SUCCEEDED,
+                                        finished_at=None if total else now)
+        self.publish_pending(operation_id, config.batch_size)
+        with self.store.read() as conn:
+            ids = self.store.operation_job_ids(conn, operation_id)
+        spawn_result = SpawnResult(parent.id, ids, now, operation_id)
+        self._announce(task, handler, spawn_result)
+        return spawn_result
+
+    def _replay(self, handler: SpawnHandler, operation: dict) -> SpawnResult:
+        config = SpawnConfig.from_dict(_loads(operation["config"]) or {})
+        self.publish_pending(operation["id"], config.batch_size)
+        with self.store.read() as conn:
+            ids = self.store.operation_job_ids(conn, operation["id"])
+        return SpawnResult(operation["parent_id"], ids, operation["created_at"], operation["id"])
+
+    def _record_children(self, conn: sa.Connection, handler: SpawnHandler, handler_name: str,
+                         context: SpawnContext, now: Any) -> int:
+        config = context.config
+        total = 0
+        seen: set[str] = set()
+        for batch in _batched(self._generate(handler, handler_name, context), config.batch_size):
+            rows, edges = [], []
+            for sig in batch:
+                if total >= config.max_spawn_count:
+                    raise SpawnLimitExceeded(
+                        f"handler {handler_name!r} produced more than max_spawn_count={config.max_spawn_count} "
+                        "children; nothing was dispatched")
+                row, child_edges = self._child_row(sig, total, context, seen, now)
+                rows.append(row)
+                edges.extend(child_edges)
+                total += 1
+            self.store.insert_jobs(conn, rows)
+            if edges:
+                self.store.insert_dependencies(conn, edges)
+        return total
+
+    def _generate(self, handler: SpawnHandler, handler_name: str, context: SpawnContext) -> Iterator[Any]:
+        """The handler's children, with every exception it raises named after it."""
+        try:
+            produced = handler.spawn_jobs(context)
+            if produced is None:
+                return
+            if isinstance(produced, Signature):
+                raise HandlerError(f"handler {handler_name!r} returned one signature; return a list or yield them")
+            iterator = iter(produced)
+        except SpawnError:
+            raise
+        except TypeError as exc:
+            raise HandlerError(f"handler {handler_name!r} returned {type(produced).__name__}, "
+                               "not an iterable of signatures") from exc
+        except Exception as exc:
+            raise HandlerError(f"handler {handler_name!r} raised {_describe(exc)}") from exc
+        while True:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            except SpawnError:
+                raise
+            except Exception as exc:
+                raise HandlerError(f"handler {handler_name!r} raised {_describe(exc)}") from exc
+            yield item
+
+    def _child_row(self, sig: Any, position: int, context: SpawnContext, seen: set[str],
+                   now: Any) -> tuple[dict, list[dict]]:
+        where = f"child #{position}"
+        if not isinstance(sig, Signature) or type(sig) is not Signature:
+            kind = type(sig).__name__
+            raise HandlerError(f"{where} is a {kind}, not a single task signature (celery.signature / task.s())")
+        name = sig.task
+        if not isinstance(name, str) or not name:
+            raise HandlerError(f"{where} has no task name")
+        options = dict(sig.options)
+        job_id = options.get("task_id") or context.next_child_id()
+        if not isinstance(job_id, str) or len(job_id) > 64:
+            raise HandlerError(f"{where} has an invalid task_id {job_id!r}")
+        if job_id in seen:
+            raise HandlerError(f"{where} repeats task id {job_id}")
+        seen.add(job_id)
+        parent = context.parent
+        config = context.config
+        depends = [str(d) for d in options.get(DEPENDS_ON_OPTION) or ()]
+        ignored = set(options.get(IGNORE_FAILURE_OPTION) or ())
+        if job_id in depends:
+            raise DependencyError(f"{where} ({job_id}) depends on itself")
+
+        publish = {k: v for k, v in options.items() if k not in _PRIVATE_OPTIONS}
+        if config.inherit_priority and parent.priority is not None and publish.get("priority") is None:
+            publish["priority"] = parent.priority
+        if config.inherit_queue and parent.queue and not publish.get("queue"):
+            publish["queue"] = parent.queue
+        if config.spawn_delay_ms and "countdown" not in publish and "eta" not in publish:
+            publish["countdown"] = position * config.spawn_delay_ms / 1000.0
+        headers = dict(publish.get("headers") or {})
+        headers[HEADER_OPERATION] = context.operation_id
+        headers[HEADER_DEPTH] = parent.depth + 1
+        publish["headers"] = headers
+        try:
+            message = dumps({"task": name, "args": list(sig.args or ()), "kwargs": dict(sig.kwargs or {}),
+                             "options": publish})
+        except (TypeError, ValueError) as exc:
+            raise HandlerError(f"{where} ({name}) cannot be serialised to JSON: {exc}") from None
+
+        pending_deps = sum(1 for d in depends if d != parent.id)
+        row = {
+            "id": job_id,
+            "parent_id": parent.id,
+            "root_id": parent.root_id,
+            "operation_id": context.operation_id,
+            "position": position,
+            "depth": parent.depth + 1,
+            "task_name": name[:255],
+            "queue": self._queue_of(name, publish),
+            "priority": publish.get("priority"),
+            "state": s.HELD if pending_deps else s.PENDING,
+            "pending_deps": pending_deps,
+            "retries": 0,
+            "message": message,
+            "created_at": now,
+        }
+        edges = [{"job_id": job_id, "depends_on_id": dep, "ignore_failure": dep in ignored,
+                  "satisfied": dep == parent.id} for dep in depends]
+        return row, edges
+
+    def _queue_of(self, task_name: str, options: dict) -> str | None:
+        queue = options.get("queue")
+        if queue:
+            return str(getattr(queue, "name", queue))[:255]
+        if task_name not in self._route_cache:
+            try:
+                routed = self.app.amqp.router.route({}, task_name)
+                routed_queue = routed.get("queue")
+                self._route_cache[task_name] = getattr(routed_queue, "name", routed_queue)
+            except Exception:
+                self._route_cache[task_name] = self.app.conf.task_default_queue
+        return self._route_cache[task_name]
+
+    def _check_dependencies(self, conn: sa.Connection, operation_id: str, parent_id: str) -> None:
+        """Refuse unknown ids and cycles among this operation's children (one query each)."""
+        child = s.jobs.alias("child")
+        target = s.jobs.alias("target")
+        unknown = conn.execute(
+            sa.select(s.dependencies.c.job_id, s.dependencies.c.depends_on_id)
+            .join(child, child.c.id == s.dependencies.c.job_id)
+            .outerjoin(target, target.c.id == s.dependencies.c.depends_on_id)
+            .where(child.c.operation_id == operation_id, target.c.id.is_(None))
+            .limit(1)
+        ).first()
+        if unknown is not None:
+            raise DependencyError(f"job {unknown.job_id} depends on unknown job {unknown.depends_on_id}")
+        edges = conn.execute(
+            sa.select(s.dependencies.c.job_id, s.dependencies.c.depends_on_id)
+            .join(child, child.c.id == s.dependencies.c.job_id)
+            .join(target, target.c.id == s.dependencies.c.depends_on_id)
+            .where(child.c.operation_id == operation_id, target.c.operation_id == operation_id)
+        ).all()
+        cycle = _find_cycle([(e.job_id, e.depends_on_id) for e in edges])
+        if cycle:
+            raise DependencyError(f"dependency cycle among spawned jobs: {' -> '.join(cycle)}")
+
+    # ---- publishing --------------------------------------------------------------------
+    def publish_pending(self, operation_id: str, page_size: int) -> int:
+        """Publish every pending (not held) child of an operation, a page at a time."""
+        published = 0
+        after = -1
+        while True:
+            with self.store.read() as conn:
+                page = self.store.pending_page(conn, operation_id, after, page_size)
+            if not page:
+                return published
+            after = page[-1]["position"]
+            try:
+                ids = publish_children(self.app, page)
+            except Exception as exc:  # broker trouble: the recovery sweep publishes them later
+                logger.warning("publishing children of %s failed (%s); the recovery sweep will retry",
+                               operation_id, _describe(exc))
+                return published
+            self.store.mark_dispatched(ids)
+            self.store.touch_operation(operation_id)
+            published += len(ids)
+
+    # ---- reporting ---------------------------------------------------------------------
+    def _announce(self, task: Task, handler: SpawnHandler, result: SpawnResult) -> None:
+        logger.info("spawned %d children of %s (operation %s)", len(result.spawned_job_ids),
+                    result.parent_job_id, result.operation_id)
+        signals.spawn_recorded.send(sender=task, result=result)
+        try:
+            handler.on_spawn_complete(result)
+        except Exception as exc:  # an observer hook: log and carry on
+            logger.exception("on_spawn_complete of %r raised %s", handler, _describe(exc))
+
+    def _refused(self, task: Task, parent: ParentJob, operation_id: str, handler_name: str | None,
+                 config: SpawnConfig | None, call_config: Any, exc: SpawnError) -> None:
+        logger.error("spawn of %s[%s] refused: %s", parent.name, parent.id, exc)
+        now = utcnow()
+        raw_config = config.to_dict() if config is not None else _safe_config_text(call_config)
+        row = self._operation_row(parent, config, operation_id, handler_name, now)
+        row.update(state=s.OP_FAILED, error=f"{type(exc).__name__}: {exc}"[:10000],
+                   config=raw_config if isinstance(raw_config, str) else dumps(raw_config), finished_at=now)
+        if not isinstance(exc, OperationConflict):
+            self.store.record_failed_operation(row)
+        signals.spawn_failed.send(sender=task, operation_id=operation_id, exception=exc)
+
+    def _operation_row(self, parent: ParentJob, config: SpawnConfig | None, operation_id: str,
+                       handler_name: str | None, now: Any) -> dict:
+        return {
+            "id": operation_id,
+            "parent_id": parent.id,
+            "root_id": parent.root_id,
+            "parent_task": parent.name[:255],
+            "handler": (handler_name or "")[:255] or None,
+            "queue": parent.queue,
+            "depth": parent.depth,
+            "state": s.OP_RUNNING,
+            "total": 0,
+            "config": dumps(config.to_dict()) if config is not None else None,
+            "error": None,
+            "on_complete": dumps(config.on_complete) if config is not None and config.on_complete else None,
+            "wait_for_descendants": bool(config and config.wait_for_descendants),
+            "fail_fast": bool(config and config.fail_fast),
+            "completed": False,
+            "created_at": now,
+            "updated_at": now,
+            "finished_at": None,
+        }
+
+    def _root_row(self, parent: ParentJob, now: Any) -> dict:
+        """The parent's own row, for a parent that was not itself spawned."""
+        return {
+            "id": parent.id,
+            "parent_id": None,
+            "root_id": parent.root_id,
+            "operation_id": None,
+            "position": 0,
+            "depth": parent.depth,
+            "task_name": parent.name[:255],
+            "queue": parent.queue,
+            "priority": parent.priority,
+            "state": s.SUCCEEDED,
+            "pending_deps": 0,
+            "retries": 0,
+            "message": None,
+            "created_at": now,
+            "started_at": now,
+            "finished_at": now,
+        }
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _loads(raw: str | None) -> Any:
+    from kombu.utils.json import loads
+
+    return loads(raw) if raw else None
+
+
+def _safe_config_text(raw: Any) -> str:
+    try:
+        return dumps(raw)
+    except Exception:
+        return repr(raw)[:2000]
+
+
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while True:
+        batch = list(itertools.islice(iterator, size))
+        if not batch:
+            return
+        yield batch
+
+
+def _find_cycle(edges: list[tuple[str, str]]) -> list[str] | None:
+    """A cycle in the "job depends on" graph, or None (iterative DFS)."""
+    graph: dict[str, list[str]] = defaultdict(list)
+    for job, dep in edges:
+        graph[job].append(dep)
+    state: dict[str, int] = {}
+    for start in list(graph):
+        if state.get(start):
+            continue
+        stack = [(start, iter(graph[start]))]
+        path = [start]
+        state[start] = 1
+        while stack:
+            node, children = stack[-1]
+            for nxt in children:
+                if state.get(nxt) == 1:
+                    return path[path.index(nxt):] + [nxt]
+                if not state.get(nxt):
+                    state[nxt] = 1
+                    stack.append((nxt, iter(graph.get(nxt, ()))))
+                    path.append(nxt)
+                    break
+            else:
+                state[node] = 2
+                stack.pop()
+                path.pop()
+    return None
+

@@ -1,0 +1,115 @@
+"""Engines made per process, safely after a prefork worker forks, and schema creation."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Engine, make_url
+
+from ..errors import StoreError
+
+logger = logging.getLogger(__name__)
+
+_DRIVER_EXTRAS = {
+    "psycopg2": "postgres",
+    "MySQLdb": "mysql",
+}
+
+
+def redact(url: str | URL) -> str:
+    """The URL with its password hidden: the only form that is ever printed."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable database URL>"
+
+
+class EngineHolder:
+    """One SQLAlchemy engine per process, rebuilt when the pid changes."""
+
+    def __init__(self, url: str, engine_options: dict[str, Any] | None = None) -> None:
+        try:
+            self.url = make_url(url)
+        except Exception:
+            raise StoreError(f"invalid spawn_database_url {redact(url)!r}") from None
+        self.engine_options = dict(engine_options or {})
+        self._engine: Engine | None = None
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def dialect(self) -> str:
+        return self.url.get_backend_name()
+
+    def get(self) -> Engine:
+        pid = os.getpid()
+        if self._engine is None or self._pid != pid:
+            with self._lock:
+                if self._engine is None or self._pid != pid:
+                    if self._engine is not None:
+                        # Inherited across fork: drop the parent's connections without closing them.
+                        self._engine.dispose(close=False)
+                    self._engine = self._create()
+                    self._pid = pid
+        return self._engine
+
+    def after_fork(self) -> None:
+        """Forget connections inherited from the parent process (``worker_process_init``)."""
+        if self._engine is not None and self._pid != os.getpid():
+            self._engine.dispose(close=False)
+            self._engine = None
+
+    def dispose(self) -> None:
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None
+
+    def _create(self) -> Engine:
+        options: dict[str, Any] = {"future": True}
+        backend = self.dialect
+        if backend == "sqlite":
+            database = self.url.database
+            if database and database != ":memory:":
+                Path(database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+            options["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        else:
+            options.update(pool_pre_ping=True, pool_recycle=1800)
+        if backend in ("mysql", "mariadb"):
+            options["isolation_level"] = "READ COMMITTED"
+        options.update(self.engine_options)
+        try:
+            engine = sa.create_engine(self.url, **options)
+        except ModuleNotFoundError as exc:
+            extra = _DRIVER_EXTRAS.get(exc.name or "", None)
+            hint = f" (pip install 'celery-spawn[{extra}]')" if extra else ""
+            raise StoreError(f"database driver {exc.name!r} for {redact(self.url)} is not installed{hint}") from None
+        if backend == "sqlite":
+            _tune_sqlite(engine)
+        return engine
+
+
+def _tune_sqlite(engine: Engine) -> None:
+    """WAL lets readers (the CLI) run beside the worker writing; BEGIN IMMEDIATE serialises writers."""
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # pragma: no cover - trivial
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except Exception:
+            pass
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn):  # pragma: no cover - trivial
+        if conn.get_execution_options().get("spawn_readonly"):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")

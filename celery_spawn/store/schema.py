@@ -1,0 +1,110 @@
+"""The lineage store's tables (SQLAlchemy Core).
+
+Lineage is plain indexed columns (``parent_id``, ``root_id``, ``depth``) and
+an edge table for dependencies, so that trees are recursive CTEs over an index
+and stats are aggregates over an index: nothing scans JSON.
+"""
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+
+metadata = sa.MetaData()
+
+ID = sa.String(64)
+NAME = sa.String(255)
+#: Serialised messages and errors can exceed MySQL's 64 KiB TEXT.
+LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
+#: Timestamps are naive UTC with microseconds (MySQL's DATETIME drops them unless asked).
+TIMESTAMP = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+
+#: Job states, in the order a job moves through them.
+PENDING = "pending"        # recorded, not yet published
+HELD = "held"              # recorded, waiting for dependencies
+DISPATCHED = "dispatched"  # published to the broker
+STARTED = "started"        # a worker runs it
+RETRYING = "retrying"      # failed and will be retried by Celery
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+REVOKED = "revoked"
+CANCELLED = "cancelled"    # never ran: a dependency failed, fail_fast, or cancel
+
+JOB_STATES = (PENDING, HELD, DISPATCHED, STARTED, RETRYING, SUCCEEDED, FAILED, REVOKED, CANCELLED)
+FINAL_JOB_STATES = frozenset({SUCCEEDED, FAILED, REVOKED, CANCELLED})
+UNDISPATCHED_JOB_STATES = frozenset({PENDING, HELD})
+
+#: Operation states.
+OP_RUNNING = "running"
+OP_SUCCEEDED = "succeeded"
+OP_FAILED = "failed"
+OP_PARTIALLY_FAILED = "partially_failed"
+OP_CANCELLED = "cancelled"
+OPERATION_STATES = (OP_RUNNING, OP_SUCCEEDED, OP_FAILED, OP_PARTIALLY_FAILED, OP_CANCELLED)
+
+operations = sa.Table(
+    "spawn_operations",
+    metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("parent_id", ID, nullable=False),
+    sa.Column("root_id", ID, nullable=False),
+    sa.Column("parent_task", NAME, nullable=True),
+    sa.Column("handler", NAME, nullable=True),
+    sa.Column("queue", NAME, nullable=True),
+    sa.Column("depth", sa.Integer, nullable=False, default=0),
+    sa.Column("state", sa.String(24), nullable=False),
+    sa.Column("total", sa.Integer, nullable=False, default=0),
+    sa.Column("config", LONG_TEXT, nullable=True),
+    sa.Column("error", LONG_TEXT, nullable=True),
+    sa.Column("on_complete", LONG_TEXT, nullable=True),
+    sa.Column("wait_for_descendants", sa.Boolean, nullable=False, default=False),
+    sa.Column("fail_fast", sa.Boolean, nullable=False, default=False),
+    sa.Column("completed", sa.Boolean, nullable=False, default=False),
+    sa.Column("created_at", TIMESTAMP, nullable=False),
+    sa.Column("updated_at", TIMESTAMP, nullable=False),
+    sa.Column("finished_at", TIMESTAMP, nullable=True),
+    sa.Index("ix_spawn_operations_parent", "parent_id"),
+    sa.Index("ix_spawn_operations_root", "root_id"),
+    sa.Index("ix_spawn_operations_created", "created_at"),
+    sa.Index("ix_spawn_operations_queue_created", "queue", "created_at"),
+    sa.Index("ix_spawn_operations_state_updated", "state", "updated_at"),
+)
+
+jobs = sa.Table(
+    "spawn_jobs",
+    metadata,
+    sa.Column("id", ID, primary_key=True),
+    sa.Column("parent_id", ID, nullable=True),
+    sa.Column("root_id", ID, nullable=False),
+    sa.Column("operation_id", ID, nullable=True),
+    sa.Column("position", sa.Integer, nullable=False, default=0),
+    sa.Column("depth", sa.Integer, nullable=False, default=0),
+    sa.Column("task_name", NAME, nullable=False),
+    sa.Column("queue", NAME, nullable=True),
+    sa.Column("priority", sa.Integer, nullable=True),
+    sa.Column("state", sa.String(24), nullable=False),
+    sa.Column("pending_deps", sa.Integer, nullable=False, default=0),
+    sa.Column("retries", sa.Integer, nullable=False, default=0),
+    sa.Column("message", LONG_TEXT, nullable=True),
+    sa.Column("error", LONG_TEXT, nullable=True),
+    sa.Column("created_at", TIMESTAMP, nullable=False),
+    sa.Column("dispatched_at", TIMESTAMP, nullable=True),
+    sa.Column("started_at", TIMESTAMP, nullable=True),
+    sa.Column("finished_at", TIMESTAMP, nullable=True),
+    sa.Index("ix_spawn_jobs_parent", "parent_id"),
+    sa.Index("ix_spawn_jobs_root", "root_id"),
+    sa.Index("ix_spawn_jobs_operation_position", "operation_id", "position"),
+    sa.Index("ix_spawn_jobs_operation_state", "operation_id", "state"),
+    sa.Index("ix_spawn_jobs_state_created", "state", "created_at"),
+    sa.Index("ix_spawn_jobs_queue_created", "queue", "created_at"),
+    sa.Index("ix_spawn_jobs_created", "created_at"),
+)
+
+dependencies = sa.Table(
+    "spawn_dependencies",
+    metadata,
+    sa.Column("job_id", ID, primary_key=True),
+    sa.Column("depends_on_id", ID, primary_key=True),
+    sa.Column("ignore_failure", sa.Boolean, nullable=False, default=False),
+    sa.Column("satisfied", sa.Boolean, nullable=False, default=False),
+    sa.Index("ix_spawn_dependencies_depends_on", "depends_on_id"),
+)

@@ -1,0 +1,235 @@
+"""SpawnStore: the narrow interface between the spawner and the SQL tables.
+
+Dialect differences (insert-or-ignore, ``FOR UPDATE SKIP LOCKED``) are decided
+once, at construction. Every value reaches SQL as a bound parameter.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from datetime import datetime, timedelta, timezone
+from typing import Any, Iterable, Iterator, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..errors import StoreError
+from . import schema as s
+from .engine import EngineHolder, redact
+
+logger = logging.getLogger(__name__)
+
+#: Rows per executemany / IN (...) list: well under every backend's parameter limit.
+CHUNK = 500
+
+
+def utcnow() -> datetime:
+    """Naive UTC, as stored."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def chunked(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class SpawnStore:
+    """Reads and writes spawn operations, jobs and dependency edges."""
+
+    def __init__(self, url: str, engine_options: dict[str, Any] | None = None, auto_migrate: bool = True) -> None:
+        self.holder = EngineHolder(url, engine_options)
+        self.auto_migrate = auto_migrate
+        self._schema_ready = False
+        backend = self.holder.dialect
+        self.backend = backend
+        self.supports_skip_locked = backend in ("postgresql", "mysql", "mariadb")
+
+    # ---- plumbing ----------------------------------------------------------------------
+    @property
+    def engine(self) -> sa.Engine:
+        engine = self.holder.get()
+        if not self._schema_ready:
+            if self.auto_migrate:
+                self.migrate(engine)
+            self._schema_ready = True
+        return engine
+
+    @property
+    def safe_url(self) -> str:
+        return redact(self.holder.url)
+
+    def migrate(self, engine: sa.Engine | None = None) -> str:
+        """Create or upgrade the tables to the newest revision; returns it."""
+        from .migrations import upgrade
+
+        try:
+            return upgrade(engine or self.holder.get())
+        except SQLAlchemyError as exc:
+            raise StoreError(f"could not migrate the spawn store at {self.safe_url}: {type(exc).__name__}") from exc
+
+    def after_fork(self) -> None:
+        self.holder.after_fork()
+
+    def dispose(self) -> None:
+        self.holder.dispose()
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A write transaction; database errors come out as :class:`StoreError`."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise StoreError(f"spawn store {self.safe_url} failed: {_short(exc)}") from exc
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only connection (no write lock on SQLite)."""
+        try:
+            with self.engine.connect() as conn:
+                conn = conn.execution_options(spawn_readonly=True)
+                yield conn
+        except SQLAlchemyError as exc:
+            raise StoreError(f"spawn store {self.safe_url} failed: {_short(exc)}") from exc
+
+    def insert_ignore(self, table: sa.Table) -> sa.Insert:
+        """INSERT that skips rows whose primary key exists, in this backend's words."""
+        if self.backend == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+
+            return insert(table).on_conflict_do_nothing()
+        if self.backend == "sqlite":
+            return table.insert().prefix_with("OR IGNORE")
+        return table.insert().prefix_with("IGNORE")
+
+    def for_update(self, query: sa.Select) -> sa.Select:
+        if self.supports_skip_locked:
+            return query.with_for_update(skip_locked=True)
+        return query
+
+    # ---- operations --------------------------------------------------------------------
+    def get_operation(self, conn: Connection, operation_id: str) -> dict | None:
+        row = conn.execute(sa.select(s.operations).where(s.operations.c.id == operation_id)).mappings().first()
+        return dict(row) if row else None
+
+    def insert_operation(self, conn: Connection, row: dict) -> None:
+        conn.execute(s.operations.insert(), [row])
+
+    def delete_operation(self, conn: Connection, operation_id: str) -> None:
+        job_ids = sa.select(s.jobs.c.id).where(s.jobs.c.operation_id == operation_id)
+        conn.execute(s.dependencies.delete().where(s.dependencies.c.job_id.in_(job_ids)))
+        conn.execute(s.jobs.delete().where(s.jobs.c.operation_id == operation_id))
+        conn.execute(s.operations.delete().where(s.operations.c.id == operation_id))
+
+    def update_operation(self, conn: Connection, operation_id: str, **values: Any) -> None:
+        values.setdefault("updated_at", utcnow())
+        conn.execute(s.operations.update().where(s.operations.c.id == operation_id).values(**values))
+
+    def record_failed_operation(self, row: dict) -> None:
+        """Record (or overwrite) an operation that failed before any child was kept."""
+        with self.begin() as conn:
+            existing = self.get_operation(conn, row["id"])
+            if existing is None:
+                self.insert_operation(conn, row)
+            elif existing["parent_id"] == row["parent_id"] and existing["state"] == s.OP_FAILED:
+                self.update_operation(conn, row["id"], error=row["error"], config=row.get("config"))
+
+    # ---- jobs --------------------------------------------------------------------------
+    def ensure_job(self, conn: Connection, row: dict) -> None:
+        """Insert a job row unless one with its id exists (the root of a tree)."""
+        conn.execute(self.insert_ignore(s.jobs), [row])
+
+    def insert_jobs(self, conn: Connection, rows: Sequence[dict]) -> None:
+        for chunk in chunked(rows):
+            conn.execute(s.jobs.insert(), list(chunk))
+
+    def insert_dependencies(self, conn: Connection, rows: Sequence[dict]) -> None:
+        for chunk in chunked(rows):
+            conn.execute(s.dependencies.insert(), list(chunk))
+
+    def existing_job_ids(self, conn: Connection, ids: Iterable[str]) -> set[str]:
+        found: set[str] = set()
+        ids = list(ids)
+        for chunk in chunked(ids):
+            found.update(conn.execute(sa.select(s.jobs.c.id).where(s.jobs.c.id.in_(chunk))).scalars())
+        return found
+
+    def job_states(self, conn: Connection, ids: Iterable[str]) -> dict[str, str]:
+        states: dict[str, str] = {}
+        ids = list(ids)
+        for chunk in chunked(ids):
+            rows = conn.execute(sa.select(s.jobs.c.id, s.jobs.c.state).where(s.jobs.c.id.in_(chunk)))
+            states.update({row.id: row.state for row in rows})
+        return states
+
+    def get_job(self, conn: Connection, job_id: str) -> dict | None:
+        row = conn.execute(sa.select(s.jobs).where(s.jobs.c.id == job_id)).mappings().first()
+        return dict(row) if row else None
+
+    def operation_job_ids(self, conn: Connection, operation_id: str) -> list[str]:
+        query = (sa.select(s.jobs.c.id).where(s.jobs.c.operation_id == operation_id)
+                 .order_by(s.jobs.c.position))
+        return list(conn.execute(query).scalars())
+
+    def pending_page(self, conn: Connection, operation_id: str, after_position: int, limit: int) -> list[dict]:
+        """Next undispatched children of an operation, in position order (keyset paging)."""
+        query = (
+            sa.select(s.jobs.c.id, s.jobs.c.position, s.jobs.c.message, s.jobs.c.parent_id, s.jobs.c.root_id)
+            .where(s.jobs.c.operation_id == operation_id, s.jobs.c.state == s.PENDING,
+                   s.jobs.c.position > after_position)
+            .order_by(s.jobs.c.position)
+            .limit(limit)
+        )
+        return [dict(r) for r in conn.execute(query).mappings()]
+
+    def mark_dispatched(self, ids: Sequence[str]) -> int:
+        """Mark published children; only rows still pending change (idempotent)."""
+        if not ids:
+            return 0
+        now = utcnow()
+        changed = 0
+        with self.begin() as conn:
+            for chunk in chunked(list(ids)):
+                result = conn.execute(
+                    s.jobs.update()
+                    .where(s.jobs.c.id.in_(chunk), s.jobs.c.state == s.PENDING)
+                    .values(state=s.DISPATCHED, dispatched_at=now)
+                )
+                changed += result.rowcount or 0
+        return changed
+
+    def touch_operation(self, operation_id: str) -> None:
+        with self.begin() as conn:
+            conn.execute(s.operations.update().where(s.operations.c.id == operation_id)
+                         .values(updated_at=utcnow()))
+
+    # ---- recovery ----------------------------------------------------------------------
+    def claim_stale_operations(self, grace_seconds: float, limit: int = 50) -> list[str]:
+        """Operations with pending children, untouched for ``grace_seconds``: leased to this caller.
+
+        The lease is the refreshed ``updated_at``: another sweeper skips the
+        operation until the grace period passes again.
+        """
+        cutoff = utcnow() - timedelta(seconds=grace_seconds)
+        with self.begin() as conn:
+            stale = (
+                sa.select(s.operations.c.id)
+                .where(s.operations.c.state == s.OP_RUNNING, s.operations.c.updated_at < cutoff)
+                .where(sa.exists().where(s.jobs.c.operation_id == s.operations.c.id,
+                                         s.jobs.c.state == s.PENDING))
+                .order_by(s.operations.c.updated_at)
+                .limit(limit)
+            )
+            ids = list(conn.execute(self.for_update(stale)).scalars())
+            if ids:
+                conn.execute(s.operations.update().where(s.operations.c.id.in_(ids)).values(updated_at=utcnow()))
+        return ids
+
+
+def _short(exc: BaseException) -> str:
+    """A one-line description of a database error, without SQL or parameters."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(orig or exc).__name__}: {first[:200]}"

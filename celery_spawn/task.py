@@ -1,0 +1,47 @@
+"""SpawnTask: the Celery task base class that spawns children after its body returns."""
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task
+
+from .app import get_state
+from .config import SpawnConfig
+from .handlers import SpawnHandler, SpawnResult
+from .signatures import SPAWN_CONFIG_KWARG
+
+
+class SpawnTask(Task):
+    """Base class for tasks that spawn children: ``@app.task(base=SpawnTask, bind=True)``.
+
+    A call carrying ``_spawn_config`` (or a task declared with
+    ``spawn_handler=``/``spawn_config=``) hands its finished result to a spawn
+    handler. The lineage is recorded *inside* the task call, so a store
+    failure fails (or retries) the parent visibly; a refused spawn leaves the
+    parent's result standing and is recorded as a failed operation.
+    """
+
+    #: ``_spawn_config`` is not in the user function's signature: skip Celery's argument check.
+    typing = False
+    #: Name of the handler (or a SpawnHandler) every call of this task spawns through.
+    spawn_handler: str | SpawnHandler | None = None
+    #: Default SpawnConfig (or its dict form) of every call; a call's ``_spawn_config`` overrides it key by key.
+    spawn_config: SpawnConfig | dict | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        call_config = kwargs.pop(SPAWN_CONFIG_KWARG, None)
+        if self.request.called_directly:
+            # A plain function call: no task id, so nothing to spawn from.
+            return super().__call__(*args, **kwargs)
+        result = self.run(*args, **kwargs)
+        if self.spawns(call_config):
+            self.spawn(result, call_config)
+        return result
+
+    def spawns(self, call_config: Any) -> bool:
+        """Whether this call spawns: it carries a config, or the task declares a handler or config."""
+        return call_config is not None or self.spawn_handler is not None or self.spawn_config is not None
+
+    def spawn(self, result: Any, call_config: Any = None) -> SpawnResult | None:
+        """Run the spawn for the current request (normally called by ``__call__``)."""
+        return get_state(self.app).spawner.spawn(self, result, call_config)
