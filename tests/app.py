@@ -1,0 +1,194 @@
+"""The Celery app the integration tests run in real worker processes (``celery -A tests.app worker``).
+
+``make_app()`` builds it from explicit settings, so that a test process can
+talk to several backends; the module-level ``app`` is built from the
+environment the test harness gives the worker.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from celery import Celery
+
+from celery_spawn import SpawnConfig, SpawnHandler, SpawnManager, SpawnTask, depends_on, install
+
+WORKFLOWS = {
+    "etl_pipeline": [("extract", {"source": "database"}), ("transform", {"rules": "business_rules.json"}),
+                     ("load", {"target": "data_warehouse"})],
+    "ml_training": [("preprocess", {"features": ["feature_1", "feature_2"]}), ("train", {"algorithm": "rf"}),
+                    ("validate", {"test_split": 0.2}), ("deploy", {"environment": "staging"})],
+}
+IMAGE_SIZES = ("thumbnail", "medium", "large")
+
+
+def filesystem_transport_options(folder: str | os.PathLike) -> dict:
+    """kombu's filesystem transport: in and out are the same folder, which must exist."""
+    base = Path(folder)
+    queue_dir, processed, control = base / "queue", base / "processed", base / "control"
+    for path in (queue_dir, processed, control):
+        path.mkdir(parents=True, exist_ok=True)
+    return {"data_folder_in": str(queue_dir), "data_folder_out": str(queue_dir),
+            "processed_folder": str(processed), "store_processed": False, "control_folder": str(control)}
+
+
+class DatasetProcessor(SpawnHandler):
+    """Fan-out in chunks (the seed's first pattern)."""
+
+    def validate_spawn(self, parent, config):
+        if "dataset_id" not in parent.kwargs:
+            raise ValueError("parent job missing required dataset_id")
+
+    def spawn_jobs(self, context):
+        size = context.parent.kwargs["size"]
+        chunk = context.parent.kwargs.get("chunk_size", 1000)
+        for index, start in enumerate(range(0, size, chunk)):
+            yield context.app.signature("tests.process_chunk", kwargs={
+                "chunk_id": index, "start_index": start, "end_index": min(start + chunk, size),
+                "dataset_id": context.parent.kwargs["dataset_id"]})
+
+
+class ImageProcessor(SpawnHandler):
+    """Size variants of each image (the seed's second pattern)."""
+
+    def spawn_jobs(self, context):
+        kwargs = context.parent.kwargs
+        return [context.app.signature("tests.resize_image", kwargs={
+                    "image_id": image_id, "target_size": size,
+                    "source_bucket": kwargs["source_bucket"], "output_bucket": kwargs["output_bucket"]})
+                for image_id in kwargs["image_ids"] for size in IMAGE_SIZES]
+
+
+class WorkflowDecomposer(SpawnHandler):
+    """Steps that depend on each other (the seed's third pattern)."""
+
+    def spawn_jobs(self, context):
+        workflow = context.parent.kwargs["workflow_type"]
+        if workflow not in WORKFLOWS:
+            raise ValueError(f"unknown workflow type: {workflow}")
+        previous = context.parent.id
+        for step, config in WORKFLOWS[workflow]:
+            sig = context.app.signature("tests.workflow_step", args=(step, config))
+            context.freeze(sig)
+            depends_on(sig, previous)
+            previous = sig.id
+            yield sig
+
+
+class SafeSpawner(SpawnHandler):
+    """Skips children it cannot build and gives up after three failures (the seed's error handling)."""
+
+    def spawn_jobs(self, context):
+        failures, children = 0, []
+        for item in context.parent.kwargs["items"]:
+            if not isinstance(item, int):
+                failures += 1
+                if failures > 3:
+                    raise RuntimeError("too many spawn failures")
+                continue
+            children.append(context.app.signature("tests.square", args=(item,)))
+        return children
+
+
+def make_app(broker: str, backend: str | None, database_url: str, queue: str = "celery",
+             fs_folder: str | None = None) -> Celery:
+    app = Celery("spawn_tests", broker=broker, backend=backend, set_as_current=False)
+    app.conf.update(
+        task_default_queue=queue,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=4,
+        broker_connection_retry_on_startup=True,
+        result_expires=3600,
+        spawn_database_url=database_url,
+        spawn_recovery_interval=2.0,
+        spawn_recovery_grace=5.0,
+    )
+    if fs_folder:
+        app.conf.broker_transport_options = filesystem_transport_options(fs_folder)
+    if broker.startswith("redis"):
+        app.conf.broker_transport_options = {"visibility_timeout": 30}
+
+    manager = SpawnManager()
+    manager.register_handler("dataset_processor", DatasetProcessor)
+    manager.register_handler("image_processor", ImageProcessor)
+    manager.register_handler("workflow", WorkflowDecomposer)
+    manager.register_handler("safe_spawner", SafeSpawner)
+
+    @manager.handler("numbers")
+    def numbers(context):
+        return [context.app.signature("tests.square", args=(n,)) for n in context.parent.result]
+
+    @manager.handler("nested")
+    def nested(context):
+        """Each node spawns ``fanout`` children one level down until ``levels`` is reached."""
+        levels, fanout = context.parent.kwargs["levels"], context.parent.kwargs["fanout"]
+        if context.parent.depth + 1 >= levels:
+            return [context.app.signature("tests.square", args=(i,)) for i in range(fanout)]
+        return [context.app.signature("tests.nest", kwargs={"levels": levels, "fanout": fanout},
+                                      ) for _ in range(fanout)]
+
+    install(app, manager)
+
+    @app.task(shared=False, name="tests.process_dataset", base=SpawnTask, bind=True, spawn_handler="dataset_processor",
+              spawn_config=SpawnConfig(max_spawn_count=1000, batch_size=7))
+    def process_dataset(self, dataset_id, size, chunk_size=1000):
+        return {"dataset_id": dataset_id, "size": size}
+
+    @app.task(shared=False, name="tests.process_chunk")
+    def process_chunk(chunk_id, start_index, end_index, dataset_id):
+        return {"chunk_id": chunk_id, "rows": end_index - start_index, "dataset_id": dataset_id}
+
+    @app.task(shared=False, name="tests.process_images", base=SpawnTask, spawn_handler="image_processor")
+    def process_images(image_ids, source_bucket, output_bucket):
+        return len(image_ids)
+
+    @app.task(shared=False, name="tests.resize_image")
+    def resize_image(image_id, target_size, source_bucket, output_bucket):
+        return f"{output_bucket}/{image_id}-{target_size}"
+
+    @app.task(shared=False, name="tests.run_workflow", base=SpawnTask, spawn_handler="workflow")
+    def run_workflow(workflow_type):
+        return workflow_type
+
+    @app.task(shared=False, name="tests.workflow_step")
+    def workflow_step(step, config):
+        return {"step": step, "at": time.time()}
+
+    @app.task(shared=False, name="tests.safe_parent", base=SpawnTask, spawn_handler="safe_spawner")
+    def safe_parent(items):
+        return "parent-result"
+
+    @app.task(shared=False, name="tests.numbers", base=SpawnTask)
+    def numbers_task(values):
+        return values
+
+    @app.task(shared=False, name="tests.square")
+    def square(n):
+        return n * n
+
+    @app.task(shared=False, name="tests.nest", base=SpawnTask, spawn_handler="nested")
+    def nest(levels, fanout):
+        return "node"
+
+    @app.task(shared=False, name="tests.sleep")
+    def sleep(seconds):
+        time.sleep(seconds)
+        return seconds
+
+    return app
+
+
+def _from_environment() -> Celery:
+    fs_folder = os.environ.get("SPAWN_TEST_FS_FOLDER")
+    return make_app(
+        broker=os.environ.get("SPAWN_TEST_BROKER", "filesystem://"),
+        backend=os.environ.get("SPAWN_TEST_RESULT_BACKEND") or None,
+        database_url=os.environ.get("CELERY_SPAWN_DATABASE_URL", "sqlite:///celery_spawn_tests.sqlite3"),
+        queue=os.environ.get("SPAWN_TEST_QUEUE", "celery"),
+        fs_folder=fs_folder,
+    )
+
+
+app = _from_environment()

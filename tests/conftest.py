@@ -1,0 +1,124 @@
+"""Shared fixtures: store backends, broker combinations and real worker processes."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.harness import (
+    AMQP_URL,
+    REDIS_URL,
+    Backend,
+    Worker,
+    check_broker,
+    throwaway_database,
+)
+
+ARTIFACTS = Path(os.environ.get("SPAWN_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+
+#: The combinations the core must run on: (broker, store).
+COMBINATIONS = ["embedded", "redis-postgresql", "rabbitmq-mariadb"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False, help="run the long variants too")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="long variant: pass --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_ambient_spawn_settings():
+    """Settings from the developer's shell must not leak into test apps."""
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("CELERY_SPAWN_")}
+    yield
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture
+def sqlite_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'spawn.sqlite3'}"
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    with throwaway_database("postgresql") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def mariadb_url():
+    with throwaway_database("mysql") as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+def store_url(request, tmp_path):
+    """A fresh store URL on each SQL backend (function scoped: one database per test)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'spawn.sqlite3'}"
+        return
+    with throwaway_database("postgresql" if request.param == "postgresql" else "mysql") as url:
+        yield url
+
+
+def make_backend(name: str, tmp_path_factory) -> tuple[Backend, object]:
+    """Build a Backend for a combination name; returns it with the context that owns its database."""
+    queue = f"spawn-test-{uuid.uuid4().hex[:8]}"
+    if name == "embedded":
+        folder = tmp_path_factory.mktemp("broker")
+        database = tmp_path_factory.mktemp("store") / "spawn.sqlite3"
+        results = tmp_path_factory.mktemp("results")
+        return Backend(name, "filesystem://", f"file://{results}", f"sqlite:///{database}", queue,
+                       fs_folder=str(folder)), None
+    if name == "redis-postgresql":
+        check_broker(REDIS_URL)
+        db = throwaway_database("postgresql")
+        return Backend(name, f"{REDIS_URL}/0", f"{REDIS_URL}/1", db.__enter__(), queue), db
+    if name == "rabbitmq-mariadb":
+        check_broker(AMQP_URL)
+        db = throwaway_database("mysql")
+        return Backend(name, AMQP_URL, f"{REDIS_URL}/1", db.__enter__(), queue), db
+    raise ValueError(name)
+
+
+@pytest.fixture(scope="module", params=COMBINATIONS)
+def backend(request, tmp_path_factory):
+    """Each broker/store combination in turn, with its own database and queue."""
+    made, owner = make_backend(request.param, tmp_path_factory)
+    yield made
+    if owner is not None:
+        owner.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def worker(backend, tmp_path_factory, artifacts):
+    """A real prefork worker (concurrency 2) consuming the backend's queue."""
+    log = artifacts / f"worker-{backend.name}-{uuid.uuid4().hex[:6]}.log"
+    proc = Worker(backend, log).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client_app(backend):
+    """The test process's own app on the same backend (for sending and inspecting)."""
+    app = backend.make_app()
+    yield app
+    from celery_spawn import get_state
+
+    get_state(app).store.dispose()

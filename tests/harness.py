@@ -1,0 +1,171 @@
+"""Test harness: real services (throwaway databases, isolated queues) and real ``celery worker`` processes."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parent.parent
+IN_CI = bool(os.environ.get("CI"))
+
+PG_ADMIN_URL = os.environ.get("SPAWN_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres")
+MYSQL_ADMIN_URL = os.environ.get("SPAWN_TEST_MYSQL_URL", "mysql+mysqldb://root@127.0.0.1:3306/mysql")
+REDIS_URL = os.environ.get("SPAWN_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+AMQP_URL = os.environ.get("SPAWN_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def service_missing(what: str, exc: BaseException) -> None:
+    """Skip on a laptop without the service; fail in CI, where every backend must run."""
+    message = f"{what} is not reachable: {exc}"
+    if IN_CI:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def port_open(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+        return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def throwaway_database(kind: str) -> Iterator[str]:
+    """A fresh, uniquely named database on the local PostgreSQL or MariaDB; dropped afterwards."""
+    name = f"spawn_test_{uuid.uuid4().hex[:10]}"
+    admin_url = PG_ADMIN_URL if kind == "postgresql" else MYSQL_ADMIN_URL
+    options = {"isolation_level": "AUTOCOMMIT"}
+    try:
+        admin = sa.create_engine(admin_url, **options)
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    except Exception as exc:  # noqa: BLE001 - any failure means the service is not usable
+        service_missing(kind, exc)
+    url = sa.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with contextlib.suppress(Exception), admin.connect() as conn:
+            if kind == "postgresql":
+                conn.exec_driver_sql(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+        admin.dispose()
+
+
+def check_broker(url: str) -> None:
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:  # noqa: BLE001
+        service_missing(url.split(":")[0], exc)
+
+
+@dataclasses.dataclass
+class Backend:
+    """One combination of broker, result backend and lineage store."""
+
+    name: str
+    broker: str
+    result_backend: str | None
+    database_url: str
+    queue: str
+    fs_folder: str | None = None
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_SPAWN_")}
+        env.update({
+            "SPAWN_TEST_BROKER": self.broker,
+            "SPAWN_TEST_RESULT_BACKEND": self.result_backend or "",
+            "CELERY_SPAWN_DATABASE_URL": self.database_url,
+            "SPAWN_TEST_QUEUE": self.queue,
+            "SPAWN_TEST_FS_FOLDER": self.fs_folder or "",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        })
+        return env
+
+    def make_app(self):
+        from tests.app import make_app
+
+        return make_app(self.broker, self.result_backend, self.database_url, self.queue, self.fs_folder)
+
+
+class Worker:
+    """A real ``celery worker`` subprocess, stopped (or killed) by the test."""
+
+    def __init__(self, backend: Backend, log_path: Path, concurrency: int = 2, pool: str = "prefork",
+                 extra_args: tuple[str, ...] = (), hostname: str | None = None) -> None:
+        self.backend = backend
+        self.log_path = log_path
+        self.hostname = hostname or f"w{uuid.uuid4().hex[:6]}@%h"
+        self.args = [sys.executable, "-m", "celery", "-A", "tests.app", "worker", "-P", pool,
+                     "-c", str(concurrency), "-Q", backend.queue, "-n", self.hostname,
+                     "--loglevel", "INFO", "--without-gossip", "--without-mingle", *extra_args]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> Worker:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.backend.env(), stdout=self._log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+            if " ready." in self.log():
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"worker did not become ready in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self._log.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 60, interval: float = 0.2, what: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
