@@ -15,6 +15,7 @@ if TYPE_CHECKING:
 
     from .spawner import Spawner
     from .store import SpawnStore
+    from .tracking import Tracker
 
 logger = logging.getLogger("celery_spawn")
 
@@ -32,6 +33,7 @@ class SpawnState:
         self.settings = SpawnSettings.load(app.conf, **dict(explicit))
         self._store: SpawnStore | None = None
         self._spawner: Spawner | None = None
+        self._tracker: Tracker | None = None
         self.installed = False
         _ALL_STATES.add(self)
 
@@ -52,6 +54,14 @@ class SpawnState:
             self._spawner = Spawner(self)
         return self._spawner
 
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None or self._tracker.store is not self.store:
+            from .tracking import Tracker
+
+            self._tracker = Tracker(self)
+        return self._tracker
+
     def reload(self, **explicit: Any) -> None:
         self.explicit.update({k: v for k, v in explicit.items() if v is not None})
         settings = SpawnSettings.load(self.app.conf, **dict(self.explicit))
@@ -59,6 +69,11 @@ class SpawnState:
             self._store.dispose()
             self._store = None
         self.settings = settings
+
+
+def peek_state(app: Celery) -> SpawnState | None:
+    """The app's spawn state if spawning was used or installed, else None (no side effects)."""
+    return app.__dict__.get(_STATE_ATTR)
 
 
 def get_state(app: Celery) -> SpawnState:

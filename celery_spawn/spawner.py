@@ -179,6 +179,8 @@ class Spawner:
         with self.store.read() as conn:
             ids = self.store.operation_job_ids(conn, operation_id)
         spawn_result = SpawnResult(parent.id, ids, now, operation_id)
+        if not total:
+            self.state.tracker.check_completion(operation_id)
         self._announce(task, handler, spawn_result)
         return spawn_result
 

@@ -9,6 +9,7 @@ from .app import get_state
 from .config import SpawnConfig
 from .handlers import SpawnHandler, SpawnResult
 from .signatures import SPAWN_CONFIG_KWARG
+from .tracking import is_spawned, skip_duplicate
 
 
 class SpawnTask(Task):
@@ -33,6 +34,8 @@ class SpawnTask(Task):
         if self.request.called_directly:
             # A plain function call: no task id, so nothing to spawn from.
             return super().__call__(*args, **kwargs)
+        if is_spawned(self):
+            skip_duplicate(self)  # a child that already finished is not run twice
         result = self.run(*args, **kwargs)
         if self.spawns(call_config):
             self.spawn(result, call_config)

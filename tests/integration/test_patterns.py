@@ -85,7 +85,7 @@ def test_safe_spawner_gives_up_and_parent_result_stands(worker, client_app):
 
 
 def test_workflow_steps_run_in_order(worker, client_app):
-    parent = client_app.signature("tests.run_workflow", args=("etl_pipeline",)).delay()
+    parent = client_app.signature("tests.run_workflow", kwargs={"workflow_type": "etl_pipeline"}).delay()
     assert parent.get(timeout=TIMEOUT) == "etl_pipeline"
     rows = wait_children(client_app, parent.id, 3)
     results = results_of(client_app, rows)

@@ -1,0 +1,463 @@
+"""The life of spawned jobs after dispatch: states, dependency release, completion, cancellation.
+
+Every state change is a guarded UPDATE (``WHERE state NOT IN final``), so a
+signal that fires twice, a redelivered message or two workers racing change
+a row once, and only the winner of that change acts on it (releases
+dependents, completes the operation, applies ``on_complete``).
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
+
+import sqlalchemy as sa
+from celery import signals as celery_signals
+from celery.exceptions import Ignore
+from kombu.utils.json import dumps, loads
+
+from . import signals
+from .errors import JobNotFound
+from .publisher import publish_children
+from .spawner import HEADER_OPERATION, request_headers
+from .store import schema as s
+from .store.sql import chunked, utcnow
+
+if TYPE_CHECKING:
+    from celery import Celery, Task
+
+    from .app import SpawnState
+
+logger = logging.getLogger("celery_spawn.tracking")
+
+FINAL = tuple(s.FINAL_JOB_STATES)
+#: States a job may be (re)started from: a redelivery after a crash restarts a started job.
+STARTABLE = (s.PENDING, s.HELD, s.DISPATCHED, s.STARTED, s.RETRYING)
+#: Results gathered into an ``on_complete`` summary at most (beyond that, only counts and failures).
+MAX_SUMMARY_RESULTS = 1000
+MAX_ERROR_TEXT = 4000
+
+
+def is_spawned(task: Task) -> bool:
+    """Whether the running task was spawned: a header check, no database round trip."""
+    return bool(request_headers(task.request).get(HEADER_OPERATION) or getattr(task.request, HEADER_OPERATION, None))
+
+
+class Tracker:
+    """Applies worker events to the store for one app."""
+
+    def __init__(self, state: SpawnState) -> None:
+        self.state = state
+        self.app: Celery = state.app
+        self.store = state.store
+
+    # ---- job transitions -------------------------------------------------------------------
+    def claim_start(self, job_id: str) -> bool:
+        """Mark a job started; False when it is already final (a duplicate delivery: skip the body)."""
+        with self.store.begin() as conn:
+            changed = conn.execute(
+                s.jobs.update().where(s.jobs.c.id == job_id, s.jobs.c.state.in_(STARTABLE))
+                .values(state=s.STARTED, started_at=utcnow())
+            ).rowcount
+            if changed:
+                return True
+            state = conn.execute(sa.select(s.jobs.c.state).where(s.jobs.c.id == job_id)).scalar()
+        # Unknown to the store (not recorded here): let it run.
+        return state is None or state not in s.FINAL_JOB_STATES
+
+    def retried(self, job_id: str, reason: Any) -> None:
+        with self.store.begin() as conn:
+            conn.execute(
+                s.jobs.update().where(s.jobs.c.id == job_id, s.jobs.c.state.notin_(FINAL))
+                .values(state=s.RETRYING, retries=s.jobs.c.retries + 1, error=_error_text(reason))
+            )
+
+    def succeeded(self, job_id: str) -> None:
+        self.finish(job_id, s.SUCCEEDED)
+
+    def failed(self, job_id: str, error: Any, state: str = s.FAILED) -> None:
+        self.finish(job_id, state, _error_text(error))
+
+    def finish(self, job_id: str, state: str, error: str | None = None) -> None:
+        """Move a job to a final state once; the winner releases or cancels its dependents."""
+        to_publish: list[dict] = []
+        with self.store.begin() as conn:
+            changed = conn.execute(
+                s.jobs.update().where(s.jobs.c.id == job_id, s.jobs.c.state.notin_(FINAL))
+                .values(state=state, error=error, finished_at=utcnow())
+            ).rowcount
+            if not changed:
+                return
+            operation_id = conn.execute(sa.select(s.jobs.c.operation_id).where(s.jobs.c.id == job_id)).scalar()
+            if state == s.SUCCEEDED:
+                released = self._satisfy(conn, [job_id], only_ignoring=False)
+            else:
+                released = self._satisfy(conn, [job_id], only_ignoring=True)
+                self._cancel_dependents(conn, [job_id], f"dependency {job_id} {state}")
+                if operation_id and state == s.FAILED:
+                    self._fail_fast(conn, operation_id, job_id)
+            to_publish = self._claim_released(conn, released)
+        self._publish(to_publish)
+        if operation_id:
+            self.check_completion(operation_id)
+
+    # ---- dependencies ----------------------------------------------------------------------
+    def _satisfy(self, conn: sa.Connection, done_ids: Sequence[str], only_ignoring: bool) -> list[str]:
+        """Mark edges on ``done_ids`` satisfied and count them off their dependents; returns those."""
+        query = sa.select(s.dependencies.c.job_id).where(
+            s.dependencies.c.depends_on_id.in_(done_ids), s.dependencies.c.satisfied.is_(False))
+        if only_ignoring:
+            query = query.where(s.dependencies.c.ignore_failure.is_(True))
+        dependents = list(conn.execute(query).scalars())
+        if not dependents:
+            return []
+        edges = s.dependencies.update().where(
+            s.dependencies.c.depends_on_id.in_(done_ids), s.dependencies.c.job_id.in_(dependents))
+        conn.execute(edges.values(satisfied=True))
+        for job in dependents:  # one row each: a job may wait on several of done_ids
+            conn.execute(
+                s.jobs.update().where(s.jobs.c.id == job, s.jobs.c.state == s.HELD)
+                .values(pending_deps=s.jobs.c.pending_deps - 1)
+            )
+        return dependents
+
+    def _claim_released(self, conn: sa.Connection, candidates: Iterable[str]) -> list[dict]:
+        """Held jobs whose last dependency is met become pending: exactly one caller wins each."""
+        won: list[str] = []
+        for job in dict.fromkeys(candidates):
+            changed = conn.execute(
+                s.jobs.update().where(s.jobs.c.id == job, s.jobs.c.state == s.HELD, s.jobs.c.pending_deps <= 0)
+                .values(state=s.PENDING)
+            ).rowcount
+            if changed:
+                won.append(job)
+        if not won:
+            return []
+        rows = conn.execute(
+            sa.select(s.jobs.c.id, s.jobs.c.parent_id, s.jobs.c.root_id, s.jobs.c.message, s.jobs.c.operation_id)
+            .where(s.jobs.c.id.in_(won))
+        ).mappings()
+        return [dict(r) for r in rows]
+
+    def _cancel_dependents(self, conn: sa.Connection, failed_ids: Sequence[str], reason: str) -> list[str]:
+        """Cancel, level by level, every held job that needed one of ``failed_ids`` to succeed."""
+        cancelled: list[str] = []
+        frontier = list(failed_ids)
+        while frontier:
+            dependents = list(conn.execute(
+                sa.select(s.dependencies.c.job_id).distinct()
+                .join(s.jobs, s.jobs.c.id == s.dependencies.c.job_id)
+                .where(s.dependencies.c.depends_on_id.in_(frontier), s.dependencies.c.ignore_failure.is_(False),
+                       s.jobs.c.state.in_((s.HELD, s.PENDING)))
+            ).scalars())
+            if not dependents:
+                break
+            now = utcnow()
+            for chunk in chunked(dependents):
+                conn.execute(
+                    s.jobs.update().where(s.jobs.c.id.in_(chunk), s.jobs.c.state.in_((s.HELD, s.PENDING)))
+                    .values(state=s.CANCELLED, error=reason, finished_at=now)
+                )
+            cancelled.extend(dependents)
+            frontier = dependents
+        return cancelled
+
+    def _fail_fast(self, conn: sa.Connection, operation_id: str, failed_id: str) -> None:
+        fail_fast = conn.execute(
+            sa.select(s.operations.c.fail_fast).where(s.operations.c.id == operation_id)).scalar()
+        if fail_fast:
+            self._cancel_jobs(conn, self._unfinished(conn, operation_id=operation_id),
+                              f"fail_fast: sibling {failed_id} failed", terminate=False)
+
+    def _publish(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        try:
+            ids = publish_children(self.app, rows)
+        except Exception as exc:  # the recovery sweep publishes pending rows later
+            logger.warning("publishing released jobs failed (%s); the recovery sweep will retry", exc)
+            for operation_id in {r["operation_id"] for r in rows if r.get("operation_id")}:
+                self.store.touch_operation(operation_id)
+            return
+        self.store.mark_dispatched(ids)
+
+    # ---- completion ------------------------------------------------------------------------
+    def check_completion(self, operation_id: str) -> None:
+        """Complete ``operation_id`` if it is done, then look up the tree for waiting ancestors."""
+        seen: set[str] = set()
+        current: str | None = operation_id
+        while current and current not in seen:
+            seen.add(current)
+            self._try_complete(current)
+            with self.store.read() as conn:
+                parent_job = conn.execute(
+                    sa.select(s.operations.c.parent_id).where(s.operations.c.id == current)).scalar()
+                current = conn.execute(
+                    sa.select(s.jobs.c.operation_id).where(s.jobs.c.id == parent_job)).scalar() if parent_job else None
+
+    def _try_complete(self, operation_id: str) -> None:
+        with self.store.read() as conn:
+            operation = self.store.get_operation(conn, operation_id)
+            if operation is None or operation["completed"] or (
+                    operation["state"] == s.OP_FAILED and not operation["total"]):
+                return
+            counts = self._counts(conn, operation_id)
+            if any(state not in s.FINAL_JOB_STATES for state in counts):
+                return
+            if operation["wait_for_descendants"] and self._descendants_unfinished(conn, operation):
+                return
+        final_state = _operation_state(counts)
+        with self.store.begin() as conn:
+            won = conn.execute(
+                s.operations.update().where(s.operations.c.id == operation_id, s.operations.c.completed.is_(False))
+                .values(completed=True, state=final_state, finished_at=utcnow(), updated_at=utcnow())
+            ).rowcount
+        if not won:
+            return
+        summary = self.summary(operation, counts, final_state)
+        signals.operation_completed.send(sender=operation_id, operation_id=operation_id, summary=summary)
+        if operation["on_complete"]:
+            self._apply_callback(operation, summary)
+
+    def _apply_callback(self, operation: dict, summary: dict) -> None:
+        from celery import signature
+
+        from .handlers import child_id
+
+        try:
+            callback = signature(loads(operation["on_complete"]), app=self.app)
+            callback.clone(args=(summary,)).apply_async(
+                task_id=child_id(operation["id"], -1), parent_id=operation["parent_id"],
+                root_id=operation["root_id"])
+        except Exception as exc:
+            logger.error("on_complete of operation %s could not be applied: %s", operation["id"], exc)
+            with self.store.begin() as conn:
+                self.store.update_operation(conn, operation["id"], error=f"on_complete: {_error_text(exc)}")
+
+    def summary(self, operation: dict, counts: dict[str, int], final_state: str) -> dict:
+        """The first argument of ``on_complete``: JSON-serialisable, like a chord header's results."""
+        with self.store.read() as conn:
+            failures = conn.execute(
+                sa.select(s.jobs.c.id, s.jobs.c.state, s.jobs.c.error)
+                .where(s.jobs.c.operation_id == operation["id"], s.jobs.c.state != s.SUCCEEDED)
+                .order_by(s.jobs.c.position).limit(MAX_SUMMARY_RESULTS)
+            ).all()
+            succeeded_ids = list(conn.execute(
+                sa.select(s.jobs.c.id).where(s.jobs.c.operation_id == operation["id"], s.jobs.c.state == s.SUCCEEDED)
+                .order_by(s.jobs.c.position).limit(MAX_SUMMARY_RESULTS + 1)
+            ).scalars())
+        summary: dict[str, Any] = {
+            "operation_id": operation["id"],
+            "parent_id": operation["parent_id"],
+            "state": final_state,
+            "total": sum(counts.values()),
+            "counts": counts,
+            "failed": [{"id": r.id, "state": r.state, "error": r.error} for r in failures],
+        }
+        if _has_result_backend(self.app) and len(succeeded_ids) <= MAX_SUMMARY_RESULTS:
+            results = {}
+            for job_id in succeeded_ids:
+                try:
+                    results[job_id] = _jsonable(self.app.AsyncResult(job_id).result)
+                except Exception:  # a backend hiccup must not lose the callback
+                    results[job_id] = None
+            summary["results"] = results
+        return summary
+
+    def _counts(self, conn: sa.Connection, operation_id: str) -> dict[str, int]:
+        rows = conn.execute(
+            sa.select(s.jobs.c.state, sa.func.count()).where(s.jobs.c.operation_id == operation_id)
+            .group_by(s.jobs.c.state)
+        ).all()
+        return {state: count for state, count in rows}
+
+    def _descendants_unfinished(self, conn: sa.Connection, operation: dict) -> bool:
+        """Whether any job below the operation's children, at any depth, is not final (one recursive query)."""
+        tree = (sa.select(s.jobs.c.id).where(s.jobs.c.operation_id == operation["id"])
+                .cte("subtree", recursive=True))
+        below = sa.select(s.jobs.c.id).join(tree, s.jobs.c.parent_id == tree.c.id)
+        tree = tree.union_all(below)
+        pending = conn.execute(
+            sa.select(sa.func.count()).select_from(s.jobs.join(tree, s.jobs.c.id == tree.c.id))
+            .where(s.jobs.c.state.notin_(FINAL))
+        ).scalar()
+        if pending:
+            return True
+        open_ops = conn.execute(
+            sa.select(sa.func.count()).select_from(s.operations.join(tree, s.operations.c.parent_id == tree.c.id))
+            .where(s.operations.c.completed.is_(False), s.operations.c.total > 0)
+        ).scalar()
+        return bool(open_ops)
+
+    # ---- cancellation ----------------------------------------------------------------------
+    def _unfinished(self, conn: sa.Connection, *, operation_id: str | None = None,
+                    below_job: str | None = None) -> list[dict]:
+        if operation_id is not None:
+            roots = sa.select(s.jobs.c.id).where(s.jobs.c.operation_id == operation_id)
+        else:
+            roots = sa.select(s.jobs.c.id).where(s.jobs.c.parent_id == below_job)
+        tree = roots.cte("cancel_tree", recursive=True)
+        tree = tree.union_all(sa.select(s.jobs.c.id).join(tree, s.jobs.c.parent_id == tree.c.id))
+        rows = conn.execute(
+            sa.select(s.jobs.c.id, s.jobs.c.state, s.jobs.c.operation_id)
+            .join(tree, s.jobs.c.id == tree.c.id).where(s.jobs.c.state.notin_(FINAL))
+        ).mappings()
+        return [dict(r) for r in rows]
+
+    def _cancel_jobs(self, conn: sa.Connection, jobs: list[dict], reason: str, terminate: bool) -> dict[str, int]:
+        now = utcnow()
+        waiting = [j["id"] for j in jobs if j["state"] in s.UNDISPATCHED_JOB_STATES]
+        running = [j["id"] for j in jobs if j["state"] not in s.UNDISPATCHED_JOB_STATES]
+        for chunk in chunked(waiting):
+            conn.execute(s.jobs.update().where(s.jobs.c.id.in_(chunk), s.jobs.c.state.in_(s.UNDISPATCHED_JOB_STATES))
+                         .values(state=s.CANCELLED, error=reason, finished_at=now))
+        for chunk in chunked(running):
+            conn.execute(s.jobs.update().where(s.jobs.c.id.in_(chunk), s.jobs.c.state.notin_(FINAL))
+                         .values(state=s.REVOKED, error=reason, finished_at=now))
+        if running:
+            try:
+                self.app.control.revoke(running, terminate=terminate)
+            except Exception as exc:  # claims in the store still stop SpawnTask children
+                logger.warning("revoking %d running jobs failed: %s", len(running), exc)
+        return {"cancelled": len(waiting), "revoked": len(running)}
+
+    def cancel(self, target_id: str, terminate: bool = False, reason: str = "cancelled") -> dict[str, Any]:
+        """Stop every unfinished descendant of a job, or of an operation's parent."""
+        with self.store.begin() as conn:
+            operation = self.store.get_operation(conn, target_id)
+            if operation is not None:
+                jobs = self._unfinished(conn, operation_id=target_id)
+                root = operation["parent_id"]
+            elif self.store.get_job(conn, target_id) is not None:
+                jobs = self._unfinished(conn, below_job=target_id)
+                root = target_id
+            else:
+                raise JobNotFound(f"no spawned job or operation has id {target_id!r}")
+            result = self._cancel_jobs(conn, jobs, reason, terminate)
+            touched = {j["operation_id"] for j in jobs if j["operation_id"]}
+            if operation is not None:
+                touched.add(target_id)
+        for operation_id in touched:
+            self._try_complete(operation_id)
+        result.update(target=target_id, root=root, operations=sorted(touched))
+        return result
+
+
+def _operation_state(counts: dict[str, int]) -> str:
+    total = sum(counts.values())
+    ok = counts.get(s.SUCCEEDED, 0)
+    bad = counts.get(s.FAILED, 0)
+    stopped = counts.get(s.CANCELLED, 0) + counts.get(s.REVOKED, 0)
+    if ok == total:
+        return s.OP_SUCCEEDED
+    if bad == 0 and stopped:
+        return s.OP_CANCELLED if ok == 0 else s.OP_PARTIALLY_FAILED
+    return s.OP_FAILED if ok == 0 else s.OP_PARTIALLY_FAILED
+
+
+def _error_text(error: Any) -> str | None:
+    if error is None:
+        return None
+    if isinstance(error, BaseException):
+        text = f"{type(error).__name__}: {error}"
+    else:
+        text = str(error)
+    return text[:MAX_ERROR_TEXT]
+
+
+def _has_result_backend(app: Celery) -> bool:
+    from celery.backends.base import DisabledBackend
+
+    try:
+        return not isinstance(app.backend, DisabledBackend)
+    except Exception:
+        return False
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        dumps(value)
+        return value
+    except Exception:
+        return repr(value)
+
+
+# ---- Celery signal wiring ------------------------------------------------------------------
+def _tracker_for(task: Any) -> Tracker | None:
+    app = getattr(task, "app", None)
+    if app is None:
+        return None
+    from .app import peek_state
+
+    state = peek_state(app)
+    if state is None or not state.settings.track_states:
+        return None
+    return state.tracker
+
+
+def _safely(action: str, fn, *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception as exc:  # tracking must never take the worker down
+        logger.error("celery-spawn could not record %s: %s", action, exc)
+
+
+@celery_signals.task_prerun.connect(weak=False)
+def _on_prerun(sender=None, task_id=None, task=None, **_: Any) -> None:
+    from .task import SpawnTask
+
+    if task is None or isinstance(task, SpawnTask) or not is_spawned(task):
+        return  # SpawnTask claims its own start (and can skip a duplicate)
+    tracker = _tracker_for(task)
+    if tracker is not None:
+        _safely("a start", tracker.claim_start, task_id)
+
+
+@celery_signals.task_success.connect(weak=False)
+def _on_success(sender=None, **_: Any) -> None:
+    if sender is None or not is_spawned(sender):
+        return
+    tracker = _tracker_for(sender)
+    if tracker is not None:
+        _safely("a success", tracker.succeeded, sender.request.id)
+
+
+@celery_signals.task_failure.connect(weak=False)
+def _on_failure(sender=None, task_id=None, exception=None, **_: Any) -> None:
+    if sender is None or task_id is None:
+        return
+    # In the worker's main process (hard time limit, lost worker) the request is empty:
+    # then the id alone tells, with one primary-key update.
+    if getattr(sender.request, "id", None) == task_id and not is_spawned(sender):
+        return
+    tracker = _tracker_for(sender)
+    if tracker is not None:
+        _safely("a failure", tracker.failed, task_id, exception)
+
+
+@celery_signals.task_retry.connect(weak=False)
+def _on_retry(sender=None, request=None, reason=None, **_: Any) -> None:
+    if sender is None or request is None or not request_headers(request).get(HEADER_OPERATION):
+        return
+    tracker = _tracker_for(sender)
+    if tracker is not None:
+        _safely("a retry", tracker.retried, request.id, reason)
+
+
+@celery_signals.task_revoked.connect(weak=False)
+def _on_revoked(sender=None, request=None, terminated=None, expired=None, **_: Any) -> None:
+    if sender is None or request is None or getattr(request, "id", None) is None:
+        return
+    tracker = _tracker_for(sender)
+    if tracker is not None:
+        reason = "expired" if expired else ("terminated" if terminated else "revoked")
+        _safely("a revoke", tracker.failed, request.id, reason, s.REVOKED)
+
+
+def skip_duplicate(task: Task) -> None:
+    """For a SpawnTask child: claim the start, or raise Ignore when it already finished."""
+    tracker = _tracker_for(task)
+    if tracker is None:
+        return
+    if not tracker.claim_start(task.request.id):
+        logger.warning("skipping %s[%s]: it already finished (duplicate delivery)", task.name, task.request.id)
+        raise Ignore()
