@@ -6,13 +6,22 @@ environment the test harness gives the worker.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
+
+import sqlalchemy as sa
 from pathlib import Path
 
 from celery import Celery
 
-from celery_spawn import SpawnConfig, SpawnHandler, SpawnManager, SpawnTask, depends_on, install
+from celery_spawn import SpawnConfig, SpawnHandler, SpawnManager, SpawnTask, depends_on, get_state, install
+
+#: Where ``tests.record_callback`` logs each call (no primary key: duplicates must be visible).
+callbacks = sa.Table(
+    "test_callbacks", sa.MetaData(),
+    sa.Column("operation_id", sa.String(64)), sa.Column("summary", sa.Text), sa.Column("at", sa.Float),
+)
 
 WORKFLOWS = {
     "etl_pipeline": [("extract", {"source": "database"}), ("transform", {"rules": "business_rules.json"}),
@@ -91,6 +100,51 @@ class SafeSpawner(SpawnHandler):
         return children
 
 
+class Diamond(SpawnHandler):
+    """A -> B, A -> C, B + C -> D."""
+
+    def spawn_jobs(self, context):
+        step = lambda name, pause: context.app.signature("tests.record_step", args=(name, pause))  # noqa: E731
+        a, b, c, d = step("A", 0.2), step("B", 0.5), step("C", 0.1), step("D", 0)
+        for sig in (a, b, c, d):
+            context.freeze(sig)
+        depends_on(b, a)
+        depends_on(c, a)
+        depends_on(d, b, c)
+        return [d, c, b, a]  # order of return must not matter
+
+
+class FailingChain(SpawnHandler):
+    """A fails; B needs A, C needs B (both cancelled); D ignores A's failure and runs."""
+
+    def spawn_jobs(self, context):
+        a = context.app.signature("tests.fail", args=("A",))
+        b = context.app.signature("tests.record_step", args=("B", 0))
+        c = context.app.signature("tests.record_step", args=("C", 0))
+        d = context.app.signature("tests.record_step", args=("D", 0))
+        for sig in (a, b, c, d):
+            context.freeze(sig)
+        depends_on(b, a)
+        depends_on(c, b)
+        depends_on(d, a, ignore_failure=True)
+        return [a, b, c, d]
+
+
+class Sleepers(SpawnHandler):
+    """``count`` children that sleep, the last few held behind the first: something to cancel."""
+
+    def spawn_jobs(self, context):
+        count, seconds = context.parent.kwargs["count"], context.parent.kwargs["seconds"]
+        first = context.app.signature("tests.sleep", args=(seconds,))
+        context.freeze(first)
+        yield first
+        for index in range(1, count):
+            sig = context.app.signature("tests.sleep", args=(seconds,))
+            if index >= count - 3:
+                depends_on(sig, first)
+            yield sig
+
+
 def make_app(broker: str, backend: str | None, database_url: str, queue: str = "celery",
              fs_folder: str | None = None) -> Celery:
     app = Celery("spawn_tests", broker=broker, backend=backend, set_as_current=False)
@@ -128,6 +182,10 @@ def make_app(broker: str, backend: str | None, database_url: str, queue: str = "
             return [context.app.signature("tests.square", args=(i,)) for i in range(fanout)]
         return [context.app.signature("tests.nest", kwargs={"levels": levels, "fanout": fanout},
                                       ) for _ in range(fanout)]
+
+    manager.register_handler("diamond", Diamond)
+    manager.register_handler("failing_chain", FailingChain)
+    manager.register_handler("sleepers", Sleepers)
 
     install(app, manager)
 
@@ -176,6 +234,30 @@ def make_app(broker: str, backend: str | None, database_url: str, queue: str = "
     def sleep(seconds):
         time.sleep(seconds)
         return seconds
+
+    @app.task(shared=False, name="tests.record_step")
+    def record_step(name, pause):
+        started = time.time()
+        time.sleep(pause)
+        return {"step": name, "started": started, "finished": time.time()}
+
+    @app.task(shared=False, name="tests.fail")
+    def fail(name):
+        raise ValueError(f"step {name} failed on purpose")
+
+    @app.task(shared=False, name="tests.spawner", base=SpawnTask)
+    def spawner(**kwargs):
+        return "spawned"
+
+    @app.task(shared=False, name="tests.record_callback")
+    def record_callback(summary):
+        """Counts its own invocations in the store's database, so a test can prove exactly once."""
+        store = get_state(app).store
+        with store.begin() as conn:
+            callbacks.create(conn, checkfirst=True)
+            conn.execute(callbacks.insert(), [{"operation_id": summary["operation_id"],
+                                               "summary": json.dumps(summary), "at": time.time()}])
+        return summary["operation_id"]
 
     return app
 

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs celery-spawn into it with the given extras.
+# Usage: scripts/bootstrap.sh [extras]    e.g. scripts/bootstrap.sh test,web
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+stamp=".venv/.installed-${extras:-core}"
+if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
+    .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
+    if [ -n "$extras" ]; then
+        .venv/bin/python -m pip install --quiet -e ".[${extras}]"
+    else
+        .venv/bin/python -m pip install --quiet -e .
+    fi
+    touch "$stamp"
+fi

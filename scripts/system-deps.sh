@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# System packages the database drivers need to build (psycopg2: libpq; mysqlclient: MariaDB client).
+set -euo pipefail
+need=()
+dpkg -s libpq-dev >/dev/null 2>&1 || need+=(libpq-dev)
+dpkg -s libmariadb-dev >/dev/null 2>&1 || need+=(libmariadb-dev)
+dpkg -s pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+command -v gcc >/dev/null 2>&1 || need+=(build-essential)
+if [ "${#need[@]}" -gt 0 ]; then
+    sudo_cmd=""
+    [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+    $sudo_cmd apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need[@]}"
+fi

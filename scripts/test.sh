@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Runs the whole test suite (unit + real-worker integration on SQLite, PostgreSQL, MariaDB,
+# Redis and RabbitMQ). Extra arguments go to pytest, e.g. scripts/test.sh tests/unit -x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! pkg-config --exists mysqlclient 2>/dev/null && ! pkg-config --exists mariadb 2>/dev/null; then
+    echo "mysqlclient needs the MariaDB client headers: installing libmariadb-dev" >&2
+    bash scripts/system-deps.sh
+fi
+bash scripts/bootstrap.sh test,web
+exec .venv/bin/python -m pytest "${@:-tests}"

@@ -1,0 +1,148 @@
+"""Dependencies, status tracking, completion callbacks and cancellation with real workers."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from celery_spawn import get_state
+from celery_spawn.handlers import default_operation_id
+from celery_spawn.store import schema as s
+from celery_spawn.tracking import Tracker
+from tests.app import callbacks
+from tests.harness import Worker, wait_for
+from tests.integration.test_patterns import TIMEOUT, children_of, store_rows, wait_children
+
+
+@pytest.fixture(scope="module", autouse=True)
+def callback_table(client_app):
+    with get_state(client_app).store.begin() as conn:
+        callbacks.create(conn, checkfirst=True)
+
+
+def operation_of(app, parent_id):
+    return store_rows(app, s.operations, id=default_operation_id(parent_id))[0]
+
+
+def wait_operation_done(app, parent_id, timeout=TIMEOUT):
+    return wait_for(lambda: (op := operation_of(app, parent_id))["completed"] and op, timeout,
+                    what=f"operation of {parent_id} to complete")
+
+
+def callback_rows(app, operation_id=None):
+    query = sa.select(callbacks)
+    if operation_id is not None:
+        query = query.where(callbacks.c.operation_id == operation_id)
+    with get_state(app).store.read() as conn:
+        return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def on_complete(app, **extra):
+    return {"on_complete": dict(app.signature("tests.record_callback")), **extra}
+
+
+def test_diamond_runs_d_once_after_b_and_c(worker, client_app):
+    parent = client_app.signature("tests.spawner", kwargs={"_spawn_config": {"handler": "diamond"}}).delay()
+    parent.get(timeout=TIMEOUT)
+    rows = wait_children(client_app, parent.id, 4)
+    operation = wait_operation_done(client_app, parent.id)
+    assert operation["state"] == "succeeded"
+    steps = {}
+    for row in rows:
+        value = client_app.AsyncResult(row["id"]).get(timeout=TIMEOUT)
+        steps[value["step"]] = value
+        assert row["state"] == "succeeded" or store_rows(client_app, s.jobs, id=row["id"])[0]["state"] == "succeeded"
+    assert steps["B"]["started"] >= steps["A"]["finished"]
+    assert steps["C"]["started"] >= steps["A"]["finished"]
+    assert steps["D"]["started"] >= max(steps["B"]["finished"], steps["C"]["finished"])
+    d_row = next(r for r in rows if client_app.AsyncResult(r["id"]).result["step"] == "D")
+    assert "record_step" in d_row["task_name"]
+    assert worker.log().count(f"Task tests.record_step[{d_row['id']}] succeeded") == 1
+
+
+def test_failed_dependency_cancels_dependents(worker, client_app):
+    parent = client_app.signature("tests.spawner", kwargs={"_spawn_config": {"handler": "failing_chain"}}).delay()
+    parent.get(timeout=TIMEOUT)
+    operation = wait_operation_done(client_app, parent.id)
+    rows = children_of(client_app, parent.id)
+    by_position = [store_rows(client_app, s.jobs, id=r["id"])[0] for r in rows]
+    a, b, c, d = by_position
+    assert a["state"] == "failed" and "failed on purpose" in a["error"]
+    assert b["state"] == "cancelled" and a["id"] in b["error"]
+    assert c["state"] == "cancelled"
+    assert d["state"] == "succeeded"
+    assert client_app.AsyncResult(d["id"]).get(timeout=TIMEOUT)["step"] == "D"
+    assert operation["state"] == "partially_failed"
+
+
+def test_completion_callback_and_summary(worker, client_app):
+    config = on_complete(client_app, handler="numbers")
+    parent = client_app.signature("tests.numbers", args=([1, 2, 3],), kwargs={"_spawn_config": config}).delay()
+    assert parent.get(timeout=TIMEOUT) == [1, 2, 3]
+    operation_id = default_operation_id(parent.id)
+    [row] = wait_for(lambda: callback_rows(client_app, operation_id), TIMEOUT, what="callback")
+    summary = json.loads(row["summary"])
+    assert summary["operation_id"] == operation_id
+    assert summary["parent_id"] == parent.id
+    assert summary["counts"] == {"succeeded": 3}
+    assert summary["failed"] == []
+    assert sorted(summary["results"].values()) == [1, 4, 9]
+    time.sleep(1)
+    assert len(callback_rows(client_app, operation_id)) == 1
+
+
+def test_callback_exactly_once_across_two_workers(worker, client_app, artifacts):
+    """100 operations, two worker processes (concurrency 2 each) finishing children at once."""
+    second = Worker(worker.backend, artifacts / f"worker2-{worker.backend.name}-{uuid.uuid4().hex[:6]}.log").start()
+    try:
+        config = on_complete(client_app, handler="numbers")
+        parents = [client_app.signature("tests.numbers", args=(list(range(4)),),
+                                        kwargs={"_spawn_config": config}).delay() for _ in range(100)]
+        operation_ids = {default_operation_id(p.id) for p in parents}
+        wait_for(lambda: {r["operation_id"] for r in callback_rows(client_app)} >= operation_ids, 240,
+                 interval=1, what="100 callbacks")
+        time.sleep(2)
+        rows = [r for r in callback_rows(client_app) if r["operation_id"] in operation_ids]
+        assert len(rows) == 100
+        assert len({r["operation_id"] for r in rows}) == 100
+    finally:
+        second.stop()
+
+
+def test_wait_for_descendants_completes_after_deepest_child(worker, client_app):
+    config = on_complete(client_app, handler="nested", wait_for_descendants=True)
+    parent = client_app.signature("tests.nest", kwargs={"levels": 3, "fanout": 2, "_spawn_config": config}).delay()
+    parent.get(timeout=TIMEOUT)
+    operation_id = default_operation_id(parent.id)
+    [row] = wait_for(lambda: callback_rows(client_app, operation_id), TIMEOUT, what="callback")
+    with get_state(client_app).store.read() as conn:
+        jobs = [dict(r) for r in conn.execute(sa.select(s.jobs).where(s.jobs.c.root_id == parent.id)).mappings()]
+    assert max(j["depth"] for j in jobs) == 3
+    assert len([j for j in jobs if j["depth"] == 3]) == 8
+    assert all(j["state"] == "succeeded" for j in jobs)
+    deepest_finish = max(j["finished_at"] for j in jobs if j["depth"] == 3)
+    [operation] = store_rows(client_app, s.operations, id=operation_id)
+    assert operation["finished_at"] >= deepest_finish
+    assert json.loads(row["summary"])["counts"] == {"succeeded": 2}
+
+
+def test_cancel_stops_a_running_tree(worker, client_app):
+    parent = client_app.signature("tests.spawner", kwargs={
+        "count": 12, "seconds": 1.5, "_spawn_config": {"handler": "sleepers"}}).delay()
+    parent.get(timeout=TIMEOUT)
+    wait_children(client_app, parent.id, 12)
+    wait_for(lambda: any(r["state"] == "started" for r in children_of(client_app, parent.id)), TIMEOUT,
+             what="a started child")
+    result = Tracker(get_state(client_app)).cancel(parent.id, terminate=True)
+    assert result["cancelled"] == 3  # the three held children
+    assert result["revoked"] >= 1
+    operation = wait_operation_done(client_app, parent.id)
+    assert operation["state"] in ("cancelled", "partially_failed")
+    time.sleep(3)
+    rows = children_of(client_app, parent.id)
+    assert all(r["state"] in s.FINAL_JOB_STATES for r in rows)
+    ran = [r for r in rows if r["state"] == "succeeded"]
+    assert len(ran) < 12
