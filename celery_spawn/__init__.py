@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .app import get_state, install
 from .config import SpawnConfig
+from .control import cancel, completion_task_id
 from .errors import (
     DependencyError,
     HandlerError,
@@ -26,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     # spawning
     "SpawnTask", "SpawnHandler", "SpawnContext", "SpawnManager", "SpawnConfig", "SpawnResult", "ParentJob",
-    "install", "get_state", "recover", "child_id",
+    "install", "get_state", "recover", "child_id", "cancel", "completion_task_id",
     # signatures
     "with_spawn_handler", "with_spawn_config", "depends_on",
     # errors

@@ -221,12 +221,12 @@ class Tracker:
     def _apply_callback(self, operation: dict, summary: dict) -> None:
         from celery import signature
 
-        from .handlers import child_id
+        from .control import completion_task_id
 
         try:
             callback = signature(loads(operation["on_complete"]), app=self.app)
             callback.clone(args=(summary,)).apply_async(
-                task_id=child_id(operation["id"], -1), parent_id=operation["parent_id"],
+                task_id=completion_task_id(operation["id"]), parent_id=operation["parent_id"],
                 root_id=operation["root_id"])
         except Exception as exc:
             logger.error("on_complete of operation %s could not be applied: %s", operation["id"], exc)

@@ -18,8 +18,11 @@ from tests.harness import (
 
 ARTIFACTS = Path(os.environ.get("SPAWN_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
 
-#: The combinations the core must run on: (broker, store).
-COMBINATIONS = ["embedded", "redis-postgresql", "rabbitmq-mariadb"]
+#: The combinations the core must run on: (broker, store). SPAWN_TEST_BACKENDS narrows them (tox envs).
+ALL_COMBINATIONS = ["embedded", "redis-postgresql", "rabbitmq-mariadb"]
+COMBINATIONS = [c for c in os.environ.get("SPAWN_TEST_BACKENDS", ",".join(ALL_COMBINATIONS)).split(",") if c]
+_STORE_OF = {"embedded": "sqlite", "redis-postgresql": "postgresql", "rabbitmq-mariadb": "mariadb"}
+STORES = [_STORE_OF[c] for c in COMBINATIONS]
 
 
 def pytest_addoption(parser):
@@ -66,7 +69,7 @@ def mariadb_url():
         yield url
 
 
-@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+@pytest.fixture(params=STORES)
 def store_url(request, tmp_path):
     """A fresh store URL on each SQL backend (function scoped: one database per test)."""
     if request.param == "sqlite":

@@ -12,7 +12,7 @@ sys.path.insert(0, str(HERE))
 
 from app import DEMO, app, report  # noqa: E402
 
-from celery_spawn import SpawnConfig, get_state, with_spawn_config  # noqa: E402
+from celery_spawn import SpawnConfig, completion_task_id, get_state, with_spawn_config  # noqa: E402
 
 
 def main() -> int:
@@ -40,17 +40,11 @@ def main() -> int:
                 break
             time.sleep(0.3)
         subprocess.run([sys.executable, "-m", "celery", "-A", "app", "spawn", "tree", result.id], cwd=HERE, check=False)
-        print("on_complete:", app.AsyncResult(f"{_callback_id()}").get(timeout=30))
+        print("on_complete:", app.AsyncResult(completion_task_id("op-dataset-123")).get(timeout=30))
         return 0
     finally:
         worker.terminate()
         worker.wait(30)
-
-
-def _callback_id() -> str:
-    from celery_spawn.handlers import child_id
-
-    return child_id("op-dataset-123", -1)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,9 @@ import uuid
 import pytest
 import sqlalchemy as sa
 
-from celery_spawn import get_state
+from celery_spawn import cancel, get_state
 from celery_spawn.handlers import default_operation_id
 from celery_spawn.store import schema as s
-from celery_spawn.tracking import Tracker
 from tests.app import callbacks
 from tests.harness import Worker, wait_for
 from tests.integration.test_patterns import TIMEOUT, children_of, store_rows, wait_children
@@ -136,7 +135,7 @@ def test_cancel_stops_a_running_tree(worker, client_app):
     wait_children(client_app, parent.id, 12)
     wait_for(lambda: any(r["state"] == "started" for r in children_of(client_app, parent.id)), TIMEOUT,
              what="a started child")
-    result = Tracker(get_state(client_app)).cancel(parent.id, terminate=True)
+    result = cancel(client_app, default_operation_id(parent.id), terminate=True)
     assert result["cancelled"] == 3  # the three held children
     assert result["revoked"] >= 1
     operation = wait_operation_done(client_app, parent.id)
