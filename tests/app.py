@@ -174,6 +174,10 @@ def make_app(broker: str, backend: str | None, database_url: str, queue: str = "
     def numbers(context):
         return [context.app.signature("tests.square", args=(n,)) for n in context.parent.result]
 
+    @manager.handler("stamps")
+    def stamps(context):
+        return [context.app.signature("tests.record_step", args=(str(i), 0)) for i in range(context.parent.result)]
+
     @manager.handler("nested")
     def nested(context):
         """Each node spawns ``fanout`` children one level down until ``levels`` is reached."""
@@ -221,6 +225,10 @@ def make_app(broker: str, backend: str | None, database_url: str, queue: str = "
     @app.task(shared=False, name="tests.numbers", base=SpawnTask)
     def numbers_task(values):
         return values
+
+    @app.task(shared=False, name="tests.count", base=SpawnTask)
+    def count(n):
+        return n
 
     @app.task(shared=False, name="tests.square")
     def square(n):
