@@ -7,6 +7,8 @@ carries only what the caller chose.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from datetime import timedelta
 from typing import Any, Mapping
 
@@ -77,6 +79,8 @@ class SpawnConfig:
             seconds = float(delay)
         else:
             raise SpawnConfigError(f"spawn delay must be a timedelta or seconds, not {type(delay).__name__}")
+        if not math.isfinite(seconds):
+            raise SpawnConfigError(f"spawn_delay_ms must be a finite number of milliseconds, got {seconds!r} s")
         return self._with(spawn_delay_ms=round(seconds * 1000))
 
     def with_operation_id(self, operation_id: str) -> SpawnConfig:
@@ -145,6 +149,13 @@ class SpawnConfig:
                 raise SpawnConfigError(f"{name} must be true or false, not {getattr(self, name)!r}")
         if self.metadata is not None and not isinstance(self.metadata, dict):
             raise SpawnConfigError(f"metadata must be a dict, not {type(self.metadata).__name__}")
+        for name in ("metadata", "on_complete"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    json.dumps(value)
+                except (TypeError, ValueError) as exc:
+                    raise SpawnConfigError(f"{name} must be JSON-serialisable: {exc}") from None
         if self.on_complete is not None:
             if not isinstance(self.on_complete, dict) or not isinstance(self.on_complete.get("task"), str):
                 raise SpawnConfigError("on_complete must be a signature or its dict form with a 'task' name")
@@ -166,5 +177,7 @@ def _check_optional_str(name: str, value: Any, max_length: int) -> None:
         return
     if not isinstance(value, str) or not value.strip():
         raise SpawnConfigError(f"{name} must be a non-empty string, not {value!r}")
+    if not value.isprintable():
+        raise SpawnConfigError(f"{name} must not contain control characters, got {value!r}")
     if len(value) > max_length:
         raise SpawnConfigError(f"{name} must be at most {max_length} characters, got {len(value)}")

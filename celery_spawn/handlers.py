@@ -75,11 +75,16 @@ class SpawnContext:
         self.app = app
         self.operation_id = operation_id
         self._sequence = 0
+        self._frozen: set[str] = set()
 
     def next_child_id(self) -> str:
         job_id = child_id(self.operation_id, self._sequence)
         self._sequence += 1
         return job_id
+
+    def generated(self, job_id: str) -> bool:
+        """Whether ``freeze`` handed out ``job_id`` (deterministic, so never taken by another spawn)."""
+        return job_id in self._frozen
 
     def freeze(self, sig: Signature) -> str:
         """Give ``sig`` its deterministic task id now and return it."""
@@ -90,6 +95,7 @@ class SpawnContext:
             return existing
         job_id = self.next_child_id()
         sig.set(task_id=job_id)
+        self._frozen.add(job_id)
         return job_id
 
     @property

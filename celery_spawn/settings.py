@@ -6,6 +6,8 @@ variables, then explicit arguments given to :func:`celery_spawn.install`.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -46,20 +48,24 @@ class SpawnSettings:
              **explicit: Any) -> SpawnSettings:
         conf = conf or {}
         environ = os.environ if environ is None else environ
+        explicit = {k: v for k, v in explicit.items() if v is not None}  # None means "not given"
+        unknown = set(explicit) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ImproperlyConfigured(f"unknown celery-spawn setting(s): {', '.join(sorted(unknown))}")
         values: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
-            value = field.default
+            value, source = field.default, "default"
             conf_value = _conf_get(conf, CONF_PREFIX + field.name)
             if conf_value is not None:
-                value = conf_value
+                value, source = conf_value, "conf"
             env_value = environ.get(ENV_PREFIX + field.name.upper())
             if env_value not in (None, ""):
-                value = env_value
-            if explicit.get(field.name) is not None:
-                value = explicit.pop(field.name)
-            values[field.name] = _coerce(field.name, field.type, value)
-        if explicit:
-            raise ImproperlyConfigured(f"unknown celery-spawn setting(s): {', '.join(sorted(explicit))}")
+                value, source = env_value, "env"
+            if field.name in explicit:
+                value, source = explicit[field.name], "explicit"
+            if source != "default":
+                value = _VALIDATORS[field.name](field.name, value)
+            values[field.name] = value
         return cls(**values)
 
 
@@ -70,35 +76,94 @@ def _conf_get(conf: Any, key: str) -> Any:
         return None
 
 
-def _coerce(name: str, kind: str, value: Any) -> Any:
-    if value is None:
-        return None
+def _invalid(name: str, why: str) -> ImproperlyConfigured:
+    return ImproperlyConfigured(f"setting spawn_{name} (env {ENV_PREFIX}{name.upper()}) {why}")
+
+
+def _integer(low: int, high: int):
+    def check(name: str, value: Any) -> int:
+        if isinstance(value, bool):
+            raise _invalid(name, "must be a whole number, not a boolean")
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                raise _invalid(name, "must be a whole number") from None
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):
+            raise _invalid(name, "must be a whole number")
+        if not low <= value <= high:
+            raise _invalid(name, f"must be between {low} and {high}")
+        return value
+    return check
+
+
+def _seconds(high: float):
+    def check(name: str, value: Any) -> float:
+        if isinstance(value, bool):
+            raise _invalid(name, "must be a number of seconds, not a boolean")
+        try:
+            number = float(value.strip() if isinstance(value, str) else value)
+        except (TypeError, ValueError):
+            raise _invalid(name, "must be a number of seconds") from None
+        if math.isnan(number) or not 0 <= number <= high:
+            raise _invalid(name, f"must be between 0 and {high:g} seconds")
+        return number
+    return check
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+    raise _invalid(name, "must be true or false")
+
+
+def _database_url(name: str, value: Any) -> str:
+    from sqlalchemy.engine import make_url
+
+    if not isinstance(value, str) or not value.strip():
+        raise _invalid(name, "must be a non-empty SQLAlchemy URL string")
     try:
-        if "bool" in kind:
-            if isinstance(value, str):
-                lowered = value.strip().lower()
-                if lowered in ("1", "true", "yes", "on"):
-                    return True
-                if lowered in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if kind.startswith("int"):
-            number = int(value)
-            if number < 0:
-                raise ValueError(value)
-            return number
-        if kind.startswith("float"):
-            number = float(value)
-            if number < 0:
-                raise ValueError(value)
-            return number
-        if kind.startswith("dict"):
-            if not isinstance(value, dict):
-                raise ValueError(value)
-            return value
-        return str(value)
-    except (TypeError, ValueError):
-        raise ImproperlyConfigured(
-            f"setting spawn_{name} (env {ENV_PREFIX}{name.upper()}) has an invalid value"
-        ) from None
+        make_url(value)
+    except Exception:
+        raise _invalid(name, "is not a valid SQLAlchemy URL") from None
+    return value
+
+
+def _optional_text(name: str, value: Any) -> str | None:
+    if not isinstance(value, str):
+        raise _invalid(name, "must be a string")
+    return value or None
+
+
+def _mapping(name: str, value: Any) -> dict:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise _invalid(name, "must be a JSON object") from None
+    if not isinstance(value, dict):
+        raise _invalid(name, "must be a dict (or a JSON object in the environment)")
+    return value
+
+
+_VALIDATORS = {
+    "database_url": _database_url,
+    "max_spawn_count_ceiling": _integer(1, HARD_MAX_SPAWN_COUNT),
+    "default_max_spawn_count": _integer(0, HARD_MAX_SPAWN_COUNT),
+    "recovery_interval": _seconds(86_400),
+    "recovery_grace": _seconds(7 * 86_400),
+    "auto_migrate": _boolean,
+    "track_states": _boolean,
+    "api_token": _optional_text,
+    "engine_options": _mapping,
+}

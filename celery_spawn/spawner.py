@@ -83,7 +83,8 @@ def parent_from_task(task: Task, result: Any) -> ParentJob:
 
 def effective_config(state: SpawnState, task: Task, call_config: Any) -> SpawnConfig:
     """Named defaults, then the task's ``spawn_config``/``spawn_handler``, then the call's ``_spawn_config``."""
-    config = SpawnConfig(max_spawn_count=state.settings.default_max_spawn_count)
+    ceiling = state.settings.max_spawn_count_ceiling
+    config = SpawnConfig(max_spawn_count=min(state.settings.default_max_spawn_count, ceiling))
     task_config = getattr(task, "spawn_config", None)
     if task_config is not None:
         config = config.merged(task_config)
@@ -92,7 +93,6 @@ def effective_config(state: SpawnState, task: Task, call_config: Any) -> SpawnCo
         config = config.merged({"handler": task_handler})
     if call_config is not None:
         config = config.merged(call_config)
-    ceiling = state.settings.max_spawn_count_ceiling
     if config.max_spawn_count > ceiling:
         raise SpawnConfigError(
             f"max_spawn_count {config.max_spawn_count} is above this app's ceiling "
@@ -197,16 +197,22 @@ class Spawner:
         total = 0
         seen: set[str] = set()
         for batch in _batched(self._generate(handler, handler_name, context), config.batch_size):
-            rows, edges = [], []
+            rows, edges, chosen = [], [], []
             for sig in batch:
                 if total >= config.max_spawn_count:
                     raise SpawnLimitExceeded(
                         f"handler {handler_name!r} produced more than max_spawn_count={config.max_spawn_count} "
                         "children; nothing was dispatched")
-                row, child_edges = self._child_row(sig, total, context, seen, now)
+                row, child_edges, user_chosen = self._child_row(sig, total, context, seen, now)
+                if user_chosen:
+                    chosen.append(row["id"])
                 rows.append(row)
                 edges.extend(child_edges)
                 total += 1
+            taken = self.store.existing_job_ids(conn, chosen) if chosen else ()
+            if taken:
+                raise HandlerError(f"handler {handler_name!r} chose task id(s) already in the store: "
+                                   f"{', '.join(sorted(taken)[:5])}")
             self.store.insert_jobs(conn, rows)
             if edges:
                 self.store.insert_dependencies(conn, edges)
@@ -240,17 +246,18 @@ class Spawner:
             yield item
 
     def _child_row(self, sig: Any, position: int, context: SpawnContext, seen: set[str],
-                   now: Any) -> tuple[dict, list[dict]]:
+                   now: Any) -> tuple[dict, list[dict], bool]:
         where = f"child #{position}"
         if not isinstance(sig, Signature) or type(sig) is not Signature:
             kind = type(sig).__name__
             raise HandlerError(f"{where} is a {kind}, not a single task signature (celery.signature / task.s())")
         name = sig.task
-        if not isinstance(name, str) or not name:
-            raise HandlerError(f"{where} has no task name")
+        if not isinstance(name, str) or not name or not name.isprintable():
+            raise HandlerError(f"{where} has no valid task name: {name!r}")
         options = dict(sig.options)
+        user_chosen = bool(options.get("task_id")) and not context.generated(options["task_id"])
         job_id = options.get("task_id") or context.next_child_id()
-        if not isinstance(job_id, str) or len(job_id) > 64:
+        if not isinstance(job_id, str) or not job_id or len(job_id) > 64 or not job_id.isprintable():
             raise HandlerError(f"{where} has an invalid task_id {job_id!r}")
         if job_id in seen:
             raise HandlerError(f"{where} repeats task id {job_id}")
@@ -298,7 +305,7 @@ class Spawner:
         }
         edges = [{"job_id": job_id, "depends_on_id": dep, "ignore_failure": dep in ignored,
                   "satisfied": dep == parent.id} for dep in depends]
-        return row, edges
+        return row, edges, user_chosen
 
     def _queue_of(self, task_name: str, options: dict) -> str | None:
         queue = options.get("queue")

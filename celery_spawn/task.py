@@ -7,6 +7,7 @@ from celery import Task
 
 from .app import get_state
 from .config import SpawnConfig
+from .errors import StoreError
 from .handlers import SpawnHandler, SpawnResult
 from .signatures import SPAWN_CONFIG_KWARG
 from .tracking import is_spawned, skip_duplicate
@@ -38,7 +39,14 @@ class SpawnTask(Task):
             skip_duplicate(self)  # a child that already finished is not run twice
         result = self.run(*args, **kwargs)
         if self.spawns(call_config):
-            self.spawn(result, call_config)
+            try:
+                self.spawn(result, call_config)
+            except StoreError as exc:
+                # autoretry_for wraps only run(): honour it for the spawn too.
+                retry_for = tuple(getattr(self, "autoretry_for", None) or ())
+                if retry_for and isinstance(exc, retry_for):
+                    raise self.retry(exc=exc, **(getattr(self, "retry_kwargs", None) or {}))
+                raise
         return result
 
     def spawns(self, call_config: Any) -> bool:

@@ -16,6 +16,7 @@ logger = logging.getLogger(__name__)
 
 _DRIVER_EXTRAS = {
     "psycopg2": "postgres",
+    "psycopg": "postgres",
     "MySQLdb": "mysql",
 }
 
@@ -33,7 +34,7 @@ class EngineHolder:
 
     def __init__(self, url: str, engine_options: dict[str, Any] | None = None) -> None:
         try:
-            self.url = make_url(url)
+            self.url = _with_installed_driver(make_url(url))
         except Exception:
             raise StoreError(f"invalid spawn_database_url {redact(url)!r}") from None
         self.engine_options = dict(engine_options or {})
@@ -90,6 +91,16 @@ class EngineHolder:
         if backend == "sqlite":
             _tune_sqlite(engine)
         return engine
+
+
+def _with_installed_driver(url: URL) -> URL:
+    """A bare ``postgresql://`` means psycopg (v3) to SQLAlchemy 2.1; use psycopg2 when only it is installed."""
+    if url.drivername == "postgresql":
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            return url.set(drivername="postgresql+psycopg2")
+    return url
 
 
 def _tune_sqlite(engine: Engine) -> None:
