@@ -169,3 +169,88 @@ def wait_for(predicate: Callable[[], object], timeout: float = 60, interval: flo
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class StoreBuilder:
+    """Writes lineage rows straight into a store (no worker): trees of any shape for query and CLI tests.
+
+    Every row carries every column, so a whole batch goes in one executemany.
+    """
+
+    def __init__(self, store, now=None) -> None:
+        from datetime import datetime, timezone
+
+        self.store = store
+        self.now = now or datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+        self.jobs: dict[str, dict] = {}
+        self.operations: dict[str, dict] = {}
+        self.edges: list[dict] = []
+        self._pending_jobs: list[dict] = []
+        self._pending_ops: list[dict] = []
+
+    def job(self, job_id: str, parent: str | None = None, *, operation: str | None = None, position: int = 0,
+            state: str = "succeeded", task: str = "tests.node", queue: str | None = "q", created=None,
+            started=None, finished=None, pending_deps: int = 0, error: str | None = None) -> dict:
+        from datetime import timedelta
+
+        created = created or self.now
+        final = state in ("succeeded", "failed", "revoked", "cancelled")
+        parent_row = self.jobs.get(parent) if parent else None
+        row = {
+            "id": job_id, "parent_id": parent, "root_id": parent_row["root_id"] if parent_row else (parent or job_id),
+            "operation_id": operation, "position": position, "depth": parent_row["depth"] + 1 if parent_row else 0,
+            "task_name": task, "queue": queue, "priority": None, "state": state, "pending_deps": pending_deps,
+            "retries": 0, "message": None, "error": error, "created_at": created, "dispatched_at": None,
+            "started_at": started if started is not None else (created if state not in ("pending", "held") else None),
+            "finished_at": finished if finished is not None else (created + timedelta(seconds=2) if final else None),
+        }
+        self.jobs[job_id] = row
+        self._pending_jobs.append(row)
+        return row
+
+    def operation(self, operation_id: str, parent: str, *, handler: str | None = "handler", queue: str | None = "q",
+                  state: str = "running", total: int = 0, created=None, finished=None, error: str | None = None,
+                  config: str | None = None) -> dict:
+        created = created or self.now
+        parent_row = self.jobs[parent]
+        row = {
+            "id": operation_id, "parent_id": parent, "root_id": parent_row["root_id"],
+            "parent_task": parent_row["task_name"], "handler": handler, "queue": queue,
+            "depth": parent_row["depth"], "state": state, "total": total, "config": config, "error": error,
+            "on_complete": None, "wait_for_descendants": False, "fail_fast": False,
+            "completed": state != "running", "created_at": created, "updated_at": created, "finished_at": finished,
+        }
+        self.operations[operation_id] = row
+        self._pending_ops.append(row)
+        return row
+
+    def spawn(self, parent: str, count: int, *, operation: str | None = None, states=None, task: str = "tests.child",
+              queue: str | None = "q", handler: str | None = "handler", op_state: str = "running", created=None,
+              finished=None, prefix: str | None = None) -> list[str]:
+        """One operation of ``count`` children under ``parent``; returns their ids in spawn order."""
+        operation = operation or f"op-{parent}"
+        self.operation(operation, parent, handler=handler, queue=queue, state=op_state, total=count,
+                       created=created, finished=finished)
+        ids = []
+        for position in range(count):
+            state = states[position % len(states)] if states else "succeeded"
+            child = f"{prefix or parent}.{position}"
+            self.job(child, parent, operation=operation, position=position, state=state, task=task, queue=queue,
+                     created=created)
+            ids.append(child)
+        return ids
+
+    def depends(self, job_id: str, depends_on: str, satisfied: bool = False) -> None:
+        self.edges.append({"job_id": job_id, "depends_on_id": depends_on, "ignore_failure": False,
+                           "satisfied": satisfied})
+
+    def flush(self) -> StoreBuilder:
+        from celery_spawn.store import schema as s
+
+        with self.store.begin() as conn:
+            for table, rows in ((s.operations, self._pending_ops), (s.jobs, self._pending_jobs),
+                                (s.dependencies, self.edges)):
+                for start in range(0, len(rows), 2000):
+                    conn.execute(table.insert(), rows[start:start + 2000])
+        self._pending_jobs, self._pending_ops, self.edges = [], [], []
+        return self

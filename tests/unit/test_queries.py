@@ -1,0 +1,354 @@
+"""The read queries on SQLite, PostgreSQL and MariaDB: trees built row by row, answers checked by hand.
+
+Every test runs on each SQL backend (the ``store_url`` fixture). Statement
+counts are taken with a ``before_cursor_execute`` listener, so "bounded
+whatever the tree size" is measured, not assumed.
+"""
+from __future__ import annotations
+
+import contextlib
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from celery_spawn.store import SpawnStore, queries
+from celery_spawn.store import schema as s
+from tests.harness import StoreBuilder
+
+NASTY_QUEUE = "q'; DROP TABLE spawn_jobs; --\"`\\"
+
+
+@pytest.fixture
+def store(store_url):
+    store = SpawnStore(store_url)
+    store.migrate()
+    yield store
+    store.dispose()
+
+
+@pytest.fixture
+def tree(store):
+    """root -> a, b, c (op-root); a -> a.0, a.1 (op-a); a.0 -> a.0.0 (op-a.0); c is pending, b failed."""
+    b = StoreBuilder(store)
+    b.job("root", task="tests.parent")
+    b.operation("op-root", "root", handler="fan", queue="q", total=3, config='{"batch_size": 7}')
+    # Inserted out of order: the queries must give spawn order (position), not insertion order.
+    b.job("c", "root", operation="op-root", position=2, state="pending", task="tests.child")
+    b.job("a", "root", operation="op-root", position=0, task="tests.child")
+    b.job("b", "root", operation="op-root", position=1, state="failed", task="tests.child", error="boom")
+    b.spawn("a", 2, operation="op-a", handler="nested", op_state="succeeded", finished=b.now + timedelta(seconds=5))
+    b.spawn("a.0", 1, operation="op-a.0", handler="nested", queue="other")
+    b.depends("c", "b")
+    return b.flush()
+
+
+@contextlib.contextmanager
+def counting(store):
+    """Counts the SELECT/WITH statements run inside the block."""
+    seen: list[str] = []
+
+    def listener(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith(("SELECT", "WITH")):
+            seen.append(statement)
+
+    engine = store.engine
+    sa.event.listen(engine, "before_cursor_execute", listener)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", listener)
+
+
+def ids(nodes):
+    return [n["id"] for n in nodes]
+
+
+# ---- trees ------------------------------------------------------------------------------------
+def test_spawn_tree_nests_in_spawn_order(store, tree):
+    with store.read() as conn:
+        root = queries.spawn_tree(conn, "root")
+    assert root["id"] == "root" and root["depth"] == 0 and root["task_name"] == "tests.parent"
+    assert ids(root["children"]) == ["a", "b", "c"]
+    a, b, c = root["children"]
+    assert (a["state"], b["state"], c["state"]) == ("succeeded", "failed", "pending")
+    assert a["operation_id"] == "op-root" and a["depth"] == 1 and a["queue"] == "q"
+    assert ids(a["children"]) == ["a.0", "a.1"]
+    assert ids(a["children"][0]["children"]) == ["a.0.0"]
+    assert a["children"][0]["children"][0] == {
+        "id": "a.0.0", "task_name": "tests.child", "state": "succeeded", "depth": 3, "queue": "other",
+        "operation_id": "op-a.0", "position": 0, "children": []}
+    assert "hidden_children" not in a
+
+
+def test_spawn_tree_max_depth_counts_what_it_cuts(store, tree):
+    with store.read() as conn:
+        root = queries.spawn_tree(conn, "root", max_depth=1)
+        alone = queries.spawn_tree(conn, "root", max_depth=0)
+    a, b, c = root["children"]
+    assert a["children"] == [] and a["hidden_children"] == 2
+    assert "hidden_children" not in b and "hidden_children" not in c
+    assert alone["children"] == [] and alone["hidden_children"] == 3
+
+
+def test_spawn_tree_full_starts_at_the_root(store, tree):
+    with store.read() as conn:
+        sub = queries.spawn_tree(conn, "a.0")
+        full = queries.spawn_tree(conn, "a.0.0", full=True)
+        assert queries.spawn_tree(conn, "nope") is None
+        assert queries.spawn_tree(conn, "nope", full=True) is None
+    assert sub["id"] == "a.0" and ids(sub["children"]) == ["a.0.0"]
+    assert full["id"] == "root" and len(full["children"]) == 3
+
+
+def test_children_descendants_ancestors(store, tree):
+    with store.read() as conn:
+        assert ids(queries.children(conn, "root")) == ["a", "b", "c"]
+        assert ids(queries.children(conn, "root", state="failed")) == ["b"]
+        assert ids(queries.children(conn, "root", state=["failed", "pending"])) == ["b", "c"]
+        assert ids(queries.children(conn, "root", depth=2)) == ["a", "b", "c", "a.0", "a.1"]
+        assert ids(queries.children(conn, "root", depth=2, limit=4)) == ["a", "b", "c", "a.0"]
+        assert queries.children(conn, "a.1") == []
+        assert queries.children(conn, "nope") == []
+        down = queries.descendants(conn, "root")
+        assert ids(down) == ["a", "b", "c", "a.0", "a.1", "a.0.0"]
+        assert [d["distance"] for d in down] == [1, 1, 1, 2, 2, 3]
+        assert ids(queries.descendants(conn, "root", depth=1)) == ["a", "b", "c"]
+        up = queries.ancestors(conn, "a.0.0")
+        assert ids(up) == ["a.0", "a", "root"] and [u["distance"] for u in up] == [1, 2, 3]
+        assert ids(queries.ancestors(conn, "a.0.0", depth=2)) == ["a.0", "a"]
+        assert queries.ancestors(conn, "root") == []
+        assert queries.parent(conn, "a.0")["id"] == "a"
+        assert queries.parent(conn, "root") is None
+    assert "message" not in down[0]
+    assert set(queries.JOB_FIELDS) | {"distance"} == set(down[0])
+
+
+def test_get_job(store, tree):
+    with store.read() as conn:
+        a = queries.get_job(conn, "a")
+        c = queries.get_job(conn, "c")
+        assert queries.get_job(conn, "nope") is None
+        assert queries.find_kind(conn, "a") == "job"
+        assert queries.find_kind(conn, "op-a") == "operation"
+        assert queries.find_kind(conn, "nope") is None
+    assert a["children_count"] == 2 and a["parent_id"] == "root" and a["root_id"] == "root"
+    assert [op["id"] for op in a["operations"]] == ["op-a"] and a["operations"][0]["total"] == 2
+    assert a["depends_on"] == []
+    assert c["depends_on"] == [{"id": "b", "satisfied": False, "ignore_failure": False}]
+    assert c["children_count"] == 0 and c["operations"] == []
+
+
+# ---- operations -------------------------------------------------------------------------------
+def test_get_operation(store, tree):
+    with store.read() as conn:
+        op = queries.get_operation(conn, "op-root")
+        few = queries.get_operation(conn, "op-root", children_limit=2)
+        assert queries.get_operation(conn, "nope") is None
+    assert op["parent_id"] == "root" and op["handler"] == "fan" and op["total"] == 3
+    assert op["config"] == {"batch_size": 7}
+    assert op["counts"] == {"succeeded": 1, "failed": 1, "pending": 1}
+    assert op["progress"] == {"done": 2, "total": 3, "percent": 66.7}
+    assert ids(op["children"]) == ["a", "b", "c"] and op["children_shown"] == 3
+    assert op["completed"] is False and op["fail_fast"] is False
+    assert ids(few["children"]) == ["a", "b"] and few["children_shown"] == 2
+
+
+def test_list_operations(store, tree):
+    older = StoreBuilder(store, now=tree.now - timedelta(hours=30))
+    older.job("old")
+    older.spawn("old", 4, queue=NASTY_QUEUE, op_state="succeeded", finished=older.now + timedelta(seconds=9))
+    older.flush()
+    with store.read() as conn:
+        everything = queries.list_operations(conn)
+        assert ids(everything)[-1] == "op-old"  # newest first
+        assert set(ids(everything)) == {"op-root", "op-a", "op-a.0", "op-old"}
+        root = next(op for op in everything if op["id"] == "op-root")
+        assert root["counts"] == {"succeeded": 1, "failed": 1, "pending": 1}
+        assert root["progress"]["done"] == 2
+        assert "config" not in root
+        assert len(queries.list_operations(conn, limit=2)) == 2
+        assert ids(queries.list_operations(conn, queue=NASTY_QUEUE)) == ["op-old"]
+        assert ids(queries.list_operations(conn, queue="other")) == ["op-a.0"]
+        assert ids(queries.list_operations(conn, state="succeeded")) == ["op-a", "op-old"]
+        recent = queries.list_operations(conn, since=tree.now - timedelta(hours=1))
+        assert "op-old" not in ids(recent) and len(recent) == 3
+        old = queries.list_operations(conn, queue=NASTY_QUEUE)[0]
+        assert old["counts"] == {"succeeded": 4} and old["progress"] == {"done": 4, "total": 4, "percent": 100.0}
+        assert conn.execute(sa.select(sa.func.count()).select_from(s.jobs)).scalar() == 12
+
+
+def test_values_reach_sql_only_as_parameters(store, tree):
+    with counting(store) as statements, store.read() as conn:
+        queries.list_operations(conn, queue=NASTY_QUEUE)
+        queries.stats(conn, queue=NASTY_QUEUE)
+        queries.pending(conn, queue=NASTY_QUEUE)
+        queries.spawn_tree(conn, NASTY_QUEUE, full=True)
+        queries.get_job(conn, NASTY_QUEUE)
+    assert statements
+    assert not [sql for sql in statements if "DROP" in sql]
+
+
+# ---- stats ------------------------------------------------------------------------------------
+def test_stats(store):
+    b = StoreBuilder(store)
+    now = b.now
+    b.job("p1")
+    b.spawn("p1", 4, queue="images", handler="resize", op_state="succeeded", finished=now + timedelta(seconds=10))
+    b.job("p2")
+    b.spawn("p2", 2, queue="images", handler="resize", states=["succeeded", "failed"], op_state="partially_failed",
+            finished=now + timedelta(seconds=4))
+    b.job("p3")
+    b.spawn("p3", 6, queue="etl", handler="split", states=["started"], op_state="running")
+    old = now - timedelta(hours=48)
+    b.job("p4", created=old)
+    b.spawn("p4", 9, queue="etl", handler="split", op_state="succeeded", created=old, finished=old)
+    b.flush()
+    with store.read() as conn:
+        result = queries.stats(conn, hours=24, now=now + timedelta(minutes=1))
+        images = queries.stats(conn, hours=24, queue="images", now=now + timedelta(minutes=1))
+        wide = queries.stats(conn, hours=100, now=now + timedelta(minutes=1))
+        detailed = queries.stats(conn, hours=24, detailed=True, now=now + timedelta(minutes=1))
+        nothing = queries.stats(conn, hours=24, queue="nope")
+    assert result["operations"] == 3
+    assert result["operations_by_state"] == {"partially_failed": 1, "running": 1, "succeeded": 1}
+    assert result["children"] == 12
+    assert result["avg_children_per_spawn"] == 4.0 and result["max_children_per_spawn"] == 6
+    assert result["success_rate"] == 0.5  # 1 of 2 finished operations
+    assert result["children_by_state"] == {"failed": 1, "started": 6, "succeeded": 5}
+    assert result["child_success_rate"] == round(5 / 6, 4)
+    durations = result["durations"]
+    assert durations["operation_avg_seconds"] == pytest.approx(7.0, abs=0.01)
+    assert durations["operation_max_seconds"] == pytest.approx(10.0, abs=0.01)
+    assert durations["child_avg_seconds"] == pytest.approx(2.0, abs=0.01)
+    assert durations["child_max_seconds"] == pytest.approx(2.0, abs=0.01)
+    by_queue = {g["queue"]: g for g in result["by_queue"]}
+    assert by_queue["images"]["operations"] == 2 and by_queue["images"]["children"] == 6
+    assert by_queue["images"]["success_rate"] == 0.5
+    assert by_queue["images"]["avg_duration_seconds"] == pytest.approx(7.0, abs=0.01)
+    assert by_queue["etl"]["operations"] == 1 and by_queue["etl"]["success_rate"] is None
+    assert [g["handler"] for g in result["by_handler"]] == ["resize", "split"]
+    assert images["operations"] == 2 and images["children_by_state"] == {"failed": 1, "succeeded": 5}
+    assert wide["operations"] == 4 and wide["children"] == 21 and wide["max_children_per_spawn"] == 9
+    assert "by_task" not in result
+    assert detailed["by_task"] == [{"task_name": "tests.child", "jobs": 12, "succeeded": 5, "failed": 1,
+                                    "success_rate": round(5 / 6, 4), "avg_seconds": pytest.approx(2.0, abs=0.01),
+                                    "max_seconds": pytest.approx(2.0, abs=0.01)}]
+    assert [o["id"] for o in detailed["largest"]] == ["op-p3", "op-p1", "op-p2"]
+    assert [o["id"] for o in detailed["slowest"]] == ["op-p1", "op-p2"]
+    assert detailed["slowest"][0]["seconds"] == pytest.approx(10.0, abs=0.01)
+    assert nothing["operations"] == 0 and nothing["avg_children_per_spawn"] is None
+    assert nothing["success_rate"] is None and nothing["by_queue"] == []
+
+
+# ---- pending ----------------------------------------------------------------------------------
+def test_pending(store):
+    b = StoreBuilder(store)
+    b.job("p")
+    b.spawn("p", 5, states=["pending", "held", "dispatched"], queue="work")
+    b.job("r")
+    b.spawn("r", 3, states=["succeeded"])
+    b.job("z", created=b.now - timedelta(minutes=5))
+    b.spawn("z", 2, states=["pending"], queue="other", created=b.now - timedelta(minutes=5))
+    b.flush()
+    with store.read() as conn:
+        entries = queries.pending(conn)
+        few = queries.pending(conn, jobs_per_operation=1, limit=1)
+        work = queries.pending(conn, queue="work")
+        assert queries.pending(conn, queue=NASTY_QUEUE) == []
+    assert [e["operation_id"] for e in entries] == ["op-z", "op-p"]  # longest waiting first
+    p = entries[1]
+    assert (p["pending"], p["held"], p["total"], p["handler"]) == (2, 2, 5, "handler")
+    assert [j["id"] for j in p["jobs"]] == ["p.0", "p.1", "p.3", "p.4"]
+    assert [j["state"] for j in p["jobs"]] == ["pending", "held", "pending", "held"]
+    assert len(few) == 1 and few[0]["operation_id"] == "op-z" and [j["id"] for j in few[0]["jobs"]] == ["z.0"]
+    assert [e["operation_id"] for e in work] == ["op-p"]
+
+
+# ---- bad arguments ----------------------------------------------------------------------------
+@pytest.mark.parametrize("call", [
+    lambda c: queries.list_operations(c, limit=0),
+    lambda c: queries.list_operations(c, limit=-1),
+    lambda c: queries.list_operations(c, limit=queries.MAX_LIMIT + 1),
+    lambda c: queries.list_operations(c, state="bogus"),
+    lambda c: queries.children(c, "a", depth=0),
+    lambda c: queries.children(c, "a", state="bogus"),
+    lambda c: queries.ancestors(c, "a", depth=-1),
+    lambda c: queries.spawn_tree(c, "a", max_depth=-1),
+    lambda c: queries.stats(c, hours=0),
+    lambda c: queries.stats(c, hours=-5),
+    lambda c: queries.pending(c, limit=-1),
+])
+def test_bad_arguments_raise_value_error(store, call):
+    with store.read() as conn, pytest.raises(ValueError):
+        call(conn)
+
+
+# ---- size: deep and wide trees, bounded statements ---------------------------------------------
+def build_big(store, chain: int, width: int) -> StoreBuilder:
+    """root -> `width` children (one operation), the first of which starts a chain `chain` deep."""
+    b = StoreBuilder(store)
+    b.job("big")
+    b.spawn("big", width, prefix="w", states=["succeeded", "pending", "held"])
+    parent = "w.0"
+    for level in range(chain):
+        b.operation(f"op-c{level}", parent, total=1, state="succeeded")
+        child = f"c{level}"
+        b.job(child, parent, operation=f"op-c{level}", state="succeeded" if level % 2 else "started")
+        parent = child
+    return b.flush()
+
+
+def statement_counts(store, job_id: str, leaf: str) -> tuple[dict[str, int], dict[str, object]]:
+    counts, results = {}, {}
+    with store.read() as conn:
+        conn.exec_driver_sql("SELECT 1")  # connect (and BEGIN on SQLite) before counting
+        for name, fn in {
+            "tree": lambda: queries.spawn_tree(conn, job_id),
+            "tree_cut": lambda: queries.spawn_tree(conn, job_id, max_depth=2),
+            "tree_full": lambda: queries.spawn_tree(conn, leaf, full=True),
+            "children": lambda: queries.children(conn, job_id, depth=3),
+            "descendants": lambda: queries.descendants(conn, job_id),
+            "ancestors": lambda: queries.ancestors(conn, leaf),
+            "job": lambda: queries.get_job(conn, job_id),
+            "operation": lambda: queries.get_operation(conn, f"op-{job_id}"),
+            "list": lambda: queries.list_operations(conn, limit=100),
+            "stats": lambda: queries.stats(conn, detailed=True),
+            "pending": lambda: queries.pending(conn),
+        }.items():
+            with counting(store) as seen:
+                results[name] = fn()
+            counts[name] = len(seen)
+    return counts, results
+
+
+def test_statement_counts_do_not_grow_with_the_tree(store_url, tmp_path):
+    small_store = SpawnStore(store_url)
+    small_store.migrate()
+    try:
+        build_big(small_store, chain=3, width=3)
+        small, _ = statement_counts(small_store, "big", "c2")
+        with small_store.begin() as conn:
+            for table in (s.dependencies, s.jobs, s.operations):
+                conn.execute(table.delete())
+        build_big(small_store, chain=queries.MAX_LEVELS - 1, width=2_000)
+        big, results = statement_counts(small_store, "big", f"c{queries.MAX_LEVELS - 2}")
+    finally:
+        small_store.dispose()
+    assert small == big
+    assert big == {"tree": 1, "tree_cut": 2, "tree_full": 2, "children": 1, "descendants": 1, "ancestors": 1,
+                   "job": 4, "operation": 3, "list": 2, "stats": 5, "pending": 2}
+    # The deep tree is complete: root, 2,000 children, and a chain to the deepest level the store allows.
+    tree = results["tree"]
+    assert len(tree["children"]) == 2_000
+    node, levels = tree, 0
+    while node["children"]:
+        node = node["children"][0]
+        levels += 1
+    assert levels == queries.MAX_LEVELS and node["id"] == f"c{queries.MAX_LEVELS - 2}"
+    assert len(results["descendants"]) == 2_000 + queries.MAX_LEVELS - 1
+    assert len(results["ancestors"]) == queries.MAX_LEVELS
+    assert results["ancestors"][-1]["id"] == "big"
+    assert results["tree_full"]["id"] == "big"
+    assert len(results["children"]) == 2_000 + 2
+    assert results["tree_cut"]["children"][0]["children"][0]["hidden_children"] == 1
