@@ -1,0 +1,331 @@
+"""The SQL lineage store: schema on first use, visible failures without secrets, and the recovery sweep."""
+from __future__ import annotations
+
+import logging
+import os
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from celery_spawn import SpawnTask, StoreError, recover
+from celery_spawn.store import SpawnStore
+from celery_spawn.store import schema as s
+from celery_spawn.store.engine import redact
+from celery_spawn.store.migrations import VERSION_TABLE, head_revision
+from celery_spawn.store.sql import utcnow
+from tests.unit.test_spawner import Rig, rig, sqlite_rig  # noqa: F401  (the shared eager rig and its fixtures)
+
+SECRET = "s3cret"
+
+
+@pytest.fixture
+def publishing_rig(store_url):
+    """A Rig that publishes children to the memory broker (not eager), on each SQL backend."""
+    made = Rig(store_url, eager=False)
+    yield made
+    made.drain()
+    made.close()
+
+
+def age(rig: Rig, operation_id: str, seconds: float = 3600) -> None:
+    """Pretend the operation was last touched ``seconds`` ago (the recovery grace period has passed)."""
+    with rig.state.store.begin() as conn:
+        conn.execute(s.operations.update().where(s.operations.c.id == operation_id)
+                     .values(updated_at=utcnow() - timedelta(seconds=seconds)))
+
+
+def fail_publishing(monkeypatch) -> None:
+    from celery_spawn import spawner
+
+    def broker_down(app, children):
+        raise ConnectionError("broker unreachable")
+
+    monkeypatch.setattr(spawner, "publish_children", broker_down)
+
+
+# ---- schema -------------------------------------------------------------------------------------
+def test_the_schema_is_created_on_first_use(store_url):
+    store = SpawnStore(store_url)
+    try:
+        inspector = sa.inspect(store.engine)
+        tables = set(inspector.get_table_names())
+        assert {"spawn_operations", "spawn_jobs", "spawn_dependencies", VERSION_TABLE} <= tables
+        job_indexes = {tuple(ix["column_names"]) for ix in inspector.get_indexes("spawn_jobs")}
+        assert {("parent_id",), ("root_id",), ("operation_id", "position"), ("state", "created_at")} <= job_indexes
+        with store.engine.connect() as conn:
+            assert conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == head_revision()
+        assert store.migrate() == head_revision()  # again: nothing to do
+    finally:
+        store.dispose()
+    second = SpawnStore(store_url)  # another process finding the tables already there
+    try:
+        with second.read() as conn:
+            assert second.get_operation(conn, "none") is None
+    finally:
+        second.dispose()
+
+
+def test_sqlite_creates_its_file_and_folder(tmp_path):
+    path = tmp_path / "nested" / "dir" / "spawn.sqlite3"
+    store = SpawnStore(f"sqlite:///{path}")
+    try:
+        store.engine
+        assert path.exists()
+    finally:
+        store.dispose()
+
+
+def test_without_auto_migrate_an_empty_database_fails_visibly(sqlite_url):
+    made = Rig(sqlite_url, auto_migrate=False)
+    try:
+        made.manager.register_handler("one", lambda context: [made.sig(1)])
+        result = made.spawn({"handler": "one"}, value="v")
+        assert result.state == "FAILURE" and isinstance(result.result, StoreError)
+        assert made.runs == []
+    finally:
+        made.close()
+
+
+def test_an_engine_is_made_again_in_a_forked_process(sqlite_url):
+    store = SpawnStore(sqlite_url)
+    parent_engine = store.engine
+    pid = os.fork()
+    if pid == 0:  # the child: must not reuse the parent's engine, and must work
+        code = 1
+        try:
+            store.after_fork()
+            with store.read() as conn:
+                store.get_operation(conn, "x")
+            code = 0 if store.engine is not parent_engine else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.engine is parent_engine
+    store.dispose()
+
+
+def test_a_plain_postgresql_url_works_with_the_postgres_extra(postgres_url):
+    url = sa.make_url(postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
+    store = SpawnStore(url)
+    try:
+        with store.read() as conn:
+            assert store.get_operation(conn, "x") is None
+    finally:
+        store.dispose()
+
+
+# ---- visible failures ---------------------------------------------------------------------------
+@pytest.mark.parametrize("url", [
+    f"postgresql+psycopg2://u:{SECRET}@127.0.0.1:1/x",
+    f"mysql+mysqldb://u:{SECRET}@127.0.0.1:1/x",
+    f"postgresql://u:{SECRET}@127.0.0.1:1/x",
+])
+@pytest.mark.parametrize("handler", ["one", "missing"])
+def test_an_unreachable_store_fails_the_parent_without_showing_the_password(url, handler, caplog):
+    made = Rig(url)
+    try:
+        made.manager.register_handler("one", lambda context: [made.sig(1)])
+        with caplog.at_level(logging.DEBUG):
+            result = made.spawn({"handler": handler}, value="v")
+        assert result.state == "FAILURE"
+        assert isinstance(result.result, StoreError)
+        assert "127.0.0.1" in str(result.result)
+        assert SECRET not in str(result.result) and SECRET not in repr(result.result)
+        assert SECRET not in (result.traceback or "")
+        assert SECRET not in caplog.text
+        assert SECRET not in made.state.store.safe_url
+        assert made.runs == []
+        with pytest.raises(StoreError) as raised:
+            made.spawn({"handler": handler}, value="v", throw=True)
+        assert SECRET not in str(raised.value)
+    finally:
+        made.close()
+
+
+def test_redact_hides_passwords():
+    assert SECRET not in redact(f"postgresql+psycopg2://user:{SECRET}@db:5432/spawn")
+    assert redact("sqlite:///tmp/x.sqlite3") == "sqlite:///tmp/x.sqlite3"
+    assert SECRET not in redact(f"::{SECRET}::not a url")
+
+
+def test_an_invalid_url_is_a_store_error_without_the_url_text():
+    with pytest.raises(StoreError) as raised:
+        SpawnStore(f"nonsense {SECRET}")
+    assert SECRET not in str(raised.value)
+
+
+def test_a_dropped_table_fails_the_parent(rig):
+    rig.manager.register_handler("one", lambda context: [rig.sig(1)])
+    assert rig.spawn({"handler": "one"}, value="before").get() == "before"
+    with rig.state.store.begin() as conn:
+        conn.execute(sa.text("DROP TABLE spawn_jobs"))
+    result = rig.spawn({"handler": "one"}, value="after")
+    assert result.state == "FAILURE"
+    assert isinstance(result.result, StoreError)
+    assert "spawn store" in str(result.result)
+    assert len(rig.runs) == 1  # only the child of the first spawn
+
+
+def test_a_store_error_can_retry_the_parent(sqlite_url):
+    made = Rig(sqlite_url)
+    bodies = []
+    try:
+        @made.app.task(name="unit.retrying", base=SpawnTask, shared=False, autoretry_for=(StoreError,),
+                       max_retries=2, default_retry_delay=0)
+        def retrying(value):
+            bodies.append(value)
+            return value
+
+        made.manager.register_handler("one", lambda context: [made.sig(1)])
+        made.state.store.engine  # schema first, then break it
+        with made.state.store.begin() as conn:
+            conn.execute(sa.text("DROP TABLE spawn_operations"))
+        result = made.spawn({"handler": "one"}, value="v", task=retrying)
+        assert result.state == "FAILURE" and isinstance(result.result, StoreError)
+        assert bodies == ["v"] * 3  # the first run and two retries
+    finally:
+        made.close()
+
+
+# ---- store primitives ---------------------------------------------------------------------------
+def test_mark_dispatched_and_claims_are_idempotent(publishing_rig, monkeypatch):
+    rig = publishing_rig
+    store = rig.state.store
+    fail_publishing(monkeypatch)
+    rig.manager.register_handler("two", lambda context: [rig.sig(1), rig.sig(2)])
+    result = rig.spawn({"handler": "two"}, value="v")
+    operation = rig.operation(result.id)
+    ids = [job["id"] for job in rig.jobs(operation["id"])]
+
+    assert store.claim_stale_operations(grace_seconds=3600) == []
+    age(rig, operation["id"])
+    assert store.claim_stale_operations(grace_seconds=60) == [operation["id"]]
+    assert store.claim_stale_operations(grace_seconds=60) == []  # leased by the first claim
+
+    assert store.mark_dispatched(ids) == 2
+    assert store.mark_dispatched(ids) == 0
+    assert {job["state"] for job in rig.jobs(operation["id"])} == {s.DISPATCHED}
+    age(rig, operation["id"])
+    assert store.claim_stale_operations(grace_seconds=60) == []  # nothing pending any more
+
+
+def test_record_failed_operation_never_overwrites_a_live_operation(rig):
+    rig.manager.register_handler("one", lambda context: [rig.sig(1)])
+    result = rig.spawn({"handler": "one"}, value="v")
+    live = rig.operation(result.id)
+    row = dict(live, state=s.OP_FAILED, error="SpawnError: late")
+    rig.state.store.record_failed_operation(row)
+    assert rig.operation(result.id)["state"] == live["state"] and rig.operation(result.id)["error"] is None
+
+
+# ---- recovery -----------------------------------------------------------------------------------
+def test_recover_publishes_children_stranded_by_a_broker_failure(publishing_rig, monkeypatch):
+    rig = publishing_rig
+    rig.manager.register_handler("three", lambda context: [rig.sig(i) for i in range(3)])
+    fail_publishing(monkeypatch)
+    result = rig.spawn({"handler": "three"}, value="v")
+    assert result.state == "SUCCESS" and result.get() == "v"
+    monkeypatch.undo()
+    operation = rig.operation(result.id)
+    children = rig.jobs(operation["id"])
+    assert [job["state"] for job in children] == [s.PENDING] * 3
+    assert rig.drain() == []
+
+    assert recover(rig.app) == 0  # still within the grace period
+    assert rig.drain() == []
+
+    age(rig, operation["id"])
+    assert recover(rig.app) == 3
+    messages = rig.drain()
+    assert [m.headers["id"] for m in messages] == [job["id"] for job in children]
+    assert {m.headers["parent_id"] for m in messages} == {result.id}
+    assert {m.headers["root_id"] for m in messages} == {result.id}
+    assert {m.headers["spawn_operation"] for m in messages} == {operation["id"]}
+    assert [job["state"] for job in rig.jobs(operation["id"])] == [s.DISPATCHED] * 3
+
+    age(rig, operation["id"])
+    assert recover(rig.app) == 0
+    assert rig.drain() == []
+
+
+def test_recover_publishes_rows_left_pending_by_a_crash(publishing_rig):
+    """A crash between commit and publish: the rows are all there is, as another process would find them."""
+    rig = publishing_rig
+    store = rig.state.store
+    long_ago = utcnow() - timedelta(hours=1)
+    operation_id, parent_id = "op-crashed", "parent-crashed"
+    with store.begin() as conn:
+        store.insert_operation(conn, {
+            "id": operation_id, "parent_id": parent_id, "root_id": parent_id, "parent_task": "unit.parent",
+            "handler": "h", "queue": None, "depth": 0, "state": s.OP_RUNNING, "total": 3,
+            "config": '{"batch_size": 2}', "error": None, "on_complete": None, "wait_for_descendants": False,
+            "fail_fast": False, "completed": False, "created_at": long_ago, "updated_at": long_ago,
+            "finished_at": None})
+        store.insert_jobs(conn, [{
+            "id": f"crashed-{i}", "parent_id": parent_id, "root_id": parent_id, "operation_id": operation_id,
+            "position": i, "depth": 1, "task_name": "unit.child", "queue": rig.queue, "priority": None,
+            "state": s.DISPATCHED if i == 0 else s.PENDING, "pending_deps": 0, "retries": 0,
+            "message": f'{{"task": "unit.child", "args": [{i}], "kwargs": {{}}, "options": {{}}}}',
+            "created_at": long_ago} for i in range(3)])
+
+    assert recover(rig.app) == 2
+    messages = rig.drain()
+    assert [m.headers["id"] for m in messages] == ["crashed-1", "crashed-2"]
+    assert [m.headers["parent_id"] for m in messages] == [parent_id] * 2
+    assert {job["state"] for job in rig.jobs(operation_id)} == {s.DISPATCHED}
+    assert recover(rig.app, grace_seconds=0) == 0
+    assert rig.drain() == []
+
+
+def test_recover_honours_the_grace_setting(sqlite_url, monkeypatch):
+    made = Rig(sqlite_url, eager=False, recovery_grace=0)
+    try:
+        made.manager.register_handler("one", lambda context: [made.sig(1)])
+        fail_publishing(monkeypatch)
+        made.spawn({"handler": "one"}, value="v")
+        monkeypatch.undo()
+        assert recover(made.app, grace_seconds=3600) == 0
+        assert recover(made.app) == 1
+        assert len(made.drain()) == 1
+    finally:
+        made.close()
+
+
+def test_recover_leaves_held_children_and_failed_operations_alone(publishing_rig, monkeypatch):
+    rig = publishing_rig
+    from celery_spawn import depends_on
+
+    @rig.handler("held")
+    def held(context):
+        first = rig.sig("first")
+        context.freeze(first)
+        return [first, depends_on(rig.sig("second"), first)]
+
+    result = rig.spawn({"handler": "held"}, value="v")
+    first, second = rig.children_of(result.id)
+    assert (first["state"], second["state"]) == (s.DISPATCHED, s.HELD)
+    assert len(rig.drain()) == 1
+    refused = rig.spawn({"handler": "missing"}, value="v")
+    for operation in rig.operations():
+        age(rig, operation["id"])
+    assert recover(rig.app, grace_seconds=0) == 0
+    assert rig.drain() == []
+    assert rig.children_of(result.id)[1]["state"] == s.HELD
+    assert rig.operation(refused.id)["state"] == s.OP_FAILED
+
+
+def test_recover_in_eager_mode_runs_each_stranded_child_once(sqlite_rig, monkeypatch):
+    rig = sqlite_rig
+    rig.manager.register_handler("two", lambda context: [rig.sig(1), rig.sig(2)])
+    fail_publishing(monkeypatch)
+    result = rig.spawn({"handler": "two"}, value="v")
+    monkeypatch.undo()
+    assert rig.runs == []
+    age(rig, rig.operation(result.id)["id"])
+    assert recover(rig.app) == 2
+    assert sorted(args for _, args, _ in rig.runs) == [(1,), (2,)]
+    age(rig, rig.operation(result.id)["id"])
+    assert recover(rig.app) == 0
+    assert len(rig.runs) == 2
