@@ -178,6 +178,15 @@ def make_app(broker: str, backend: str | None, database_url: str, queue: str = "
     def stamps(context):
         return [context.app.signature("tests.record_step", args=(str(i), 0)) for i in range(context.parent.result)]
 
+    @manager.handler("counters")
+    def counters(context):
+        """Children that are SpawnTasks themselves (duplicate deliveries are skipped)."""
+        return [context.app.signature("tests.count", args=(i,)) for i in range(context.parent.result)]
+
+    @manager.handler("flaky")
+    def flaky_children(context):
+        return [context.app.signature("tests.flaky", args=(f"flaky-{context.parent.id}",))]
+
     @manager.handler("nested")
     def nested(context):
         """Each node spawns ``fanout`` children one level down until ``levels`` is reached."""
@@ -229,6 +238,13 @@ def make_app(broker: str, backend: str | None, database_url: str, queue: str = "
     @app.task(shared=False, name="tests.count", base=SpawnTask)
     def count(n):
         return n
+
+    @app.task(shared=False, name="tests.flaky", bind=True, max_retries=3)
+    def flaky(self, key):
+        """Fails its first attempt with a retry, then succeeds."""
+        if self.request.retries == 0:
+            raise self.retry(countdown=0.1, exc=RuntimeError(f"first attempt of {key}"))
+        return self.request.retries
 
     @app.task(shared=False, name="tests.square")
     def square(n):

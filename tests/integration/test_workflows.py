@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from celery_spawn import cancel, get_state
-from celery_spawn.handlers import default_operation_id
+from celery_spawn.handlers import child_id, default_operation_id
 from celery_spawn.store import schema as s
 from tests.app import callbacks
 from tests.harness import Worker, wait_for
@@ -23,11 +23,12 @@ def callback_table(client_app):
 
 
 def operation_of(app, parent_id):
-    return store_rows(app, s.operations, id=default_operation_id(parent_id))[0]
+    rows = store_rows(app, s.operations, id=default_operation_id(parent_id))
+    return rows[0] if rows else {}
 
 
 def wait_operation_done(app, parent_id, timeout=TIMEOUT):
-    return wait_for(lambda: (op := operation_of(app, parent_id))["completed"] and op, timeout,
+    return wait_for(lambda: (op := operation_of(app, parent_id)).get("completed") and op, timeout,
                     what=f"operation of {parent_id} to complete")
 
 
@@ -145,3 +146,45 @@ def test_cancel_stops_a_running_tree(worker, client_app):
     assert all(r["state"] in s.FINAL_JOB_STATES for r in rows)
     ran = [r for r in rows if r["state"] == "succeeded"]
     assert len(ran) < 12
+
+
+def test_last_two_dependencies_finishing_together_publish_once(worker, client_app, artifacts):
+    """Diamonds whose B and C end at the same instant, on two worker processes: each D runs once."""
+    second = Worker(worker.backend, artifacts / f"worker3-{worker.backend.name}-{uuid.uuid4().hex[:6]}.log").start()
+    try:
+        parents = [client_app.signature("tests.spawner", kwargs={"_spawn_config": {"handler": "diamond"}}).delay()
+                   for _ in range(30)]
+        for parent in parents:
+            wait_operation_done(client_app, parent.id, timeout=180)
+        logs = worker.log() + second.log()
+        for parent in parents:
+            d_id = child_id(default_operation_id(parent.id), 3)
+            assert logs.count(f"Task tests.record_step[{d_id}] succeeded") == 1
+            assert store_rows(client_app, s.jobs, id=d_id)[0]["state"] == "succeeded"
+            assert operation_of(client_app, parent.id)["state"] == "succeeded"
+    finally:
+        second.stop()
+
+
+def test_a_finished_child_delivered_again_does_not_run_again(worker, client_app):
+    parent = client_app.signature("tests.count", args=(2,), kwargs={"_spawn_config": {"handler": "counters"}}).delay()
+    assert parent.get(timeout=TIMEOUT) == 2
+    wait_operation_done(client_app, parent.id)
+    row = children_of(client_app, parent.id)[1]
+    assert row["state"] == "succeeded"
+    message = json.loads(row["message"])
+    client_app.send_task("tests.count", args=message["args"], task_id=row["id"],
+                         headers=message["options"]["headers"])
+    wait_for(lambda: f"skipping tests.count[{row['id']}]" in worker.log(), TIMEOUT, what="duplicate skipped")
+    assert worker.log().count(f"Task tests.count[{row['id']}] succeeded") == 1
+
+
+def test_retries_are_counted(worker, client_app):
+    parent = client_app.signature("tests.spawner", kwargs={"_spawn_config": {"handler": "flaky"}}).delay()
+    parent.get(timeout=TIMEOUT)
+    operation = wait_operation_done(client_app, parent.id)
+    [row] = children_of(client_app, parent.id)
+    assert row["state"] == "succeeded"
+    assert row["retries"] == 1
+    assert row["started_at"] is not None and row["finished_at"] >= row["started_at"]
+    assert operation["state"] == "succeeded"
