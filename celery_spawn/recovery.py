@@ -16,7 +16,7 @@ logger = logging.getLogger("celery_spawn.recovery")
 
 
 def recover(app: Celery, grace_seconds: float | None = None, limit: int = 50) -> int:
-    """Publish pending children of operations untouched for ``grace_seconds``; returns how many.
+    """Publish pending children (and claimed ``on_complete`` callbacks) left behind; returns how many.
 
     Safe to run from every worker at once: operations are leased with
     ``FOR UPDATE SKIP LOCKED`` (PostgreSQL, MySQL/MariaDB) and a refreshed
@@ -36,4 +36,8 @@ def recover(app: Celery, grace_seconds: float | None = None, limit: int = 50) ->
         if count:
             logger.warning("recovery published %d stranded children of operation %s", count, operation_id)
         published += count
+    for operation in state.store.claim_stale_callbacks(grace, limit):
+        if state.tracker.apply_callback(operation):
+            logger.warning("recovery published the on_complete callback of operation %s", operation["id"])
+            published += 1
     return published

@@ -206,32 +206,48 @@ class Tracker:
             if operation["wait_for_descendants"] and self._descendants_unfinished(conn, operation):
                 return
         final_state = _operation_state(counts)
+        now = utcnow()
         with self.store.begin() as conn:
             won = conn.execute(
                 s.operations.update().where(s.operations.c.id == operation_id, s.operations.c.completed.is_(False))
-                .values(completed=True, state=final_state, finished_at=utcnow(), updated_at=utcnow())
+                .values(completed=True, state=final_state, finished_at=now, updated_at=now,
+                        callback_state=s.CALLBACK_PENDING if operation["on_complete"] else None)
             ).rowcount
         if not won:
             return
         summary = self.summary(operation, counts, final_state)
         signals.operation_completed.send(sender=operation_id, operation_id=operation_id, summary=summary)
         if operation["on_complete"]:
-            self._apply_callback(operation, summary)
+            self.apply_callback(operation, summary)
 
-    def _apply_callback(self, operation: dict, summary: dict) -> None:
+    def apply_callback(self, operation: dict, summary: dict | None = None) -> bool:
+        """Publish ``on_complete(summary)`` under its deterministic id; a broker error leaves it to the sweep."""
         from celery import signature
 
         from .control import completion_task_id
 
+        if summary is None:
+            with self.store.read() as conn:
+                counts = self._counts(conn, operation["id"])
+            summary = self.summary(operation, counts, operation["state"])
         try:
-            callback = signature(loads(operation["on_complete"]), app=self.app)
-            callback.clone(args=(summary,)).apply_async(
-                task_id=completion_task_id(operation["id"]), parent_id=operation["parent_id"],
-                root_id=operation["root_id"])
+            callback = signature(loads(operation["on_complete"]), app=self.app).clone(args=(summary,))
         except Exception as exc:
-            logger.error("on_complete of operation %s could not be applied: %s", operation["id"], exc)
+            logger.error("on_complete of operation %s is not a usable signature: %s", operation["id"], exc)
             with self.store.begin() as conn:
-                self.store.update_operation(conn, operation["id"], error=f"on_complete: {_error_text(exc)}")
+                self.store.update_operation(conn, operation["id"], callback_state=s.CALLBACK_FAILED,
+                                            error=f"on_complete: {_error_text(exc)}")
+            return False
+        try:
+            callback.apply_async(task_id=completion_task_id(operation["id"]), parent_id=operation["parent_id"],
+                                 root_id=operation["root_id"])
+        except Exception as exc:
+            logger.warning("on_complete of operation %s not published (%s); the recovery sweep will retry",
+                           operation["id"], exc)
+            return False
+        with self.store.begin() as conn:
+            self.store.update_operation(conn, operation["id"], callback_state=s.CALLBACK_SENT)
+        return True
 
     def summary(self, operation: dict, counts: dict[str, int], final_state: str) -> dict:
         """The first argument of ``on_complete``: JSON-serialisable, like a chord header's results."""

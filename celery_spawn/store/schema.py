@@ -41,6 +41,11 @@ OP_PARTIALLY_FAILED = "partially_failed"
 OP_CANCELLED = "cancelled"
 OPERATION_STATES = (OP_RUNNING, OP_SUCCEEDED, OP_FAILED, OP_PARTIALLY_FAILED, OP_CANCELLED)
 
+#: ``on_complete`` callback states: claimed but not yet published, published, unusable.
+CALLBACK_PENDING = "pending"
+CALLBACK_SENT = "sent"
+CALLBACK_FAILED = "failed"
+
 operations = sa.Table(
     "spawn_operations",
     metadata,
@@ -59,6 +64,7 @@ operations = sa.Table(
     sa.Column("wait_for_descendants", sa.Boolean, nullable=False, default=False),
     sa.Column("fail_fast", sa.Boolean, nullable=False, default=False),
     sa.Column("completed", sa.Boolean, nullable=False, default=False),
+    sa.Column("callback_state", sa.String(16), nullable=True),
     sa.Column("created_at", TIMESTAMP, nullable=False),
     sa.Column("updated_at", TIMESTAMP, nullable=False),
     sa.Column("finished_at", TIMESTAMP, nullable=True),
@@ -67,6 +73,7 @@ operations = sa.Table(
     sa.Index("ix_spawn_operations_created", "created_at"),
     sa.Index("ix_spawn_operations_queue_created", "queue", "created_at"),
     sa.Index("ix_spawn_operations_state_updated", "state", "updated_at"),
+    sa.Index("ix_spawn_operations_callback", "callback_state", "updated_at"),
 )
 
 jobs = sa.Table(

@@ -205,6 +205,22 @@ class SpawnStore:
                          .values(updated_at=utcnow()))
 
     # ---- recovery ----------------------------------------------------------------------
+    def claim_stale_callbacks(self, grace_seconds: float, limit: int = 50) -> list[dict]:
+        """Completed operations whose ``on_complete`` was claimed but not published: leased to this caller."""
+        cutoff = utcnow() - timedelta(seconds=grace_seconds)
+        with self.begin() as conn:
+            stale = (
+                sa.select(s.operations)
+                .where(s.operations.c.callback_state == s.CALLBACK_PENDING, s.operations.c.updated_at < cutoff)
+                .order_by(s.operations.c.updated_at)
+                .limit(limit)
+            )
+            rows = [dict(r) for r in conn.execute(self.for_update(stale)).mappings()]
+            if rows:
+                conn.execute(s.operations.update().where(s.operations.c.id.in_([r["id"] for r in rows]))
+                             .values(updated_at=utcnow()))
+        return rows
+
     def claim_stale_operations(self, grace_seconds: float, limit: int = 50) -> list[str]:
         """Operations with pending children, untouched for ``grace_seconds``: leased to this caller.
 

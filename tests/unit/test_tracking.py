@@ -1,0 +1,124 @@
+"""Tracking in eager mode on real stores: signals, completion state, callback recovery."""
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+from celery.canvas import Signature
+
+from celery_spawn import SpawnConfig, SpawnManager, SpawnTask, get_state, install, recover, signals
+from celery_spawn.handlers import default_operation_id
+from celery_spawn.store import schema as s
+from celery_spawn.tracking import _operation_state
+
+
+@pytest.fixture
+def eager(store_url):
+    app = Celery("tracking", broker="memory://", set_as_current=False)
+    app.conf.task_always_eager = True
+    manager = SpawnManager()
+    install(app, manager, database_url=store_url)
+    calls = []
+
+    @app.task(name="t.parent", base=SpawnTask, shared=False)
+    def parent(n):
+        return n
+
+    @app.task(name="t.child", shared=False)
+    def child(i):
+        return i + 1
+
+    @app.task(name="t.done", shared=False)
+    def done(summary):
+        calls.append(summary)
+        return summary["operation_id"]
+
+    @manager.handler("kids")
+    def kids(context):
+        return [child.s(i) for i in range(context.parent.result)]
+
+    yield app, parent, done, calls
+    get_state(app).store.dispose()
+
+
+def operation(app, parent_id):
+    with get_state(app).store.read() as conn:
+        return get_state(app).store.get_operation(conn, default_operation_id(parent_id))
+
+
+def test_signals_fire_for_recorded_failed_and_completed_spawns(eager):
+    app, parent, done, calls = eager
+    seen = []
+    handlers = [
+        (signals.spawn_recorded, lambda sender, result, **kw: seen.append(("recorded", result.operation_id))),
+        (signals.spawn_failed, lambda sender, operation_id, exception, **kw: seen.append(("failed", operation_id))),
+        (signals.operation_completed, lambda sender, operation_id, summary, **kw: seen.append(("completed", summary["state"]))),
+    ]
+    for signal, handler in handlers:
+        signal.connect(handler, weak=False)
+    try:
+        ok = parent.apply(args=(2,), kwargs={"_spawn_config": {"handler": "kids"}})
+        bad = parent.apply(args=(2,), kwargs={"_spawn_config": {"handler": "missing"}})
+    finally:
+        for signal, handler in handlers:
+            signal.disconnect(handler)
+    assert ("recorded", default_operation_id(ok.id)) in seen
+    assert ("failed", default_operation_id(bad.id)) in seen
+    assert ("completed", "succeeded") in seen
+
+
+def test_on_complete_gets_a_summary_once(eager):
+    app, parent, done, calls = eager
+    config = SpawnConfig(handler="kids").with_on_complete(done.s()).to_dict()
+    result = parent.apply(args=(3,), kwargs={"_spawn_config": config})
+    assert result.get() == 3
+    assert len(calls) == 1
+    summary = calls[0]
+    assert summary["operation_id"] == default_operation_id(result.id)
+    assert summary["counts"] == {"succeeded": 3}
+    assert operation(app, result.id)["callback_state"] == "sent"
+
+
+def test_an_unpublished_callback_is_recovered(eager, monkeypatch):
+    app, parent, done, calls = eager
+    original = Signature.apply_async
+
+    def broker_down(self, *args, **kwargs):
+        if self.task == "t.done":
+            raise ConnectionError("broker unreachable")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Signature, "apply_async", broker_down)
+    config = SpawnConfig(handler="kids").with_on_complete(done.s()).to_dict()
+    result = parent.apply(args=(2,), kwargs={"_spawn_config": config})
+    assert result.get() == 2
+    assert calls == []
+    assert operation(app, result.id)["callback_state"] == "pending"
+    monkeypatch.undo()
+    assert recover(app, grace_seconds=0) == 1
+    assert len(calls) == 1 and calls[0]["counts"] == {"succeeded": 2}
+    assert operation(app, result.id)["callback_state"] == "sent"
+    assert recover(app, grace_seconds=0) == 0
+    assert len(calls) == 1
+
+
+def test_an_empty_spawn_completes_at_once(eager):
+    app, parent, done, calls = eager
+    config = SpawnConfig(handler="kids").with_on_complete(done.s()).to_dict()
+    result = parent.apply(args=(0,), kwargs={"_spawn_config": config})
+    assert result.get() == 0
+    op = operation(app, result.id)
+    assert op["completed"] and op["state"] == "succeeded" and op["total"] == 0
+    assert len(calls) == 1 and calls[0]["total"] == 0
+
+
+@pytest.mark.parametrize("counts, expected", [
+    ({"succeeded": 3}, "succeeded"),
+    ({"succeeded": 2, "failed": 1}, "partially_failed"),
+    ({"failed": 2}, "failed"),
+    ({"cancelled": 2, "revoked": 1}, "cancelled"),
+    ({"succeeded": 1, "cancelled": 1}, "partially_failed"),
+    ({"failed": 1, "cancelled": 3}, "failed"),
+])
+def test_operation_state_rolls_up(counts, expected):
+    assert _operation_state(counts) == expected
