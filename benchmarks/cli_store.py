@@ -1,0 +1,264 @@
+"""Build a big lineage store and time what ``celery spawn tree`` and ``celery spawn stats`` do on it.
+
+    python benchmarks/cli_store.py --url postgresql+psycopg2://postgres@127.0.0.1/spawn_bench
+    python benchmarks/cli_store.py --url sqlite:///bench.sqlite3 --jobs 200000 --tree-size 50000
+
+The store gets ``--jobs`` jobs (default 1,000,000): one tree of ``--tree-size``
+nodes (default 100,000; a complete tree with ``--fanout`` children per node)
+and, for the rest, trees of one root and 99 children, created over the last
+48 hours so that ``stats --hours 24`` sees about half of the store. The
+tables are emptied first (``--reuse`` keeps a store built by an earlier run).
+
+It prints, as the median of ``--repeat`` runs: the query and render time of
+``tree`` on the big tree (text and JSON), of ``stats --hours 24`` and
+``--hours 48`` (the whole store), the number of SQL statements each ran, and
+the wall time of the real ``celery spawn`` commands as subprocesses.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from celery_spawn import render  # noqa: E402
+from celery_spawn.store import SpawnStore, queries  # noqa: E402
+from celery_spawn.store import schema as s  # noqa: E402
+
+BIG_ROOT = "bench-root"
+SMALL_TREE = 100  # a root and 99 children
+ROWS_PER_INSERT = 10_000
+STATES = [s.SUCCEEDED] * 95 + [s.FAILED] * 3 + [s.STARTED, s.PENDING]
+OP_STATE = {s.SUCCEEDED: s.OP_SUCCEEDED, s.FAILED: s.OP_PARTIALLY_FAILED}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def job_row(job_id: str, parent_id: str | None, root_id: str, operation_id: str | None, position: int,
+            depth: int, task: str, queue: str, state: str, created: datetime, rng: random.Random) -> dict:
+    started = created + timedelta(milliseconds=rng.randint(5, 500))
+    finished = started + timedelta(milliseconds=rng.randint(10, 3000)) if state in s.FINAL_JOB_STATES else None
+    return {"id": job_id, "parent_id": parent_id, "root_id": root_id, "operation_id": operation_id,
+            "position": position, "depth": depth, "task_name": task, "queue": queue, "priority": None,
+            "state": state, "pending_deps": 0, "retries": 0, "message": None, "error": None,
+            "created_at": created, "dispatched_at": created, "started_at": started if state != s.PENDING else None,
+            "finished_at": finished}
+
+
+def op_row(op_id: str, parent_id: str, root_id: str, depth: int, handler: str, queue: str, total: int,
+           state: str, created: datetime) -> dict:
+    return {"id": op_id, "parent_id": parent_id, "root_id": root_id, "parent_task": "bench.parent",
+            "handler": handler, "queue": queue, "depth": depth, "state": state, "total": total,
+            "config": None, "error": None, "on_complete": None, "wait_for_descendants": False,
+            "fail_fast": False, "completed": state != s.OP_RUNNING, "created_at": created, "updated_at": created,
+            "finished_at": created + timedelta(seconds=5) if state != s.OP_RUNNING else None}
+
+
+def big_tree(size: int, fanout: int, now: datetime, rng: random.Random) -> Iterator[tuple[str, dict]]:
+    """A complete tree: node i's parent is (i - 1) // fanout; one operation per node with children."""
+    def nid(i: int) -> str:
+        return BIG_ROOT if i == 0 else f"big-{i}"
+
+    depths = [0] * size
+    created = now - timedelta(hours=1)
+    for i in range(size):
+        parent = (i - 1) // fanout if i else None
+        depth = depths[parent] + 1 if parent is not None else 0
+        depths[i] = depth
+        operation = f"op-big-{parent}" if parent is not None else None
+        state = rng.choice(STATES) if i else s.SUCCEEDED
+        yield "job", job_row(nid(i), nid(parent) if parent is not None else None, BIG_ROOT, operation,
+                             (i - 1) % fanout if i else 0, depth, "bench.node", "bench-big", state, created, rng)
+        first_child = i * fanout + 1
+        if first_child < size:
+            total = min(fanout, size - first_child)
+            yield "op", op_row(f"op-big-{i}", nid(i), BIG_ROOT, depth, "big_tree", "bench-big", total,
+                               s.OP_RUNNING if i == 0 else s.OP_SUCCEEDED, created)
+
+
+def small_trees(count: int, now: datetime, rng: random.Random) -> Iterator[tuple[str, dict]]:
+    queues = ["images", "etl", "reports", "default"]
+    handlers = ["image_processor", "dataset_processor", "workflow", "safe_spawner"]
+    for t in range(count):
+        created = now - timedelta(seconds=rng.uniform(0, 48 * 3600))
+        root, op = f"r{t}", f"op{t}"
+        queue, handler = queues[t % 4], handlers[t % 4]
+        yield "job", job_row(root, None, root, None, 0, 0, "bench.parent", queue, s.SUCCEEDED, created, rng)
+        states = [rng.choice(STATES) for _ in range(SMALL_TREE - 1)]
+        for position, state in enumerate(states):
+            yield "job", job_row(f"{root}.{position}", root, root, op, position, 1, f"bench.{handler}.child", queue,
+                                 state, created, rng)
+        if any(st not in s.FINAL_JOB_STATES for st in states):
+            op_state = s.OP_RUNNING
+        elif all(st == s.SUCCEEDED for st in states):
+            op_state = s.OP_SUCCEEDED
+        else:
+            op_state = s.OP_PARTIALLY_FAILED
+        yield "op", op_row(op, root, root, 0, handler, queue, SMALL_TREE - 1, op_state, created)
+
+
+def build(store: SpawnStore, jobs: int, tree_size: int, fanout: int, seed: int) -> None:
+    rng = random.Random(seed)
+    now = utcnow()
+    engine = store.engine
+    with engine.begin() as conn:
+        for table in (s.dependencies, s.jobs, s.operations):
+            conn.execute(table.delete())
+    small = max(0, (jobs - tree_size) // SMALL_TREE)
+    buffers: dict[str, list[dict]] = {"job": [], "op": []}
+    tables = {"job": s.jobs, "op": s.operations}
+    written = 0
+    started = time.perf_counter()
+
+    def flush(kind: str) -> None:
+        nonlocal written
+        rows = buffers[kind]
+        if rows:
+            with engine.begin() as conn:
+                conn.execute(tables[kind].insert(), rows)
+            if kind == "job":
+                written += len(rows)
+            buffers[kind] = []
+
+    for source in (big_tree(tree_size, fanout, now, rng), small_trees(small, now, rng)):
+        for kind, row in source:
+            buffers[kind].append(row)
+            if len(buffers[kind]) >= ROWS_PER_INSERT:
+                flush(kind)
+                if kind == "job" and written % 100_000 < ROWS_PER_INSERT:
+                    print(f"  {written:,} jobs written ({time.perf_counter() - started:.0f}s)", flush=True)
+    flush("job")
+    flush("op")
+    analyze(engine)
+    print(f"built {written:,} jobs in {time.perf_counter() - started:.1f}s", flush=True)
+
+
+def analyze(engine: sa.Engine) -> None:
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM ANALYZE")
+        elif engine.dialect.name in ("mysql", "mariadb"):
+            conn.exec_driver_sql("ANALYZE TABLE spawn_jobs, spawn_operations, spawn_dependencies").all()
+        else:
+            conn.exec_driver_sql("ANALYZE")
+            conn.commit()
+
+
+def count_rows(store: SpawnStore) -> int:
+    with store.read() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(s.jobs)).scalar() or 0)
+
+
+def timed(store: SpawnStore, fn: Callable[[sa.Connection], object], repeat: int) -> tuple[float, int, object]:
+    """Median seconds of ``fn`` on a fresh read connection, and the statements it ran."""
+    statements = []
+
+    def count(*_args: object, **_kwargs: object) -> None:
+        statements.append(1)
+
+    engine = store.engine
+    times, result = [], None
+    for _ in range(repeat):
+        with store.read() as conn:
+            conn.exec_driver_sql("SELECT 1")  # connect (and BEGIN on SQLite) outside the timing
+            statements.clear()
+            sa.event.listen(engine, "before_cursor_execute", count)
+            try:
+                begin = time.perf_counter()
+                result = fn(conn)
+                times.append(time.perf_counter() - begin)
+            finally:
+                sa.event.remove(engine, "before_cursor_execute", count)
+    return statistics.median(times), len(statements), result
+
+
+def cli_wall_time(url: str, args: list[str], repeat: int) -> float:
+    env = {**os.environ, "CELERY_SPAWN_DATABASE_URL": url}
+    times = []
+    for _ in range(repeat):
+        begin = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "celery", "spawn", *args], env=env, cwd=ROOT, check=True,
+                       stdout=subprocess.DEVNULL)
+        times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--url", default=os.environ.get("SPAWN_BENCH_URL", "sqlite:///spawn_bench.sqlite3"))
+    parser.add_argument("--jobs", type=int, default=1_000_000)
+    parser.add_argument("--tree-size", type=int, default=100_000)
+    parser.add_argument("--fanout", type=int, default=47, help="children per node of the big tree")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--reuse", action="store_true", help="time the store an earlier run built")
+    parser.add_argument("--no-cli", action="store_true", help="skip the subprocess timings")
+    options = parser.parse_args()
+
+    store = SpawnStore(options.url)
+    print(f"store: {store.safe_url} ({store.backend})")
+    if not options.reuse:
+        build(store, options.jobs, options.tree_size, options.fanout, options.seed)
+    total = count_rows(store)
+    print(f"jobs in store: {total:,}; big tree: {options.tree_size:,} nodes below {BIG_ROOT!r}")
+    print()
+
+    rows = []
+    tree_q, tree_n, tree = timed(store, lambda c: queries.spawn_tree(c, BIG_ROOT), options.repeat)
+    text_s = statistics.median(_time(lambda: render.tree_text(tree)) for _ in range(options.repeat))
+    json_s = statistics.median(_time(lambda: render.tree_json(tree)) for _ in range(options.repeat))
+    nodes = render.tree_summary(tree)["jobs"] if tree else 0
+    rows.append((f"tree {BIG_ROOT} ({nodes:,} nodes): query", tree_q, tree_n))
+    rows.append(("tree: query + render text", tree_q + text_s, tree_n))
+    rows.append(("tree: query + render json", tree_q + json_s, tree_n))
+    leaf = f"big-{options.tree_size - 1}"
+    full_q, full_n, _ = timed(store, lambda c: queries.spawn_tree(c, leaf, full=True), options.repeat)
+    rows.append((f"tree {leaf} --full: query", full_q, full_n))
+    for hours in (24, 48):
+        stats_q, stats_n, result = timed(store, lambda c, h=hours: queries.stats(c, hours=h), options.repeat)
+        render_s = _time(lambda r=result: render.stats_text(r))
+        rows.append((f"stats --hours {hours}: query + render ({result['children']:,} children)",
+                     stats_q + render_s, stats_n))
+    det_q, det_n, _ = timed(store, lambda c: queries.stats(c, hours=24, detailed=True), options.repeat)
+    rows.append(("stats --hours 24 --detailed: query", det_q, det_n))
+    list_q, list_n, _ = timed(store, lambda c: queries.list_operations(c, limit=50), options.repeat)
+    rows.append(("list --limit 50: query", list_q, list_n))
+    pend_q, pend_n, _ = timed(store, lambda c: queries.pending(c), options.repeat)
+    rows.append(("pending: query", pend_q, pend_n))
+
+    width = max(len(r[0]) for r in rows)
+    print(f"{'in process (median of %d)' % options.repeat:{width}}  {'seconds':>8}  statements")
+    for label, seconds, statements in rows:
+        print(f"{label:{width}}  {seconds:8.3f}  {statements}")
+    if not options.no_cli:
+        print()
+        print(f"{'celery spawn ... > /dev/null (wall, median)':{width}}  {'seconds':>8}")
+        for args in (["tree", BIG_ROOT], ["tree", BIG_ROOT, "--format", "json"], ["stats", "--hours", "24"],
+                     ["list"]):
+            print(f"{'celery spawn ' + ' '.join(args):{width}}  {cli_wall_time(options.url, args, options.repeat):8.3f}")
+        print(f"{'celery --help (import cost of any celery command)':{width}}  "
+              f"{_time(lambda: subprocess.run([sys.executable, '-m', 'celery', '--help'], check=True, stdout=subprocess.DEVNULL)):8.3f}")  # noqa: E501
+    store.dispose()
+
+
+def _time(fn: Callable[[], object]) -> float:
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
+
+
+if __name__ == "__main__":
+    main()
