@@ -356,3 +356,31 @@ def test_recover_in_eager_mode_runs_each_stranded_child_once(sqlite_rig, monkeyp
     age(rig, rig.operation(result.id)["id"])
     assert recover(rig.app) == 0
     assert len(rig.runs) == 2
+
+
+@pytest.mark.parametrize("store_url", ["postgresql", "mariadb"], indirect=True)
+def test_concurrent_sweepers_skip_an_operation_another_one_holds(publishing_rig, monkeypatch):
+    import threading
+
+    rig = publishing_rig
+    store = rig.state.store
+    rig.manager.register_handler("one", lambda context: [rig.sig(1)])
+    fail_publishing(monkeypatch)
+    result = rig.spawn({"handler": "one"}, value="v")
+    monkeypatch.undo()
+    operation_id = rig.operation(result.id)["id"]
+    age(rig, operation_id)
+
+    claimed: list = []
+    with store.engine.connect() as holder:
+        transaction = holder.begin()
+        holder.execute(sa.select(s.operations.c.id).where(s.operations.c.id == operation_id).with_for_update())
+        sweeper = threading.Thread(target=lambda: claimed.append(store.claim_stale_operations(60)), daemon=True)
+        sweeper.start()
+        sweeper.join(timeout=5)
+        still_waiting = sweeper.is_alive()
+        transaction.rollback()
+    sweeper.join(timeout=30)
+    assert not still_waiting, "a second sweeper waited for the lock instead of skipping the row"
+    assert claimed == [[]]
+    assert store.claim_stale_operations(60) == [operation_id]
