@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import sqlalchemy as sa
 from celery.canvas import Signature
@@ -46,6 +46,9 @@ logger = logging.getLogger("celery_spawn.spawner")
 #: Message headers every spawned child carries: its operation and its depth.
 HEADER_OPERATION = "spawn_operation"
 HEADER_DEPTH = "spawn_depth"
+
+#: Above this many children, ``SpawnResult.spawned_job_ids`` pages ids from the store instead of a list.
+EAGER_ID_LIMIT = 10_000
 
 #: Signature options that are the spawner's business, never published.
 _PRIVATE_OPTIONS = {"task_id", "parent_id", "root_id", "group_id", "group_index", "chord",
@@ -176,9 +179,7 @@ class Spawner:
                                         state=s.OP_RUNNING if total else s.OP_SUCCEEDED,
                                         finished_at=None if total else now)
         self.publish_pending(operation_id, config.batch_size)
-        with self.store.read() as conn:
-            ids = self.store.operation_job_ids(conn, operation_id)
-        spawn_result = SpawnResult(parent.id, ids, now, operation_id)
+        spawn_result = SpawnResult(parent.id, self._child_ids(operation_id, total), now, operation_id)
         if not total:
             self.state.tracker.check_completion(operation_id)
         self._announce(task, handler, spawn_result)
@@ -187,9 +188,15 @@ class Spawner:
     def _replay(self, handler: SpawnHandler, operation: dict) -> SpawnResult:
         config = SpawnConfig.from_dict(_loads(operation["config"]) or {})
         self.publish_pending(operation["id"], config.batch_size)
-        with self.store.read() as conn:
-            ids = self.store.operation_job_ids(conn, operation["id"])
+        ids = self._child_ids(operation["id"], operation["total"])
         return SpawnResult(operation["parent_id"], ids, operation["created_at"], operation["id"])
+
+    def _child_ids(self, operation_id: str, total: int) -> Sequence[str]:
+        """The children's ids: a list, or for a huge spawn a view that pages them from the store."""
+        if total > EAGER_ID_LIMIT:
+            return StoredChildIds(self.store, operation_id, total)
+        with self.store.read() as conn:
+            return self.store.operation_job_ids(conn, operation_id)
 
     def _record_children(self, conn: sa.Connection, handler: SpawnHandler, handler_name: str,
                          context: SpawnContext, now: Any) -> int:
@@ -259,9 +266,10 @@ class Spawner:
         job_id = options.get("task_id") or context.next_child_id()
         if not isinstance(job_id, str) or not job_id or len(job_id) > 64 or not job_id.isprintable():
             raise HandlerError(f"{where} has an invalid task_id {job_id!r}")
-        if job_id in seen:
-            raise HandlerError(f"{where} repeats task id {job_id}")
-        seen.add(job_id)
+        if options.get("task_id"):  # ids generated here are unique by construction: remember only the others
+            if job_id in seen:
+                raise HandlerError(f"{where} repeats task id {job_id}")
+            seen.add(job_id)
         parent = context.parent
         config = context.config
         depends = [str(d) for d in options.get(DEPENDS_ON_OPTION) or ()]
@@ -429,6 +437,45 @@ class Spawner:
             "started_at": now,
             "finished_at": now,
         }
+
+
+class StoredChildIds(Sequence[str]):
+    """A read-only sequence of an operation's child ids, read from the store a page at a time."""
+
+    PAGE = 5_000
+
+    def __init__(self, store: Any, operation_id: str, total: int) -> None:
+        self._store = store
+        self._operation_id = operation_id
+        self._total = total
+
+    def __len__(self) -> int:
+        return self._total
+
+    def __iter__(self) -> Iterator[str]:
+        after = -1
+        while True:
+            with self._store.read() as conn:
+                page = self._store.pending_page(conn, self._operation_id, after, self.PAGE, any_state=True)
+            if not page:
+                return
+            after = page[-1]["position"]
+            yield from (row["id"] for row in page)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return list(itertools.islice(self, *index.indices(self._total)))
+        if index < 0:
+            index += self._total
+        if not 0 <= index < self._total:
+            raise IndexError(index)
+        return next(itertools.islice(self, index, None))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(other) == len(self) and all(a == b for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} child ids of operation {self._operation_id}>"
 
 
 def _describe(exc: BaseException) -> str:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("celery_spawn.tracking")
 
 FINAL = tuple(s.FINAL_JOB_STATES)
+NON_FINAL = tuple(state for state in s.JOB_STATES if state not in s.FINAL_JOB_STATES)
 #: States a job may be (re)started from: a redelivery after a crash restarts a started job.
 STARTABLE = (s.PENDING, s.HELD, s.DISPATCHED, s.STARTED, s.RETRYING)
 #: Results gathered into an ``on_complete`` summary at most (beyond that, only counts and failures).
@@ -71,13 +72,13 @@ class Tracker:
                 .values(state=s.RETRYING, retries=s.jobs.c.retries + 1, error=_error_text(reason))
             )
 
-    def succeeded(self, job_id: str) -> None:
-        self.finish(job_id, s.SUCCEEDED)
+    def succeeded(self, job_id: str, operation_id: str | None = None) -> None:
+        self.finish(job_id, s.SUCCEEDED, operation_id=operation_id)
 
     def failed(self, job_id: str, error: Any, state: str = s.FAILED) -> None:
         self.finish(job_id, state, _error_text(error))
 
-    def finish(self, job_id: str, state: str, error: str | None = None) -> None:
+    def finish(self, job_id: str, state: str, error: str | None = None, operation_id: str | None = None) -> None:
         """Move a job to a final state once; the winner releases or cancels its dependents."""
         to_publish: list[dict] = []
         with self.store.begin() as conn:
@@ -87,7 +88,9 @@ class Tracker:
             ).rowcount
             if not changed:
                 return
-            operation_id = conn.execute(sa.select(s.jobs.c.operation_id).where(s.jobs.c.id == job_id)).scalar()
+            if operation_id is None:
+                operation_id = conn.execute(
+                    sa.select(s.jobs.c.operation_id).where(s.jobs.c.id == job_id)).scalar()
             if state == s.SUCCEEDED:
                 released = self._satisfy(conn, [job_id], only_ignoring=False)
             else:
@@ -182,29 +185,41 @@ class Tracker:
 
     # ---- completion ------------------------------------------------------------------------
     def check_completion(self, operation_id: str) -> None:
-        """Complete ``operation_id`` if it is done, then look up the tree for waiting ancestors."""
+        """Complete ``operation_id`` if it is done, then walk up to the operations of its ancestors.
+
+        The walk stops at the first operation that is not done: an ancestor
+        cannot be complete while part of its subtree runs.
+        """
         seen: set[str] = set()
         current: str | None = operation_id
         while current and current not in seen:
             seen.add(current)
-            self._try_complete(current)
+            if not self._try_complete(current):
+                return
             with self.store.read() as conn:
                 parent_job = conn.execute(
                     sa.select(s.operations.c.parent_id).where(s.operations.c.id == current)).scalar()
                 current = conn.execute(
                     sa.select(s.jobs.c.operation_id).where(s.jobs.c.id == parent_job)).scalar() if parent_job else None
 
-    def _try_complete(self, operation_id: str) -> None:
+    def _try_complete(self, operation_id: str) -> bool:
+        """Complete the operation if every child is final; True when it is (now or already) complete."""
         with self.store.read() as conn:
+            # Cheap first: an index probe per non-final state on (operation_id, state).
+            running = conn.execute(
+                sa.select(s.jobs.c.id).where(s.jobs.c.operation_id == operation_id,
+                                             s.jobs.c.state.in_(NON_FINAL)).limit(1)
+            ).first()
+            if running is not None:
+                return False
             operation = self.store.get_operation(conn, operation_id)
-            if operation is None or operation["completed"] or (
-                    operation["state"] == s.OP_FAILED and not operation["total"]):
-                return
-            counts = self._counts(conn, operation_id)
-            if any(state not in s.FINAL_JOB_STATES for state in counts):
-                return
+            if operation is None:
+                return False
+            if operation["completed"] or (operation["state"] == s.OP_FAILED and not operation["total"]):
+                return True
             if operation["wait_for_descendants"] and self._descendants_unfinished(conn, operation):
-                return
+                return False
+            counts = self._counts(conn, operation_id)
         final_state = _operation_state(counts)
         now = utcnow()
         with self.store.begin() as conn:
@@ -214,11 +229,12 @@ class Tracker:
                         callback_state=s.CALLBACK_PENDING if operation["on_complete"] else None)
             ).rowcount
         if not won:
-            return
+            return True
         summary = self.summary(operation, counts, final_state)
         signals.operation_completed.send(sender=operation_id, operation_id=operation_id, summary=summary)
         if operation["on_complete"]:
             self.apply_callback(operation, summary)
+        return True
 
     def apply_callback(self, operation: dict, summary: dict | None = None) -> bool:
         """Publish ``on_complete(summary)`` under its deterministic id; a broker error leaves it to the sweep."""
@@ -353,7 +369,7 @@ class Tracker:
             if operation is not None:
                 touched.add(target_id)
         for operation_id in touched:
-            self._try_complete(operation_id)
+            self.check_completion(operation_id)
         result.update(target=target_id, root=root, operations=sorted(touched))
         return result
 
@@ -434,7 +450,9 @@ def _on_success(sender=None, **_: Any) -> None:
         return
     tracker = _tracker_for(sender)
     if tracker is not None:
-        _safely("a success", tracker.succeeded, sender.request.id)
+        operation_id = request_headers(sender.request).get(HEADER_OPERATION) or getattr(
+            sender.request, HEADER_OPERATION, None)
+        _safely("a success", tracker.succeeded, sender.request.id, operation_id)
 
 
 @celery_signals.task_failure.connect(weak=False)

@@ -172,15 +172,17 @@ class SpawnStore:
                  .order_by(s.jobs.c.position))
         return list(conn.execute(query).scalars())
 
-    def pending_page(self, conn: Connection, operation_id: str, after_position: int, limit: int) -> list[dict]:
-        """Next undispatched children of an operation, in position order (keyset paging)."""
+    def pending_page(self, conn: Connection, operation_id: str, after_position: int, limit: int,
+                     any_state: bool = False) -> list[dict]:
+        """Next undispatched (or, with ``any_state``, all) children of an operation, by position (keyset paging)."""
         query = (
             sa.select(s.jobs.c.id, s.jobs.c.position, s.jobs.c.message, s.jobs.c.parent_id, s.jobs.c.root_id)
-            .where(s.jobs.c.operation_id == operation_id, s.jobs.c.state == s.PENDING,
-                   s.jobs.c.position > after_position)
+            .where(s.jobs.c.operation_id == operation_id, s.jobs.c.position > after_position)
             .order_by(s.jobs.c.position)
             .limit(limit)
         )
+        if not any_state:
+            query = query.where(s.jobs.c.state == s.PENDING)
         return [dict(r) for r in conn.execute(query).mappings()]
 
     def mark_dispatched(self, ids: Sequence[str]) -> int:
