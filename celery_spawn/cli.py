@@ -273,7 +273,11 @@ def list_command(ctx: click.Context, recent: bool, limit: int, queue: str | None
 @_commands
 def tree(ctx: click.Context, job_id: str, fmt: str, max_depth: int | None, full: bool, children_only: bool,
          database_url: str | None) -> None:
-    """The spawn tree below JOB_ID (or, with --full, the whole tree it belongs to)."""
+    """The spawn tree below JOB_ID.
+
+    With --full, the whole tree JOB_ID belongs to, from its root, with JOB_ID
+    marked ◀.
+    """
     from . import render
     from .store import queries
 
@@ -311,7 +315,11 @@ def tree(ctx: click.Context, job_id: str, fmt: str, max_depth: int | None, full:
 @_commands
 def stats(ctx: click.Context, hours: float, queue: str | None, detailed: bool, fmt: str,
           database_url: str | None) -> None:
-    """Operations, children per spawn, success rates and durations, by queue and handler."""
+    """Operations, children per spawn, success rates, durations.
+
+    Broken down by queue and by handler; --detailed adds children per task
+    and the largest and slowest operations.
+    """
     from . import render
     from .store import queries
 
@@ -335,7 +343,11 @@ def stats(ctx: click.Context, hours: float, queue: str | None, detailed: bool, f
 @_commands
 def monitor(ctx: click.Context, interval: float, queue: str | None, limit: int, iterations: int | None,
             database_url: str | None) -> None:
-    """A live view of running operations, refreshed in place (Ctrl-C to quit)."""
+    """A live view of running operations (Ctrl-C quits).
+
+    The screen is redrawn in place every --interval seconds on a terminal;
+    piped, each refresh is printed after a blank line.
+    """
     from . import render
 
     colour = use_colour(ctx)
@@ -445,7 +457,7 @@ def lineage(ctx: click.Context, job_id: str, depth: int | None, only_ancestors: 
 @click.pass_context
 @_commands
 def pending(ctx: click.Context, queue: str | None, limit: int, fmt: str, database_url: str | None) -> None:
-    """Children recorded but not yet dispatched, or held on dependencies."""
+    """Children not yet dispatched, or held on dependencies."""
     from . import render
     from .store import queries
 
@@ -493,7 +505,10 @@ def _revision(store: SpawnStore, current_revision: Callable) -> str | None:
 @store_options
 @click.pass_context
 def recover(ctx: click.Context, grace: float | None, limit: int, database_url: str | None) -> None:
-    """Publish children recorded but never dispatched (what the workers' sweep does)."""
+    """Publish children recorded but never dispatched.
+
+    This is what every worker's recovery sweep does; it needs the app (-A) to publish.
+    """
     from .app import get_state
     from .errors import StoreError
     from .recovery import recover as recover_stranded

@@ -124,7 +124,8 @@ def _num(value: Any) -> Any:
 
 
 def _float(value: Any) -> float | None:
-    return None if value is None else float(value)
+    """A float rounded to microseconds (durations), or None."""
+    return None if value is None else round(float(value), 6)
 
 
 def _ratio(part: float, whole: float) -> float | None:
@@ -564,7 +565,7 @@ class _Tally:
         self.timed += int(row.timed or 0)
         self.seconds += _float(row.seconds) or 0.0
         if row.max_seconds is not None:
-            value = float(row.max_seconds)
+            value = _float(row.max_seconds)
             self.max_seconds = value if self.max_seconds is None else max(self.max_seconds, value)
 
     def summary(self) -> dict:
