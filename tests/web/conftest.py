@@ -1,0 +1,171 @@
+"""Fixtures of the web tests: trees a real worker produced, and ``celery spawn serve`` as a real process."""
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from celery_spawn import get_state
+from celery_spawn.handlers import child_id, default_operation_id
+from celery_spawn.store import queries
+from tests.harness import ROOT, service_missing, wait_for
+
+TIMEOUT = 90
+#: A queue name that is SQL-looking data: it must come back as data.
+NASTY_QUEUE = "q'; DROP TABLE spawn_jobs; --\"`"
+
+#: Runs the real ``celery`` command line with ``serve`` in the ``spawn`` group, whether or not
+#: celery_spawn/cli.py registers it yet (adding it twice is harmless).
+LAUNCHER = (
+    "from celery_spawn.cli import spawn\n"
+    "from celery_spawn.web.command import serve\n"
+    "spawn.add_command(serve)\n"
+    "from celery.__main__ import main\n"
+    "main()\n"
+)
+_SERVING = re.compile(r"serving .* on (http://\S+?)/ ")
+
+
+@pytest.fixture(scope="module")
+def trees(backend, worker, client_app):
+    """Trees a real worker made: a fan-out of 11 chunks, a nested tree of 15 jobs, a refused spawn, a workflow."""
+    dataset = client_app.signature("tests.process_dataset", kwargs={
+        "dataset_id": "ds-web", "size": 5_500, "chunk_size": 500}).delay()
+    nested = client_app.signature("tests.nest", kwargs={"levels": 3, "fanout": 2}).delay()
+    refused = client_app.signature("tests.safe_parent", kwargs={"items": ["a", "b", "c", "d"]}).delay()
+    workflow = client_app.signature("tests.run_workflow", kwargs={"workflow_type": "etl_pipeline"}).delay()
+    store = get_state(client_app).store
+
+    def finished(job_id: str, size: int) -> bool:
+        with store.read() as conn:
+            rows = queries.descendants(conn, job_id)
+        return len(rows) == size and all(r["state"] == "succeeded" for r in rows)
+
+    wait_for(lambda: finished(dataset.id, 11), TIMEOUT, what="11 chunks succeeded")
+    wait_for(lambda: finished(nested.id, 14), TIMEOUT, what="a nested tree of 15 jobs")
+    wait_for(lambda: finished(workflow.id, 3), TIMEOUT, what="a workflow of 3 steps")
+    refused.get(timeout=TIMEOUT)
+    with store.read() as conn:
+        wait_for(lambda: queries.list_operations(conn, state="failed"), TIMEOUT, what="the refused operation")
+        chain = queries.descendants(conn, nested.id)
+    deepest = next(row for row in chain if row["distance"] == 3)
+    yield types.SimpleNamespace(
+        dataset=dataset.id, dataset_op=default_operation_id(dataset.id),
+        dataset_children=[child_id(default_operation_id(dataset.id), i) for i in range(11)],
+        nested=nested.id, nested_op=default_operation_id(nested.id), deepest=deepest["id"],
+        middle=deepest["parent_id"], refused=refused.id, refused_op=default_operation_id(refused.id),
+        workflow=workflow.id, queue=backend.queue,
+    )
+    stop_main_process(worker)
+
+
+def stop_main_process(worker, timeout: float = 30) -> None:
+    """Warm-stop a worker with SIGTERM to its main process alone, before the harness stops it.
+
+    The harness sends SIGTERM to the worker's whole process group; the pool
+    children die first and the main process of a tests.app worker then often
+    waits ~30 s for the harness to kill it. Its main process alone stops in
+    seconds, which keeps this suite's time down.
+    """
+    if worker.proc is None or worker.proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(worker.proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        worker.proc.wait(timeout)
+
+
+class Served:
+    """``celery -A tests.app spawn serve --port 0 ...`` as a subprocess; ``url`` once it listens."""
+
+    def __init__(self, env: dict, *args: str, app: str | None = "tests.app", log: Path | None = None) -> None:
+        command = [sys.executable, "-c", LAUNCHER, *(["-A", app] if app else []), "spawn", "serve", *args]
+        self.log_path = log
+        self._log = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed by stop()
+        self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self._log,
+                                     text=True, start_new_session=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.output: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+        self.url: str | None = None
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def wait_ready(self, timeout: float = 60) -> Served:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            self.output.append(line)
+            found = _SERVING.search(line)
+            if found:
+                self.url = found.group(1)
+                return self
+        self.stop()
+        raise AssertionError(f"serve did not start (exit {self.proc.returncode}):\n{''.join(self.output)}\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+
+
+@contextlib.contextmanager
+def served(env: dict, *args: str, **kwargs) -> Iterator[Served]:
+    server = Served(env, *args, **kwargs).wait_ready()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def get_json(url: str, token: str | None = None) -> tuple[int, dict]:
+    import json
+    import urllib.error
+
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def require_program(*names: str) -> str:
+    """The path of the first program found; skip (fail in CI) when none is installed."""
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    service_missing(" or ".join(names), FileNotFoundError(f"{names[0]} is not installed"))
+    raise AssertionError("unreachable")
