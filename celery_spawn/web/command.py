@@ -1,0 +1,104 @@
+"""``celery [-A proj] spawn serve``: the web API and dashboard on werkzeug's threaded server.
+
+Flask is imported when the command runs, never when this module is imported:
+every ``celery`` invocation loads the ``spawn`` group. The server binds to
+loopback unless told otherwise, and refuses any other address without an API
+token. For production, mount :func:`celery_spawn.web.create_app` in a WSGI
+server of your choice instead (see ``docs/web.md``).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import click
+from celery.bin.base import CeleryCommand
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "RET_BIND", "RET_MISSING_EXTRA", "RET_OK", "RET_USAGE", "serve"]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+#: Host names a loopback server answers to (other Host headers are refused: no DNS rebinding).
+LOOPBACK_HOSTS = ["localhost", "127.0.0.1", "::1", "[::1]"]
+
+#: Exit codes.
+RET_OK = 0
+RET_USAGE = 2          # click's usage error: a non-loopback bind without a token, a bad port, ...
+RET_MISSING_EXTRA = 4  # Flask is not installed
+RET_BIND = 5           # the address is taken or cannot be bound
+
+
+class ServeError(click.ClickException):
+    """A one-line error with its own exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code  # type: ignore[misc]
+
+
+def _celery_app(ctx: click.Context) -> Celery | None:
+    """The app given with ``celery -A`` (or ``CELERY_APP``), or None for Celery's silent default app."""
+    app = getattr(ctx.obj, "app", None)
+    if app is None:
+        return None
+    root = ctx.find_root()
+    if "app" in root.params and root.params["app"] is None:
+        return None
+    from celery import _state
+
+    return None if app is _state.default_app else app
+
+
+@click.command(cls=CeleryCommand)
+@click.option("--host", default=DEFAULT_HOST, show_default=True,
+              help="Address to listen on. Anything but loopback needs a token.")
+@click.option("--port", "-p", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
+              help="Port to listen on (0: any free port).")
+@click.option("--database-url", "-u", envvar="CELERY_SPAWN_DATABASE_URL", metavar="URL", default=None,
+              help="SQLAlchemy URL of the spawn store (env CELERY_SPAWN_DATABASE_URL; "
+                   "default: the -A app's spawn_database_url, else sqlite:///celery_spawn.sqlite3).")
+@click.option("--token", envvar="CELERY_SPAWN_API_TOKEN", metavar="TOKEN", default=None,
+              help="Bearer token for the API (env CELERY_SPAWN_API_TOKEN; default: the app's spawn_api_token). "
+                   "Required off loopback and to cancel.")
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int, database_url: str | None, token: str | None) -> None:
+    """Serve the JSON API and the dashboard (Ctrl-C to stop)."""
+    from .auth import is_loopback
+
+    app = _celery_app(ctx)
+    try:
+        from werkzeug.serving import make_server
+
+        from .api import create_app, web_state
+    except ModuleNotFoundError as exc:
+        raise ServeError(f"the web server needs {exc.name!r}: pip install 'celery-spawn[web]'",
+                         RET_MISSING_EXTRA) from None
+    if app is not None and database_url:
+        from ..app import get_state
+
+        get_state(app).reload(database_url=database_url)  # cancel must act on the store shown
+    flask_app = create_app(app, database_url=database_url, token=token)
+    state = web_state(flask_app)
+    loopback = is_loopback(host)
+    if not loopback and not state.token:
+        raise click.UsageError(f"refusing to listen on {host} without an API token: give --token "
+                               "(or set spawn_api_token / CELERY_SPAWN_API_TOKEN), or listen on 127.0.0.1")
+    if loopback:
+        flask_app.config["TRUSTED_HOSTS"] = LOOPBACK_HOSTS
+    try:
+        server = make_server(host, port, flask_app, threaded=True)
+    except (OSError, SystemExit) as exc:  # werkzeug exits when the port is taken
+        raise ServeError(f"cannot listen on {host}:{port}: {exc}", RET_BIND) from None
+    shown = f"[{host}]" if ":" in host else host
+    click.echo(f"celery-spawn web: serving {state.safe_url} on http://{shown}:{server.server_port}/ "
+               f"({'token required' if state.token else 'no token: reads open, cancel refused'}; "
+               f"cancel {'through Celery' if state.celery_app is not None else 'in the store only'})")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        state.store.dispose()
