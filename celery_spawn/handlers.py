@@ -76,6 +76,8 @@ class SpawnContext:
         self.operation_id = operation_id
         self._sequence = 0
         self._frozen: set[str] = set()
+        #: The strictest max_depth of the spawns above the parent (None at a root).
+        self.inherited_max_depth: int | None = None
 
     def next_child_id(self) -> str:
         job_id = child_id(self.operation_id, self._sequence)

@@ -4,10 +4,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from kombu.utils.json import loads
-
 from .app import get_state
-from .config import SpawnConfig
+from .spawner import settle_dependencies, stored_batch_size
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -27,17 +25,28 @@ def recover(app: Celery, grace_seconds: float | None = None, limit: int = 50) ->
     spawner = state.spawner
     published = 0
     for operation_id in state.store.claim_stale_operations(grace, limit):
-        with state.store.read() as conn:
-            operation = state.store.get_operation(conn, operation_id)
-        if operation is None:
-            continue
-        config = SpawnConfig.from_dict(loads(operation["config"]) if operation["config"] else {})
-        count = spawner.publish_pending(operation_id, config.batch_size)
-        if count:
-            logger.warning("recovery published %d stranded children of operation %s", count, operation_id)
-        published += count
+        try:
+            published += _recover_operation(state, spawner, operation_id)
+        except Exception as exc:  # one bad operation must not strand the others
+            logger.error("recovery of operation %s failed: %s", operation_id, exc)
     for operation in state.store.claim_stale_callbacks(grace, limit):
-        if state.tracker.apply_callback(operation):
-            logger.warning("recovery published the on_complete callback of operation %s", operation["id"])
-            published += 1
+        try:
+            if state.tracker.apply_callback(operation):
+                logger.warning("recovery published the on_complete callback of operation %s", operation["id"])
+                published += 1
+        except Exception as exc:
+            logger.error("recovery of the callback of operation %s failed: %s", operation["id"], exc)
     return published
+
+
+def _recover_operation(state, spawner, operation_id: str) -> int:
+    with state.store.begin() as conn:
+        operation = state.store.get_operation(conn, operation_id)
+        if operation is None:
+            return 0
+        # Held children whose dependencies ended while the spawn was being recorded.
+        settle_dependencies(state, conn, operation_id)
+    count = spawner.publish_pending(operation_id, stored_batch_size(operation))
+    if count:
+        logger.warning("recovery published %d stranded children of operation %s", count, operation_id)
+    return count

@@ -46,6 +46,11 @@ logger = logging.getLogger("celery_spawn.spawner")
 #: Message headers every spawned child carries: its operation and its depth.
 HEADER_OPERATION = "spawn_operation"
 HEADER_DEPTH = "spawn_depth"
+#: The strictest ``max_depth`` of the spawns above a child: nested spawns may not lift it.
+HEADER_MAX_DEPTH = "spawn_max_depth"
+
+#: Children published per producer batch at least (small ``batch_size`` values only shape recording).
+MIN_PUBLISH_PAGE = 500
 
 #: Above this many children, ``SpawnResult.spawned_job_ids`` pages ids from the store instead of a list.
 EAGER_ID_LIMIT = 10_000
@@ -59,6 +64,19 @@ def request_headers(request: Any) -> dict:
     """Custom message headers of a task request, in a worker and in eager mode alike."""
     headers = getattr(request, "headers", None) or {}
     return headers if isinstance(headers, dict) else {}
+
+
+def queue_of_delivery(app: Celery, delivery: dict) -> str | None:
+    """The queue a message came from: its routing key on the default exchange, else the queue bound so."""
+    routing_key = delivery.get("routing_key") or None
+    exchange = delivery.get("exchange") or ""
+    if not routing_key or not exchange:
+        return routing_key
+    for queue in app.amqp.queues.values():
+        bound = getattr(queue.exchange, "name", None)
+        if bound == exchange and queue.routing_key == routing_key:
+            return queue.name
+    return routing_key if routing_key in app.amqp.queues else None
 
 
 def parent_from_task(task: Task, result: Any) -> ParentJob:
@@ -77,11 +95,20 @@ def parent_from_task(task: Task, result: Any) -> ParentJob:
         kwargs=kwargs,
         result=result,
         priority=delivery.get("priority"),
-        queue=delivery.get("routing_key") or None,
+        queue=queue_of_delivery(task.app, delivery),
         root_id=request.root_id or request.id,
         depth=depth,
         parent_id=request.parent_id,
     )
+
+
+def inherited_max_depth(task: Task) -> int | None:
+    """The ``max_depth`` a spawned task inherited from the spawns above it, if any."""
+    raw = request_headers(task.request).get(HEADER_MAX_DEPTH) or getattr(task.request, HEADER_MAX_DEPTH, None)
+    try:
+        return int(raw) if raw is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def effective_config(state: SpawnState, task: Task, call_config: Any) -> SpawnConfig:
@@ -129,9 +156,10 @@ class Spawner:
             operation_id = config.operation_id or operation_id
             handler_name = config.handler or task.name
             handler = self._resolve_handler(task, handler_name)
-            if parent.depth + 1 > config.max_depth:
+            max_depth = min(config.max_depth, inherited_max_depth(task) or config.max_depth)
+            if parent.depth + 1 > max_depth:
                 raise SpawnDepthExceeded(
-                    f"spawning from {parent.name} at depth {parent.depth} would exceed max_depth={config.max_depth}")
+                    f"spawning from {parent.name} at depth {parent.depth} would exceed max_depth={max_depth}")
             return self._run(task, handler, parent, config, operation_id, handler_name)
         except SpawnError as exc:
             if isinstance(exc, StoreError):  # the parent must fail or retry visibly
@@ -167,18 +195,20 @@ class Spawner:
             raise SpawnValidationError(f"handler {handler_name!r} refused the spawn: {_describe(exc)}") from exc
 
         context = SpawnContext(parent, config, self.app, operation_id)
+        context.inherited_max_depth = inherited_max_depth(task)
         now = utcnow()
         with self.store.begin() as conn:
             if existing is not None:
                 self.store.delete_operation(conn, operation_id)
             self.store.insert_operation(conn, self._operation_row(parent, config, operation_id, handler_name, now))
             self.store.ensure_job(conn, self._root_row(parent, now))
-            total = self._record_children(conn, handler, handler_name, context, now)
+            total, edge_count = self._record_children(conn, handler, handler_name, context, now)
             self._check_dependencies(conn, operation_id, parent.id)
+            settle_dependencies(self.state, conn, operation_id)
             self.store.update_operation(conn, operation_id, total=total,
                                         state=s.OP_RUNNING if total else s.OP_SUCCEEDED,
                                         finished_at=None if total else now)
-        self.publish_pending(operation_id, config.batch_size)
+        self.publish_pending(operation_id, config.batch_size, by_range=not edge_count)
         spawn_result = SpawnResult(parent.id, self._child_ids(operation_id, total), now, operation_id)
         if not total:
             self.state.tracker.check_completion(operation_id)
@@ -186,8 +216,7 @@ class Spawner:
         return spawn_result
 
     def _replay(self, handler: SpawnHandler, operation: dict) -> SpawnResult:
-        config = SpawnConfig.from_dict(_loads(operation["config"]) or {})
-        self.publish_pending(operation["id"], config.batch_size)
+        self.publish_pending(operation["id"], stored_batch_size(operation))
         ids = self._child_ids(operation["id"], operation["total"])
         return SpawnResult(operation["parent_id"], ids, operation["created_at"], operation["id"])
 
@@ -199,9 +228,10 @@ class Spawner:
             return self.store.operation_job_ids(conn, operation_id)
 
     def _record_children(self, conn: sa.Connection, handler: SpawnHandler, handler_name: str,
-                         context: SpawnContext, now: Any) -> int:
+                         context: SpawnContext, now: Any) -> tuple[int, int]:
+        """Record every child and its edges; returns (children, dependency edges)."""
         config = context.config
-        total = 0
+        total = edge_count = 0
         seen: set[str] = set()
         for batch in _batched(self._generate(handler, handler_name, context), config.batch_size):
             rows, edges, chosen = [], [], []
@@ -223,7 +253,8 @@ class Spawner:
             self.store.insert_jobs(conn, rows)
             if edges:
                 self.store.insert_dependencies(conn, edges)
-        return total
+                edge_count += len(edges)
+        return total, edge_count
 
     def _generate(self, handler: SpawnHandler, handler_name: str, context: SpawnContext) -> Iterator[Any]:
         """The handler's children, with every exception it raises named after it."""
@@ -287,6 +318,7 @@ class Spawner:
         headers = dict(publish.get("headers") or {})
         headers[HEADER_OPERATION] = context.operation_id
         headers[HEADER_DEPTH] = parent.depth + 1
+        headers[HEADER_MAX_DEPTH] = min(config.max_depth, context.inherited_max_depth or config.max_depth)
         publish["headers"] = headers
         try:
             message = dumps({"task": name, "args": list(sig.args or ()), "kwargs": dict(sig.kwargs or {}),
@@ -328,7 +360,7 @@ class Spawner:
                 self._route_cache[task_name] = self.app.conf.task_default_queue
         return self._route_cache[task_name]
 
-    def _check_dependencies(self, conn: sa.Connection, operation_id: str, parent_id: str) -> None:
+    def _check_dependencies(self, conn: sa.Connection, operation_id: str, parent_id: str) -> None:  # noqa: ARG002
         """Refuse unknown ids and cycles among this operation's children (one query each)."""
         child = s.jobs.alias("child")
         target = s.jobs.alias("target")
@@ -352,10 +384,15 @@ class Spawner:
             raise DependencyError(f"dependency cycle among spawned jobs: {' -> '.join(cycle)}")
 
     # ---- publishing --------------------------------------------------------------------
-    def publish_pending(self, operation_id: str, page_size: int) -> int:
-        """Publish every pending (not held) child of an operation, a page at a time."""
+    def publish_pending(self, operation_id: str, page_size: int, by_range: bool = False) -> int:
+        """Publish every pending (not held) child of an operation, a page at a time.
+
+        ``by_range`` marks a published page with one range update; it is only
+        safe when no held child can become pending meanwhile (no dependencies).
+        """
         published = 0
         after = -1
+        page_size = max(page_size, MIN_PUBLISH_PAGE)
         while True:
             with self.store.read() as conn:
                 page = self.store.pending_page(conn, operation_id, after, page_size)
@@ -368,8 +405,11 @@ class Spawner:
                 logger.warning("publishing children of %s failed (%s); the recovery sweep will retry",
                                operation_id, _describe(exc))
                 return published
-            self.store.mark_dispatched(ids)
-            self.store.touch_operation(operation_id)
+            if by_range and len(ids) == len(page):
+                self.store.mark_page_dispatched(operation_id, page[0]["position"], page[-1]["position"])
+            else:
+                self.store.mark_dispatched(ids)
+                self.store.touch_operation(operation_id)
             published += len(ids)
 
     # ---- reporting ---------------------------------------------------------------------
@@ -390,8 +430,9 @@ class Spawner:
         row = self._operation_row(parent, config, operation_id, handler_name, now)
         row.update(state=s.OP_FAILED, error=f"{type(exc).__name__}: {exc}"[:10000],
                    config=raw_config if isinstance(raw_config, str) else dumps(raw_config), finished_at=now)
-        if not isinstance(exc, OperationConflict):
-            self.store.record_failed_operation(row)
+        if isinstance(exc, OperationConflict):
+            row["id"] = default_operation_id(parent.id)  # the explicit id belongs to another parent
+        self.store.record_failed_operation(row, fallback_id=default_operation_id(parent.id))
         signals.spawn_failed.send(sender=task, operation_id=operation_id, exception=exc)
 
     def _operation_row(self, parent: ParentJob, config: SpawnConfig | None, operation_id: str,
@@ -437,6 +478,54 @@ class Spawner:
             "started_at": now,
             "finished_at": now,
         }
+
+
+def stored_batch_size(operation: dict) -> int:
+    """The batch size an operation was recorded with; the default when its stored config is unreadable."""
+    try:
+        return SpawnConfig.from_dict(_loads(operation["config"]) or {}).batch_size
+    except Exception:  # recorded under older rules, or damaged: publishing must go on
+        return SpawnConfig().batch_size
+
+
+def settle_dependencies(state: SpawnState, conn: sa.Connection, operation_id: str) -> int:
+    """Count off dependencies of an operation's held children on jobs that are already final.
+
+    A dependency on an earlier job that already succeeded is met at once; one
+    that already failed cancels the child (unless it ignores that failure).
+    Returns how many held children became pending.
+    """
+    child = s.jobs.alias("child")
+    target = s.jobs.alias("target")
+    rows = conn.execute(
+        sa.select(s.dependencies.c.job_id, s.dependencies.c.depends_on_id, s.dependencies.c.ignore_failure,
+                  target.c.state)
+        .join(child, child.c.id == s.dependencies.c.job_id)
+        .join(target, target.c.id == s.dependencies.c.depends_on_id)
+        .where(child.c.operation_id == operation_id, child.c.state == s.HELD,
+               s.dependencies.c.satisfied.is_(False), target.c.state.in_(tuple(s.FINAL_JOB_STATES)))
+    ).all()
+    if not rows:
+        return 0
+    met = [r for r in rows if r.state == s.SUCCEEDED or r.ignore_failure]
+    broken = {r.job_id: r for r in rows if not (r.state == s.SUCCEEDED or r.ignore_failure)}
+    for row in met:
+        conn.execute(s.dependencies.update().where(s.dependencies.c.job_id == row.job_id,
+                                                   s.dependencies.c.depends_on_id == row.depends_on_id)
+                     .values(satisfied=True))
+        conn.execute(s.jobs.update().where(s.jobs.c.id == row.job_id, s.jobs.c.state == s.HELD)
+                     .values(pending_deps=s.jobs.c.pending_deps - 1))
+    now = utcnow()
+    for job_id, row in broken.items():
+        reason = f"dependency {row.depends_on_id} {row.state}"
+        conn.execute(s.jobs.update().where(s.jobs.c.id == job_id, s.jobs.c.state == s.HELD)
+                     .values(state=s.CANCELLED, error=reason, finished_at=now))
+        state.tracker.cancel_dependents(conn, [job_id], f"dependency {job_id} cancelled")
+    released = conn.execute(
+        s.jobs.update().where(s.jobs.c.operation_id == operation_id, s.jobs.c.state == s.HELD,
+                              s.jobs.c.pending_deps <= 0).values(state=s.PENDING)
+    ).rowcount
+    return released or 0
 
 
 class StoredChildIds(Sequence[str]):

@@ -95,7 +95,7 @@ class Tracker:
                 released = self._satisfy(conn, [job_id], only_ignoring=False)
             else:
                 released = self._satisfy(conn, [job_id], only_ignoring=True)
-                self._cancel_dependents(conn, [job_id], f"dependency {job_id} {state}")
+                self.cancel_dependents(conn, [job_id], f"dependency {job_id} {state}")
                 if operation_id and state == s.FAILED:
                     self._fail_fast(conn, operation_id, job_id)
             to_publish = self._claim_released(conn, released)
@@ -141,7 +141,7 @@ class Tracker:
         ).mappings()
         return [dict(r) for r in rows]
 
-    def _cancel_dependents(self, conn: sa.Connection, failed_ids: Sequence[str], reason: str) -> list[str]:
+    def cancel_dependents(self, conn: sa.Connection, failed_ids: Sequence[str], reason: str) -> list[str]:
         """Cancel, level by level, every held job that needed one of ``failed_ids`` to succeed."""
         cancelled: list[str] = []
         frontier = list(failed_ids)

@@ -126,10 +126,17 @@ class SpawnStore:
         values.setdefault("updated_at", utcnow())
         conn.execute(s.operations.update().where(s.operations.c.id == operation_id).values(**values))
 
-    def record_failed_operation(self, row: dict) -> None:
-        """Record (or overwrite) an operation that failed before any child was kept."""
+    def record_failed_operation(self, row: dict, fallback_id: str | None = None) -> None:
+        """Record (or overwrite) an operation that failed before any child was kept.
+
+        When the id is taken by another parent's operation, the failure is
+        recorded under ``fallback_id`` (the parent's default operation id).
+        """
         with self.begin() as conn:
             existing = self.get_operation(conn, row["id"])
+            if existing is not None and existing["parent_id"] != row["parent_id"] and fallback_id:
+                row = {**row, "id": fallback_id}
+                existing = self.get_operation(conn, fallback_id)
             if existing is None:
                 self.insert_operation(conn, row)
             elif existing["parent_id"] == row["parent_id"] and existing["state"] == s.OP_FAILED:
@@ -201,6 +208,23 @@ class SpawnStore:
                 changed += result.rowcount or 0
         return changed
 
+    def mark_page_dispatched(self, operation_id: str, first: int, last: int) -> int:
+        """Mark a published page (positions ``first``..``last``) dispatched and refresh the operation's lease.
+
+        One range update over the ``(operation_id, position)`` index instead of
+        an IN list; only rows still pending change.
+        """
+        now = utcnow()
+        with self.begin() as conn:
+            changed = conn.execute(
+                s.jobs.update()
+                .where(s.jobs.c.operation_id == operation_id, s.jobs.c.position >= first,
+                       s.jobs.c.position <= last, s.jobs.c.state == s.PENDING)
+                .values(state=s.DISPATCHED, dispatched_at=now)
+            ).rowcount
+            conn.execute(s.operations.update().where(s.operations.c.id == operation_id).values(updated_at=now))
+        return changed or 0
+
     def touch_operation(self, operation_id: str) -> None:
         with self.begin() as conn:
             conn.execute(s.operations.update().where(s.operations.c.id == operation_id)
@@ -224,7 +248,7 @@ class SpawnStore:
         return rows
 
     def claim_stale_operations(self, grace_seconds: float, limit: int = 50) -> list[str]:
-        """Operations with pending children, untouched for ``grace_seconds``: leased to this caller.
+        """Operations with pending or held children, untouched for ``grace_seconds``: leased to this caller.
 
         The lease is the refreshed ``updated_at``: another sweeper skips the
         operation until the grace period passes again.
@@ -235,7 +259,7 @@ class SpawnStore:
                 sa.select(s.operations.c.id)
                 .where(s.operations.c.state == s.OP_RUNNING, s.operations.c.updated_at < cutoff)
                 .where(sa.exists().where(s.jobs.c.operation_id == s.operations.c.id,
-                                         s.jobs.c.state == s.PENDING))
+                                         s.jobs.c.state.in_(s.UNDISPATCHED_JOB_STATES)))
                 .order_by(s.operations.c.updated_at)
                 .limit(limit)
             )

@@ -279,11 +279,6 @@ def test_recover_publishes_rows_left_pending_by_a_crash(publishing_rig):
     assert rig.drain() == []
 
 
-@pytest.mark.xfail(reason="BUG: recovery.py recover() parses each claimed operation's stored config with "
-                          "SpawnConfig.from_dict outside any try: one operation whose config no longer validates "
-                          "(e.g. recorded before a validation rule tightened) raises SpawnConfigError out of the "
-                          "sweep, and the other operations it had just leased are not published (spawner.py "
-                          "_replay has the same problem for a redelivered parent)", strict=True)
 def test_one_unreadable_operation_does_not_stop_the_sweep(publishing_rig):
     rig = publishing_rig
     store = rig.state.store

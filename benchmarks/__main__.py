@@ -1,0 +1,363 @@
+"""The benchmark runner: each case against its plain-Celery baseline, in the same run.
+
+    python -m benchmarks all                 # the full sizes of issue 6 (several minutes)
+    python -m benchmarks dispatch hops       # some cases
+    python -m benchmarks all --smoke         # tiny sizes (what CI runs)
+
+Needs the local Redis, PostgreSQL and RabbitMQ (MariaDB for ``--mysql``).
+Prints a table of medians and ratios (celery-spawn / baseline) and writes the
+numbers to ``benchmarks/results.json`` (``--json`` to change).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.harness import throwaway_database  # noqa: E402
+
+REDIS_BROKER = "redis://127.0.0.1:6379/9"
+AMQP_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
+
+FULL = {"dispatch": 10_000, "e2e": 10_000, "hops": 100, "memory": (100_000, 1_000_000), "queries": (1_000_000, 100_000)}
+SMOKE = {"dispatch": 300, "e2e": 300, "hops": 10, "memory": (2_000, 10_000), "queries": (20_000, 2_000)}
+
+
+def median_of(rounds: int, fn: Callable[[], float], warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    return statistics.median(fn() for _ in range(rounds))
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"benchmark timed out waiting for {what}")
+        time.sleep(interval)
+
+
+class Row:
+    """One line of the result table."""
+
+    def __init__(self, case: str, what: str, spawn: float, baseline: float | None, unit: str,
+                 target: float | None = None, lower_is_better: bool = True, note: str = "") -> None:
+        self.case, self.what, self.spawn, self.baseline, self.unit = case, what, spawn, baseline, unit
+        self.target, self.note = target, note
+        self.ratio = spawn / baseline if baseline else None
+        value = self.ratio if baseline else spawn
+        self.met = None if target is None else (value <= target if lower_is_better else value >= target)
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.sizes = SMOKE if args.smoke else FULL
+        self.rounds = 1 if args.smoke else args.rounds
+        self.rows: list[Row] = []
+        self.counter = redis.Redis.from_url(REDIS_BROKER)
+        self.log_dir = ROOT / "test-artifacts"
+        self.log_dir.mkdir(exist_ok=True)
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def app(self, broker: str, database_url: str, queue: str, dead_queue: str | None = None):
+        from benchmarks.app import make_app
+
+        return make_app(broker, database_url, queue, dead_queue)
+
+    @contextlib.contextmanager
+    def worker(self, broker: str, database_url: str, queue: str, pool: str = "prefork", concurrency: int = 2,
+               dead_queue: str | None = None):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_SPAWN_")}
+        env.update(SPAWN_BENCH_BROKER=broker, CELERY_SPAWN_DATABASE_URL=database_url, SPAWN_BENCH_QUEUE=queue,
+                   SPAWN_BENCH_DEAD_QUEUE=dead_queue or "", PYTHONPATH=str(ROOT))
+        log = self.log_dir / f"bench-worker-{queue}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "celery", "-A", "benchmarks.app", "worker", "-P", pool,
+                                     "-c", str(concurrency), "-Q", queue, "-l", "INFO", "--without-gossip",
+                                     "--without-mingle", "--without-heartbeat"],
+                                    cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            try:
+                wait_until(lambda: " ready." in log.read_text(errors="replace"), 60, "the worker", 0.1)
+                yield proc
+            finally:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    def operation_done(self, app, parent_id: str) -> bool:
+        from celery_spawn import get_state
+        from celery_spawn.handlers import default_operation_id
+
+        store = get_state(app).store
+        with store.read() as conn:
+            op = store.get_operation(conn, default_operation_id(parent_id))
+        return bool(op and op["completed"])
+
+    # ---- case 1 ----------------------------------------------------------------------------
+    def dispatch(self, pg_url: str) -> None:
+        n = self.sizes["dispatch"]
+        for label, broker in (("redis", REDIS_BROKER), ("rabbitmq", AMQP_BROKER)):
+            queue = f"bench-dispatch-{uuid.uuid4().hex[:6]}"
+            app = self.app(broker, pg_url, queue)
+            noop, parent = app.tasks["bench.noop"], app.tasks["bench.parent"]
+            count, purge = self._queue_tools(app, broker, queue)
+
+            def group_round() -> float:
+                from celery import group
+
+                sigs = [noop.s("unused") for _ in range(n)]
+                start = time.perf_counter()
+                group(sigs).apply_async()
+                wait_until(lambda: count() >= n, 120, "group messages")
+                elapsed = time.perf_counter() - start
+                purge()
+                return elapsed
+
+            def spawn_round() -> float:
+                start = time.perf_counter()
+                parent.apply(kwargs={"key": "unused", "n": n, "_spawn_config": {
+                    "handler": "fanout", "max_spawn_count": n, "batch_size": 1000}})
+                wait_until(lambda: count() >= n, 120, "spawned messages")
+                elapsed = time.perf_counter() - start
+                purge()
+                return elapsed
+
+            baseline = median_of(self.rounds, group_round)
+            spawned = median_of(self.rounds, spawn_round)
+            self.rows.append(Row("1 dispatch", f"{n:,} children, lineage in PostgreSQL, {label}", spawned, baseline,
+                                 "s", target=0.33, note=f"{n / spawned:,.0f} msg/s vs group {n / baseline:,.0f} msg/s"))
+            ceiling = median_of(self.rounds, lambda: self._kombu_ceiling(app, queue, n, count, purge))
+            self.rows.append(Row("1 dispatch", f"kombu Producer.batch ceiling, {label}", spawned, ceiling, "s",
+                                 note=f"ceiling {n / ceiling:,.0f} msg/s: spawn reaches {ceiling / spawned:.0%} of it"))
+
+    def _queue_tools(self, app, broker: str, queue: str):
+        if broker.startswith("redis"):
+            return (lambda: self.counter.llen(queue)), (lambda: self.counter.delete(queue))
+        from kombu import Connection, Queue
+
+        conn = Connection(broker)
+        channel = conn.channel()
+        Queue(queue, channel=channel).declare()
+
+        def count() -> int:
+            return channel.queue_declare(queue, passive=True).message_count
+
+        return count, (lambda: channel.queue_purge(queue))
+
+    def _kombu_ceiling(self, app, queue: str, n: int, count, purge) -> float:
+        """Raw kombu: the same number of Celery-protocol messages through Producer.batch()."""
+        message = app.amqp.as_task_v2(str(uuid.uuid4()), "bench.noop", ("unused",), {})
+        headers, properties, body, _ = message
+        start = time.perf_counter()
+        with app.producer_or_acquire() as producer, producer.batch(max_size=n):
+            for _ in range(n):
+                producer.publish(body, routing_key=queue, exchange="", headers=headers, serializer="json",
+                                 **{k: v for k, v in properties.items() if k in ("correlation_id",)})
+        wait_until(lambda: count() >= n, 120, "kombu messages")
+        elapsed = time.perf_counter() - start
+        purge()
+        return elapsed
+
+    # ---- case 2 ----------------------------------------------------------------------------
+    def e2e(self, pg_url: str) -> None:
+        n = self.sizes["e2e"]
+        queue = f"bench-e2e-{uuid.uuid4().hex[:6]}"
+        app = self.app(REDIS_BROKER, pg_url, queue)
+        noop, parent = app.tasks["bench.noop"], app.tasks["bench.parent"]
+        with self.worker(REDIS_BROKER, pg_url, queue):
+            def group_round() -> float:
+                from celery import group
+
+                key = f"bench:{uuid.uuid4().hex}"
+                start = time.perf_counter()
+                group([noop.s(key) for _ in range(n)]).apply_async()
+                wait_until(lambda: int(self.counter.get(key) or 0) >= n, 600, "group children")
+                return time.perf_counter() - start
+
+            def spawn_round() -> float:
+                key = f"bench:{uuid.uuid4().hex}"
+                start = time.perf_counter()
+                result = parent.apply_async(kwargs={"key": key, "n": n, "_spawn_config": {
+                    "handler": "fanout", "max_spawn_count": n, "batch_size": 1000}})
+                wait_until(lambda: int(self.counter.get(key) or 0) >= n, 600, "spawned children")
+                wait_until(lambda: self.operation_done(app, result.id), 600, "tracking to finish", 0.05)
+                return time.perf_counter() - start
+
+            baseline = median_of(self.rounds, group_round)
+            spawned = median_of(self.rounds, spawn_round)
+        self.rows.append(Row("2 end to end", f"{n:,} tracked no-op children, prefork -c 2", spawned, baseline, "s",
+                             target=1.3, note=f"{n / spawned:,.0f} tasks/s vs group {n / baseline:,.0f} tasks/s"))
+
+    # ---- case 3 ----------------------------------------------------------------------------
+    def hops(self, pg_url: str) -> None:
+        n = self.sizes["hops"]
+        queue = f"bench-hops-{uuid.uuid4().hex[:6]}"
+        app = self.app(REDIS_BROKER, pg_url, queue)
+        noop, parent = app.tasks["bench.noop"], app.tasks["bench.parent"]
+        with self.worker(REDIS_BROKER, pg_url, queue):
+            def chain_round() -> float:
+                from celery import chain
+
+                key = f"bench:{uuid.uuid4().hex}"
+                start = time.perf_counter()
+                chain(*[noop.si(key) for _ in range(n)]).apply_async()
+                wait_until(lambda: int(self.counter.get(key) or 0) >= n, 300, "chain")
+                return (time.perf_counter() - start) / n
+
+            def spawn_round() -> float:
+                key = f"bench:{uuid.uuid4().hex}"
+                start = time.perf_counter()
+                parent.apply_async(kwargs={"key": key, "n": n, "_spawn_config": {
+                    "handler": "sequence", "max_spawn_count": n}})
+                wait_until(lambda: int(self.counter.get(key) or 0) >= n, 300, "sequence")
+                return (time.perf_counter() - start) / n
+
+            baseline = median_of(self.rounds, chain_round)
+            spawned = median_of(self.rounds, spawn_round)
+        self.rows.append(Row("3 dependency hops", f"{n} steps, per hop", spawned * 1000, baseline * 1000, "ms",
+                             target=2.0))
+
+    # ---- case 4 ----------------------------------------------------------------------------
+    def memory(self, pg_url: str) -> None:
+        small, large = self.sizes["memory"]
+        peaks = {}
+        for n in (small, large):
+            queue = f"bench-mem-{uuid.uuid4().hex[:6]}"
+            dead = f"{queue}-dead"
+            app = self.app(REDIS_BROKER, pg_url, queue, dead)
+            with self.worker(REDIS_BROKER, pg_url, queue, pool="solo", dead_queue=dead) as proc:
+                idle = _peak_rss_mb(proc.pid)
+                result = app.tasks["bench.parent"].apply_async(kwargs={"key": "unused", "n": n, "_spawn_config": {
+                    "handler": "stream", "max_spawn_count": n, "batch_size": 1000}})
+                wait_until(lambda: self.counter.llen(dead) >= n, 3600, f"{n:,} streamed children", 0.5)
+                wait_until(lambda: result.id in (Path(self.log_dir) / f"bench-worker-{queue}.log").read_text(
+                    errors="replace") and "succeeded" in (Path(self.log_dir) / f"bench-worker-{queue}.log").read_text(
+                    errors="replace"), 600, "the parent to finish", 0.5)
+                peaks[n] = (_peak_rss_mb(proc.pid), idle)
+            self.counter.delete(dead)
+        (small_peak, small_idle), (large_peak, _) = peaks[small], peaks[large]
+        self.rows.append(Row("4 memory", f"peak RSS spawning {large:,} children (MB)", large_peak, None, "MB",
+                             target=200, note=f"idle worker {small_idle:.0f} MB"))
+        self.rows.append(Row("4 memory", f"peak RSS {large:,} vs {small:,} children", large_peak, small_peak, "MB",
+                             target=1.15, note="ratio near 1: memory does not grow with the spawn"))
+
+    # ---- case 5 ----------------------------------------------------------------------------
+    def queries(self, pg_url: str, mysql_url: str | None) -> None:
+        from benchmarks import cli_store
+        from celery_spawn.store import SpawnStore, queries
+
+        jobs, tree = self.sizes["queries"]
+        for label, url in (("PostgreSQL", pg_url), ("MariaDB", mysql_url)):
+            if url is None:
+                continue
+            store = SpawnStore(url)
+            cli_store.build(store, jobs // 10, tree // 10, 47, 7)
+            small_table = _small_tree_time(store)
+            cli_store.build(store, jobs, tree, 47, 7)
+            big_tree, statements, _ = cli_store.timed(store, lambda c: queries.spawn_tree(c, cli_store.BIG_ROOT), 3)
+            stats, _, _ = cli_store.timed(store, lambda c: queries.stats(c, hours=24), 3)
+            big_table = _small_tree_time(store)
+            store.dispose()
+            self.rows.append(Row("5 queries", f"tree of {tree:,} nodes, {jobs:,} jobs, {label}", big_tree, None, "s",
+                                 target=0.5, note=f"{statements} statements"))
+            self.rows.append(Row("5 queries", f"stats --hours 24, {jobs:,} jobs, {label}", stats, None, "s",
+                                 target=0.5))
+            self.rows.append(Row("5 queries", f"100-node tree in {jobs:,} vs {jobs // 10:,} rows, {label}",
+                                 big_table, small_table, "s", target=1.5,
+                                 note="ratio near 1: a fixed tree does not slow down as the table grows"))
+
+    # ---- output ----------------------------------------------------------------------------
+    def report(self) -> None:
+        header = f"{'case':<18} {'what':<58} {'spawn':>10} {'baseline':>10} {'ratio':>7} {'target':>7}  met"
+        print(header)
+        print("-" * len(header))
+        for row in self.rows:
+            base = f"{row.baseline:10.3f}" if row.baseline is not None else f"{'-':>10}"
+            ratio = f"{row.ratio:7.2f}" if row.ratio is not None else f"{'-':>7}"
+            target = f"{row.target:7.2f}" if row.target is not None else f"{'-':>7}"
+            met = {True: "yes", False: "NO", None: ""}[row.met]
+            print(f"{row.case:<18} {row.what:<58} {row.spawn:10.3f} {base} {ratio} {target}  {met}"
+                  + (f"   {row.note}" if row.note else ""))
+        out = Path(self.args.json)
+        out.write_text(json.dumps({
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores",
+            "smoke": self.args.smoke, "rounds": self.rounds,
+            "rows": [row.as_dict() for row in self.rows],
+        }, indent=2))
+        print(f"\nwritten to {out}")
+
+
+def _small_tree_time(store) -> float:
+    """Time ``tree`` on one of the store's 100-node trees (the same shape in every store)."""
+    import sqlalchemy as sa
+
+    from benchmarks import cli_store
+    from celery_spawn.store import queries
+    from celery_spawn.store import schema as s
+
+    with store.read() as conn:
+        root = conn.execute(sa.select(s.jobs.c.id).where(s.jobs.c.parent_id.is_(None),
+                                                         s.jobs.c.id != cli_store.BIG_ROOT).limit(1)).scalar()
+    seconds, _, _ = cli_store.timed(store, lambda c: queries.spawn_tree(c, root), 5)
+    return seconds
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+CASES = ("dispatch", "e2e", "hops", "memory", "queries")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n")[0])
+    parser.add_argument("cases", nargs="*", default=["all"], help=f"all, or some of: {', '.join(CASES)}")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round (CI)")
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds after one warm-up (median)")
+    parser.add_argument("--mysql", action="store_true", help="also run the query case on MariaDB")
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
+    args = parser.parse_args(argv)
+    chosen = CASES if "all" in args.cases else tuple(args.cases)
+    unknown = set(chosen) - set(CASES)
+    if unknown:
+        parser.error(f"unknown case(s): {', '.join(sorted(unknown))}")
+    bench = Bench(args)
+    with throwaway_database("postgresql") as pg_url, contextlib.ExitStack() as stack:
+        mysql_url = stack.enter_context(throwaway_database("mysql")) if args.mysql else None
+        for case in chosen:
+            print(f"== {case}", flush=True)
+            if case == "queries":
+                bench.queries(pg_url, mysql_url)
+            else:
+                getattr(bench, case)(pg_url)
+    bench.report()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
