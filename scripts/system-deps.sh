@@ -6,6 +6,8 @@ dpkg -s libpq-dev >/dev/null 2>&1 || need+=(libpq-dev)
 dpkg -s libmariadb-dev >/dev/null 2>&1 || need+=(libmariadb-dev)
 dpkg -s pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v gcc >/dev/null 2>&1 || need+=(build-essential)
+dpkg -s chromium >/dev/null 2>&1 || need+=(chromium)                # the dashboard tests (headless)
+dpkg -s chromium-driver >/dev/null 2>&1 || need+=(chromium-driver)
 if [ "${#need[@]}" -gt 0 ]; then
     sudo_cmd=""
     [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
