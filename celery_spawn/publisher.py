@@ -87,7 +87,42 @@ def _publish_fast(app: Celery, producer: Any, child: dict, message: dict, declar
         time_limit=time_limit, soft_time_limit=soft_time_limit,
         reply_to=app.thread_oid, ignore_result=ignore_result,
     )
+    if _plain_direct(routed) and not _publish_signals_connected():
+        # What send_task_message does for a direct queue with no publish signals connected,
+        # without its per-message retry wrapper (the batch flushes as one pipeline).
+        message_headers, properties, body, _ = task_message
+        if headers:
+            message_headers.update(headers)
+        conf = app.conf
+        producer.publish(
+            body, exchange="", routing_key=queue_name, headers=message_headers,
+            serializer=conf.task_serializer, compression=conf.task_compression,
+            delivery_mode=_delivery_mode(queue, conf), priority=routed.get("priority"),
+            retry=False, **properties,
+        )
+        return
     amqp.send_task_message(producer, name, task_message, headers=headers, declare=[], **routed)
+
+
+def _plain_direct(routed: dict) -> bool:
+    queue = routed.get("queue")
+    exchange_type = getattr(getattr(queue, "exchange", None), "type", None)
+    return (queue is not None and exchange_type == "direct" and not routed.get("exchange_type")
+            and set(routed) <= {"queue", "priority", "exchange", "routing_key"})
+
+
+def _publish_signals_connected() -> bool:
+    from celery import signals
+
+    return bool(signals.before_task_publish.receivers or signals.after_task_publish.receivers
+                or signals.task_sent.receivers)
+
+
+def _delivery_mode(queue: Any, conf: Any) -> Any:
+    from kombu.entity import PERSISTENT_DELIVERY_MODE
+
+    mode = getattr(getattr(queue, "exchange", None), "delivery_mode", None)
+    return mode or conf.task_default_delivery_mode or PERSISTENT_DELIVERY_MODE
 
 
 def _apply_eagerly(app: Celery, children: Sequence[dict]) -> list[str]:
