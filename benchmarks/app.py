@@ -15,7 +15,8 @@ from celery_spawn import SpawnManager, SpawnTask, depends_on, install
 COUNTER_URL = os.environ.get("SPAWN_BENCH_COUNTER_URL", "redis://127.0.0.1:6379/9")
 
 
-def make_app(broker: str, database_url: str, queue: str, child_queue: str | None = None) -> Celery:
+def make_app(broker: str, database_url: str, queue: str, child_queue: str | None = None,
+             fast: bool = False) -> Celery:
     app = Celery("spawn_bench", broker=broker, set_as_current=False)
     app.conf.update(
         task_default_queue=queue,
@@ -24,6 +25,8 @@ def make_app(broker: str, database_url: str, queue: str, child_queue: str | None
         spawn_database_url=database_url,
         spawn_recovery_interval=0,
     )
+    if fast:  # the documented speed settings (see README)
+        app.conf.update(spawn_synchronous_commit=False, spawn_track_started=False)
     counter = redis.Redis.from_url(COUNTER_URL)
     manager = SpawnManager()
     dead_queue = child_queue
@@ -74,4 +77,5 @@ app = make_app(
     database_url=os.environ.get("CELERY_SPAWN_DATABASE_URL", "sqlite:///spawn_bench.sqlite3"),
     queue=os.environ.get("SPAWN_BENCH_QUEUE", "spawn-bench"),
     child_queue=os.environ.get("SPAWN_BENCH_DEAD_QUEUE"),
+    fast=bool(os.environ.get("SPAWN_BENCH_FAST")),
 )

@@ -43,7 +43,8 @@ class SpawnState:
             from .store import SpawnStore
 
             self._store = SpawnStore(self.settings.database_url, self.settings.engine_options,
-                                     auto_migrate=self.settings.auto_migrate)
+                                     auto_migrate=self.settings.auto_migrate,
+                                     synchronous_commit=self.settings.synchronous_commit)
         return self._store
 
     @property

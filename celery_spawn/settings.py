@@ -38,6 +38,11 @@ class SpawnSettings:
     auto_migrate: bool = True
     #: Track the state of spawned children from worker signals.
     track_states: bool = True
+    #: Record when a plain (non-SpawnTask) child starts; off saves one commit per child.
+    track_started: bool = True
+    #: Wait for the database to flush each commit (PostgreSQL). Off trades the last
+    #: fraction of a second of tracking writes on a database crash for far cheaper commits.
+    synchronous_commit: bool = True
     #: Bearer token for the web API (required off loopback and for mutating endpoints).
     api_token: str | None = None
     #: Extra keyword arguments for ``sqlalchemy.create_engine``.
@@ -164,6 +169,8 @@ _VALIDATORS = {
     "recovery_grace": _seconds(7 * 86_400),
     "auto_migrate": _boolean,
     "track_states": _boolean,
+    "track_started": _boolean,
+    "synchronous_commit": _boolean,
     "api_token": _optional_text,
     "engine_options": _mapping,
 }

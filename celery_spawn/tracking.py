@@ -440,7 +440,7 @@ def _on_prerun(sender=None, task_id=None, task=None, **_: Any) -> None:
     if task is None or isinstance(task, SpawnTask) or not is_spawned(task):
         return  # SpawnTask claims its own start (and can skip a duplicate)
     tracker = _tracker_for(task)
-    if tracker is not None:
+    if tracker is not None and tracker.state.settings.track_started:
         _safely("a start", tracker.claim_start, task_id)
 
 

@@ -32,7 +32,9 @@ def redact(url: str | URL) -> str:
 class EngineHolder:
     """One SQLAlchemy engine per process, rebuilt when the pid changes."""
 
-    def __init__(self, url: str, engine_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, url: str, engine_options: dict[str, Any] | None = None,
+                 synchronous_commit: bool = True) -> None:
+        self.synchronous_commit = synchronous_commit
         try:
             self.url = _with_installed_driver(make_url(url))
         except Exception:
@@ -81,6 +83,8 @@ class EngineHolder:
             options.update(pool_pre_ping=True, pool_recycle=1800)
         if backend in ("mysql", "mariadb"):
             options["isolation_level"] = "READ COMMITTED"
+        if backend == "postgresql" and not self.synchronous_commit:
+            options["connect_args"] = {"options": "-c synchronous_commit=off"}
         options.update(self.engine_options)
         try:
             engine = sa.create_engine(self.url, **options)

@@ -37,8 +37,9 @@ def chunked(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
 class SpawnStore:
     """Reads and writes spawn operations, jobs and dependency edges."""
 
-    def __init__(self, url: str, engine_options: dict[str, Any] | None = None, auto_migrate: bool = True) -> None:
-        self.holder = EngineHolder(url, engine_options)
+    def __init__(self, url: str, engine_options: dict[str, Any] | None = None, auto_migrate: bool = True,
+                 synchronous_commit: bool = True) -> None:
+        self.holder = EngineHolder(url, engine_options, synchronous_commit=synchronous_commit)
         self.auto_migrate = auto_migrate
         self._schema_ready = False
         backend = self.holder.dialect
