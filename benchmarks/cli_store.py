@@ -23,9 +23,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable, Iterator
 
 import sqlalchemy as sa
 
@@ -240,7 +240,7 @@ def main() -> None:
     rows.append(("pending: query", pend_q, pend_n))
 
     width = max(len(r[0]) for r in rows)
-    print(f"{'in process (median of %d)' % options.repeat:{width}}  {'seconds':>8}  statements")
+    print(f"{f'in process (median of {options.repeat})':{width}}  {'seconds':>8}  statements")
     for label, seconds, statements in rows:
         print(f"{label:{width}}  {seconds:8.3f}  {statements}")
     if not options.no_cli:
@@ -248,9 +248,11 @@ def main() -> None:
         print(f"{'celery spawn ... > /dev/null (wall, median)':{width}}  {'seconds':>8}")
         for args in (["tree", BIG_ROOT], ["tree", BIG_ROOT, "--format", "json"], ["stats", "--hours", "24"],
                      ["list"]):
-            print(f"{'celery spawn ' + ' '.join(args):{width}}  {cli_wall_time(options.url, args, options.repeat):8.3f}")
-        print(f"{'celery --help (import cost of any celery command)':{width}}  "
-              f"{_time(lambda: subprocess.run([sys.executable, '-m', 'celery', '--help'], check=True, stdout=subprocess.DEVNULL)):8.3f}")  # noqa: E501
+            seconds = cli_wall_time(options.url, args, options.repeat)
+            print(f"{'celery spawn ' + ' '.join(args):{width}}  {seconds:8.3f}")
+        startup = _time(lambda: subprocess.run([sys.executable, "-m", "celery", "--help"], check=True,
+                                               stdout=subprocess.DEVNULL))
+        print(f"{'celery --help (import cost of any celery command)':{width}}  {startup:8.3f}")
     store.dispose()
 
 

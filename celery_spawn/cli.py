@@ -21,7 +21,8 @@ import functools
 import re
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import click
 from celery.bin.base import CeleryCommand

@@ -8,10 +8,12 @@ renders in every format.
 """
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import click
 
@@ -149,8 +151,7 @@ def tree_text(tree: dict, *, color: bool = False, highlight: str | None = None, 
         jobs += 1
         states[state] = states.get(state, 0) + 1
         depth = node.get("depth") or 0
-        if depth > deepest:
-            deepest = depth
+        deepest = max(deepest, depth)
         name = node.get("task_name") or "?"
         if color:
             parts = [_style(name, color, bold=True) if parent is None else name, _state(state, color),
@@ -361,21 +362,21 @@ def stats_text(stats: dict, *, color: bool = False) -> str:
     """The stats of :func:`celery_spawn.store.queries.stats` for people."""
     window = stats["window"]
     scope = f"queue {stats['queue']}" if stats.get("queue") is not None else "all queues"
-    bold: Callable[[str], str] = lambda text: _style(text, color, bold=True)  # noqa: E731
+    bold = functools.partial(_style, color=color, bold=True)
     durations = stats["durations"]
     lines = [
         bold(f"Spawn statistics, last {window['hours']:g} h ({_when(window['since'])} to "
              f"{_when(window['until'])} UTC), {scope}"),
         f"  operations          {stats['operations']}  ({_counts(stats['operations_by_state'], color)})",
         f"  children            {stats['children']}  ({_counts(stats['children_by_state'], color)})",
-        f"  children per spawn  avg {_num(stats['avg_children_per_spawn'])}, "
-        f"max {_num(stats['max_children_per_spawn'])}",
-        f"  success rate        {_percent(stats['success_rate'])} of finished operations, "
-        f"{_percent(stats['child_success_rate'])} of finished children",
-        f"  operation duration  avg {_seconds(durations['operation_avg_seconds'])}, "
-        f"max {_seconds(durations['operation_max_seconds'])}",
-        f"  child run time      avg {_seconds(durations['child_avg_seconds'])}, "
-        f"max {_seconds(durations['child_max_seconds'])}",
+        (f"  children per spawn  avg {_num(stats['avg_children_per_spawn'])}, "
+         f"max {_num(stats['max_children_per_spawn'])}"),
+        (f"  success rate        {_percent(stats['success_rate'])} of finished operations, "
+         f"{_percent(stats['child_success_rate'])} of finished children"),
+        (f"  operation duration  avg {_seconds(durations['operation_avg_seconds'])}, "
+         f"max {_seconds(durations['operation_max_seconds'])}"),
+        (f"  child run time      avg {_seconds(durations['child_avg_seconds'])}, "
+         f"max {_seconds(durations['child_max_seconds'])}"),
     ]
     for title, key in (("By queue", "queue"), ("By handler", "handler")):
         groups = stats.get(f"by_{key}") or []
@@ -425,7 +426,8 @@ def pending_text(entries: list[dict], *, color: bool = False) -> str:
         jobs = entry.get("jobs") or []
         for index, job in enumerate(jobs):
             last = index == len(jobs) - 1 and len(jobs) >= entry["pending"] + entry["held"]
-            waits = f", waits on {job['pending_deps']}" if job.get("state") == "held" and job.get("pending_deps") else ""
+            deps = job.get("pending_deps") if job.get("state") == "held" else 0
+            waits = f", waits on {deps}" if deps else ""
             lines.append(f"  {'└──' if last else '├──'} #{job['position']} {job['id']}  {job['task_name']}  "
                          f"{_state(job['state'], color)}{waits}  queue={job.get('queue') or '-'}")
         rest = entry["pending"] + entry["held"] - len(jobs)
@@ -436,20 +438,20 @@ def pending_text(entries: list[dict], *, color: bool = False) -> str:
 
 def monitor_text(snapshot: dict, *, color: bool = False) -> str:
     """One frame of ``celery spawn monitor``: running operations with progress bars, last hour's stats."""
-    bold: Callable[[str], str] = lambda text: _style(text, color, bold=True)  # noqa: E731
+    bold = functools.partial(_style, color=color, bold=True)
     stats = snapshot["stats"]
     scope = f"queue {snapshot['queue']}" if snapshot.get("queue") is not None else "all queues"
     lines = [
-        bold(f"celery spawn monitor: {snapshot['store']}, {scope}") + f"  ({_when(snapshot['at'])} UTC,"
-        f" every {snapshot['interval']:g}s, Ctrl-C to quit)",
+        (bold(f"celery spawn monitor: {snapshot['store']}, {scope}")
+         + f"  ({_when(snapshot['at'])} UTC, every {snapshot['interval']:g}s, Ctrl-C to quit)"),
         "",
-        f"last hour: {stats['operations']} operations ({_counts(stats['operations_by_state'], color)}), "
-        f"{stats['children']} children ({_counts(stats['children_by_state'], color)})",
-        f"success rate {_percent(stats['success_rate'])} of operations, "
-        f"{_percent(stats['child_success_rate'])} of children; "
-        f"child run time avg {_seconds(stats['durations']['child_avg_seconds'])}",
-        f"waiting to dispatch: {snapshot['pending_children']} children in {snapshot['pending_operations']}"
-        f"{'+' if snapshot.get('pending_more') else ''} operations",
+        (f"last hour: {stats['operations']} operations ({_counts(stats['operations_by_state'], color)}), "
+         f"{stats['children']} children ({_counts(stats['children_by_state'], color)})"),
+        (f"success rate {_percent(stats['success_rate'])} of operations, "
+         f"{_percent(stats['child_success_rate'])} of children; "
+         f"child run time avg {_seconds(stats['durations']['child_avg_seconds'])}"),
+        (f"waiting to dispatch: {snapshot['pending_children']} children in {snapshot['pending_operations']}"
+         f"{'+' if snapshot.get('pending_more') else ''} operations"),
         "",
         bold(f"Running operations ({len(snapshot['running'])})"),
     ]

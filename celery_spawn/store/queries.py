@@ -19,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -57,7 +58,8 @@ JOB_FIELDS = ("id", "parent_id", "root_id", "operation_id", "position", "depth",
 OPERATION_FIELDS = ("id", "parent_id", "root_id", "parent_task", "handler", "queue", "depth", "state",
                     "total", "error", "wait_for_descendants", "fail_fast", "completed", "created_at",
                     "updated_at", "finished_at")
-#: Columns of a node of :func:`spawn_tree`.
+#: Columns read for each node of :func:`spawn_tree`; a node carries all of them but ``parent_id``
+#: (its place in the nesting says it), plus ``children`` and, where cut, ``hidden_children``.
 TREE_FIELDS = ("id", "parent_id", "task_name", "state", "depth", "queue", "operation_id", "position")
 
 _FINAL = tuple(sorted(s.FINAL_JOB_STATES))

@@ -42,15 +42,15 @@ def run(env: dict, *args: str, app: str | None = "tests.app", cwd=ROOT, timeout:
 def ok(backend, *args: str, **kwargs) -> str:
     result = run(backend.env(), *args, **kwargs)
     assert result.returncode == RET_OK, f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
     return result.stdout
 
 
 def fails(backend_or_env, code: int, *args: str, **kwargs) -> str:
     env = backend_or_env if isinstance(backend_or_env, dict) else backend_or_env.env()
     result = run(env, *args, **kwargs)
-    assert result.returncode == code, f"{args} exited {result.returncode}, not {code}:\n{result.stdout}\n{result.stderr}"
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert result.returncode == code, f"{args} exited {result.returncode}, not {code}:\n{result.stdout}{result.stderr}"
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
     return result.stderr
 
 
@@ -90,8 +90,8 @@ def trees(backend, worker, client_app):
     with store.read() as conn:
         wait_for(lambda: queries.list_operations(conn, state="failed"), TIMEOUT, what="refused operation")
         chain = queries.descendants(conn, nested.id)
-    deepest = [row for row in chain if row["distance"] == 3][0]
-    middle = [row for row in chain if row["distance"] == 2 and row["id"] == deepest["parent_id"]][0]
+    deepest = next(row for row in chain if row["distance"] == 3)
+    middle = next(row for row in chain if row["id"] == deepest["parent_id"])
 
     # Rows no worker would make: held children bound for a queue whose name is SQL-looking data.
     builder = StoreBuilder(store)
@@ -232,7 +232,7 @@ def test_lineage(backend, trees):
     assert data["descendants"] == []
 
     up = json.loads(ok(backend, "lineage", trees.deepest, "--ancestors", "--depth", "2", "-f", "json"))
-    assert "descendants" not in up and [a["id"] for a in up["ancestors"]][0] == trees.middle
+    assert "descendants" not in up and up["ancestors"][0]["id"] == trees.middle
     assert len(up["ancestors"]) == 2
     down = json.loads(ok(backend, "lineage", trees.nested, "--descendants", "-f", "json"))
     assert "ancestors" not in down and len(down["descendants"]) == 14
@@ -268,7 +268,7 @@ def test_monitor_exits_cleanly_on_ctrl_c(backend, trees):
             seen.append(proc.stdout.readline())
         assert sum("celery spawn monitor" in line for line in seen) == 2, seen
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        _out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -363,8 +363,8 @@ def plain_env(**extra: str) -> dict:
     "mysql+mysqldb://spawn:s3cret-pw@127.0.0.1:1/nowhere",
 ])
 def test_unreachable_store_is_one_line_without_password(url):
-    for args in (["list"], ["tree", "abc"], ["stats"], ["pending"], ["lineage", "abc"], ["monitor", "--iterations", "1"],
-                 ["migrate"]):
+    for args in (["list"], ["tree", "abc"], ["stats"], ["pending"], ["lineage", "abc"],
+                 ["monitor", "--iterations", "1"], ["migrate"]):
         line = one_line(fails(plain_env(), RET_STORE, *args, "--database-url", url))
         assert "s3cret-pw" not in line and "***" in line and "127.0.0.1:1/nowhere" in line, line
         assert line.startswith("Error: ")
