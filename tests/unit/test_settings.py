@@ -13,7 +13,8 @@ from celery_spawn.config import DEFAULT_MAX_SPAWN_COUNT, HARD_MAX_SPAWN_COUNT
 from celery_spawn.settings import DEFAULT_DATABASE_URL, SpawnSettings
 
 SETTING_NAMES = {"database_url", "max_spawn_count_ceiling", "default_max_spawn_count", "recovery_interval",
-                 "recovery_grace", "auto_migrate", "track_states", "api_token", "engine_options"}
+                 "recovery_grace", "auto_migrate", "track_states", "track_started", "synchronous_commit", "api_token",
+                 "engine_options"}
 
 
 def make_app(**conf) -> Celery:
@@ -192,3 +193,16 @@ def test_invalid_database_url_raises_improperly_configured(value):
 def test_engine_options_can_come_from_the_environment():
     settings = SpawnSettings.load({}, environ={"CELERY_SPAWN_ENGINE_OPTIONS": '{"pool_pre_ping": false}'})
     assert settings.engine_options == {"pool_pre_ping": False}
+
+
+def test_speed_settings_reach_the_engine(store_url):
+    """spawn_synchronous_commit=False turns off PostgreSQL's commit flush for the store's sessions only."""
+    import sqlalchemy as sa
+
+    app = make_app(spawn_database_url=store_url, spawn_synchronous_commit=False, spawn_track_started="off")
+    state = install(app)
+    assert state.settings.synchronous_commit is False and state.settings.track_started is False
+    if state.store.backend == "postgresql":
+        with state.store.read() as conn:
+            assert conn.execute(sa.text("SHOW synchronous_commit")).scalar() == "off"
+    state.store.dispose()
