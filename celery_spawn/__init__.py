@@ -1,36 +1,64 @@
-"""celery-spawn: dynamic job spawning for Celery, with lineage in a SQL sidecar store."""
+"""celery-spawn: dynamic job spawning for Celery, with lineage in a SQL sidecar store.
+
+Public names are imported on first use, so that ``celery`` commands (which all
+load the ``celery spawn`` plugin) do not pay for SQLAlchemy at start-up.
+"""
 from __future__ import annotations
 
-from .app import get_state, install
-from .config import SpawnConfig
-from .control import cancel, completion_task_id
-from .errors import (
-    DependencyError,
-    HandlerError,
-    HandlerNotFound,
-    JobNotFound,
-    OperationConflict,
-    SpawnConfigError,
-    SpawnDepthExceeded,
-    SpawnError,
-    SpawnLimitExceeded,
-    SpawnValidationError,
-    StoreError,
-)
-from .handlers import ParentJob, SpawnContext, SpawnHandler, SpawnManager, SpawnResult, child_id
-from .recovery import recover
-from .signatures import depends_on, with_spawn_config, with_spawn_handler
-from .task import SpawnTask
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
+_EXPORTS = {
     # spawning
-    "SpawnTask", "SpawnHandler", "SpawnContext", "SpawnManager", "SpawnConfig", "SpawnResult", "ParentJob",
-    "install", "get_state", "recover", "child_id", "cancel", "completion_task_id",
+    "SpawnTask": "task", "SpawnHandler": "handlers", "SpawnContext": "handlers", "SpawnManager": "handlers",
+    "SpawnConfig": "config", "SpawnResult": "handlers", "ParentJob": "handlers", "child_id": "handlers",
+    "install": "app", "get_state": "app", "recover": "recovery", "cancel": "control",
+    "completion_task_id": "control",
     # signatures
-    "with_spawn_handler", "with_spawn_config", "depends_on",
+    "with_spawn_handler": "signatures", "with_spawn_config": "signatures", "depends_on": "signatures",
     # errors
-    "SpawnError", "SpawnConfigError", "SpawnLimitExceeded", "SpawnDepthExceeded", "HandlerNotFound",
-    "HandlerError", "SpawnValidationError", "DependencyError", "OperationConflict", "StoreError", "JobNotFound",
-]
+    "SpawnError": "errors", "SpawnConfigError": "errors", "SpawnLimitExceeded": "errors",
+    "SpawnDepthExceeded": "errors", "HandlerNotFound": "errors", "HandlerError": "errors",
+    "SpawnValidationError": "errors", "DependencyError": "errors", "OperationConflict": "errors",
+    "StoreError": "errors", "JobNotFound": "errors",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'celery_spawn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .app import get_state, install
+    from .config import SpawnConfig
+    from .control import cancel, completion_task_id
+    from .errors import (
+        DependencyError,
+        HandlerError,
+        HandlerNotFound,
+        JobNotFound,
+        OperationConflict,
+        SpawnConfigError,
+        SpawnDepthExceeded,
+        SpawnError,
+        SpawnLimitExceeded,
+        SpawnValidationError,
+        StoreError,
+    )
+    from .handlers import ParentJob, SpawnContext, SpawnHandler, SpawnManager, SpawnResult, child_id
+    from .recovery import recover
+    from .signatures import depends_on, with_spawn_config, with_spawn_handler
+    from .task import SpawnTask

@@ -105,6 +105,7 @@ def install(app: Celery, manager: SpawnManager | None = None, **settings: Any) -
             state.manager = manager
         state.reload(**settings)
     if not state.installed:
+        from . import tracking  # noqa: F401  (connects the worker signals that track children)
         from .worker import install_worker_hooks
 
         install_worker_hooks(app)

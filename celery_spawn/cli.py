@@ -528,6 +528,57 @@ def recover(ctx: click.Context, grace: float | None, limit: int, database_url: s
               f"from {state.store.safe_url}")
 
 
+@spawn.command(cls=CeleryCommand)
+@click.argument("target", metavar="JOB_OR_OPERATION", type=JOB_ID)
+@click.option("--terminate", is_flag=True, help="Also kill children that are running (revoke with terminate).")
+@click.option("--force", is_flag=True, help="Do not ask for confirmation on a terminal.")
+@format_option(("text", "json"))
+@store_options
+@click.pass_context
+def cancel(ctx: click.Context, target: str, terminate: bool, force: bool, fmt: str,
+           database_url: str | None) -> None:
+    """Stop every unfinished descendant of a job or operation.
+
+    Held and pending children are marked cancelled, dispatched and running ones
+    are revoked; finished ones stay as they are. Needs the app (-A) to revoke.
+    """
+    from . import render
+    from .app import get_state
+    from .control import cancel as cancel_tree
+    from .errors import JobNotFound, StoreError
+
+    app = user_app(ctx)
+    if app is None:
+        raise click.UsageError("cancel revokes through your Celery app: give it with `celery -A proj spawn cancel`")
+    state = get_state(app)
+    if database_url:
+        state.reload(database_url=database_url)
+    if not force and sys.stdin.isatty():
+        click.confirm(f"Cancel everything unfinished below {target}?", abort=True)
+    try:
+        result = cancel_tree(app, target, terminate=terminate)
+    except JobNotFound:
+        raise CommandError(f"no spawned job or operation has id {target}", RET_NOT_FOUND) from None
+    except StoreError as exc:
+        raise CommandError(_explain(state.store, exc), RET_STORE) from None
+    if fmt == "json":
+        emit(ctx, render.to_json(result))
+    else:
+        emit(ctx, f"cancelled {result['cancelled']} waiting and revoked {result['revoked']} running "
+                  f"job{'s' if result['revoked'] != 1 else ''} below {target}"
+                  + (" (terminated)" if terminate and result["revoked"] else ""))
+
+
+def _register_serve() -> None:
+    """``celery spawn serve``: the web API and dashboard (needs the ``web`` extra only when run)."""
+    from .web.command import serve
+
+    spawn.add_command(serve)
+
+
+_register_serve()
+
+
 def main() -> None:  # pragma: no cover - `python -m celery_spawn.cli` without Celery's root command
     spawn(prog_name="celery spawn")
 

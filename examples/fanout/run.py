@@ -13,6 +13,7 @@ sys.path.insert(0, str(HERE))
 from app import DEMO, app, report  # noqa: E402
 
 from celery_spawn import SpawnConfig, completion_task_id, get_state, with_spawn_config  # noqa: E402
+from celery_spawn.store import queries  # noqa: E402
 
 
 def main() -> int:
@@ -30,13 +31,10 @@ def main() -> int:
         print("parent result:", result.get(timeout=60))
         store = get_state(app).store
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # until every chunk is done and recorded
             with store.read() as conn:
-                from celery_spawn.store import schema as s
-                import sqlalchemy as sa
-
-                op = conn.execute(sa.select(s.operations).where(s.operations.c.id == "op-dataset-123")).mappings().first()
-            if op is not None and op["completed"]:
+                operation = queries.get_operation(conn, "op-dataset-123")
+            if operation is not None and operation["completed"]:
                 break
             time.sleep(0.3)
         subprocess.run([sys.executable, "-m", "celery", "-A", "app", "spawn", "tree", result.id], cwd=HERE, check=False)
