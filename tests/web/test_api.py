@@ -304,3 +304,34 @@ def test_openapi_describes_every_column():
         "/api/spawn/stats", "/api/jobs/{job_id}/spawn-tree", "/api/jobs/{job_id}/children",
         "/api/jobs/{job_id}/parent", "/api/openapi.json", "/"}
     json.dumps(doc)
+
+
+def test_mounted_under_a_prefix(sqlite_url):
+    """The app factory inside another WSGI application, as docs/web.md shows: every URL is relative to the mount."""
+    from flask import Flask
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    from celery_spawn.store import SpawnStore
+
+    store = SpawnStore(sqlite_url)
+    builder = StoreBuilder(store)
+    builder.job("root", task="tests.parent")
+    builder.spawn("root", 2)
+    builder.flush()
+    store.dispose()
+
+    main = Flask("main")
+    main.add_url_rule("/", "home", lambda: "the main application")
+    spawn_app = create_app(database_url=sqlite_url, token=TOKEN)
+    main.wsgi_app = DispatcherMiddleware(main.wsgi_app, {"/spawn": spawn_app})  # type: ignore[method-assign]
+    client = main.test_client()
+    assert client.get("/").get_data(as_text=True) == "the main application"
+    page = client.get("/spawn/")
+    assert page.status_code == 200 and b'href="static/dashboard.css"' in page.data
+    assert b'src="static/dashboard.js"' in page.data and "default-src 'none'" in page.headers["Content-Security-Policy"]
+    assert client.get("/spawn/static/dashboard.js").status_code == 200
+    assert client.get("/spawn").status_code in (301, 308)  # to /spawn/, so that relative URLs resolve
+    tree = client.get("/spawn/api/jobs/root/spawn-tree", headers={"Authorization": f"Bearer {TOKEN}"}).get_json()
+    assert tree["summary"]["jobs"] == 3
+    assert client.get("/spawn/api/spawn/stats").status_code == 401
+    web_state(spawn_app).store.dispose()
