@@ -180,69 +180,52 @@ class Bench:
         purge()
         return elapsed
 
-    # ---- case 2 ----------------------------------------------------------------------------
+    # ---- cases 2 and 3 ----------------------------------------------------------------------
+    def _against_worker(self, pg_url: str, fast: bool, baseline_canvas: Callable, spawn_kwargs: dict, n: int,
+                        wait_for_tracking: bool) -> tuple[float, float]:
+        """Median seconds of (celery-spawn, baseline) until ``n`` counted no-op tasks ran on a real worker."""
+        queue = f"bench-{uuid.uuid4().hex[:6]}"
+        app = self.app(REDIS_BROKER, pg_url, queue, fast=fast)
+        noop, parent = app.tasks["bench.noop"], app.tasks["bench.parent"]
+
+        def timed_until_counted(send: Callable[[str], object]) -> float:
+            key = f"bench:{uuid.uuid4().hex}"
+            start = time.perf_counter()
+            sent = send(key)
+            wait_until(lambda: int(self.counter.get(key) or 0) >= n, 600, f"{n} tasks")
+            if wait_for_tracking and sent is not None:
+                wait_until(lambda: self.operation_done(app, sent.id), 600, "tracking to finish", 0.05)
+            return time.perf_counter() - start
+
+        with self.worker(REDIS_BROKER, pg_url, queue, fast=fast):
+            baseline = median_of(self.rounds, lambda: timed_until_counted(
+                lambda key: baseline_canvas(noop, key).apply_async() and None))
+            spawned = median_of(self.rounds, lambda: timed_until_counted(
+                lambda key: parent.apply_async(kwargs={"key": key, "n": n, "_spawn_config": spawn_kwargs})))
+        return spawned, baseline
+
     def e2e(self, pg_url: str) -> None:
+        from celery import group
+
         n = self.sizes["e2e"]
         for fast in (False, True):
-            queue = f"bench-e2e-{uuid.uuid4().hex[:6]}"
-            app = self.app(REDIS_BROKER, pg_url, queue, fast=fast)
-            noop, parent = app.tasks["bench.noop"], app.tasks["bench.parent"]
-            with self.worker(REDIS_BROKER, pg_url, queue, fast=fast):
-                def group_round() -> float:
-                    from celery import group
-
-                    key = f"bench:{uuid.uuid4().hex}"
-                    start = time.perf_counter()
-                    group([noop.s(key) for _ in range(n)]).apply_async()
-                    wait_until(lambda: int(self.counter.get(key) or 0) >= n, 600, "group children")
-                    return time.perf_counter() - start
-
-                def spawn_round() -> float:
-                    key = f"bench:{uuid.uuid4().hex}"
-                    start = time.perf_counter()
-                    result = parent.apply_async(kwargs={"key": key, "n": n, "_spawn_config": {
-                        "handler": "fanout", "max_spawn_count": n, "batch_size": 1000}})
-                    wait_until(lambda: int(self.counter.get(key) or 0) >= n, 600, "spawned children")
-                    wait_until(lambda: self.operation_done(app, result.id), 600, "tracking to finish", 0.05)
-                    return time.perf_counter() - start
-
-                baseline = median_of(self.rounds, group_round)
-                spawned = median_of(self.rounds, spawn_round)
-            mode = "fast commits, no start tracking" if fast else "default settings"
-            self.rows.append(Row("2 end to end", f"{n:,} tracked no-op children, prefork -c 2, {mode}", spawned,
-                                 baseline, "s", target=1.3,
+            spawned, baseline = self._against_worker(
+                pg_url, fast, lambda noop, key: group([noop.s(key) for _ in range(n)]),
+                {"handler": "fanout", "max_spawn_count": n, "batch_size": 1000}, n, wait_for_tracking=True)
+            self.rows.append(Row("2 end to end", f"{n:,} tracked no-op children, prefork -c 2, {_mode(fast)}",
+                                 spawned, baseline, "s", target=1.3,
                                  note=f"{n / spawned:,.0f} tasks/s vs group {n / baseline:,.0f} tasks/s"))
 
-    # ---- case 3 ----------------------------------------------------------------------------
     def hops(self, pg_url: str) -> None:
+        from celery import chain
+
         n = self.sizes["hops"]
         for fast in (False, True):
-            queue = f"bench-hops-{uuid.uuid4().hex[:6]}"
-            app = self.app(REDIS_BROKER, pg_url, queue, fast=fast)
-            noop, parent = app.tasks["bench.noop"], app.tasks["bench.parent"]
-            with self.worker(REDIS_BROKER, pg_url, queue, fast=fast):
-                def chain_round() -> float:
-                    from celery import chain
-
-                    key = f"bench:{uuid.uuid4().hex}"
-                    start = time.perf_counter()
-                    chain(*[noop.si(key) for _ in range(n)]).apply_async()
-                    wait_until(lambda: int(self.counter.get(key) or 0) >= n, 300, "chain")
-                    return (time.perf_counter() - start) / n
-
-                def spawn_round() -> float:
-                    key = f"bench:{uuid.uuid4().hex}"
-                    start = time.perf_counter()
-                    parent.apply_async(kwargs={"key": key, "n": n, "_spawn_config": {
-                        "handler": "sequence", "max_spawn_count": n}})
-                    wait_until(lambda: int(self.counter.get(key) or 0) >= n, 300, "sequence")
-                    return (time.perf_counter() - start) / n
-
-                baseline = median_of(self.rounds, chain_round)
-                spawned = median_of(self.rounds, spawn_round)
-            mode = "fast commits, no start tracking" if fast else "default settings"
-            self.rows.append(Row("3 dependency hops", f"{n} steps, per hop, {mode}", spawned * 1000,
-                                 baseline * 1000, "ms", target=2.0))
+            spawned, baseline = self._against_worker(
+                pg_url, fast, lambda noop, key: chain(*[noop.si(key) for _ in range(n)]),
+                {"handler": "sequence", "max_spawn_count": n}, n, wait_for_tracking=False)
+            self.rows.append(Row("3 dependency hops", f"{n} steps, per hop, {_mode(fast)}", spawned / n * 1000,
+                                 baseline / n * 1000, "ms", target=2.0))
 
     # ---- case 4 ----------------------------------------------------------------------------
     def memory(self, pg_url: str) -> None:
@@ -328,6 +311,10 @@ def _small_tree_time(store) -> float:
                                                          s.jobs.c.id != cli_store.BIG_ROOT).limit(1)).scalar()
     seconds, _, _ = cli_store.timed(store, lambda c: queries.spawn_tree(c, root), 5)
     return seconds
+
+
+def _mode(fast: bool) -> str:
+    return "fast commits, no start tracking" if fast else "default settings"
 
 
 def _peak_rss_mb(pid: int) -> float:
