@@ -26,15 +26,8 @@ TIMEOUT = 90
 #: A queue name that is SQL-looking data: it must come back as data.
 NASTY_QUEUE = "q'; DROP TABLE spawn_jobs; --\"`"
 
-#: Runs the real ``celery`` command line with ``serve`` in the ``spawn`` group, whether or not
-#: celery_spawn/cli.py registers it yet (adding it twice is harmless).
-LAUNCHER = (
-    "from celery_spawn.cli import spawn\n"
-    "from celery_spawn.web.command import serve\n"
-    "spawn.add_command(serve)\n"
-    "from celery.__main__ import main\n"
-    "main()\n"
-)
+#: The real ``celery`` command line (``celery spawn serve`` comes through the ``celery.commands`` entry point).
+CELERY = [sys.executable, "-m", "celery"]
 _SERVING = re.compile(r"serving .* on (http://\S+?)/ ")
 
 
@@ -91,7 +84,7 @@ class Served:
     """``celery -A tests.app spawn serve --port 0 ...`` as a subprocess; ``url`` once it listens."""
 
     def __init__(self, env: dict, *args: str, app: str | None = "tests.app", log: Path | None = None) -> None:
-        command = [sys.executable, "-c", LAUNCHER, *(["-A", app] if app else []), "spawn", "serve", *args]
+        command = [*CELERY, *(["-A", app] if app else []), "spawn", "serve", *args]
         self.log_path = log
         self._log = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=self._log,

@@ -20,7 +20,7 @@ from celery_spawn.store import SpawnStore
 from celery_spawn.web import auth, create_app
 from celery_spawn.web.api import web_state
 from tests.harness import ROOT, StoreBuilder
-from tests.web.conftest import LAUNCHER, get_json, served
+from tests.web.conftest import CELERY, get_json, served
 
 TOKEN = "correct horse battery staple"
 
@@ -150,7 +150,7 @@ def test_loopback_addresses(host, loopback):
 
 # ---- the serve command --------------------------------------------------------------------------
 def run_serve(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", LAUNCHER, "spawn", "serve", *args], cwd=ROOT,
+    return subprocess.run([*CELERY, "spawn", "serve", *args], cwd=ROOT,
                           env=env or clean_env(), capture_output=True, text=True, timeout=60, check=False)
 
 

@@ -232,7 +232,7 @@ def test_tree_is_interactive(driver, server, trees):
 
 def test_a_running_tree_refreshes_until_it_finishes(driver, server, client_app, trees):
     parent = client_app.signature("tests.spawner", kwargs={
-        "count": 4, "seconds": 1.5, "_spawn_config": {"handler": "sleepers"}}).delay()
+        "count": 4, "seconds": 2.5, "_spawn_config": {"handler": "sleepers"}}).delay()
     parent.get(timeout=TIMEOUT)
     store = get_state(client_app).store
 
@@ -245,9 +245,11 @@ def test_a_running_tree_refreshes_until_it_finishes(driver, server, client_app, 
     driver.open(f"{server.url}/?job={parent.id}")
     assert driver.until(TREE_STATE, "the tree to load") == "running"
     states = driver.js("return [...document.querySelectorAll('li.node')].map(n => n.dataset.state)")
-    assert states[0] == "succeeded" and "started" in states and "held" in states
+    # The first sleeper runs 2.5 s; the three held behind it wait that long at least.
+    assert len(states) == 5 and states[0] == "succeeded", states
+    assert {"started", "held"} & set(states[1:]) and "succeeded" not in states[2:], states
     row = f"tr.operation[data-operation-id='{default_operation_id(parent.id)}']"
-    assert driver.js(f"return document.querySelector(\"{row}\").dataset.state") == "running"
+    assert driver.until(f"return document.querySelector(\"{row}\")?.dataset.state", "the operation row") == "running"
 
     # No reload: the page polls while the tree runs, then stops.
     driver.until(TREE_STATE + " === 'finished'", "the page to see the tree finish", timeout=TIMEOUT)
