@@ -55,6 +55,11 @@ class SpawnConfig:
         object.__setattr__(self, "_explicit", frozenset(options))
         self.validate()
 
+    @classmethod
+    def new(cls) -> SpawnConfig:
+        """The seed's ``SpawnConfig::new()``: every option at its default."""
+        return cls()
+
     # ---- builders (the seed's names) -------------------------------------------------
     def _with(self, **changes: Any) -> SpawnConfig:
         return SpawnConfig(**{**self._explicit_values(), **changes})

@@ -139,8 +139,13 @@ class SpawnManager:
     def __init__(self) -> None:
         self._handlers: dict[str, SpawnHandler] = {}
 
-    def register_handler(self, name: str, handler: SpawnHandler | type[SpawnHandler] | Callable) -> SpawnHandler:
-        """Register ``handler`` under ``name``; a name may be registered once."""
+    def register_handler(self, name: str, handler: SpawnHandler | type[SpawnHandler] | Callable | None = None) -> Any:
+        """Register ``handler`` under ``name``; a name may be registered once.
+
+        Without ``handler`` it is a decorator: ``@manager.register_handler("name")``.
+        """
+        if handler is None:
+            return self.handler(name)
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"handler name must be a non-empty string, not {name!r}")
         handler = _as_handler(handler)

@@ -304,3 +304,16 @@ def test_spawn_recorded_signal_carries_the_result(sqlite_rig):
         signals.spawn_recorded.disconnect(receiver)
     (spawn_result,) = got
     assert spawn_result.parent_job_id == result.id and len(spawn_result.spawned_job_ids) == 1
+
+
+def test_register_handler_is_also_a_decorator_and_config_has_new():
+    from celery_spawn import SpawnConfig, SpawnManager
+
+    manager = SpawnManager()
+
+    @manager.register_handler("decorated")
+    def decorated(context):
+        return []
+
+    assert manager.has_handler("decorated") and decorated(None) == []
+    assert SpawnConfig.new() == SpawnConfig()
