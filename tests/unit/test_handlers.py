@@ -95,7 +95,7 @@ def test_bad_names_are_refused_at_registration(name):
         SpawnManager().register_handler(name, Noop())
 
 
-@pytest.mark.parametrize("handler", [3, "a string", object()]  # None: register_handler is then a decorator)
+@pytest.mark.parametrize("handler", [3, "a string", object()])  # None: register_handler is then a decorator
 def test_things_that_are_not_handlers_are_refused_at_registration(handler):
     manager = SpawnManager()
     with pytest.raises(TypeError, match="spawn handler"):
