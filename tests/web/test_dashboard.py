@@ -259,3 +259,18 @@ def test_a_running_tree_refreshes_until_it_finishes(driver, server, client_app, 
                  "the operation row to refresh", timeout=15)
     shot = base64.b64decode(driver.call("GET", driver.s("/screenshot")))
     assert shot[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dashboard_behind_a_token(browser, backend, trees, tmp_path, artifacts):
+    """The token comes from the URL fragment (never sent to the server); without it the page asks for one."""
+    with served(backend.env(), "--port", "0", "--token", "dash-token",
+                log=artifacts / f"serve-dashboard-token-{backend.name}.log") as secured:
+        without = dump_dom(browser, tmp_path / "profile-a", f"{secured.url}/")
+        with_token = dump_dom(browser, tmp_path / "profile-b", f"{secured.url}/?job={trees.dataset}#token=dash-token")
+        access_log = secured.log()
+    assert elements(without, "tr", class_="operation") == []
+    assert 'id="token-form" class="token-form">' in without  # no longer hidden
+    assert "This server wants an API token" in without
+    assert len(elements(with_token, "tr", class_="operation", data_operation_id=trees.dataset_op)) == 1
+    assert len(elements(with_token, "li", class_="node")) == 12
+    assert "dash-token" not in access_log  # the fragment never reaches the server
