@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# System packages the database drivers need to build (psycopg2: libpq; mysqlclient: MariaDB client).
+# System packages the tests need: the database drivers build against libpq and the MariaDB client;
+# the web tests drive Chromium and run the JavaScript client under Node.
 set -euo pipefail
 need=()
 dpkg -s libpq-dev >/dev/null 2>&1 || need+=(libpq-dev)
@@ -8,6 +9,7 @@ dpkg -s pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v gcc >/dev/null 2>&1 || need+=(build-essential)
 dpkg -s chromium >/dev/null 2>&1 || need+=(chromium)                # the dashboard tests (headless)
 dpkg -s chromium-driver >/dev/null 2>&1 || need+=(chromium-driver)
+command -v node >/dev/null 2>&1 || need+=(nodejs)                   # the JavaScript client test
 if [ "${#need[@]}" -gt 0 ]; then
     sudo_cmd=""
     [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
