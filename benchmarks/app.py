@@ -43,7 +43,7 @@ def make_app(broker: str, database_url: str, queue: str, child_queue: str | None
     def stream(context):
         """``n`` children to a queue nobody consumes: measures the spawning worker alone."""
         n = context.parent.kwargs["n"]
-        for i in range(n):
+        for _ in range(n):
             yield noop.signature(("unused",), queue=dead_queue or "spawn-bench-dead")
 
     @manager.handler("sequence")

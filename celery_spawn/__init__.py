@@ -42,6 +42,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    # ruff: noqa: F401
     from .app import get_state, install
     from .config import SpawnConfig
     from .control import cancel, completion_task_id

@@ -46,7 +46,7 @@ class SpawnConfig:
 
     def __init__(self, **options: Any) -> None:
         defaults = {f.name: f.default for f in _FIELDS}
-        for key, value in options.items():
+        for key in options:
             if key not in defaults:
                 raise SpawnConfigError(f"unknown spawn config option {key!r}; known: {', '.join(sorted(defaults))}")
         merged = {**defaults, **options}

@@ -203,7 +203,7 @@ class Spawner:
             self.store.insert_operation(conn, self._operation_row(parent, config, operation_id, handler_name, now))
             self.store.ensure_job(conn, self._root_row(parent, now))
             total, edge_count = self._record_children(conn, handler, handler_name, context, now)
-            self._check_dependencies(conn, operation_id, parent.id)
+            self._check_dependencies(conn, operation_id)
             settle_dependencies(self.state, conn, operation_id)
             self.store.update_operation(conn, operation_id, total=total,
                                         state=s.OP_RUNNING if total else s.OP_SUCCEEDED,
@@ -360,7 +360,7 @@ class Spawner:
                 self._route_cache[task_name] = self.app.conf.task_default_queue
         return self._route_cache[task_name]
 
-    def _check_dependencies(self, conn: sa.Connection, operation_id: str, parent_id: str) -> None:  # noqa: ARG002
+    def _check_dependencies(self, conn: sa.Connection, operation_id: str) -> None:
         """Refuse unknown ids and cycles among this operation's children (one query each)."""
         child = s.jobs.alias("child")
         target = s.jobs.alias("target")

@@ -45,7 +45,7 @@ class SpawnTask(Task):
                 # autoretry_for wraps only run(): honour it for the spawn too.
                 retry_for = tuple(getattr(self, "autoretry_for", None) or ())
                 if retry_for and isinstance(exc, retry_for):
-                    raise self.retry(exc=exc, **(getattr(self, "retry_kwargs", None) or {}))
+                    raise self.retry(exc=exc, **(getattr(self, "retry_kwargs", None) or {})) from exc
                 raise
         return result
 

@@ -33,7 +33,7 @@ class RecoveryStep(bootsteps.StartStopStep):
         state = get_state(worker.app)
         logger.info("celery-spawn store: %s", state.store.safe_url)
         try:
-            state.store.engine  # create or upgrade the schema once, before the pool forks
+            _ = state.store.engine  # create or upgrade the schema once, before the pool forks
         except Exception as exc:
             logger.error("celery-spawn store is not usable: %s", exc)
         interval = state.settings.recovery_interval

@@ -90,7 +90,8 @@ def _complete_without_callback(conn: sa.Connection, operation_id: str, now: Any)
                        .where(ops.c.id == operation_id)).first()
     if row is None or row.completed or row.on_complete or row.wait_for_descendants:
         return False
-    counts: dict[str, int] = dict(conn.execute(sa.select(s.jobs.c.state, sa.func.count()).where(s.jobs.c.operation_id == operation_id)
+    counts: dict[str, int] = dict(conn.execute(
+        sa.select(s.jobs.c.state, sa.func.count()).where(s.jobs.c.operation_id == operation_id)
                                .group_by(s.jobs.c.state)).all())
     if not counts or any(state not in s.FINAL_JOB_STATES for state in counts):
         return False

@@ -106,7 +106,8 @@ def _schemas() -> dict[str, dict]:
                    description="One job of a spawn tree; children in spawn order.")
     summary = _object({"jobs": _INT, "levels": _INT, "hidden": _INT, "states": _COUNTS},
                       description="Jobs in the tree, levels shown, children hidden below max_depth, jobs per state.")
-    tree_head: dict[str, Any] = {"job_id": _ANY_ID, "max_depth": {"type": "integer", "minimum": 0}, "summary": _ref("TreeSummary")}
+    tree_head: dict[str, Any] = {"job_id": _ANY_ID, "max_depth": {"type": "integer", "minimum": 0},
+                                 "summary": _ref("TreeSummary")}
     group = {"operations": _INT, "children": _INT, "avg_children_per_spawn": nullable_number,
              "max_children_per_spawn": _nullable(_INT), "success_rate": nullable_number,
              "avg_duration_seconds": nullable_number, "max_duration_seconds": nullable_number}

@@ -241,7 +241,8 @@ def test_a_child_spawn_task_sees_its_parent_and_depth(sqlite_rig):
     def level(context):
         seen.append(context.parent)
         if context.parent.depth == 0:
-            return [context.app.signature("unit.parent", args=("child",), kwargs={"_spawn_config": {"handler": "level"}})]
+            return [context.app.signature("unit.parent", args=("child",),
+                                          kwargs={"_spawn_config": {"handler": "level"}})]
         return []
 
     root = rig.spawn({"handler": "level"}, value="root")

@@ -52,7 +52,8 @@ def test_signals_fire_for_recorded_failed_and_completed_spawns(eager):
     handlers = [
         (signals.spawn_recorded, lambda sender, result, **kw: seen.append(("recorded", result.operation_id))),
         (signals.spawn_failed, lambda sender, operation_id, exception, **kw: seen.append(("failed", operation_id))),
-        (signals.operation_completed, lambda sender, operation_id, summary, **kw: seen.append(("completed", summary["state"]))),
+        (signals.operation_completed,
+         lambda sender, operation_id, summary, **kw: seen.append(("completed", summary["state"]))),
     ]
     for signal, handler in handlers:
         signal.connect(handler, weak=False)

@@ -114,7 +114,8 @@ class Served:
                 self.url = found.group(1)
                 return self
         self.stop()
-        raise AssertionError(f"serve did not start (exit {self.proc.returncode}):\n{''.join(self.output)}\n{self.log()}")
+        raise AssertionError(
+            f"serve did not start (exit {self.proc.returncode}):\n{''.join(self.output)}\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
