@@ -29,6 +29,7 @@ def recover(app: Celery, grace_seconds: float | None = None, limit: int = 50) ->
             published += _recover_operation(state, spawner, operation_id)
         except Exception as exc:  # one bad operation must not strand the others
             logger.error("recovery of operation %s failed: %s", operation_id, exc)
+    published += reconcile(app, grace)
     for operation in state.store.claim_stale_callbacks(grace, limit):
         try:
             if state.tracker.apply_callback(operation):
@@ -37,6 +38,46 @@ def recover(app: Celery, grace_seconds: float | None = None, limit: int = 50) ->
         except Exception as exc:
             logger.error("recovery of the callback of operation %s failed: %s", operation["id"], exc)
     return published
+
+
+def reconcile(app: Celery, grace_seconds: float, limit: int = 200) -> int:
+    """Apply outcomes the store missed, from the result backend; returns how many jobs changed.
+
+    A child's final state is written by a worker signal. When that write is
+    lost (the store was down, or the pool process died right after Celery
+    stored the result), the job stays dispatched/started and its operation
+    never completes. The result backend still knows: this reads it for old
+    unfinished jobs and finishes them as the signal would have. Without a
+    result backend nothing can be learnt, and nothing changes.
+    """
+    from celery import states
+
+    from .store import schema as s
+    from .tracking import has_result_backend
+
+    if not has_result_backend(app):
+        return 0
+    state = get_state(app)
+    changed = 0
+    for job in state.store.stale_unfinished_jobs(grace_seconds, limit):
+        try:
+            result = app.AsyncResult(job["id"])
+            outcome = result.state
+            if outcome == states.SUCCESS:
+                done = state.tracker.finish(job["id"], s.SUCCEEDED, operation_id=job["operation_id"])
+            elif outcome == states.FAILURE:
+                done = state.tracker.finish(job["id"], s.FAILED, f"{result.result!r}"[:4000],
+                                            operation_id=job["operation_id"])
+            elif outcome == states.REVOKED:
+                done = state.tracker.finish(job["id"], s.REVOKED, "revoked", operation_id=job["operation_id"])
+            else:
+                continue
+            changed += int(done)
+        except Exception as exc:  # one unreadable result must not stop the others
+            logger.error("reconciling job %s failed: %s", job["id"], exc)
+    if changed:
+        logger.warning("recovery applied %d outcomes the store had missed", changed)
+    return changed
 
 
 def _recover_operation(state, spawner, operation_id: str) -> int:

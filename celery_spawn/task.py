@@ -1,6 +1,7 @@
 """SpawnTask: the Celery task base class that spawns children after its body returns."""
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Task
@@ -11,6 +12,12 @@ from .errors import StoreError
 from .handlers import SpawnHandler, SpawnResult
 from .signatures import SPAWN_CONFIG_KWARG
 from .tracking import is_spawned, skip_duplicate
+
+
+logger = logging.getLogger("celery_spawn.task")
+
+#: Seconds before a spawned SpawnTask child whose start could not be claimed (store down) runs again.
+STORE_RETRY_DELAY = 5.0
 
 
 class SpawnTask(Task):
@@ -36,7 +43,12 @@ class SpawnTask(Task):
             # A plain function call: no task id, so nothing to spawn from.
             return super().__call__(*args, **kwargs)
         if is_spawned(self):
-            skip_duplicate(self)  # a child that already finished is not run twice
+            try:
+                skip_duplicate(self)  # a child that already finished is not run twice
+            except StoreError as exc:
+                # Without the store we cannot tell a duplicate: run later, not twice.
+                logger.warning("%s[%s] waits for the spawn store: %s", self.name, self.request.id, exc)
+                raise self.retry(exc=exc, countdown=STORE_RETRY_DELAY, max_retries=None) from exc
         result = self.run(*args, **kwargs)
         if self.spawns(call_config):
             try:

@@ -78,8 +78,8 @@ class Tracker:
     def failed(self, job_id: str, error: Any, state: str = s.FAILED) -> None:
         self.finish(job_id, state, _error_text(error))
 
-    def finish(self, job_id: str, state: str, error: str | None = None, operation_id: str | None = None) -> None:
-        """Move a job to a final state once; the winner releases or cancels its dependents."""
+    def finish(self, job_id: str, state: str, error: str | None = None, operation_id: str | None = None) -> bool:
+        """Move a job to a final state once; the winner releases or cancels its dependents (returns True)."""
         to_publish: list[dict] = []
         with self.store.begin() as conn:
             changed = conn.execute(
@@ -87,7 +87,7 @@ class Tracker:
                 .values(state=state, error=error, finished_at=utcnow())
             ).rowcount
             if not changed:
-                return
+                return False
             if operation_id is None:
                 operation_id = conn.execute(
                     sa.select(s.jobs.c.operation_id).where(s.jobs.c.id == job_id)).scalar()
@@ -102,6 +102,7 @@ class Tracker:
         self._publish(to_publish)
         if operation_id:
             self.check_completion(operation_id)
+        return True
 
     # ---- dependencies ----------------------------------------------------------------------
     def _satisfy(self, conn: sa.Connection, done_ids: Sequence[str], only_ignoring: bool) -> list[str]:
@@ -285,7 +286,7 @@ class Tracker:
             "counts": counts,
             "failed": [{"id": r.id, "state": r.state, "error": r.error} for r in failures],
         }
-        if _has_result_backend(self.app) and len(succeeded_ids) <= MAX_SUMMARY_RESULTS:
+        if has_result_backend(self.app) and len(succeeded_ids) <= MAX_SUMMARY_RESULTS:
             results = {}
             for job_id in succeeded_ids:
                 try:
@@ -396,7 +397,7 @@ def _error_text(error: Any) -> str | None:
     return text[:MAX_ERROR_TEXT]
 
 
-def _has_result_backend(app: Celery) -> bool:
+def has_result_backend(app: Celery) -> bool:
     from celery.backends.base import DisabledBackend
 
     try:

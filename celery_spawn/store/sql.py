@@ -232,6 +232,19 @@ class SpawnStore:
                          .values(updated_at=utcnow()))
 
     # ---- recovery ----------------------------------------------------------------------
+    def stale_unfinished_jobs(self, grace_seconds: float, limit: int = 200) -> list[dict]:
+        """Dispatched, started or retrying jobs recorded more than ``grace_seconds`` ago (oldest first)."""
+        cutoff = utcnow() - timedelta(seconds=grace_seconds)
+        with self.read() as conn:
+            query = (
+                sa.select(s.jobs.c.id, s.jobs.c.operation_id, s.jobs.c.state)
+                .where(s.jobs.c.state.in_((s.DISPATCHED, s.STARTED, s.RETRYING)), s.jobs.c.created_at < cutoff,
+                       s.jobs.c.operation_id.is_not(None))
+                .order_by(s.jobs.c.created_at)
+                .limit(limit)
+            )
+            return [dict(r) for r in conn.execute(query).mappings()]
+
     def claim_stale_callbacks(self, grace_seconds: float, limit: int = 50) -> list[dict]:
         """Completed operations whose ``on_complete`` was claimed but not published: leased to this caller."""
         cutoff = utcnow() - timedelta(seconds=grace_seconds)

@@ -123,3 +123,30 @@ def test_an_empty_spawn_completes_at_once(eager):
 ])
 def test_operation_state_rolls_up(counts, expected):
     assert _operation_state(counts) == expected
+
+
+def test_recovery_applies_outcomes_the_store_missed(store_url):
+    """A success the store never heard of (its write was lost) is read back from the result backend."""
+    app = Celery("reconcile", broker="memory://", backend="cache+memory://", set_as_current=False)
+    app.conf.update(task_always_eager=True, task_store_eager_result=True)
+    manager = SpawnManager()
+    state = install(app, manager, database_url=store_url)
+
+    @app.task(name="r.parent", base=SpawnTask, shared=False)
+    def parent(n):
+        return n
+
+    @app.task(name="r.child", shared=False)
+    def child(i):
+        return i
+
+    manager.register_handler("kids", lambda context: [child.s(i) for i in range(context.parent.result)])
+    result = parent.apply(args=(2,), kwargs={"_spawn_config": {"handler": "kids"}})
+    op_id = default_operation_id(result.id)
+    with state.store.begin() as conn:  # as if both success writes had been lost
+        conn.execute(s.jobs.update().where(s.jobs.c.operation_id == op_id).values(state="started"))
+        conn.execute(s.operations.update().where(s.operations.c.id == op_id).values(completed=False, state="running"))
+    assert recover(app, grace_seconds=0) == 2
+    assert operation(app, result.id)["completed"] and operation(app, result.id)["state"] == "succeeded"
+    assert recover(app, grace_seconds=0) == 0
+    state.store.dispose()
