@@ -68,6 +68,16 @@ class JobIdType(click.ParamType):
 JOB_ID = JobIdType()
 
 
+class FiniteFloatRange(click.FloatRange):
+    """A float range that also refuses nan and infinity (click's range lets nan through)."""
+
+    def convert(self, value, param, ctx):  # type: ignore[override]
+        number = super().convert(value, param, ctx)
+        if number != number or number in (float("inf"), float("-inf")):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
 class CommandError(click.ClickException):
     """A one-line error with its own exit code (``Error: ...`` on stderr, no traceback)."""
 
@@ -306,7 +316,7 @@ def tree(ctx: click.Context, job_id: str, fmt: str, max_depth: int | None, full:
 
 
 @spawn.command(cls=CeleryCommand)
-@click.option("--hours", "-H", type=click.FloatRange(min=0, min_open=True, max=24 * 366 * 100), default=24.0,
+@click.option("--hours", "-H", type=FiniteFloatRange(min=0, min_open=True, max=24 * 366 * 100), default=24.0,
               show_default=True, help="Window: operations created in the last HOURS.")
 @queue_option("Only operations whose parent ran on this queue.")
 @click.option("--detailed", "-d", is_flag=True, help="Add children per task, the largest and slowest operations.")
@@ -333,7 +343,7 @@ def stats(ctx: click.Context, hours: float, queue: str | None, detailed: bool, f
 
 
 @spawn.command(cls=CeleryCommand)
-@click.option("--interval", "-i", type=click.FloatRange(min=0.1, max=3600), default=2.0, show_default=True,
+@click.option("--interval", "-i", type=FiniteFloatRange(min=0.1, max=3600), default=2.0, show_default=True,
               help="Seconds between refreshes.")
 @queue_option("Only operations and children of this queue.")
 @limit_option(15, "Running operations to show.")
@@ -500,7 +510,7 @@ def _revision(store: SpawnStore, current_revision: Callable) -> str | None:
 
 
 @spawn.command(cls=CeleryCommand)
-@click.option("--grace", type=click.FloatRange(min=0), default=None,
+@click.option("--grace", type=FiniteFloatRange(min=0, max=7 * 86_400), default=None,
               help="Seconds an operation must be untouched (default: the app's spawn_recovery_grace).")
 @limit_option(50, "Operations to recover in this run.")
 @store_options

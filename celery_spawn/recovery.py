@@ -13,6 +13,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger("celery_spawn.recovery")
 
 
+#: The longest grace period a sweep accepts (the spawn_recovery_grace setting's own limit).
+MAX_GRACE_SECONDS = 7 * 86_400
+
+
 def recover(app: Celery, grace_seconds: float | None = None, limit: int = 50) -> int:
     """Publish pending children (and claimed ``on_complete`` callbacks) left behind; returns how many.
 
@@ -22,6 +26,8 @@ def recover(app: Celery, grace_seconds: float | None = None, limit: int = 50) ->
     """
     state = get_state(app)
     grace = state.settings.recovery_grace if grace_seconds is None else grace_seconds
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace <= MAX_GRACE_SECONDS:
+        raise ValueError(f"grace_seconds must be between 0 and {MAX_GRACE_SECONDS}, not {grace!r}")
     spawner = state.spawner
     published = 0
     for operation_id in state.store.claim_stale_operations(grace, limit):

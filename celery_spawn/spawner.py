@@ -240,7 +240,10 @@ class Spawner:
                     raise SpawnLimitExceeded(
                         f"handler {handler_name!r} produced more than max_spawn_count={config.max_spawn_count} "
                         "children; nothing was dispatched")
-                row, child_edges, user_chosen = self._child_row(sig, total, context, seen, now)
+                try:
+                    row, child_edges, user_chosen = self._child_row(sig, total, context, seen, now)
+                except (TypeError, ValueError, AttributeError) as exc:
+                    raise HandlerError(f"child #{total} has malformed options: {_describe(exc)}") from None
                 if user_chosen:
                     chosen.append(row["id"])
                 rows.append(row)

@@ -52,18 +52,24 @@ class Tracker:
         self.store = state.store
 
     # ---- job transitions -------------------------------------------------------------------
-    def claim_start(self, job_id: str) -> bool:
-        """Mark a job started; False when it is already final (a duplicate delivery: skip the body)."""
+    def claim_start(self, job_id: str, may_restart: bool = True) -> bool:
+        """Mark a job started; False for a duplicate delivery, whose body must not run.
+
+        A job already finished is a duplicate. A job already *started* is one
+        too, unless ``may_restart``: a redelivery after its worker died, or a
+        Celery retry, legitimately runs it again.
+        """
+        startable = STARTABLE if may_restart else tuple(x for x in STARTABLE if x != s.STARTED)
         with self.store.begin() as conn:
             changed = conn.execute(
-                s.jobs.update().where(s.jobs.c.id == job_id, s.jobs.c.state.in_(STARTABLE))
+                s.jobs.update().where(s.jobs.c.id == job_id, s.jobs.c.state.in_(startable))
                 .values(state=s.STARTED, started_at=utcnow())
             ).rowcount
             if changed:
                 return True
             state = conn.execute(sa.select(s.jobs.c.state).where(s.jobs.c.id == job_id)).scalar()
         # Unknown to the store (not recorded here): let it run.
-        return state is None or state not in s.FINAL_JOB_STATES
+        return state is None or (state not in s.FINAL_JOB_STATES and (may_restart or state != s.STARTED))
 
     def retried(self, job_id: str, reason: Any) -> None:
         with self.store.begin() as conn:
@@ -248,7 +254,7 @@ class Tracker:
                 counts = self._counts(conn, operation["id"])
             summary = self.summary(operation, counts, operation["state"])
         try:
-            callback = signature(loads(operation["on_complete"]), app=self.app).clone(args=(summary,))
+            callback = callback_signature(loads(operation["on_complete"]), self.app).clone(args=(summary,))
         except Exception as exc:
             logger.error("on_complete of operation %s is not a usable signature: %s", operation["id"], exc)
             with self.store.begin() as conn:
@@ -375,6 +381,17 @@ class Tracker:
         return result
 
 
+def callback_signature(form: dict, app: Celery) -> Any:
+    """A signature from its dict form, the minimal ``{"task": name}`` included."""
+    from celery import signature
+    from celery.canvas import Signature
+
+    if form.get("subtask_type"):
+        return signature(form, app=app)
+    return Signature(form["task"], args=form.get("args") or (), kwargs=form.get("kwargs") or {},
+                     options=form.get("options") or {}, immutable=bool(form.get("immutable")), app=app)
+
+
 def _operation_state(counts: dict[str, int]) -> str:
     total = sum(counts.values())
     ok = counts.get(s.SUCCEEDED, 0)
@@ -493,6 +510,9 @@ def skip_duplicate(task: Task) -> None:
     tracker = _tracker_for(task)
     if tracker is None:
         return
-    if not tracker.claim_start(task.request.id):
-        logger.warning("skipping %s[%s]: it already finished (duplicate delivery)", task.name, task.request.id)
+    request = task.request
+    may_restart = bool((request.delivery_info or {}).get("redelivered")) or bool(request.retries)
+    if not tracker.claim_start(request.id, may_restart=may_restart):
+        logger.warning("skipping %s[%s]: another copy already ran or runs (duplicate delivery)",
+                       task.name, request.id)
         raise Ignore()

@@ -220,12 +220,6 @@ def test_cli_options_as_real_subprocesses(attacked_postgres):
             judge_cli(slot, name, *outcome)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: celery_spawn/cli.py line 503: `recover --grace` is click.FloatRange(min=0) with no maximum and "
-    "accepts nan/inf; celery_spawn/recovery.py recover() passes it on unchecked and celery_spawn/store/sql.py "
-    "line 270 (claim_stale_operations: utcnow() - timedelta(seconds=grace)) raises OverflowError/ValueError: "
-    "a Python traceback and exit 1 instead of a usage error (exit 2); the spawn_recovery_grace setting is capped "
-    "at 7 days, the option is not"))
 @pytest.mark.parametrize("name", GRACE_BUG)
 def test_recover_grace_out_of_range_is_a_usage_error(attacked_postgres, name):
     url = attacked_postgres

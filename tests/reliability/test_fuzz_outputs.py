@@ -302,12 +302,6 @@ ODD_OPTIONS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: celery_spawn/spawner.py Spawner._child_row: `dict(publish.get('headers') or {})` (line 318), "
-    "`for d in options.get(DEPENDS_ON_OPTION) or ()` (line 306) and `set(options.get(IGNORE_FAILURE_OPTION) "
-    "or ())` (line 307) raise ValueError/TypeError for a child signature whose option is not a mapping/iterable; "
-    "Spawner.spawn only catches SpawnError (line 164), so the error escapes and FAILS THE PARENT instead of "
-    "refusing the spawn with HandlerError"))
 @pytest.mark.parametrize("odd", sorted(ODD_OPTIONS))
 def test_child_with_malformed_options_is_refused_not_raised(sqlite_fuzz_rig, odd):
     output = [Signature("fz.child", args=[1]), Signature("fz.child", args=[2], options=ODD_OPTIONS[odd])]
@@ -316,11 +310,6 @@ def test_child_with_malformed_options_is_refused_not_raised(sqlite_fuzz_rig, odd
     assert op["state"] == s.OP_FAILED and op["error"].startswith("HandlerError"), op
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: celery_spawn/config.py SpawnConfig.validate (line 165) accepts on_complete={'task': name}, "
-    "'its dict form with a task name', but celery_spawn/tracking.py Tracker.apply_callback (line 251) calls "
-    "signature(...).clone() on it, which raises TypeError (no 'options' key): the accepted callback is never "
-    "applied (callback_state 'failed' after the spawn was accepted)"))
 def test_on_complete_in_its_minimal_dict_form_is_applied(sqlite_fuzz_rig):
     rig = sqlite_fuzz_rig
     output = [Signature("fz.child", args=[1])]
