@@ -176,11 +176,6 @@ def test_pool_process_killed_after_the_result_was_stored(crash_rig, start_worker
     assert len(body_runs(runs)[task_id]) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (behaviour or documentation): celery_spawn/tracking.py STARTABLE includes 'started' (to restart a "
-    "job after a crash), so Tracker.claim_start lets a second copy of a SpawnTask child run while the first "
-    "copy still runs; celery_spawn/recovery.py recover()'s docstring promises 'a child that is published twice "
-    "runs once', which holds only for copies delivered after the first one finished"))
 def test_a_copy_delivered_while_the_first_still_runs_does_not_run(crash_rig, start_worker):
     """What a recovery sweep racing a slow publish produces: the same child message twice, at once."""
     import json
