@@ -63,6 +63,37 @@ class StallAfterResult(SpawnTask):
             time.sleep(120)
 
 
+#: Kinds of handler output ``rel_junk`` returns; none of them is a list of plain signatures.
+JUNK = ("none-item", "text-item", "dict-form", "group", "chain", "non-json-argument", "nameless", "one-signature",
+        "number", "string", "raising-generator", "long-task-id")
+
+
+def junk_output(app: Celery, kind: str):
+    from celery import chain, group
+
+    good = app.signature("rel.unit", args=(0,))
+    outputs = {
+        "none-item": lambda: [good, None],
+        "text-item": lambda: [good, "rel.unit"],
+        "dict-form": lambda: [good, dict(app.signature("rel.unit", args=(1,)))],
+        "group": lambda: [good, group(app.signature("rel.unit", args=(1,)), app.signature("rel.unit", args=(2,)))],
+        "chain": lambda: [good, chain(app.signature("rel.unit", args=(1,)), app.signature("rel.unit", args=(2,)))],
+        "non-json-argument": lambda: [good, app.signature("rel.unit", args=(object(),))],
+        "nameless": lambda: [good, app.signature("", args=(1,))],
+        "one-signature": lambda: good,
+        "number": lambda: 42,
+        "string": lambda: "rel.unit",
+        "raising-generator": lambda: _raising([good, good]),
+        "long-task-id": lambda: [good, app.signature("rel.unit", args=(1,)).set(task_id="x" * 65)],
+    }
+    return outputs[kind]()
+
+
+def _raising(items):
+    yield from items
+    raise LookupError("the catalogue is gone")
+
+
 def make_reliability_app(broker: str, backend: str | None, database_url: str, queue: str = "celery",
                          fs_folder: str | None = None, visibility_timeout: float | None = None) -> Celery:
     app = make_app(broker, backend, database_url, queue, fs_folder)
@@ -102,6 +133,11 @@ def make_reliability_app(broker: str, backend: str | None, database_url: str, qu
             yield context.app.signature("rel.unit", args=(index,))
         logger.warning("rel-hanging %s", context.parent.id)
         time.sleep(3600)
+
+    @manager.handler("rel_junk")
+    def junk(context):
+        """What a buggy handler returns, by ``kind`` (see JUNK)."""
+        return junk_output(context.app, context.parent.kwargs["kind"])
 
     @app.task(shared=False, name="rel.fanout", base=SpawnTask, bind=True, spawn_handler="rel_many",
               spawn_config=SpawnConfig(max_spawn_count=MAX_CHILDREN, batch_size=50),

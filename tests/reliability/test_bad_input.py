@@ -28,7 +28,7 @@ from click.testing import CliRunner
 from celery_spawn.store import SpawnStore
 from celery_spawn.store import schema as s
 from tests.harness import ROOT, StoreBuilder, throwaway_database
-from tests.reliability.conftest import tables_exist
+from tests.reliability.conftest import serve_command, tables_exist
 
 NASTY_QUEUE = "x'; DROP TABLE spawn_jobs; --"
 UNICODE_QUEUE = "ünïcødé ☃ 🚀"
@@ -77,8 +77,8 @@ SLOTS = [
     ("list", ["--database-url", "{}"]),
 ]
 STORES = ["sqlite", "postgresql", "mariadb"]
-#: Values that hit the bug pinned by test_recover_grace_out_of_range_is_a_usage_error (kept out of the matrix).
-GRACE_BUG = ("huge", "huge-exact", "overflow-float", "inf", "nan")
+#: Values that once made ``recover --grace`` end in a traceback (fixed; see the regression test below).
+GRACE_OVERFLOW = ("huge", "huge-exact", "overflow-float", "inf", "nan")
 
 
 def slot_id(slot) -> str:
@@ -155,10 +155,6 @@ def arguments(slot, value: str) -> list[str]:
     return [command, *[value if a == "{}" else a for a in args]]
 
 
-def known_bug(slot, name: str) -> bool:
-    return slot[0] == "recover" and "--grace" in slot[1] and name in GRACE_BUG
-
-
 def judge_cli(slot, name: str, code: int, out: str, err: str) -> None:
     """Exit 0 (data), 1 (unknown id) or 2 (usage); 3 only for an unusable --database-url. One error line."""
     where = f"{' '.join(arguments(slot, '<' + name + '>'))} -> exit {code}\nstdout: {out[:800]}\nstderr: {err[:800]}"
@@ -203,7 +199,7 @@ def test_cli_option_in_process(attacked, slot):
 
 
 def _subprocess_matrix(url: str, names) -> None:
-    jobs = [(slot, name) for slot in SLOTS for name in names if not known_bug(slot, name)]
+    jobs = [(slot, name) for slot in SLOTS for name in names]
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         results = pool.map(lambda job: (job, run_subprocess(url, job[0], VALUES[job[1]])), jobs)
         for (slot, name), outcome in results:
@@ -214,17 +210,19 @@ def test_cli_options_as_real_subprocesses(attacked_postgres):
     """Every option once, as ``celery -A tests.app spawn ...`` processes (four at a time)."""
     url = attacked_postgres
     names = [SUBPROCESS_SHORT[i % len(SUBPROCESS_SHORT)] for i in range(len(SLOTS))]
-    jobs = [(slot, name) for slot, name in zip(SLOTS, names) if not known_bug(slot, name)]
+    jobs = list(zip(SLOTS, names))
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         for (slot, name), outcome in zip(jobs, pool.map(lambda j: run_subprocess(url, j[0], VALUES[j[1]]), jobs)):
             judge_cli(slot, name, *outcome)
 
 
-@pytest.mark.parametrize("name", GRACE_BUG)
+@pytest.mark.parametrize("name", GRACE_OVERFLOW)
 def test_recover_grace_out_of_range_is_a_usage_error(attacked_postgres, name):
-    url = attacked_postgres
-    judge_cli(("recover", ["--grace", "{}"]), name, *run_subprocess(url, ("recover", ["--grace", "{}"]),
-                                                                    VALUES[name]))
+    """Once a traceback from timedelta(seconds=grace) in the store; now a usage error."""
+    slot = ("recover", ["--grace", "{}"])
+    code, out, err = run_subprocess(attacked_postgres, slot, VALUES[name])
+    judge_cli(slot, name, code, out, err)
+    assert code == 2, err
 
 
 @pytest.mark.slow
@@ -248,6 +246,21 @@ def test_sql_looking_queue_is_data_on_the_command_line(attacked):
     assert [entry["operation_id"] for entry in json.loads(out)] == ["op-b"]
     code, out, err = run_in_process(url, ("list", ["--queue", "{}", "--format", "json"]), "%")
     assert code == 0 and json.loads(out) == []  # a LIKE wildcard is not a pattern here
+
+
+@pytest.mark.parametrize("name", ["sql-drop", "huge", "negative", "unicode", "empty", "nan"])
+def test_serve_options(attacked_postgres, name):
+    """``serve`` refuses hostile option values before it listens (exit 2, one line)."""
+    value = VALUES[name]
+    commands = [serve_command("--port", value), serve_command("--host", value, "--port", "0")]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        outcomes = list(pool.map(lambda cmd: subprocess.run(cmd, cwd=ROOT, env=cli_env(attacked_postgres),
+                                                            capture_output=True, text=True, timeout=60), commands))
+    for command, done in zip(commands, outcomes):
+        where = f"{command[4:]} -> {done.returncode}: {done.stderr[-500:]}"
+        assert "Traceback" not in done.stdout + done.stderr, where
+        assert done.returncode == 2, where
+        assert done.stderr.strip().splitlines()[-1].startswith("Error: "), where
 
 
 # ---- the web API ---------------------------------------------------------------------------------------
@@ -274,7 +287,7 @@ ENDPOINTS = [
     ("GET", "/api/openapi.json", ()),
 ]
 #: Query values only HTTP can carry.
-HTTP_ONLY = {"nul": "a\x00b", "control": "\x07", "percent-encoded": "%27%3B", "repeated": None}
+HTTP_ONLY = {"nul": "a\x00b", "control": "\x07", "percent-encoded": "%27%3B"}
 
 
 def judge_http(method: str, path: str, query, response, url: str) -> None:
@@ -300,14 +313,14 @@ def _request(client, method: str, path: str, query) -> object:
 def test_api_parameter(api, endpoint):
     client, url = api
     method, template, params = endpoint
-    values = {**VALUES, **{k: v for k, v in HTTP_ONLY.items() if v is not None}}
+    values = {**VALUES, **HTTP_ONLY}
     if "{}" in template:
-        for name, value in values.items():
+        for value in values.values():
             path = template.format(urllib.parse.quote(value, safe=""))
             judge_http(method, path, None, _request(client, method, path, None), url)
     base = template.format("root-a" if "/jobs/" in template else "op-a")
     for param in (*params, "unknown'; DROP TABLE spawn_jobs; --"):
-        for name, value in values.items():
+        for value in values.values():
             judge_http(method, base, {param: value}, _request(client, method, base, {param: value}), url)
         judge_http(method, base, [(param, "1"), (param, "2")], _request(client, method, base,
                                                                          [(param, "1"), (param, "2")]), url)

@@ -25,7 +25,7 @@ import pytest
 import sqlalchemy as sa
 from celery import Celery, chain, chord, group
 from celery.canvas import Signature
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from celery_spawn import SpawnError, SpawnManager, SpawnTask, install, signals
@@ -236,21 +236,6 @@ def check(rig: EagerRig, output: Output, config: dict) -> None:
     assert set(counts) <= {op["id"] for op in operations}, "child rows without an operation"
 
 
-def trips_known_bug(output: Output) -> bool:
-    """Outputs that hit a bug pinned by an xfail test below (kept out of the always-on property)."""
-    for item in output.items:
-        if type(item) is not Signature:
-            continue
-        headers = item.options.get("headers")
-        if headers and not isinstance(headers, dict):
-            return True
-        for key in (DEPENDS_ON_OPTION, IGNORE_FAILURE_OPTION):
-            value = item.options.get(key)
-            if value and not isinstance(value, (list, tuple, str)):
-                return True
-    return False
-
-
 FUZZ = settings(deadline=None, database=None, derandomize=True, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.function_scoped_fixture])
@@ -274,14 +259,12 @@ def postgres_fuzz_rig():
 @settings(FUZZ, max_examples=300)
 @given(output=outputs(), config=configs)
 def test_handler_outputs_on_sqlite(sqlite_fuzz_rig, output, config):
-    assume(not trips_known_bug(output))
     check(sqlite_fuzz_rig, output, config)
 
 
 @settings(FUZZ, max_examples=80)
 @given(output=outputs(), config=configs)
 def test_handler_outputs_on_postgresql(postgres_fuzz_rig, output, config):
-    assume(not trips_known_bug(output))
     check(postgres_fuzz_rig, output, config)
 
 
@@ -289,11 +272,10 @@ def test_handler_outputs_on_postgresql(postgres_fuzz_rig, output, config):
 @settings(FUZZ, max_examples=3000)
 @given(output=outputs(), config=configs)
 def test_handler_outputs_on_sqlite_long(sqlite_fuzz_rig, output, config):
-    assume(not trips_known_bug(output))
     check(sqlite_fuzz_rig, output, config)
 
 
-# ---- what the fuzzing found ------------------------------------------------------------------------
+# ---- what the fuzzing found (fixed; kept as regressions) --------------------------------------------
 ODD_OPTIONS = {
     "headers-text": {"headers": "abc"},
     "headers-list": {"headers": [1, 2]},

@@ -8,10 +8,12 @@ published, the parent's own result stands, and the worker keeps working.
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 
 from celery_spawn.handlers import child_id, default_operation_id
 from celery_spawn.store import schema as s
 from tests.harness import wait_for
+from tests.reliability.app import JUNK
 from tests.reliability.conftest import (
     TIMEOUT,
     RelBackend,
@@ -24,8 +26,6 @@ from tests.reliability.conftest import (
     rows,
     wait_completed,
 )
-
-import sqlalchemy as sa
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,14 @@ def test_handler_hanging_past_the_hard_time_limit_leaves_nothing(faults):
     assert rows(app, sa.select(s.jobs.c.id).where(s.jobs.c.id.in_(ids))) == []
     assert not set(ids) & set(body_runs(runs))
     assert_worker_still_works(app, worker)
+
+
+@pytest.mark.parametrize("kind", JUNK)
+def test_junk_from_a_handler_is_refused_and_the_worker_carries_on(faults, kind):
+    backend, app, worker, runs = faults
+    parent = app.signature("rel.broken", kwargs={"good": 2, "kind": kind,
+                                                 "_spawn_config": {"handler": "rel_junk"}}).delay()
+    assert parent.get(timeout=TIMEOUT) == "parent result 2"
+    op = assert_failed_without_children(app, parent.id, runs, 2, "HandlerError")
+    assert "rel_junk" in op["error"] or "child #" in op["error"], op["error"]
+    assert worker.proc.poll() is None

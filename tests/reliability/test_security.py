@@ -38,6 +38,7 @@ from tests.reliability.conftest import (
     ensure_callback_table,
     new_queue,
     operation,
+    serve_command,
     url_port,
     via,
 )
@@ -138,21 +139,6 @@ def test_with_a_token_every_endpoint_wants_it(store_url):
 
 
 # ---- serve: loopback only without a token -------------------------------------------------------
-LAUNCHER = (
-    "from celery_spawn.cli import spawn\n"
-    "from celery_spawn.web.command import serve\n"
-    "if 'serve' not in spawn.commands:\n"
-    "    spawn.add_command(serve)\n"
-    "from celery.__main__ import main\n"
-    "main()\n"
-)
-
-
-def serve_command(*args: str) -> list[str]:
-    """``celery spawn serve ...``, through a launcher while the command is not registered in the group."""
-    return [sys.executable, "-c", LAUNCHER, "spawn", "serve", *args]
-
-
 def env_for(url: str | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_SPAWN_")}
     if url:

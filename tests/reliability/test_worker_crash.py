@@ -126,7 +126,8 @@ def run_trials(crash_rig, start_worker, trials: list[tuple[str, str]]) -> None:
         missing = [i for i in ids if i not in runs]
         assert not missing, f"{line}: {len(missing)} children never ran"
         late = runs_after_success(app, parent_id, crash_rig[2])
-        assert not late, f"{line}: children ran again after succeeding: {late[:5]}"
+        assert not late, (f"{line}: children ran again after succeeding (id, run start, recorded success): "
+                          f"{late[:5]}; all their runs: {[(i, runs.get(i)) for i, _, _ in late[:5]]}")
         # Celery's own record: a child's success is logged at most once across every worker.
         twice = {i: n for i, n in log_counts(text, "rel.unit", ids).items() if n > 1}
         assert not twice, f"{line}: succeeded twice: {list(twice.items())[:5]}"
