@@ -512,11 +512,15 @@ def _revision(store: SpawnStore, current_revision: Callable) -> str | None:
 @spawn.command(cls=CeleryCommand)
 @click.option("--grace", type=FiniteFloatRange(min=0, max=7 * 86_400), default=None,
               help="Seconds an operation must be untouched (default: the app's spawn_recovery_grace).")
+@click.option("--redeliver-after", type=FiniteFloatRange(min=0, max=7 * 86_400), default=None,
+              help="Seconds a dispatched SpawnTask child may go unstarted, its operation idle, before it is "
+                   "published again (default: the app's spawn_redeliver_after; 0: never).")
 @limit_option(50, "Operations to recover in this run.")
 @store_options
 @click.pass_context
-def recover(ctx: click.Context, grace: float | None, limit: int, database_url: str | None) -> None:
-    """Publish children recorded but never dispatched.
+def recover(ctx: click.Context, grace: float | None, redeliver_after: float | None, limit: int,
+            database_url: str | None) -> None:
+    """Publish children recorded but never dispatched, or dispatched and lost by the broker.
 
     This is what every worker's recovery sweep does; it needs the app (-A) to publish.
     """
@@ -531,7 +535,7 @@ def recover(ctx: click.Context, grace: float | None, limit: int, database_url: s
     if database_url:
         state.reload(database_url=database_url)
     try:
-        published = recover_stranded(app, grace_seconds=grace, limit=limit)
+        published = recover_stranded(app, grace_seconds=grace, limit=limit, redeliver_after=redeliver_after)
     except StoreError as exc:
         raise CommandError(_explain(state.store, exc), RET_STORE) from None
     emit(ctx, f"published {published} stranded child{'ren' if published != 1 else ''} "

@@ -5,6 +5,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from .app import get_state
+from .redelivery import redeliver
 from .spawner import settle_dependencies, stored_batch_size
 
 if TYPE_CHECKING:
@@ -17,8 +18,13 @@ logger = logging.getLogger("celery_spawn.recovery")
 MAX_GRACE_SECONDS = 7 * 86_400
 
 
-def recover(app: Celery, grace_seconds: float | None = None, limit: int = 50) -> int:
+def recover(app: Celery, grace_seconds: float | None = None, limit: int = 50,
+            redeliver_after: float | None = None) -> int:
     """Publish pending children (and claimed ``on_complete`` callbacks) left behind; returns how many.
+
+    Also publishes again dispatched children the broker lost (see
+    :mod:`celery_spawn.redelivery`; ``redeliver_after`` defaults to the app's
+    ``spawn_redeliver_after``).
 
     Safe to run from every worker at once: operations are leased with
     ``FOR UPDATE SKIP LOCKED`` (PostgreSQL, MySQL/MariaDB) and a refreshed
@@ -36,6 +42,7 @@ def recover(app: Celery, grace_seconds: float | None = None, limit: int = 50) ->
         except Exception as exc:  # one bad operation must not strand the others
             logger.error("recovery of operation %s failed: %s", operation_id, exc)
     published += reconcile(app, grace)
+    published += redeliver(app, redeliver_after, limit)
     for operation in state.store.claim_stale_callbacks(grace, limit):
         try:
             if state.tracker.apply_callback(operation):

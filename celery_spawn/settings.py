@@ -34,6 +34,9 @@ class SpawnSettings:
     recovery_interval: float = 30.0
     #: Seconds an operation may sit untouched with undispatched children before the sweep publishes them.
     recovery_grace: float = 60.0
+    #: Seconds a dispatched SpawnTask child may go unstarted, while its operation makes no progress,
+    #: before the sweep publishes it again (a message the broker lost); 0 turns that off.
+    redeliver_after: float = 3600.0
     #: Create or upgrade the store's tables on first use.
     auto_migrate: bool = True
     #: Track the state of spawned children from worker signals.
@@ -167,6 +170,7 @@ _VALIDATORS = {
     "default_max_spawn_count": _integer(0, HARD_MAX_SPAWN_COUNT),
     "recovery_interval": _seconds(86_400),
     "recovery_grace": _seconds(7 * 86_400),
+    "redeliver_after": _seconds(7 * 86_400),
     "auto_migrate": _boolean,
     "track_states": _boolean,
     "track_started": _boolean,

@@ -94,9 +94,16 @@ def _raising(items):
     raise LookupError("the catalogue is gone")
 
 
+#: Seconds before the sweep publishes again a dispatched child lost by the broker (an hour by default).
+REDELIVER_AFTER = 8.0
+
+
 def make_reliability_app(broker: str, backend: str | None, database_url: str, queue: str = "celery",
                          fs_folder: str | None = None, visibility_timeout: float | None = None) -> Celery:
     app = make_app(broker, backend, database_url, queue, fs_folder)
+    # A dispatched child no worker started for this long, its siblings idle, is published again.
+    app.conf.spawn_redeliver_after = REDELIVER_AFTER
+    get_state(app).reload()
     if visibility_timeout and broker.startswith("redis"):
         # kombu scans for abandoned messages every interval x throttle seconds (100 s by default).
         app.conf.broker_transport_options = {"visibility_timeout": visibility_timeout,

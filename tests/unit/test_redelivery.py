@@ -1,0 +1,155 @@
+"""Redelivery of dispatched children the broker lost, on real stores and kombu's in-memory broker."""
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+
+from celery_spawn import SpawnManager, SpawnTask, get_state, install, recover
+from celery_spawn.handlers import default_operation_id
+from celery_spawn.redelivery import redeliver
+from celery_spawn.store import schema as s
+from celery_spawn.store.sql import utcnow
+
+QUEUE = "redelivery-test"
+
+
+@pytest.fixture
+def rig(store_url):
+    app = Celery("redelivery", broker="memory://", set_as_current=False)
+    app.conf.update(task_default_queue=QUEUE, broker_connection_retry_on_startup=True)
+    manager = SpawnManager()
+    install(app, manager, database_url=store_url)
+
+    @app.task(name="r.parent", base=SpawnTask, shared=False)
+    def parent(n, plain=False):
+        return n
+
+    @app.task(name="r.child", base=SpawnTask, shared=False)
+    def child(i):
+        return i
+
+    @app.task(name="r.plain", shared=False)
+    def plain_child(i):
+        return i
+
+    @manager.handler("kids")
+    def kids(context):
+        task = plain_child if context.parent.kwargs.get("plain") else child
+        return [task.s(i) for i in range(context.parent.result)]
+
+    yield app, parent
+    get_state(app).store.dispose()
+
+
+def spawn(app, parent, n: int, plain: bool = False) -> str:
+    result = parent.apply(args=(n,), kwargs={"plain": plain, "_spawn_config": {"handler": "kids"}})
+    assert result.get() == n
+    return default_operation_id(result.id)
+
+
+def age(app, operation_id: str, seconds: float, **where) -> None:
+    """Make an operation's children look dispatched ``seconds`` ago."""
+    then = utcnow() - timedelta(seconds=seconds)
+    query = s.jobs.update().where(s.jobs.c.operation_id == operation_id)
+    for column, value in where.items():
+        query = query.where(getattr(s.jobs.c, column) == value)
+    with get_state(app).store.begin() as conn:
+        conn.execute(query.values(created_at=then, dispatched_at=then))
+
+
+def jobs(app, operation_id: str) -> list[dict]:
+    with get_state(app).store.read() as conn:
+        return [dict(r) for r in conn.execute(
+            sa.select(s.jobs).where(s.jobs.c.operation_id == operation_id).order_by(s.jobs.c.position)).mappings()]
+
+
+def queued(app) -> list[str]:
+    """Ids of the task messages waiting in the in-memory queue (drains it)."""
+    ids = []
+    with app.connection_for_read() as conn:
+        queue = conn.SimpleQueue(QUEUE, no_ack=True)
+        try:
+            while True:
+                ids.append(queue.get(timeout=0.05).headers["id"])
+        except queue.Empty:
+            pass
+        finally:
+            queue.close()
+    return ids
+
+
+def test_children_idle_past_the_limit_are_published_again_once(rig):
+    app, parent = rig
+    operation_id = spawn(app, parent, 3)
+    first = queued(app)
+    assert len(first) == 3
+    age(app, operation_id, 120)
+    assert redeliver(app, after_seconds=60) == 3
+    assert sorted(queued(app)) == sorted(first)  # the same ids: a claim in the store drops a late original
+    rows = jobs(app, operation_id)
+    assert {r["state"] for r in rows} == {s.DISPATCHED}
+    assert all(r["dispatched_at"] > utcnow() - timedelta(seconds=30) for r in rows)  # leased again
+    assert redeliver(app, after_seconds=60) == 0  # not again before another quiet minute
+    assert queued(app) == []
+
+
+def test_started_children_and_moving_operations_are_left_alone(rig):
+    app, parent = rig
+    operation_id = spawn(app, parent, 3)
+    queued(app)
+    age(app, operation_id, 120)
+    first = jobs(app, operation_id)[0]["id"]
+    with get_state(app).store.begin() as conn:  # one sibling finished a moment ago: the queue moves
+        conn.execute(s.jobs.update().where(s.jobs.c.id == first)
+                     .values(state=s.SUCCEEDED, started_at=utcnow(), finished_at=utcnow()))
+    assert redeliver(app, after_seconds=60) == 0
+    with get_state(app).store.begin() as conn:  # ...until it stops moving
+        conn.execute(s.jobs.update().where(s.jobs.c.id == first)
+                     .values(started_at=utcnow() - timedelta(seconds=100),
+                             finished_at=utcnow() - timedelta(seconds=100)))
+    assert redeliver(app, after_seconds=60) == 2
+    assert first not in queued(app)
+
+
+def test_young_children_are_not_lost(rig):
+    app, parent = rig
+    spawn(app, parent, 2)
+    queued(app)
+    assert redeliver(app, after_seconds=60) == 0
+
+
+def test_plain_task_children_are_never_published_twice(rig, caplog):
+    app, parent = rig
+    operation_id = spawn(app, parent, 2, plain=True)
+    queued(app)
+    age(app, operation_id, 120)
+    with caplog.at_level(logging.ERROR, logger="celery_spawn.redelivery"):
+        assert redeliver(app, after_seconds=60) == 0
+    assert "not SpawnTasks" in caplog.text and operation_id in caplog.text
+    assert queued(app) == []
+
+
+def test_zero_turns_redelivery_off_and_recover_uses_the_setting(rig):
+    app, parent = rig
+    operation_id = spawn(app, parent, 2)
+    queued(app)
+    age(app, operation_id, 120)
+    assert redeliver(app, after_seconds=0) == 0
+    assert get_state(app).settings.redeliver_after == 3600  # an hour by default
+    assert recover(app, grace_seconds=0) == 0
+    assert recover(app, grace_seconds=0, redeliver_after=60) == 2
+    app.conf.spawn_redeliver_after = 30
+    get_state(app).reload()
+    age(app, operation_id, 120)
+    assert redeliver(app) == 2
+
+
+@pytest.mark.parametrize("bad", [-1, "60", True, float("nan"), float("inf")])
+def test_bad_limits_are_refused(rig, bad):
+    app, _ = rig
+    with pytest.raises(ValueError, match="after_seconds"):
+        redeliver(app, after_seconds=bad)
