@@ -43,6 +43,9 @@ class SpawnSettings:
     track_states: bool = True
     #: Record when a plain (non-SpawnTask) child starts; off saves one commit per child.
     track_started: bool = True
+    #: Inside workers, write child starts and finishes from a background thread in batches (one
+    #: transaction for whatever gathered) instead of a commit per event on the task's path.
+    batch_tracking: bool = True
     #: Wait for the database to flush each commit (PostgreSQL). Off trades the last
     #: fraction of a second of tracking writes on a database crash for far cheaper commits.
     synchronous_commit: bool = True
@@ -174,6 +177,7 @@ _VALIDATORS = {
     "auto_migrate": _boolean,
     "track_states": _boolean,
     "track_started": _boolean,
+    "batch_tracking": _boolean,
     "synchronous_commit": _boolean,
     "api_token": _optional_text,
     "engine_options": _mapping,

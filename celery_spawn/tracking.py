@@ -21,6 +21,9 @@ from .publisher import publish_children
 from .spawner import HEADER_OPERATION, request_headers
 from .store import schema as s
 from .store.sql import chunked, utcnow
+from .store.transitions import (CHUNK, Finish, finish_jobs, release_dependents_pg, start_jobs,
+                                succeed_and_release_pg)
+from .writebehind import FINISH, RETRY, START, Event, enable_in_this_process, flush_all, submit
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -84,33 +87,71 @@ class Tracker:
     def failed(self, job_id: str, error: Any, state: str = s.FAILED) -> None:
         self.finish(job_id, state, _error_text(error))
 
+    def start_many(self, starts: Sequence[tuple[str, Any]]) -> None:
+        """Mark jobs started at their own times (the write-behind's batch)."""
+        with self.store.begin() as conn:
+            start_jobs(conn, list(dict(starts).items()), STARTABLE)
+
     def finish(self, job_id: str, state: str, error: str | None = None, operation_id: str | None = None) -> bool:
         """Move a job to a final state once; the winner releases or cancels its dependents (returns True)."""
-        to_publish: list[dict] = []
-        with self.store.begin() as conn:
-            changed = conn.execute(
-                s.jobs.update().where(s.jobs.c.id == job_id, s.jobs.c.state.notin_(FINAL))
-                .values(state=state, error=error, finished_at=utcnow())
-            ).rowcount
-            if not changed:
-                return False
-            if operation_id is None:
-                operation_id = conn.execute(
-                    sa.select(s.jobs.c.operation_id).where(s.jobs.c.id == job_id)).scalar()
-            if state == s.SUCCEEDED:
-                released = self._satisfy(conn, [job_id], only_ignoring=False)
-            else:
-                released = self._satisfy(conn, [job_id], only_ignoring=True)
-                self.cancel_dependents(conn, [job_id], f"dependency {job_id} {state}")
-                if operation_id and state == s.FAILED:
-                    self._fail_fast(conn, operation_id, job_id)
-            to_publish = self._claim_released(conn, released)
-        self._publish(to_publish)
-        if operation_id:
+        return bool(self.finish_many([Finish(job_id, state, error, utcnow())]))
+
+    def finish_many(self, finishes: Sequence[Finish]) -> dict[str, str | None]:
+        """Move jobs to final states, each once; returns ``{job id: operation id}`` of the jobs this call moved.
+
+        Then checks each touched operation for completion (see :meth:`finish_batch`).
+        """
+        won, to_check = self.finish_batch(finishes)
+        for operation_id in to_check:
             self.check_completion(operation_id)
-        return True
+        return won
+
+    def finish_batch(self, finishes: Sequence[Finish]) -> tuple[dict[str, str | None], list[str]]:
+        """Finish jobs and publish what that releases; returns (jobs moved, operations to check for completion).
+
+        One transaction: the jobs still unfinished change, their dependents
+        are released or cancelled. An operation that just released a child
+        of its own cannot be complete, so it is not among those to check.
+        """
+        first = list({f.job_id: f for f in reversed(finishes)}.values())  # a job's first finish counts
+        states = {f.job_id: f.state for f in first}
+        with self.store.begin() as conn:
+            if conn.dialect.name == "postgresql" and len(first) <= CHUNK and all(
+                    state == s.SUCCEEDED for state in states.values()):
+                won, to_publish = succeed_and_release_pg(conn, first)  # the common case: one round trip
+            else:
+                won, to_publish = self._finish_and_release(conn, first, states)
+        self._publish(to_publish)
+        busy = {row["operation_id"] for row in to_publish}
+        return won, [op for op in dict.fromkeys(won.values()) if op and op not in busy]
+
+    def _finish_and_release(self, conn: sa.Connection, first: Sequence[Finish],
+                            states: dict[str, str]) -> tuple[dict[str, str | None], list[dict]]:
+        won = finish_jobs(conn, first)
+        succeeded = [job for job in won if states[job] == s.SUCCEEDED]
+        ended = [job for job in won if states[job] != s.SUCCEEDED]
+        for job in ended:
+            self.cancel_dependents(conn, [job], f"dependency {job} {states[job]}")
+            if won[job] and states[job] == s.FAILED:
+                self._fail_fast(conn, won[job], job)
+        return won, self._release(conn, succeeded, ended)
 
     # ---- dependencies ----------------------------------------------------------------------
+    def _release(self, conn: sa.Connection, succeeded: Sequence[str], ended: Sequence[str]) -> list[dict]:
+        """Count finished jobs off their held dependents; returns the rows of those now ``pending``.
+
+        ``ended`` jobs (failed, revoked, cancelled) count only for dependents
+        that ignore their failure; the others were cancelled already.
+        """
+        if not succeeded and not ended:
+            return []
+        if conn.dialect.name == "postgresql":
+            return release_dependents_pg(conn, succeeded, ended)
+        released = self._satisfy(conn, succeeded, only_ignoring=False) if succeeded else []
+        if ended:
+            released += self._satisfy(conn, ended, only_ignoring=True)
+        return self._claim_released(conn, released)
+
     def _satisfy(self, conn: sa.Connection, done_ids: Sequence[str], only_ignoring: bool) -> list[str]:
         """Mark edges on ``done_ids`` satisfied and count them off their dependents; returns those."""
         query = sa.select(s.dependencies.c.job_id).where(
@@ -123,7 +164,7 @@ class Tracker:
         edges = s.dependencies.update().where(
             s.dependencies.c.depends_on_id.in_(done_ids), s.dependencies.c.job_id.in_(dependents))
         conn.execute(edges.values(satisfied=True))
-        for job in dependents:  # one row each: a job may wait on several of done_ids
+        for job in sorted(dependents):  # one row each, in a fixed order: a job may wait on several of done_ids
             conn.execute(
                 s.jobs.update().where(s.jobs.c.id == job, s.jobs.c.state == s.HELD)
                 .values(pending_deps=s.jobs.c.pending_deps - 1)
@@ -245,8 +286,6 @@ class Tracker:
 
     def apply_callback(self, operation: dict, summary: dict | None = None) -> bool:
         """Publish ``on_complete(summary)`` under its deterministic id; a broker error leaves it to the sweep."""
-        from celery import signature
-
         from .control import completion_task_id
 
         if summary is None:
@@ -459,7 +498,7 @@ def _on_prerun(sender=None, task_id=None, task=None, **_: Any) -> None:
         return  # SpawnTask claims its own start (and can skip a duplicate)
     tracker = _tracker_for(task)
     if tracker is not None and tracker.state.settings.track_started:
-        _safely("a start", tracker.claim_start, task_id)
+        _record(tracker, "a start", Event(START, task_id), tracker.claim_start, task_id)
 
 
 @celery_signals.task_success.connect(weak=False)
@@ -468,9 +507,11 @@ def _on_success(sender=None, **_: Any) -> None:
         return
     tracker = _tracker_for(sender)
     if tracker is not None:
+        job_id = sender.request.id
         operation_id = request_headers(sender.request).get(HEADER_OPERATION) or getattr(
             sender.request, HEADER_OPERATION, None)
-        _safely("a success", tracker.succeeded, sender.request.id, operation_id)
+        _record(tracker, "a success", Event(FINISH, job_id, state=s.SUCCEEDED, operation_id=operation_id),
+                tracker.succeeded, job_id, operation_id)
 
 
 @celery_signals.task_failure.connect(weak=False)
@@ -483,7 +524,8 @@ def _on_failure(sender=None, task_id=None, exception=None, **_: Any) -> None:
         return
     tracker = _tracker_for(sender)
     if tracker is not None:
-        _safely("a failure", tracker.failed, task_id, exception)
+        _record(tracker, "a failure", Event(FINISH, task_id, state=s.FAILED, error=_error_text(exception)),
+                tracker.failed, task_id, exception)
 
 
 @celery_signals.task_retry.connect(weak=False)
@@ -492,7 +534,8 @@ def _on_retry(sender=None, request=None, reason=None, **_: Any) -> None:
         return
     tracker = _tracker_for(sender)
     if tracker is not None:
-        _safely("a retry", tracker.retried, request.id, reason)
+        _record(tracker, "a retry", Event(RETRY, request.id, error=_error_text(reason)),
+                tracker.retried, request.id, reason)
 
 
 @celery_signals.task_revoked.connect(weak=False)
@@ -502,7 +545,24 @@ def _on_revoked(sender=None, request=None, terminated=None, expired=None, **_: A
     tracker = _tracker_for(sender)
     if tracker is not None:
         reason = "expired" if expired else ("terminated" if terminated else "revoked")
-        _safely("a revoke", tracker.failed, request.id, reason, s.REVOKED)
+        _record(tracker, "a revoke", Event(FINISH, request.id, state=s.REVOKED, error=reason),
+                tracker.failed, request.id, reason, s.REVOKED)
+
+
+def _record(tracker: Tracker, action: str, event: Event, write_now, *args: Any) -> None:
+    """Queue ``event`` for the write-behind inside a worker; elsewhere write it now."""
+    _safely(action, submit, tracker, event, lambda: write_now(*args))
+
+
+@celery_signals.worker_init.connect(weak=False)
+def _worker_starts(**_: Any) -> None:
+    enable_in_this_process()
+
+
+@celery_signals.worker_process_shutdown.connect(weak=False)
+@celery_signals.worker_shutdown.connect(weak=False)
+def _worker_stops(**_: Any) -> None:
+    flush_all()
 
 
 def skip_duplicate(task: Task) -> None:

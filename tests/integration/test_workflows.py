@@ -131,7 +131,7 @@ def test_wait_for_descendants_completes_after_deepest_child(worker, client_app):
 
 def test_cancel_stops_a_running_tree(worker, client_app):
     parent = client_app.signature("tests.spawner", kwargs={
-        "count": 12, "seconds": 1.5, "_spawn_config": {"handler": "sleepers"}}).delay()
+        "count": 12, "seconds": 5, "_spawn_config": {"handler": "sleepers"}}).delay()
     parent.get(timeout=TIMEOUT)
     wait_children(client_app, parent.id, 12)
     wait_for(lambda: any(r["state"] == "started" for r in children_of(client_app, parent.id)), TIMEOUT,

@@ -1,0 +1,175 @@
+"""Many job state changes at once, each with its own values, in as few statements as the backend allows.
+
+The write-behind hands over batches of starts and finishes. On PostgreSQL a
+batch is one ``UPDATE ... FROM unnest(arrays)`` whose SQL never changes (so
+it is compiled once and the batch size costs nothing to prepare); elsewhere
+the rows are locked with one SELECT and updated with one executemany.
+Finishing is guarded (``state`` not final) and reports the rows it moved,
+so a duplicate finish changes nothing and its caller knows it lost.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import NamedTuple, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from . import schema as s
+
+FINAL = tuple(sorted(s.FINAL_JOB_STATES))
+#: Rows per statement at most (parameter limits, lock lists).
+CHUNK = 500
+
+
+class Finish(NamedTuple):
+    job_id: str
+    state: str
+    error: str | None
+    finished_at: datetime
+    #: The start, when it was never written (folded into this finish by the write-behind).
+    started_at: datetime | None = None
+
+
+def _final_list() -> str:
+    return ", ".join(f"'{state}'" for state in FINAL)  # constants of schema.py, not user input
+
+
+_PG_FINISH = sa.text(f"""
+    UPDATE {s.jobs.name} AS j
+       SET state = v.state, error = v.error, finished_at = v.finished_at,
+           started_at = COALESCE(j.started_at, v.started_at)
+      FROM unnest(CAST(:ids AS varchar[]), CAST(:states AS varchar[]), CAST(:errors AS text[]),
+                  CAST(:finished AS timestamp[]), CAST(:started AS timestamp[]))
+           AS v(id, state, error, finished_at, started_at)
+     WHERE j.id = v.id AND j.state NOT IN ({_final_list()})
+ RETURNING j.id, j.operation_id
+""")
+
+_PG_START = sa.text(f"""
+    UPDATE {s.jobs.name} AS j
+       SET state = '{s.STARTED}', started_at = v.started_at
+      FROM unnest(CAST(:ids AS varchar[]), CAST(:started AS timestamp[])) AS v(id, started_at)
+     WHERE j.id = v.id AND j.state IN :startable
+""").bindparams(sa.bindparam("startable", expanding=True))
+
+
+def finish_jobs(conn: Connection, finishes: Sequence[Finish]) -> dict[str, str | None]:
+    """Apply each finish to a job not yet final; returns ``{job id: operation id}`` of the jobs moved."""
+    won: dict[str, str | None] = {}
+    for start in range(0, len(finishes), CHUNK):
+        chunk = finishes[start:start + CHUNK]
+        if conn.dialect.name == "postgresql":
+            rows = conn.execute(_PG_FINISH, {
+                "ids": [f.job_id for f in chunk], "states": [f.state for f in chunk],
+                "errors": [f.error for f in chunk], "finished": [f.finished_at for f in chunk],
+                "started": [f.started_at for f in chunk]}).all()
+            won.update((row.id, row.operation_id) for row in rows)
+        else:
+            won.update(_finish_locked(conn, chunk))
+    return won
+
+
+def _finish_locked(conn: Connection, chunk: Sequence[Finish]) -> dict[str, str | None]:
+    live = dict(conn.execute(
+        sa.select(s.jobs.c.id, s.jobs.c.operation_id)
+        .where(s.jobs.c.id.in_([f.job_id for f in chunk]), s.jobs.c.state.notin_(FINAL)).with_for_update()
+    ).all())
+    moving = [f for f in chunk if f.job_id in live]
+    if moving:
+        conn.execute(
+            s.jobs.update().where(s.jobs.c.id == sa.bindparam("b_id"), *(s.jobs.c.state != state for state in FINAL))
+            .values(state=sa.bindparam("b_state"), error=sa.bindparam("b_error"),
+                    finished_at=sa.bindparam("b_finished", type_=s.TIMESTAMP),
+                    started_at=sa.func.coalesce(s.jobs.c.started_at, sa.bindparam("b_started", type_=s.TIMESTAMP))),
+            [{"b_id": f.job_id, "b_state": f.state, "b_error": f.error, "b_finished": f.finished_at,
+              "b_started": f.started_at} for f in moving],
+        )
+    return {f.job_id: live[f.job_id] for f in moving}
+
+
+def start_jobs(conn: Connection, starts: Sequence[tuple[str, datetime]], startable: Sequence[str]) -> None:
+    """Mark jobs started at their own times, where their state is one of ``startable``."""
+    for begin in range(0, len(starts), CHUNK):
+        chunk = starts[begin:begin + CHUNK]
+        if conn.dialect.name == "postgresql":
+            conn.execute(_PG_START, {"ids": [job for job, _ in chunk], "started": [at for _, at in chunk],
+                                     "startable": list(startable)})
+        else:
+            conn.execute(
+                s.jobs.update().where(s.jobs.c.id == sa.bindparam("b_id"),
+                                      sa.or_(*(s.jobs.c.state == state for state in startable)))
+                .values(state=s.STARTED, started_at=sa.bindparam("b_started", type_=s.TIMESTAMP)),
+                [{"b_id": job, "b_started": at} for job, at in chunk],
+            )
+
+
+
+_PG_RELEASE = sa.text(f"""
+    WITH met AS (
+        UPDATE {s.dependencies.name}
+           SET satisfied = true
+         WHERE depends_on_id = ANY(CAST(:done AS varchar[])) AND NOT satisfied
+           AND (ignore_failure OR depends_on_id = ANY(CAST(:succeeded AS varchar[])))
+     RETURNING job_id
+    ), counted AS (
+        SELECT job_id, count(*) AS n FROM met GROUP BY job_id
+    )
+    UPDATE {s.jobs.name} AS j
+       SET pending_deps = j.pending_deps - c.n,
+           state = CASE WHEN j.pending_deps - c.n <= 0 THEN '{s.PENDING}' ELSE j.state END
+      FROM counted AS c
+     WHERE j.id = c.job_id AND j.state = '{s.HELD}'
+ RETURNING j.id, j.state, j.parent_id, j.root_id, j.message, j.operation_id
+""")
+
+
+def release_dependents_pg(conn: Connection, succeeded: Sequence[str], ended: Sequence[str]) -> list[dict]:
+    """PostgreSQL, one statement: count the met edges of ``succeeded`` (and the failure-ignoring edges of
+    ``ended``) off their held dependents; returns those whose last dependency was met, now ``pending``."""
+    rows = conn.execute(_PG_RELEASE, {"done": [*succeeded, *ended], "succeeded": list(succeeded)}).mappings()
+    return [{k: v for k, v in row.items() if k != "state"} for row in rows if row["state"] == s.PENDING]
+
+
+_PG_SUCCEED_AND_RELEASE = sa.text(f"""
+    WITH done AS (
+        UPDATE {s.jobs.name} AS j
+           SET state = '{s.SUCCEEDED}', error = NULL, finished_at = v.finished_at,
+               started_at = COALESCE(j.started_at, v.started_at)
+          FROM unnest(CAST(:ids AS varchar[]), CAST(:finished AS timestamp[]), CAST(:started AS timestamp[]))
+               AS v(id, finished_at, started_at)
+         WHERE j.id = v.id AND j.state NOT IN ({_final_list()}, '{s.HELD}')
+     RETURNING j.id, j.operation_id
+    ), met AS (
+        UPDATE {s.dependencies.name}
+           SET satisfied = true
+         WHERE depends_on_id IN (SELECT id FROM done) AND NOT satisfied
+     RETURNING job_id
+    ), counted AS (
+        SELECT job_id, count(*) AS n FROM met GROUP BY job_id
+    ), released AS (
+        UPDATE {s.jobs.name} AS j
+           SET pending_deps = j.pending_deps - c.n,
+               state = CASE WHEN j.pending_deps - c.n <= 0 THEN '{s.PENDING}' ELSE j.state END
+          FROM counted AS c
+         WHERE j.id = c.job_id AND j.state = '{s.HELD}'
+     RETURNING j.id, j.state, j.parent_id, j.root_id, j.message, j.operation_id
+    )
+    SELECT true AS won, id, operation_id, CAST(NULL AS varchar) AS parent_id, CAST(NULL AS varchar) AS root_id,
+           CAST(NULL AS text) AS message
+      FROM done
+    UNION ALL
+    SELECT false, id, operation_id, parent_id, root_id, message FROM released WHERE state = '{s.PENDING}'
+""")
+
+
+def succeed_and_release_pg(conn: Connection, finishes: Sequence[Finish]) -> tuple[dict[str, str | None], list[dict]]:
+    """PostgreSQL, one round trip for a batch of successes: finish them, count them off their held
+    dependents, and return ``({job id: operation id} moved, rows of dependents now pending)``."""
+    rows = conn.execute(_PG_SUCCEED_AND_RELEASE, {
+        "ids": [f.job_id for f in finishes], "finished": [f.finished_at for f in finishes],
+        "started": [f.started_at for f in finishes]}).mappings().all()
+    won = {row["id"]: row["operation_id"] for row in rows if row["won"]}
+    released = [{k: row[k] for k in ("id", "parent_id", "root_id", "message", "operation_id")}
+                for row in rows if not row["won"]]
+    return won, released

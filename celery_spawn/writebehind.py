@@ -1,0 +1,254 @@
+"""Write-behind for tracking: a worker process's child events, written in batches off the task's path.
+
+A commit per child start and per finish costs more than a small task
+itself. Inside a worker, events are queued instead and one thread per
+process writes whatever has gathered, in one transaction: the busier the
+worker, the bigger the batches, and an idle worker writes each event at
+once (a dependency hop waits for no timer).
+
+What a crash can lose is what was queued and not yet written (a few
+milliseconds of events): the recovery sweep reads lost outcomes back from
+the result backend, as it does for a pool process killed before the signal.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+from .errors import StoreError
+from .store.sql import utcnow
+from .store.transitions import Finish
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from .tracking import Tracker
+
+logger = logging.getLogger("celery_spawn.tracking")
+
+#: Events waiting that tell a busy worker (a chain of dependent children queues two or three at most).
+BUSY = 4
+#: Seconds a start waits for its job's finish to be written with it.
+START_DELAY = 0.05
+#: Seconds a busy write-behind waits to gather a bigger batch.
+LINGER = 0.05
+#: Seconds between completion probes of a busy write-behind.
+CHECK_INTERVAL = 0.05
+#: Events written in one transaction at most.
+MAX_BATCH = 500
+#: Events kept while the store is unreachable; beyond that the oldest are dropped (and logged).
+MAX_QUEUED = 200_000
+#: Seconds between attempts while the store is unreachable (doubling up to the last).
+RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+START, FINISH, RETRY = "start", "finish", "retry"
+
+
+@dataclass
+class Event:
+    kind: str
+    job_id: str
+    at: datetime = field(default_factory=utcnow)
+    state: str | None = None
+    error: str | None = None
+    operation_id: str | None = None
+    started_at: datetime | None = None
+    queued: float = field(default_factory=time.monotonic)
+
+
+class WriteBehind:
+    """The queue of one process's tracking events and the thread that writes them."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.tracker = tracker
+        self._events: deque[Event] = deque()
+        self._wake = threading.Condition()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread: threading.Thread | None = None
+        self._unchecked: set[str] = set()
+        self._next_check = 0.0
+
+    def add(self, event: Event) -> None:
+        with self._wake:
+            if len(self._events) >= MAX_QUEUED:
+                lost = self._events.popleft()
+                logger.error("celery-spawn dropped the %s of job %s: %d tracking events wait for the store",
+                             lost.kind, lost.job_id, MAX_QUEUED)
+            self._events.append(event)
+            self._idle.clear()
+            self._wake.notify()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="celery-spawn-write-behind", daemon=True)
+                self._thread.start()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything queued is written (worker shutdown); False if it did not finish in time."""
+        with self._wake:
+            self._wake.notify()
+        return self._idle.wait(timeout)
+
+    def _take(self) -> list[Event]:
+        with self._wake:
+            while not self._events:
+                if not self._unchecked:
+                    self._idle.set()
+                    self._wake.wait()
+                else:
+                    return []  # idle: time to check what finished
+            while len(self._events) < BUSY and all(e.kind == START for e in self._events):
+                # Only starts: wait a little for their finishes, so that a short task costs one
+                # row update, and a dependent's release does not queue behind a start.
+                left = self._events[0].queued + START_DELAY - time.monotonic()
+                if left <= 0:
+                    break
+                self._wake.wait(left)
+            if len(self._events) >= BUSY and LINGER:
+                # Busy: a moment more gathers a bigger batch (an idle worker writes at once).
+                deadline = time.monotonic() + LINGER
+                while len(self._events) < MAX_BATCH and (left := deadline - time.monotonic()) > 0:
+                    self._wake.wait(left)
+            count = min(len(self._events), MAX_BATCH)
+            return [self._events.popleft() for _ in range(count)]
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch:
+                self._unchecked.update(self._write_until_done(batch))
+            if self._unchecked and (not self._events or time.monotonic() >= self._next_check):
+                self._check_completions()
+
+    def _check_completions(self) -> None:
+        """Completion probes, once per operation for every batch written since the last check.
+
+        While events keep coming they run every CHECK_INTERVAL at most (a
+        probe reads an index that finished rows keep busy); they always run
+        before the thread goes idle, so an operation's last finish is checked.
+        """
+        operations, self._unchecked = self._unchecked, set()
+        self._next_check = time.monotonic() + CHECK_INTERVAL
+        for operation_id in operations:
+            try:
+                self.tracker.check_completion(operation_id)
+            except Exception as exc:  # keep it, and look again after a pause
+                logger.error("celery-spawn could not check operation %s for completion: %s", operation_id, exc)
+                self._unchecked.add(operation_id)
+        if self._unchecked:
+            time.sleep(RETRY_DELAYS[-1])
+
+    def _write_until_done(self, batch: list[Event]) -> set[str]:
+        attempt = 0
+        while True:
+            try:
+                return write_events(self.tracker, batch)
+            except StoreError as exc:
+                delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
+                if attempt == 0 or delay == RETRY_DELAYS[-1]:
+                    logger.error("celery-spawn could not record %d tracking events (retrying in %gs): %s",
+                                 len(batch), delay, exc)
+                attempt += 1
+                time.sleep(delay)
+            except Exception as exc:  # a bug must not kill the thread and strand every later event
+                logger.exception("celery-spawn lost %d tracking events: %s", len(batch), exc)
+                return set()
+
+
+def write_events(tracker: Tracker, events: list[Event]) -> set[str]:
+    """Apply events in order, a run of distinct jobs at a time (a job's events never reorder).
+
+    A start followed by its job's finish in the same batch is folded into
+    that finish: one row update instead of two. Returns the operations whose
+    jobs finished: the caller checks them for completion.
+    """
+    touched: set[str] = set()
+    for run in _runs_of_distinct_jobs(_fold_starts(events)):
+        starts = [e for e in run if e.kind == START]
+        retries = [e for e in run if e.kind == RETRY]
+        finishes = [e for e in run if e.kind == FINISH]
+        if starts:
+            tracker.start_many([(e.job_id, e.at) for e in starts])
+        for event in retries:
+            tracker.retried(event.job_id, event.error)
+        if finishes:
+            _, to_check = tracker.finish_batch([Finish(e.job_id, e.state, e.error, e.at, e.started_at)
+                                                for e in finishes])
+            touched.update(to_check)
+    return touched
+
+
+def _fold_starts(events: list[Event]) -> list[Event]:
+    folded: list[Event] = []
+    open_starts: dict[str, int] = {}
+    for event in events:
+        if event.kind == START:
+            open_starts[event.job_id] = len(folded)
+        elif event.kind == FINISH and event.job_id in open_starts:
+            start = folded[open_starts.pop(event.job_id)]
+            event.started_at = start.at
+            start.kind = "folded"
+        else:
+            open_starts.pop(event.job_id, None)
+        folded.append(event)
+    return [e for e in folded if e.kind != "folded"]
+
+
+def _runs_of_distinct_jobs(events: list[Event]) -> list[list[Event]]:
+    runs: list[list[Event]] = [[]]
+    seen: set[str] = set()
+    for event in events:
+        if event.job_id in seen:
+            runs.append([])
+            seen = set()
+        seen.add(event.job_id)
+        runs[-1].append(event)
+    return [run for run in runs if run]
+
+
+# ---- one write-behind per tracker and process ------------------------------------------------
+_in_worker = False
+_queues: dict[tuple[int, int], WriteBehind] = {}
+_lock = threading.Lock()
+
+
+def enable_in_this_process() -> None:
+    """Called when a worker starts (and inherited by its forked pool processes)."""
+    global _in_worker
+    _in_worker = True
+
+
+def queue_for(tracker: Tracker) -> WriteBehind | None:
+    """This process's write-behind for ``tracker``, or None to write synchronously (outside workers)."""
+    if not _in_worker or not tracker.state.settings.batch_tracking:
+        return None
+    key = (os.getpid(), id(tracker))
+    queue = _queues.get(key)
+    if queue is None or queue.tracker is not tracker:
+        with _lock:
+            queue = _queues.get(key)
+            if queue is None or queue.tracker is not tracker:
+                queue = _queues[key] = WriteBehind(tracker)
+    return queue
+
+
+def flush_all(timeout: float = 10.0) -> None:
+    """Write every queued event of this process (at worker and pool-process shutdown)."""
+    pid = os.getpid()
+    for (owner, _), queue in list(_queues.items()):
+        if owner == pid and not queue.flush(timeout):
+            logger.error("celery-spawn shut down with tracking events unwritten; the recovery sweep "
+                         "reconciles them from the result backend")
+
+
+def submit(tracker: Tracker, event: Event, write_now: Callable[[], Any]) -> None:
+    """Queue ``event`` in a worker, or call ``write_now`` outside one."""
+    queue = queue_for(tracker)
+    if queue is None:
+        write_now()
+    else:
+        queue.add(event)

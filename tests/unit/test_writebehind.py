@@ -1,0 +1,214 @@
+"""The tracking write-behind and the batched job transitions, on real stores."""
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+
+from celery_spawn import SpawnManager, SpawnTask, depends_on, get_state, install
+from celery_spawn.errors import StoreError
+from celery_spawn.handlers import default_operation_id
+from celery_spawn.store import schema as s
+from celery_spawn.store.sql import utcnow
+from celery_spawn.store.transitions import Finish, finish_jobs, start_jobs
+from celery_spawn.writebehind import FINISH, RETRY, START, Event, WriteBehind, _fold_starts, write_events
+
+
+@pytest.fixture
+def rig(store_url):
+    """A spawned operation of five children, recorded and dispatched (messages go to an in-memory broker)."""
+    app = Celery("writebehind", broker="memory://", set_as_current=False)
+    app.conf.update(task_default_queue="wb-test", broker_connection_retry_on_startup=True)
+    manager = SpawnManager()
+    install(app, manager, database_url=store_url)
+
+    @app.task(name="w.parent", base=SpawnTask, shared=False)
+    def parent(n, chain=False):
+        return n
+
+    @app.task(name="w.child", shared=False)
+    def child(i):
+        return i
+
+    @manager.handler("kids")
+    def kids(context):
+        previous = None
+        for i in range(context.parent.result):
+            sig = child.s(i)
+            context.freeze(sig)
+            if previous is not None and context.parent.kwargs.get("chain"):
+                depends_on(sig, previous)
+            previous = sig.id
+            yield sig
+
+    yield app, parent
+    get_state(app).store.dispose()
+
+
+def spawn(app, parent, n: int = 5, chain: bool = False) -> tuple[str, list[dict]]:
+    result = parent.apply(args=(n,), kwargs={"chain": chain, "_spawn_config": {"handler": "kids"}})
+    operation_id = default_operation_id(result.id)
+    return operation_id, jobs(app, operation_id)
+
+
+def jobs(app, operation_id: str) -> list[dict]:
+    with get_state(app).store.read() as conn:
+        return [dict(r) for r in conn.execute(
+            sa.select(s.jobs).where(s.jobs.c.operation_id == operation_id).order_by(s.jobs.c.position)).mappings()]
+
+
+def operation(app, operation_id: str) -> dict:
+    store = get_state(app).store
+    with store.read() as conn:
+        return store.get_operation(conn, operation_id)
+
+
+def test_a_batch_of_starts_and_finishes_lands_in_order_and_completes_the_operation(rig):
+    app, parent = rig
+    operation_id, children = spawn(app, parent)
+    ids = [c["id"] for c in children]
+    tracker = get_state(app).tracker
+    events = [Event(START, job) for job in ids]
+    events += [Event(FINISH, job, state=s.SUCCEEDED, operation_id=operation_id) for job in ids[:4]]
+    events.append(Event(FINISH, ids[4], state=s.FAILED, error="ValueError: boom", operation_id=operation_id))
+    touched = write_events(tracker, events)
+    assert touched == {operation_id}
+    rows = jobs(app, operation_id)
+    assert [r["state"] for r in rows] == [s.SUCCEEDED] * 4 + [s.FAILED]
+    assert all(r["started_at"] is not None and r["finished_at"] >= r["started_at"] for r in rows)
+    assert rows[4]["error"] == "ValueError: boom"
+    tracker.check_completion(operation_id)
+    op = operation(app, operation_id)
+    assert op["completed"] and op["state"] == s.OP_PARTIALLY_FAILED
+
+
+def test_a_second_finish_of_a_job_changes_nothing(rig):
+    app, parent = rig
+    operation_id, children = spawn(app, parent, 2)
+    job = children[0]["id"]
+    store = get_state(app).store
+    now = utcnow()
+    with store.begin() as conn:
+        assert finish_jobs(conn, [Finish(job, s.SUCCEEDED, None, now)]) == {job: operation_id}
+    with store.begin() as conn:
+        assert finish_jobs(conn, [Finish(job, s.FAILED, "late", now + timedelta(seconds=1))]) == {}
+    row = jobs(app, operation_id)[0]
+    assert row["state"] == s.SUCCEEDED and row["error"] is None
+
+
+def test_each_job_keeps_its_own_times_and_hostile_text_is_data(rig):
+    app, parent = rig
+    operation_id, children = spawn(app, parent, 3)
+    ids = [c["id"] for c in children]
+    base = utcnow().replace(microsecond=0)
+    store = get_state(app).store
+    with store.begin() as conn:
+        start_jobs(conn, [(job, base + timedelta(seconds=i)) for i, job in enumerate(ids)], (s.DISPATCHED,))
+        finish_jobs(conn, [Finish(ids[0], s.FAILED, "x'); DROP TABLE spawn_jobs; --", base + timedelta(seconds=9)),
+                           Finish(ids[1], s.SUCCEEDED, None, base + timedelta(seconds=8),
+                                  base - timedelta(seconds=5))])
+    rows = jobs(app, operation_id)
+    assert [r["started_at"] for r in rows] == [base + timedelta(seconds=i) for i in range(3)]  # no overwrite
+    assert rows[0]["error"] == "x'); DROP TABLE spawn_jobs; --"
+    assert rows[1]["finished_at"] == base + timedelta(seconds=8)
+    assert rows[2]["state"] == s.STARTED
+
+
+def test_finishing_a_step_releases_the_next_one_exactly_once(rig):
+    app, parent = rig
+    operation_id, children = spawn(app, parent, 3, chain=True)
+    assert [c["state"] for c in children] == [s.DISPATCHED, s.HELD, s.HELD]
+    tracker = get_state(app).tracker
+    first, second = children[0]["id"], children[1]["id"]
+    won, to_check = tracker.finish_batch([Finish(first, s.SUCCEEDED, None, utcnow())])
+    assert won == {first: operation_id}
+    assert to_check == []  # it just released a child of its own: not complete
+    assert [c["state"] for c in jobs(app, operation_id)] == [s.SUCCEEDED, s.DISPATCHED, s.HELD]
+    assert tracker.finish_batch([Finish(first, s.SUCCEEDED, None, utcnow())]) == ({}, [])
+    assert jobs(app, operation_id)[2]["pending_deps"] == 1
+    # A failure cancels what depended on it.
+    won, to_check = tracker.finish_batch([Finish(second, s.FAILED, "boom", utcnow())])
+    assert to_check == [operation_id]
+    assert [c["state"] for c in jobs(app, operation_id)] == [s.SUCCEEDED, s.FAILED, s.CANCELLED]
+
+
+def test_starts_fold_into_the_finish_of_the_same_batch():
+    start, finish = Event(START, "a"), Event(FINISH, "a", state=s.SUCCEEDED)
+    other = Event(START, "b")
+    folded = _fold_starts([start, other, finish])
+    assert folded == [other, finish]
+    assert finish.started_at == start.at
+    retry = [Event(START, "c"), Event(RETRY, "c"), Event(START, "c"), Event(FINISH, "c", state=s.SUCCEEDED)]
+    assert [e.kind for e in _fold_starts(retry)] == [START, RETRY, FINISH]
+
+
+def test_the_thread_writes_in_the_background_and_flush_waits_for_it(rig):
+    app, parent = rig
+    operation_id, children = spawn(app, parent)
+    queue = WriteBehind(get_state(app).tracker)
+    for child in children:
+        queue.add(Event(START, child["id"]))
+        queue.add(Event(FINISH, child["id"], state=s.SUCCEEDED, operation_id=operation_id))
+    assert queue.flush(30)
+    assert {r["state"] for r in jobs(app, operation_id)} == {s.SUCCEEDED}
+    assert operation(app, operation_id)["completed"]  # checked before the thread went idle
+
+
+class FlakyTracker:
+    """Fails its first ``failures`` writes as a store outage would, then records what it was given."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.finished, self.checked = failures, [], []
+        self.done = threading.Event()
+
+    def start_many(self, starts):
+        pass
+
+    def finish_batch(self, finishes):
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("spawn store postgresql://u:***@db/x failed: OperationalError: gone")
+        self.finished.extend(f.job_id for f in finishes)
+        return {f.job_id: "op" for f in finishes}, ["op"]
+
+    def check_completion(self, operation_id):
+        self.checked.append(operation_id)
+        self.done.set()
+
+
+def test_a_store_outage_delays_events_and_loses_none(caplog, monkeypatch):
+    monkeypatch.setattr("celery_spawn.writebehind.RETRY_DELAYS", (0.01, 0.02))
+    tracker = FlakyTracker(failures=3)
+    queue = WriteBehind(tracker)
+    queue.add(Event(FINISH, "a", state=s.SUCCEEDED))
+    assert tracker.done.wait(10)
+    assert tracker.finished == ["a"] and tracker.checked == ["op"]
+    assert "could not record 1 tracking events" in caplog.text
+    assert "***" in caplog.text
+
+
+def test_busy_writers_gather_bigger_batches(rig):
+    app, parent = rig
+    operation_id, children = spawn(app, parent, 40)
+    batches = []
+    tracker = get_state(app).tracker
+    real = tracker.finish_batch
+
+    def counting(finishes):  # a slow first write: the rest gathers meanwhile
+        batches.append(len(finishes))
+        if len(batches) == 1:
+            time.sleep(0.2)
+        return real(finishes)
+
+    tracker.finish_batch = counting
+    queue = WriteBehind(tracker)
+    for child in children:
+        queue.add(Event(FINISH, child["id"], state=s.SUCCEEDED, operation_id=operation_id))
+        time.sleep(0.001)
+    assert queue.flush(30)
+    assert sum(batches) == 40
+    assert batches[0] == 1 and len(batches) <= 3, batches  # an idle writer writes at once, a busy one gathers
