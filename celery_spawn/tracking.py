@@ -183,11 +183,15 @@ class Tracker:
                 won.append(job)
         if not won:
             return []
-        rows = conn.execute(
+        rows = [dict(r) for r in conn.execute(
             sa.select(s.jobs.c.id, s.jobs.c.parent_id, s.jobs.c.root_id, s.jobs.c.message, s.jobs.c.operation_id)
             .where(s.jobs.c.id.in_(won))
-        ).mappings()
-        return [dict(r) for r in rows]
+        ).mappings()]
+        # Refresh the leases: the recovery sweep leaves these pending rows to us to publish.
+        operations = sorted({r["operation_id"] for r in rows if r["operation_id"]})
+        if operations:
+            conn.execute(s.operations.update().where(s.operations.c.id.in_(operations)).values(updated_at=utcnow()))
+        return rows
 
     def cancel_dependents(self, conn: sa.Connection, failed_ids: Sequence[str], reason: str) -> list[str]:
         """Cancel, level by level, every held job that needed one of ``failed_ids`` to succeed."""

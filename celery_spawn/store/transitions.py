@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import schema as s
+from .sql import utcnow
 
 FINAL = tuple(sorted(s.FINAL_JOB_STATES))
 #: Rows per statement at most (parameter limits, lock lists).
@@ -114,20 +115,26 @@ _PG_RELEASE = sa.text(f"""
      RETURNING job_id
     ), counted AS (
         SELECT job_id, count(*) AS n FROM met GROUP BY job_id
+    ), released AS (
+        UPDATE {s.jobs.name} AS j
+           SET pending_deps = j.pending_deps - c.n,
+               state = CASE WHEN j.pending_deps - c.n <= 0 THEN '{s.PENDING}' ELSE j.state END
+          FROM counted AS c
+         WHERE j.id = c.job_id AND j.state = '{s.HELD}'
+     RETURNING j.id, j.state, j.parent_id, j.root_id, j.message, j.operation_id
+    ), leased AS (
+        UPDATE {s.operations.name} SET updated_at = :now
+         WHERE id IN (SELECT operation_id FROM released WHERE state = '{s.PENDING}')
     )
-    UPDATE {s.jobs.name} AS j
-       SET pending_deps = j.pending_deps - c.n,
-           state = CASE WHEN j.pending_deps - c.n <= 0 THEN '{s.PENDING}' ELSE j.state END
-      FROM counted AS c
-     WHERE j.id = c.job_id AND j.state = '{s.HELD}'
- RETURNING j.id, j.state, j.parent_id, j.root_id, j.message, j.operation_id
+    SELECT * FROM released
 """)
 
 
 def release_dependents_pg(conn: Connection, succeeded: Sequence[str], ended: Sequence[str]) -> list[dict]:
     """PostgreSQL, one statement: count the met edges of ``succeeded`` (and the failure-ignoring edges of
     ``ended``) off their held dependents; returns those whose last dependency was met, now ``pending``."""
-    rows = conn.execute(_PG_RELEASE, {"done": [*succeeded, *ended], "succeeded": list(succeeded)}).mappings()
+    rows = conn.execute(_PG_RELEASE, {"done": [*succeeded, *ended], "succeeded": list(succeeded),
+                                      "now": utcnow()}).mappings()
     return [{k: v for k, v in row.items() if k != "state"} for row in rows if row["state"] == s.PENDING]
 
 
@@ -154,6 +161,9 @@ _PG_SUCCEED_AND_RELEASE = sa.text(f"""
           FROM counted AS c
          WHERE j.id = c.job_id AND j.state = '{s.HELD}'
      RETURNING j.id, j.state, j.parent_id, j.root_id, j.message, j.operation_id
+    ), leased AS (
+        UPDATE {s.operations.name} SET updated_at = :now
+         WHERE id IN (SELECT operation_id FROM released WHERE state = '{s.PENDING}')
     )
     SELECT true AS won, id, operation_id, CAST(NULL AS varchar) AS parent_id, CAST(NULL AS varchar) AS root_id,
            CAST(NULL AS text) AS message
@@ -165,10 +175,13 @@ _PG_SUCCEED_AND_RELEASE = sa.text(f"""
 
 def succeed_and_release_pg(conn: Connection, finishes: Sequence[Finish]) -> tuple[dict[str, str | None], list[dict]]:
     """PostgreSQL, one round trip for a batch of successes: finish them, count them off their held
-    dependents, and return ``({job id: operation id} moved, rows of dependents now pending)``."""
+    dependents, and return ``({job id: operation id} moved, rows of dependents now pending)``.
+
+    The operations of released dependents get their lease refreshed, so that
+    the recovery sweep leaves those pending rows to this caller to publish."""
     rows = conn.execute(_PG_SUCCEED_AND_RELEASE, {
         "ids": [f.job_id for f in finishes], "finished": [f.finished_at for f in finishes],
-        "started": [f.started_at for f in finishes]}).mappings().all()
+        "started": [f.started_at for f in finishes], "now": utcnow()}).mappings().all()
     won = {row["id"]: row["operation_id"] for row in rows if row["won"]}
     released = [{k: row[k] for k in ("id", "parent_id", "root_id", "message", "operation_id")}
                 for row in rows if not row["won"]]
