@@ -13,6 +13,11 @@ It prints, as the median of ``--repeat`` runs: the query and render time of
 ``tree`` on the big tree (text and JSON), of ``stats --hours 24`` and
 ``--hours 48`` (the whole store), the number of SQL statements each ran, and
 the wall time of the real ``celery spawn`` commands as subprocesses.
+``--explain`` also prints the plan of every statement ``tree`` and ``stats``
+run (``EXPLAIN ANALYZE`` on PostgreSQL, ``ANALYZE`` on MariaDB/MySQL,
+``EXPLAIN QUERY PLAN`` on SQLite): a whole tree should be one index range on
+``ix_spawn_jobs_root_depth``, the child stats one index-only range on
+``ix_spawn_jobs_state_created``.
 """
 from __future__ import annotations
 
@@ -185,6 +190,32 @@ def timed(store: SpawnStore, fn: Callable[[sa.Connection], object], repeat: int)
     return statistics.median(times), len(statements), result
 
 
+def explain(store: SpawnStore, fn: Callable[[sa.Connection], object]) -> None:
+    """Run ``fn`` once, then print the plan of each statement it ran."""
+    seen: list[tuple[str, object]] = []
+
+    def capture(_conn: object, _cursor: object, statement: str, parameters: object, *_args: object) -> None:
+        seen.append((statement, parameters))
+
+    engine = store.engine
+    with store.read() as conn:
+        sa.event.listen(engine, "before_cursor_execute", capture)
+        try:
+            fn(conn)
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", capture)
+        prefix = {"postgresql": "EXPLAIN (ANALYZE, BUFFERS) ", "mysql": "ANALYZE ", "mariadb": "ANALYZE ",
+                  "sqlite": "EXPLAIN QUERY PLAN "}[engine.dialect.name]
+        for statement, parameters in seen:
+            print(" ".join(statement.split()))
+            cursor = conn.connection.dbapi_connection.cursor()
+            cursor.execute(prefix + statement, parameters)
+            for row in cursor.fetchall():
+                print("    " + (row[0] if len(row) == 1 else "  ".join(str(v) for v in row)))
+            cursor.close()
+        print()
+
+
 def cli_wall_time(url: str, args: list[str], repeat: int) -> float:
     env = {**os.environ, "CELERY_SPAWN_DATABASE_URL": url}
     times = []
@@ -206,6 +237,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--reuse", action="store_true", help="time the store an earlier run built")
     parser.add_argument("--no-cli", action="store_true", help="skip the subprocess timings")
+    parser.add_argument("--explain", action="store_true", help="print the plans of the tree and stats statements")
     options = parser.parse_args()
 
     store = SpawnStore(options.url)
@@ -215,6 +247,9 @@ def main() -> None:
     total = count_rows(store)
     print(f"jobs in store: {total:,}; big tree: {options.tree_size:,} nodes below {BIG_ROOT!r}")
     print()
+    if options.explain:
+        explain(store, lambda c: queries.spawn_tree(c, BIG_ROOT))
+        explain(store, lambda c: queries.stats(c, hours=24))
 
     rows = []
     tree_q, tree_n, tree = timed(store, lambda c: queries.spawn_tree(c, BIG_ROOT), options.repeat)
