@@ -106,7 +106,7 @@ jobs = sa.Table(
     # completion probes: does this operation still have an unfinished child?
     sa.Index("ix_spawn_jobs_operation_state", "operation_id", "state"),
     # jobs by state and age (pending, the recovery sweep) and, covering, the child stats over a
-    # window: state changes already move the entry, and the timestamps change with the state
+    # window: a state change moves the entry anyway, and the timestamps change with the state
     sa.Index("ix_spawn_jobs_state_created", "state", "created_at", "operation_id", "started_at", "finished_at"),
 )
 
