@@ -6,8 +6,10 @@ lists. Datetimes are naive UTC :class:`~datetime.datetime` objects, as stored;
 :func:`celery_spawn.render.jsonable` turns any result into JSON-ready data.
 
 Costs: each function runs a small, fixed number of statements whatever the size
-of the tree (recursive CTEs over the indexed ``parent_id`` column, aggregates
-over indexed columns), and every argument reaches SQL as a bound parameter.
+of the tree (a whole tree is one range on ``(root_id, depth)``, a subtree a
+recursive CTE over the indexed ``parent_id`` column, stats aggregates over
+covering indexes; docs/architecture.md has the plans), and every argument
+reaches SQL as a bound parameter.
 The statements are portable across SQLite, PostgreSQL and MySQL 8 / MariaDB
 10.2+ (``WITH RECURSIVE``, window functions).
 
@@ -411,7 +413,7 @@ def _unique(rows: Iterable[Any]) -> Iterator[Any]:
 
 
 def _nest(rows: Iterable[Any], start: str) -> tuple[dict | None, dict[str, dict]]:
-    """Tree nodes from :data:`TREE_FIELDS` rows (unique ids), children in spawn order; returns (start node, nodes by id).
+    """Tree nodes from :data:`TREE_FIELDS` rows (unique ids), children in spawn order: (start node, nodes by id).
 
     One pass makes the nodes and groups them by parent; a second pass over the
     parents (not the nodes) hands each its sorted children. A row whose parent
@@ -456,7 +458,7 @@ def _no_gc() -> Iterator[None]:
 
 
 def _top_start(start: str) -> sa.Subquery:
-    """``root_id`` and ``depth`` of ``start`` if it is the top of its recorded tree (no recorded parent), else no row."""
+    """``root_id`` and ``depth`` of ``start`` if it tops its recorded tree (no recorded parent), else no row."""
     me, above = _jobs.alias("tree_start"), _jobs.alias("tree_above")
     is_top = sa.or_(me.c.parent_id.is_(None), ~sa.exists().where(above.c.id == me.c.parent_id))
     return sa.select(me.c.root_id, me.c.depth).where(me.c.id == start, is_top).subquery("tree_top")
