@@ -254,6 +254,7 @@ class Bench:
     # ---- case 5 ----------------------------------------------------------------------------
     def queries(self, pg_url: str, mysql_url: str | None) -> None:
         from benchmarks import cli_store
+        from celery_spawn import render
         from celery_spawn.store import SpawnStore, queries
 
         jobs, tree = self.sizes["queries"]
@@ -264,12 +265,14 @@ class Bench:
             cli_store.build(store, jobs // 10, tree // 10, 47, 7)
             small_table = _small_tree_time(store)
             cli_store.build(store, jobs, tree, 47, 7)
-            big_tree, statements, _ = cli_store.timed(store, lambda c: queries.spawn_tree(c, cli_store.BIG_ROOT), 3)
-            stats, _, _ = cli_store.timed(store, lambda c: queries.stats(c, hours=24), 3)
+            big_tree, statements, nested = cli_store.timed(
+                store, lambda c: queries.spawn_tree(c, cli_store.BIG_ROOT), self.rounds)
+            text = statistics.median(_seconds(lambda: render.tree_text(nested)) for _ in range(self.rounds))
+            stats, _, _ = cli_store.timed(store, lambda c: queries.stats(c, hours=24), self.rounds)
             big_table = _small_tree_time(store)
             store.dispose()
             self.rows.append(Row("5 queries", f"tree of {tree:,} nodes, {jobs:,} jobs, {label}", big_tree, None, "s",
-                                 target=0.5, note=f"{statements} statements"))
+                                 target=0.5, note=f"{statements} statements; text render {text:.3f}s more"))
             self.rows.append(Row("5 queries", f"stats --hours 24, {jobs:,} jobs, {label}", stats, None, "s",
                                  target=0.5))
             self.rows.append(Row("5 queries", f"100-node tree in {jobs:,} vs {jobs // 10:,} rows, {label}",
@@ -296,6 +299,12 @@ class Bench:
             "rows": [row.as_dict() for row in self.rows],
         }, indent=2))
         print(f"\nwritten to {out}")
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    begin = time.perf_counter()
+    fn()
+    return time.perf_counter() - begin
 
 
 def _small_tree_time(store) -> float:

@@ -9,10 +9,15 @@ and, for the rest, trees of one root and 99 children, created over the last
 48 hours so that ``stats --hours 24`` sees about half of the store. The
 tables are emptied first (``--reuse`` keeps a store built by an earlier run).
 
-It prints, as the median of ``--repeat`` runs: the query and render time of
+It prints, as the median of ``--repeat`` runs after one warm-up: the query and render time of
 ``tree`` on the big tree (text and JSON), of ``stats --hours 24`` and
 ``--hours 48`` (the whole store), the number of SQL statements each ran, and
 the wall time of the real ``celery spawn`` commands as subprocesses.
+``--explain`` also prints the plan of every statement ``tree`` and ``stats``
+run (``EXPLAIN ANALYZE`` on PostgreSQL, ``ANALYZE`` on MariaDB/MySQL,
+``EXPLAIN QUERY PLAN`` on SQLite): a whole tree should be one index range on
+``ix_spawn_jobs_root_depth``, the child stats one index-only range on
+``ix_spawn_jobs_state_created``.
 """
 from __future__ import annotations
 
@@ -162,8 +167,16 @@ def count_rows(store: SpawnStore) -> int:
         return int(conn.execute(sa.select(sa.func.count()).select_from(s.jobs)).scalar() or 0)
 
 
-def timed(store: SpawnStore, fn: Callable[[sa.Connection], object], repeat: int) -> tuple[float, int, object]:
-    """Median seconds of ``fn`` on a fresh read connection, and the statements it ran."""
+def timed(store: SpawnStore, fn: Callable[[sa.Connection], object], repeat: int,
+          warmup: int = 1) -> tuple[float, int, object]:
+    """Median seconds of ``fn`` on a fresh read connection after ``warmup`` untimed runs, and its statements.
+
+    The warm-up is the runner's rule for every case: the first run after a
+    store is built pays for pages the build pushed out of the database's cache.
+    """
+    for _ in range(warmup):
+        with store.read() as conn:
+            fn(conn)
     statements = []
 
     def count(*_args: object, **_kwargs: object) -> None:
@@ -183,6 +196,32 @@ def timed(store: SpawnStore, fn: Callable[[sa.Connection], object], repeat: int)
             finally:
                 sa.event.remove(engine, "before_cursor_execute", count)
     return statistics.median(times), len(statements), result
+
+
+def explain(store: SpawnStore, fn: Callable[[sa.Connection], object]) -> None:
+    """Run ``fn`` once, then print the plan of each statement it ran."""
+    seen: list[tuple[str, object]] = []
+
+    def capture(_conn: object, _cursor: object, statement: str, parameters: object, *_args: object) -> None:
+        seen.append((statement, parameters))
+
+    engine = store.engine
+    with store.read() as conn:
+        sa.event.listen(engine, "before_cursor_execute", capture)
+        try:
+            fn(conn)
+        finally:
+            sa.event.remove(engine, "before_cursor_execute", capture)
+        prefix = {"postgresql": "EXPLAIN (ANALYZE, BUFFERS) ", "mysql": "ANALYZE ", "mariadb": "ANALYZE ",
+                  "sqlite": "EXPLAIN QUERY PLAN "}[engine.dialect.name]
+        for statement, parameters in seen:
+            print(" ".join(statement.split()))
+            cursor = conn.connection.dbapi_connection.cursor()
+            cursor.execute(prefix + statement, parameters)
+            for row in cursor.fetchall():
+                print("    " + (row[0] if len(row) == 1 else "  ".join(str(v) for v in row)))
+            cursor.close()
+        print()
 
 
 def cli_wall_time(url: str, args: list[str], repeat: int) -> float:
@@ -206,6 +245,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--reuse", action="store_true", help="time the store an earlier run built")
     parser.add_argument("--no-cli", action="store_true", help="skip the subprocess timings")
+    parser.add_argument("--explain", action="store_true", help="print the plans of the tree and stats statements")
     options = parser.parse_args()
 
     store = SpawnStore(options.url)
@@ -215,6 +255,9 @@ def main() -> None:
     total = count_rows(store)
     print(f"jobs in store: {total:,}; big tree: {options.tree_size:,} nodes below {BIG_ROOT!r}")
     print()
+    if options.explain:
+        explain(store, lambda c: queries.spawn_tree(c, BIG_ROOT))
+        explain(store, lambda c: queries.stats(c, hours=24))
 
     rows = []
     tree_q, tree_n, tree = timed(store, lambda c: queries.spawn_tree(c, BIG_ROOT), options.repeat)

@@ -68,6 +68,32 @@ def _json_default(value: Any) -> Any:
 _ENCODER = json.JSONEncoder(default=_json_default)
 
 
+def _fast_encoder() -> Callable[[Any], str]:
+    """``_ENCODER.encode`` without its per-call setup: the C encoder built once (CPython), checked once.
+
+    ``JSONEncoder.encode`` builds a new C encoder on every call, which costs
+    more than encoding one small tree node; a big tree encodes 100,000 of them.
+    """
+    try:
+        from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
+
+        chunks = c_make_encoder(None, _json_default, encode_basestring_ascii, None, ": ", ", ", False, False, True)
+
+        def encode(value: Any) -> str:
+            return "".join(chunks(value, 0))
+
+        sample = {"id": "a\"\u00e9\n", "n": 1, "f": 0.5, "none": None, "ok": True, "at": datetime(2026, 1, 2),
+                  "list": [1, "x"]}
+        if encode(sample) == _ENCODER.encode(sample):
+            return encode
+    except Exception:  # noqa: BLE001 - any surprise: the documented path
+        pass
+    return _ENCODER.encode
+
+
+_encode = _fast_encoder()
+
+
 def to_json(value: Any) -> str:
     """Indented JSON of a listing or stats (use :func:`tree_json` for trees)."""
     return json.dumps(jsonable(value), indent=2, sort_keys=False)
@@ -76,28 +102,29 @@ def to_json(value: Any) -> str:
 def tree_json(tree: dict) -> str:
     """A tree as JSON, one node per line, written without recursion (trees may be 1,000 levels deep)."""
     out: list[str] = []
-    # Stack items: a node to write (with its indent), or text to emit as is.
-    stack: list[tuple[dict, int] | str] = [(tree, 0)]
+    add = out.append
+    # Stack items: (node, its indent, what goes before its line) or text to emit as is.
+    stack: list[Any] = [(tree, "", "")]
+    pop, push = stack.pop, stack.append
     while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            out.append(item)
+        item = pop()
+        if item.__class__ is str:
+            add(item)
             continue
-        node, indent = item
+        node, pad, before = item
         fields = dict(node)
         del fields["children"]
-        head = _ENCODER.encode(fields)[:-1]  # the object without its closing brace
-        kids = node.get("children") or []
-        pad = "  " * indent
+        head = _encode(fields)[:-1]  # the object without its closing brace
+        kids = node.get("children")
         if not kids:
-            out.append(f'{pad}{head}, "children": []}}')
+            add(f'{before}{pad}{head}, "children": []}}')
             continue
-        out.append(f'{pad}{head}, "children": [\n')
-        stack.append(f"\n{pad}]}}")
-        for index in range(len(kids) - 1, -1, -1):
-            stack.append((kids[index], indent + 1))
-            if index:
-                stack.append(",\n")
+        add(f'{before}{pad}{head}, "children": [\n')
+        push(f"\n{pad}]}}")
+        inner = pad + "  "
+        for index in range(len(kids) - 1, 0, -1):
+            push((kids[index], inner, ",\n"))
+        push((kids[0], inner, ""))
     return "".join(out)
 
 
@@ -140,36 +167,55 @@ def _state(state: str | None, color: bool, width: int = 0) -> str:
     return _style(text, color, fg=colour, bold=True) if state == "failed" else _style(text, color, fg=colour)
 
 
+_TOP = object()  # the "parent queue" of the top node: never equal to a queue
+
+
 def tree_text(tree: dict, *, color: bool = False, highlight: str | None = None, summary: bool = True) -> str:
-    """A tree drawn with ``├──``/``└──`` glyphs: task name, state, id, and the queue where it changes."""
-    lines = []
+    """A tree drawn with ``├──``/``└──`` glyphs: task name, state, id, and the queue where it changes.
+
+    One explicit stack whose items carry the line's glyphs and the prefix of the
+    node's children already built, so a node costs a few string joins (big
+    trees have 100,000 of them).
+    """
+    lines: list[str] = []
+    add = lines.append
     jobs = hidden_total = 0
     states: dict[str, int] = {}
     top = deepest = tree.get("depth") or 0
-    for node, parent, prefix, last in _walk(tree):
+    # (node, its line's lead, its children's prefix, its parent's queue)
+    stack: list[tuple[dict, str, str, Any]] = [(tree, "", "", _TOP)]
+    pop, push, extend = stack.pop, stack.append, stack.extend
+    while stack:
+        node, lead, kid_prefix, parent_queue = pop()
         state = node.get("state")
         jobs += 1
         states[state] = states.get(state, 0) + 1
         depth = node.get("depth") or 0
-        deepest = max(deepest, depth)
+        if depth > deepest:
+            deepest = depth
         name = node.get("task_name") or "?"
         if color:
-            parts = [_style(name, color, bold=True) if parent is None else name, _state(state, color),
+            parts = [_style(name, color, bold=True) if parent_queue is _TOP else name, _state(state, color),
                      _style(node["id"], color, dim=True)]
         else:
             parts = [name, state or "-", node["id"]]
         queue = node.get("queue")
-        if queue and (parent is None or queue != parent.get("queue")):
+        if queue and queue != parent_queue:
             parts.append(f"queue={queue}")
-        line = "  ".join(parts) if parent is None else prefix + ("└── " if last else "├── ") + "  ".join(parts)
+        line = lead + "  ".join(parts)
         if highlight is not None and node["id"] == highlight:
             line += "  " + _style("◀", color, bold=True)
-        lines.append(line)
+        add(line)
         hidden = node.get("hidden_children")
         if hidden:
             hidden_total += hidden
-            kid_prefix = "" if parent is None else prefix + ("    " if last else "│   ")
-            lines.append(kid_prefix + "└── " + _style(f"… {hidden} more (raise --max-depth)", color, dim=True))
+            add(kid_prefix + "└── " + _style(f"… {hidden} more (raise --max-depth)", color, dim=True))
+        kids = node.get("children")
+        if kids:
+            push((kids[-1], kid_prefix + "└── ", kid_prefix + "    ", queue))
+            if len(kids) > 1:
+                mid, deeper = kid_prefix + "├── ", kid_prefix + "│   "
+                extend([(kid, mid, deeper, queue) for kid in kids[-2::-1]])
     if summary:
         counts = ", ".join(f"{state} {n}" for state, n in sorted(states.items(), key=lambda kv: str(kv[0])))
         more = f", {hidden_total} more below" if hidden_total else ""

@@ -6,8 +6,10 @@ lists. Datetimes are naive UTC :class:`~datetime.datetime` objects, as stored;
 :func:`celery_spawn.render.jsonable` turns any result into JSON-ready data.
 
 Costs: each function runs a small, fixed number of statements whatever the size
-of the tree (recursive CTEs over the indexed ``parent_id`` column, aggregates
-over indexed columns), and every argument reaches SQL as a bound parameter.
+of the tree (a whole tree is one range on ``(root_id, depth)``, a subtree a
+recursive CTE over the indexed ``parent_id`` column, stats aggregates over
+covering indexes; docs/architecture.md has the plans), and every argument
+reaches SQL as a bound parameter.
 The statements are portable across SQLite, PostgreSQL and MySQL 8 / MariaDB
 10.2+ (``WITH RECURSIVE``, window functions).
 
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import json
+import operator
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -169,6 +173,26 @@ def seconds_between(conn: Connection, start: Any, end: Any) -> sa.ColumnElement:
     if dialect in ("mysql", "mariadb"):
         return sa.func.timestampdiff(sa.literal_column("MICROSECOND"), start, end) / 1000000.0
     return (sa.func.julianday(end) - sa.func.julianday(start)) * 86400.0
+
+
+def _durations(conn: Connection, start: Any, end: Any) -> tuple[sa.ColumnElement, ...]:
+    """Aggregates ``(count, sum, max)`` of ``end - start`` in seconds, over rows with both set.
+
+    The per-row work is the cheapest difference each dialect has (a PostgreSQL
+    interval, a MySQL integer of microseconds), computed twice, not three
+    times: the count needs no arithmetic. The conversion to seconds is done
+    once per group, not once per row.
+    """
+    dialect = conn.dialect.name
+    timed = sa.func.count(sa.case((start.isnot(None), end)))  # no arithmetic to count rows with both
+    if dialect == "postgresql":
+        diff = end - start
+        return timed, sa.extract("epoch", sa.func.sum(diff)), sa.extract("epoch", sa.func.max(diff))
+    if dialect in ("mysql", "mariadb"):
+        diff = sa.func.timestampdiff(sa.literal_column("MICROSECOND"), start, end)
+        return timed, sa.func.sum(diff) / 1000000.0, sa.func.max(diff) / 1000000.0
+    diff = (sa.func.julianday(end) - sa.func.julianday(start)) * 86400.0
+    return timed, sa.func.sum(diff), sa.func.max(diff)
 
 
 def _count_if(condition: sa.ColumnElement) -> sa.ColumnElement:
@@ -378,30 +402,49 @@ def _top(conn: Connection, job_id: str) -> str | None:
     return conn.execute(sa.select(walk.c.id).order_by(walk.c.level.desc()).limit(1)).scalar()
 
 
-def _spawn_order(node: dict) -> tuple:
-    return (node["position"] if node["position"] is not None else -1, node["id"])
+#: Spawn order of siblings (``position`` is NOT NULL; the id breaks ties between operations).
+_SPAWN_ORDER = operator.itemgetter("position", "id")
 
 
-def _nest(rows: list[tuple]) -> tuple[dict | None, dict[str, dict]]:
-    """Tree nodes from (TREE_FIELDS..., level) rows, children in spawn order; returns (root, nodes by id)."""
+def _unique(rows: Iterable[Any]) -> Iterator[Any]:
+    """Rows with a repeated id dropped (only a corrupt ``parent_id`` cycle through the start repeats one)."""
+    seen: set = set()
+    for row in rows:
+        if row[0] not in seen:
+            seen.add(row[0])
+            yield row
+
+
+def _nest(rows: Iterable[Any], start: str) -> tuple[dict | None, dict[str, dict]]:
+    """Tree nodes from :data:`TREE_FIELDS` rows (unique ids), children in spawn order: (start node, nodes by id).
+
+    One pass makes the nodes and groups them by parent; a second pass over the
+    parents (not the nodes) hands each its sorted children. A row whose parent
+    is not among the rows stays detached (a root range may hold other recorded
+    trees of the same Celery workflow).
+    """
     nodes: dict[str, dict] = {}
-    root: dict | None = None
-    for job, parent_id, task_name, state, depth, queue, operation_id, position, level in rows:
-        if job in nodes:  # only a parent_id cycle through the start repeats ids
-            root = nodes[job] if level == 0 else root
-            continue
-        node = {"id": job, "task_name": task_name, "state": state, "depth": depth, "queue": queue,
-                "operation_id": operation_id, "position": position, "children": [], "_parent": parent_id}
-        nodes[job] = node
-        if level == 0:
-            root = node
-    for node in nodes.values():
-        parent_id = node.pop("_parent")
-        if node is not root:
-            nodes[parent_id]["children"].append(node)
-    for node in nodes.values():
-        if len(node["children"]) > 1:
-            node["children"].sort(key=_spawn_order)
+    kids_of: dict[Any, list[dict]] = {}
+    start_parent = None
+    for job, parent_id, task_name, state, depth, queue, operation_id, position in rows:
+        node = nodes[job] = {"id": job, "task_name": task_name, "state": state, "depth": depth, "queue": queue,
+                             "operation_id": operation_id, "position": position, "children": []}
+        kids = kids_of.get(parent_id)
+        if kids is None:
+            kids_of[parent_id] = [node]
+        else:
+            kids.append(node)
+        if job == start:
+            start_parent = parent_id
+    root = nodes.get(start)
+    if root is not None and start_parent in nodes:  # a cycle through the start: it is nobody's child here
+        kids_of[start_parent] = [kid for kid in kids_of[start_parent] if kid is not root]
+    for parent_id, kids in kids_of.items():
+        above = nodes.get(parent_id)
+        if above is not None:
+            if len(kids) > 1:
+                kids.sort(key=_SPAWN_ORDER)
+            above["children"] = kids
     return root, nodes
 
 
@@ -417,14 +460,49 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
+def _top_start(start: str) -> sa.Subquery:
+    """``root_id`` and ``depth`` of ``start`` if it tops its recorded tree (no recorded parent), else no row."""
+    me, above = _jobs.alias("tree_start"), _jobs.alias("tree_above")
+    is_top = sa.or_(me.c.parent_id.is_(None), ~sa.exists().where(above.c.id == me.c.parent_id))
+    return sa.select(me.c.root_id, me.c.depth).where(me.c.id == start, is_top).subquery("tree_top")
+
+
+#: Rows per fetch when a tree streams from MySQL/MariaDB.
+_STREAM_ROWS = 1_000
+
+
+def _rows(conn: Connection, query: sa.Select) -> Iterable[Any]:
+    """All rows of ``query``; on MySQL/MariaDB streamed, so the server sends while Python nests.
+
+    mysqlclient otherwise receives and converts every row before the first one
+    is used; streamed (``mysql_use_result``), the server's index range and
+    row lookups overlap with the nesting here. psycopg2 would stream through a
+    named cursor, one round trip per fetch: slower, so PostgreSQL and SQLite
+    fetch everything at once.
+    """
+    if conn.dialect.name in ("mysql", "mariadb"):
+        result = conn.execute(query.execution_options(stream_results=True, max_row_buffer=_STREAM_ROWS))
+        return itertools.chain.from_iterable(result.partitions(_STREAM_ROWS))
+    return conn.execute(query).all()
+
+
 def spawn_tree(conn: Connection, job_id: str, *, max_depth: int | None = None, full: bool = False) -> dict | None:
     """The spawn tree below ``job_id`` as nested dicts, or None when the job is unknown.
 
-    Each node has :data:`TREE_FIELDS` (``depth`` is the job's depth from its
-    root), ``children`` (in spawn order) and, for a node at ``max_depth`` levels
-    below the start whose children are cut off, ``hidden_children`` (their
-    count). ``full`` starts from the topmost recorded ancestor instead. At
-    most three statements; the rows are nested here, with no recursion.
+    Each node has :data:`TREE_FIELDS` but ``parent_id`` (``depth`` is the job's
+    depth from its root), ``children`` (in spawn order) and, for a node at
+    ``max_depth`` levels below the start whose children are cut off,
+    ``hidden_children`` (their count). ``full`` starts from the topmost recorded
+    ancestor instead.
+
+    Every job carries its tree's ``root_id`` and its ``depth`` (a child gets its
+    parent's root and depth + 1 when it is recorded), so the tree of a top job
+    (one without a recorded parent: what ``full`` and the usual ``tree ROOT``
+    ask for) is one range scan of ``ix_spawn_jobs_root_depth``, whatever the
+    size of the table; rows of other trees of the same Celery workflow are left
+    detached when nesting. Below a top, the tree is a recursive walk over
+    ``parent_id``. At most three statements (four for ``full`` below a corrupt
+    cycle); the rows are nested here, with no recursion.
     """
     _non_negative("max_depth", max_depth)
     start = job_id
@@ -433,22 +511,32 @@ def spawn_tree(conn: Connection, job_id: str, *, max_depth: int | None = None, f
         if start is None:
             return None
     levels = _levels(max_depth)
-    walk = _down(start, levels, TREE_FIELDS, name="spawn_tree")
+    fields = [_jobs.c[f] for f in TREE_FIELDS]
+    top = _top_start(start)
+    by_root = (sa.select(*fields)
+               .join(top, sa.and_(_jobs.c.root_id == top.c.root_id, _jobs.c.depth >= top.c.depth,
+                                  _jobs.c.depth <= top.c.depth + levels)))
     # No ORDER BY: sorting 100,000 rows costs the server more than sorting sibling lists here.
     with _no_gc():
-        rows = conn.execute(sa.select(*[walk.c[f] for f in TREE_FIELDS], walk.c.level)).all()
-        root, nodes = _nest(rows)
+        root, nodes = _nest(_rows(conn, by_root), start)
+        via_root = bool(nodes)
+        if not via_root:  # not a top (or unknown): walk down parent_id
+            walk = _down(start, levels, TREE_FIELDS, name="spawn_tree")
+            root, nodes = _nest(_unique(conn.execute(sa.select(*[walk.c[f] for f in TREE_FIELDS]))), start)
     if root is None:
         return None
     if max_depth is not None:
-        cut = _down(start, levels, ("id",), name="spawn_cut")
-        hidden = conn.execute(
-            sa.select(_jobs.c.parent_id, sa.func.count())
-            .join(cut, _jobs.c.parent_id == cut.c.id)
-            .where(cut.c.level == levels)
-            .group_by(_jobs.c.parent_id)
-        )
-        for parent_id, count in hidden:
+        if via_root:  # the level below the cut, by the same range
+            hidden = (sa.select(_jobs.c.parent_id, sa.func.count())
+                      .join(top, sa.and_(_jobs.c.root_id == top.c.root_id, _jobs.c.depth == top.c.depth + levels + 1))
+                      .group_by(_jobs.c.parent_id))
+        else:
+            cut = _down(start, levels, ("id",), name="spawn_cut")
+            hidden = (sa.select(_jobs.c.parent_id, sa.func.count())
+                      .join(cut, _jobs.c.parent_id == cut.c.id)
+                      .where(cut.c.level == levels)
+                      .group_by(_jobs.c.parent_id))
+        for parent_id, count in conn.execute(hidden):
             if parent_id in nodes and count:
                 nodes[parent_id]["hidden_children"] = int(count)
     return root
@@ -481,15 +569,14 @@ def stats(conn: Connection, *, hours: float = 24, queue: str | None = None, deta
         window.append(_ops.c.queue == queue)
 
     op_seconds = seconds_between(conn, _ops.c.created_at, _ops.c.finished_at)
+    op_timed, op_sum, op_max = _durations(conn, _ops.c.created_at, _ops.c.finished_at)
     grouped = conn.execute(
         sa.select(
             _ops.c.queue, _ops.c.handler, _ops.c.state,
             sa.func.count().label("n"),
             sa.func.sum(_ops.c.total).label("children"),
             sa.func.max(_ops.c.total).label("max_children"),
-            sa.func.count(_ops.c.finished_at).label("timed"),
-            sa.func.sum(op_seconds).label("seconds"),
-            sa.func.max(op_seconds).label("max_seconds"),
+            op_timed.label("timed"), op_sum.label("seconds"), op_max.label("max_seconds"),
         ).where(*window).group_by(_ops.c.queue, _ops.c.handler, _ops.c.state)
     ).all()
 
@@ -502,18 +589,23 @@ def stats(conn: Connection, *, hours: float = 24, queue: str | None = None, deta
             tally.add(row)
         by_state[row.state] = by_state.get(row.state, 0) + int(row.n)
 
-    # Children of those operations. A child is created with its operation, so the
-    # redundant bound on jobs.created_at is true and lets the planner use its index.
-    job_seconds = seconds_between(conn, _jobs.c.started_at, _jobs.c.finished_at)
-    job_window = [_jobs.c.created_at >= since, *window]
+    # Children of those operations. A child is recorded in its operation's transaction with the
+    # operation's created_at, so without a queue they are the spawned jobs (operation_id set) created
+    # in the window: one range of the covering ix_spawn_jobs_state_created (state, created_at,
+    # operation_id, started_at, finished_at), read in state order, no join, no table rows. The
+    # IN list of every state makes that range usable by MySQL/MariaDB and PostgreSQL alike.
+    job_window = [_jobs.c.state.in_(s.JOB_STATES), _jobs.c.created_at >= since, _jobs.c.created_at <= until,
+                  _jobs.c.operation_id.isnot(None)]
+    job_from: Any = _jobs
+    if queue is not None:  # the queue is the operation's (the parent's): join them
+        job_from = _jobs.join(_ops, _jobs.c.operation_id == _ops.c.id)
+        job_window += window
+    job_timed, job_sum, job_max_expr = _durations(conn, _jobs.c.started_at, _jobs.c.finished_at)
     job_rows = conn.execute(
         sa.select(
-            _jobs.c.state, sa.func.count().label("n"),
-            sa.func.count(job_seconds).label("timed"),
-            sa.func.sum(job_seconds).label("seconds"),
-            sa.func.max(job_seconds).label("max_seconds"),
-        ).select_from(_jobs.join(_ops, _jobs.c.operation_id == _ops.c.id))
-        .where(*job_window).group_by(_jobs.c.state)
+            _jobs.c.state, sa.func.count().label("n"), job_timed.label("timed"),
+            job_sum.label("seconds"), job_max_expr.label("max_seconds"),
+        ).select_from(job_from).where(*job_window).group_by(_jobs.c.state)
     ).all()
     children_by_state = {row.state: int(row.n) for row in job_rows}
     job_timed = sum(int(row.timed or 0) for row in job_rows)
@@ -541,7 +633,7 @@ def stats(conn: Connection, *, hours: float = 24, queue: str | None = None, deta
         group["avg_duration_seconds"] = group.pop("avg_seconds")
         group["max_duration_seconds"] = group.pop("max_seconds")
     if detailed:
-        result.update(_detailed_stats(conn, window, job_window, job_seconds, op_seconds))
+        result.update(_detailed_stats(conn, window, job_from, job_window, op_seconds))
     return result
 
 
@@ -586,16 +678,16 @@ def _sorted(buckets: dict[Any, _Tally]) -> list[tuple[Any, _Tally]]:
     return sorted(buckets.items(), key=lambda item: (-item[1].operations, str(item[0])))
 
 
-def _detailed_stats(conn: Connection, window: list, job_window: list, job_seconds: Any, op_seconds: Any) -> dict:
+def _detailed_stats(conn: Connection, window: list, job_from: Any, job_window: list, op_seconds: Any) -> dict:
+    timed, total, longest = _durations(conn, _jobs.c.started_at, _jobs.c.finished_at)
     by_task = conn.execute(
         sa.select(
             _jobs.c.task_name, sa.func.count().label("n"),
             _count_if(_jobs.c.state == s.SUCCEEDED).label("succeeded"),
             _count_if(_jobs.c.state == s.FAILED).label("failed"),
             _count_if(_jobs.c.state.in_(_FINAL)).label("finished"),
-            sa.func.avg(job_seconds).label("avg_seconds"),
-            sa.func.max(job_seconds).label("max_seconds"),
-        ).select_from(_jobs.join(_ops, _jobs.c.operation_id == _ops.c.id))
+            timed.label("timed"), total.label("seconds"), longest.label("max_seconds"),
+        ).select_from(job_from)
         .where(*job_window).group_by(_jobs.c.task_name)
         .order_by(sa.func.count().desc(), _jobs.c.task_name).limit(MAX_LIMIT)
     ).all()
@@ -612,7 +704,8 @@ def _detailed_stats(conn: Connection, window: list, job_window: list, job_second
         "by_task": [{
             "task_name": r.task_name, "jobs": int(r.n), "succeeded": int(r.succeeded or 0),
             "failed": int(r.failed or 0), "success_rate": _ratio(int(r.succeeded or 0), int(r.finished or 0)),
-            "avg_seconds": _float(r.avg_seconds), "max_seconds": _float(r.max_seconds),
+            "avg_seconds": _float(float(r.seconds) / int(r.timed)) if r.timed else None,
+            "max_seconds": _float(r.max_seconds),
         } for r in by_task],
         "largest": [{k: _num(v) for k, v in r.items()} for r in largest],
         "slowest": [{**{k: _num(v) for k, v in r.items()}, "seconds": _float(r["seconds"])} for r in slowest],

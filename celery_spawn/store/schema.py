@@ -69,7 +69,6 @@ operations = sa.Table(
     sa.Column("updated_at", TIMESTAMP, nullable=False),
     sa.Column("finished_at", TIMESTAMP, nullable=True),
     sa.Index("ix_spawn_operations_parent", "parent_id"),
-    sa.Index("ix_spawn_operations_root", "root_id"),
     sa.Index("ix_spawn_operations_created", "created_at"),
     sa.Index("ix_spawn_operations_queue_created", "queue", "created_at"),
     sa.Index("ix_spawn_operations_state_updated", "state", "updated_at"),
@@ -97,13 +96,18 @@ jobs = sa.Table(
     sa.Column("dispatched_at", TIMESTAMP, nullable=True),
     sa.Column("started_at", TIMESTAMP, nullable=True),
     sa.Column("finished_at", TIMESTAMP, nullable=True),
+    # Every index here is paid for by each spawned row (and each state change), so each one serves a query:
+    # children by parent and the recursive walks below a job
     sa.Index("ix_spawn_jobs_parent", "parent_id"),
-    sa.Index("ix_spawn_jobs_root", "root_id"),
+    # a whole tree from its top: one range on root_id, cut by depth (queries.spawn_tree)
+    sa.Index("ix_spawn_jobs_root_depth", "root_id", "depth"),
+    # an operation's children in spawn order: publishing pages, range marks, listings
     sa.Index("ix_spawn_jobs_operation_position", "operation_id", "position"),
+    # completion probes: does this operation still have an unfinished child?
     sa.Index("ix_spawn_jobs_operation_state", "operation_id", "state"),
-    sa.Index("ix_spawn_jobs_state_created", "state", "created_at"),
-    sa.Index("ix_spawn_jobs_queue_created", "queue", "created_at"),
-    sa.Index("ix_spawn_jobs_created", "created_at"),
+    # jobs by state and age (pending, the recovery sweep) and, covering, the child stats over a
+    # window: a state change moves the entry anyway, and the timestamps change with the state
+    sa.Index("ix_spawn_jobs_state_created", "state", "created_at", "operation_id", "started_at", "finished_at"),
 )
 
 dependencies = sa.Table(

@@ -101,6 +101,47 @@ def test_spawn_tree_full_starts_at_the_root(store, tree):
     assert full["id"] == "root" and len(full["children"]) == 3
 
 
+def test_spawn_tree_of_a_top_is_one_range_without_the_other_trees_of_its_workflow(store):
+    """Two spawning parents inside one Celery workflow share its root_id: each tree holds only its own jobs."""
+    b = StoreBuilder(store)
+    b.job("t1", "workflow")  # the workflow's root task itself is not recorded: t1 and t2 are tops
+    b.job("t2", "workflow")
+    b.spawn("t1", 3)
+    b.spawn("t2", 2)
+    b.spawn("t1.0", 2)
+    b.flush()
+    with store.read() as conn:
+        conn.exec_driver_sql("SELECT 1")
+        with counting(store) as seen:
+            t1 = queries.spawn_tree(conn, "t1")
+        assert len(seen) == 1
+        with counting(store) as seen:
+            cut = queries.spawn_tree(conn, "t1", max_depth=1)
+        assert len(seen) == 2
+        full = queries.spawn_tree(conn, "t1.0.1", full=True)
+        sub = queries.spawn_tree(conn, "t1.0")
+        t2 = queries.spawn_tree(conn, "t2", max_depth=5)
+    assert ids(t1["children"]) == ["t1.0", "t1.1", "t1.2"]
+    assert ids(t1["children"][0]["children"]) == ["t1.0.0", "t1.0.1"]
+    assert t1["children"][0]["children"][0]["depth"] == 2 and "parent_id" not in t1
+    assert full == t1
+    assert ids(cut["children"]) == ["t1.0", "t1.1", "t1.2"] and cut["children"][0]["hidden_children"] == 2
+    assert sub["id"] == "t1.0" and ids(sub["children"]) == ["t1.0.0", "t1.0.1"]
+    assert ids(t2["children"]) == ["t2.0", "t2.1"] and all(not n["children"] for n in t2["children"])
+
+
+def test_spawn_tree_survives_a_corrupt_parent_cycle(store):
+    b = StoreBuilder(store)
+    b.job("x", "y")
+    b.job("y", "x")  # x -> y -> x: no top, every walk must stop
+    b.flush()
+    with store.read() as conn:
+        tree = queries.spawn_tree(conn, "x")
+        full = queries.spawn_tree(conn, "x", full=True)
+    assert tree["id"] == "x" and ids(tree["children"]) == ["y"] and tree["children"][0]["children"] == []
+    assert full["id"] in ("x", "y") and len(full["children"]) == 1 and full["children"][0]["children"] == []
+
+
 def test_children_descendants_ancestors(store, tree):
     with store.read() as conn:
         assert ids(queries.children(conn, "root")) == ["a", "b", "c"]

@@ -52,7 +52,8 @@ def test_the_schema_is_created_on_first_use(store_url):
         tables = set(inspector.get_table_names())
         assert {"spawn_operations", "spawn_jobs", "spawn_dependencies", VERSION_TABLE} <= tables
         job_indexes = {tuple(ix["column_names"]) for ix in inspector.get_indexes("spawn_jobs")}
-        assert {("parent_id",), ("root_id",), ("operation_id", "position"), ("state", "created_at")} <= job_indexes
+        assert {("parent_id",), ("root_id", "depth"), ("operation_id", "position"), ("operation_id", "state"),
+                ("state", "created_at", "operation_id", "started_at", "finished_at")} <= job_indexes
         with store.engine.connect() as conn:
             assert conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == head_revision()
         assert store.migrate() == head_revision()  # again: nothing to do
