@@ -559,8 +559,22 @@ def _record(tracker: Tracker, action: str, event: Event, write_now, *args: Any) 
 
 
 @celery_signals.worker_init.connect(weak=False)
-def _worker_starts(**_: Any) -> None:
+def _worker_starts(sender=None, **_: Any) -> None:
+    # A prefork main process forks new pool processes at any time: a thread of ours writing
+    # to the store at that moment would leave locks held in the child. Its few events (revokes,
+    # lost workers, time limits) are written synchronously; the pool processes batch theirs.
+    if not _forks_pool_processes(sender):
+        enable_in_this_process()
+
+
+@celery_signals.worker_process_init.connect(weak=False)
+def _pool_process_starts(**_: Any) -> None:
     enable_in_this_process()
+
+
+def _forks_pool_processes(worker: Any) -> bool:
+    pool_cls = getattr(worker, "pool_cls", None)
+    return getattr(pool_cls, "__module__", "").startswith("celery.concurrency.prefork")
 
 
 @celery_signals.worker_process_shutdown.connect(weak=False)

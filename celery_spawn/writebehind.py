@@ -217,7 +217,7 @@ _lock = threading.Lock()
 
 
 def enable_in_this_process() -> None:
-    """Called when a worker starts (and inherited by its forked pool processes)."""
+    """Called in the processes that run tasks: pool processes, or the worker itself (solo, threads)."""
     global _in_worker
     _in_worker = True
 
