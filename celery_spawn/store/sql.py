@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..errors import StoreError
 from . import schema as s
 from .engine import EngineHolder, redact
+from .pgcopy import copy_rows, supports_copy
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,12 @@ class SpawnStore:
         conn.execute(self.insert_ignore(s.jobs), [row])
 
     def insert_jobs(self, conn: Connection, rows: Sequence[dict]) -> None:
+        """Insert job rows (dicts with the same keys): one COPY on PostgreSQL/psycopg2, else multi-row INSERTs."""
+        if not rows:
+            return
+        if supports_copy(conn):
+            copy_rows(conn, s.jobs, rows)
+            return
         for chunk in chunked(rows):
             conn.execute(s.jobs.insert(), list(chunk))
 
