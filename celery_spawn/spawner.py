@@ -208,7 +208,8 @@ class Spawner:
             self.store.update_operation(conn, operation_id, total=total,
                                         state=s.OP_RUNNING if total else s.OP_SUCCEEDED,
                                         finished_at=None if total else now)
-        self.publish_pending(operation_id, config.batch_size, by_range=not edge_count)
+        recorded = {"id": operation_id, "published_through": -1, "total": total}
+        self.publish_pending(operation_id, config.batch_size, operation=recorded, pending=bool(edge_count))
         spawn_result = SpawnResult(parent.id, self._child_ids(operation_id, total), now, operation_id)
         if not total:
             self.state.tracker.check_completion(operation_id)
@@ -216,7 +217,7 @@ class Spawner:
         return spawn_result
 
     def _replay(self, handler: SpawnHandler, operation: dict) -> SpawnResult:
-        self.publish_pending(operation["id"], stored_batch_size(operation))
+        self.publish_pending(operation["id"], stored_batch_size(operation), operation=operation)
         ids = self._child_ids(operation["id"], operation["total"])
         return SpawnResult(operation["parent_id"], ids, operation["created_at"], operation["id"])
 
@@ -340,11 +341,14 @@ class Spawner:
             "task_name": name[:255],
             "queue": self._queue_of(name, publish),
             "priority": publish.get("priority"),
-            "state": s.HELD if pending_deps else s.PENDING,
+            # Without dependency edges a child is recorded as dispatched: the operation's
+            # publish watermark, not a per-row update, says whether its message went out.
+            "state": s.HELD if pending_deps else (s.PENDING if depends else s.DISPATCHED),
             "pending_deps": pending_deps,
             "retries": 0,
             "message": message,
             "created_at": now,
+            "dispatched_at": None if depends else now,
         }
         edges = [{"job_id": job_id, "depends_on_id": dep, "ignore_failure": dep in ignored,
                   "satisfied": dep == parent.id} for dep in depends]
@@ -387,15 +391,67 @@ class Spawner:
             raise DependencyError(f"dependency cycle among spawned jobs: {' -> '.join(cycle)}")
 
     # ---- publishing --------------------------------------------------------------------
-    def publish_pending(self, operation_id: str, page_size: int, by_range: bool = False) -> int:
-        """Publish every pending (not held) child of an operation, a page at a time.
+    def publish_pending(self, operation_id: str, page_size: int, operation: dict | None = None,
+                        pending: bool = True) -> int:
+        """Publish every child of an operation that has not reached the broker, a page at a time.
 
-        ``by_range`` marks a published page with one range update; it is only
-        safe when no held child can become pending meanwhile (no dependencies).
+        First the children recorded ``dispatched`` after the operation's
+        publish watermark (``published_through``, moved on once per page),
+        then, unless ``pending`` is false, the ``pending`` ones (released from
+        dependencies, or put back after a broker failure), marked one by one.
+        ``operation`` (a row, or the id, watermark and total of one) saves
+        reading it. Returns how many children were published.
         """
+        page_size = max(page_size, MIN_PUBLISH_PAGE)
+        if operation is None:
+            with self.store.read() as conn:
+                operation = self.store.get_operation(conn, operation_id)
+            if operation is None:
+                return 0
+        watermark, total = operation.get("published_through"), operation["total"]
+        published = 0
+        if watermark is not None and watermark < total - 1:
+            count, complete = self._publish_recorded(operation_id, watermark, total, page_size)
+            published += count
+            if not complete:
+                return published
+        if pending:
+            published += self._publish_pending_rows(operation_id, page_size)
+        return published
+
+    def _publish_recorded(self, operation_id: str, watermark: int, total: int, page_size: int) -> tuple[int, bool]:
+        """Publish the children recorded ``dispatched`` after ``watermark``; returns (count, finished)."""
+        published = 0
+        after = watermark
+        while True:
+            with self.store.read() as conn:
+                page = self.store.unpublished_page(conn, operation_id, after, page_size)
+            if page:
+                try:
+                    publish_children(self.app, page)
+                except Exception as exc:  # broker trouble: back to pending, for the recovery sweep
+                    logger.warning("publishing children of %s failed (%s); the recovery sweep will retry",
+                                   operation_id, _describe(exc))
+                    self._unpublish(operation_id, after)
+                    return published, False
+                published += len(page)
+            # A short page is the last one: nothing recorded dispatched lies beyond it.
+            last = page[-1]["position"] if len(page) == page_size else total - 1
+            self.store.advance_watermark(operation_id, last)
+            if last >= total - 1:
+                return published, True
+            after = last
+
+    def _unpublish(self, operation_id: str, after: int) -> None:
+        try:
+            self.store.unpublish(operation_id, after)
+        except StoreError as exc:  # the watermark still tells the sweep where publishing stopped
+            logger.warning("could not mark the unpublished children of %s pending: %s", operation_id, exc)
+
+    def _publish_pending_rows(self, operation_id: str, page_size: int) -> int:
+        """Publish pending (not held) children, marking each published one dispatched."""
         published = 0
         after = -1
-        page_size = max(page_size, MIN_PUBLISH_PAGE)
         while True:
             with self.store.read() as conn:
                 page = self.store.pending_page(conn, operation_id, after, page_size)
@@ -408,11 +464,8 @@ class Spawner:
                 logger.warning("publishing children of %s failed (%s); the recovery sweep will retry",
                                operation_id, _describe(exc))
                 return published
-            if by_range and len(ids) == len(page):
-                self.store.mark_page_dispatched(operation_id, page[0]["position"], page[-1]["position"])
-            else:
-                self.store.mark_dispatched(ids)
-                self.store.touch_operation(operation_id)
+            self.store.mark_dispatched(ids)
+            self.store.touch_operation(operation_id)
             published += len(ids)
 
     # ---- reporting ---------------------------------------------------------------------
@@ -450,6 +503,7 @@ class Spawner:
             "depth": parent.depth,
             "state": s.OP_RUNNING,
             "total": 0,
+            "published_through": -1,
             "config": dumps(config.to_dict()) if config is not None else None,
             "error": None,
             "on_complete": dumps(config.on_complete) if config is not None and config.on_complete else None,
