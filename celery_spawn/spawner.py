@@ -54,6 +54,9 @@ MIN_PUBLISH_PAGE = 500
 
 #: Above this many children, ``SpawnResult.spawned_job_ids`` pages ids from the store instead of a list.
 EAGER_ID_LIMIT = 10_000
+#: A spawn publishes the children it just recorded from memory (not read back) up to this many message
+#: characters; a bigger spawn pages them from the store, so memory stays bounded.
+KEEP_MESSAGE_CHARS = 16 << 20
 
 #: Signature options that are the spawner's business, never published.
 _PRIVATE_OPTIONS = {"task_id", "parent_id", "root_id", "group_id", "group_index", "chord",
@@ -202,15 +205,17 @@ class Spawner:
                 self.store.delete_operation(conn, operation_id)
             self.store.insert_operation(conn, self._operation_row(parent, config, operation_id, handler_name, now))
             self.store.ensure_job(conn, self._root_row(parent, now))
-            total, edge_count = self._record_children(conn, handler, handler_name, context, now)
+            total, edge_count, recorded = self._record_children(conn, handler, handler_name, context, now)
             self._check_dependencies(conn, operation_id)
             settle_dependencies(self.state, conn, operation_id)
             self.store.update_operation(conn, operation_id, total=total,
                                         state=s.OP_RUNNING if total else s.OP_SUCCEEDED,
                                         finished_at=None if total else now)
-        recorded = {"id": operation_id, "published_through": -1, "total": total}
-        self.publish_pending(operation_id, config.batch_size, operation=recorded, pending=bool(edge_count))
-        spawn_result = SpawnResult(parent.id, self._child_ids(operation_id, total), now, operation_id)
+        operation = {"id": operation_id, "published_through": -1, "total": total}
+        self.publish_pending(operation_id, config.batch_size, operation=operation, pending=bool(edge_count),
+                             recorded=recorded.publishable)
+        ids = recorded.ids if recorded.ids is not None else self._child_ids(operation_id, total)
+        spawn_result = SpawnResult(parent.id, ids, now, operation_id)
         if not total:
             self.state.tracker.check_completion(operation_id)
         self._announce(task, handler, spawn_result)
@@ -229,11 +234,12 @@ class Spawner:
             return self.store.operation_job_ids(conn, operation_id)
 
     def _record_children(self, conn: sa.Connection, handler: SpawnHandler, handler_name: str,
-                         context: SpawnContext, now: Any) -> tuple[int, int]:
-        """Record every child and its edges; returns (children, dependency edges)."""
+                         context: SpawnContext, now: Any) -> tuple[int, int, Recorded]:
+        """Record every child and its edges; returns (children, dependency edges, what is kept in memory)."""
         config = context.config
         total = edge_count = 0
         seen: set[str] = set()
+        recorded = Recorded()
         for batch in _batched(self._generate(handler, handler_name, context), config.batch_size):
             rows, edges, chosen = [], [], []
             for sig in batch:
@@ -248,6 +254,7 @@ class Spawner:
                 if user_chosen:
                     chosen.append(row["id"])
                 rows.append(row)
+                recorded.add(row)
                 edges.extend(child_edges)
                 total += 1
             taken = self.store.existing_job_ids(conn, chosen) if chosen else ()
@@ -258,7 +265,7 @@ class Spawner:
             if edges:
                 self.store.insert_dependencies(conn, edges)
                 edge_count += len(edges)
-        return total, edge_count
+        return total, edge_count, recorded
 
     def _generate(self, handler: SpawnHandler, handler_name: str, context: SpawnContext) -> Iterator[Any]:
         """The handler's children, with every exception it raises named after it."""
@@ -392,7 +399,7 @@ class Spawner:
 
     # ---- publishing --------------------------------------------------------------------
     def publish_pending(self, operation_id: str, page_size: int, operation: dict | None = None,
-                        pending: bool = True) -> int:
+                        pending: bool = True, recorded: list[dict] | None = None) -> int:
         """Publish every child of an operation that has not reached the broker, a page at a time.
 
         First the children recorded ``dispatched`` after the operation's
@@ -400,7 +407,9 @@ class Spawner:
         then, unless ``pending`` is false, the ``pending`` ones (released from
         dependencies, or put back after a broker failure), marked one by one.
         ``operation`` (a row, or the id, watermark and total of one) saves
-        reading it. Returns how many children were published.
+        reading it, and ``recorded`` (every child recorded ``dispatched``, by
+        position, as the spawn just wrote them) reading them back. Returns how
+        many children were published.
         """
         page_size = max(page_size, MIN_PUBLISH_PAGE)
         if operation is None:
@@ -411,7 +420,7 @@ class Spawner:
         watermark, total = operation.get("published_through"), operation["total"]
         published = 0
         if watermark is not None and watermark < total - 1:
-            count, complete = self._publish_recorded(operation_id, watermark, total, page_size)
+            count, complete = self._publish_recorded(operation_id, watermark, total, page_size, recorded)
             published += count
             if not complete:
                 return published
@@ -419,13 +428,16 @@ class Spawner:
             published += self._publish_pending_rows(operation_id, page_size)
         return published
 
-    def _publish_recorded(self, operation_id: str, watermark: int, total: int, page_size: int) -> tuple[int, bool]:
+    def _publish_recorded(self, operation_id: str, watermark: int, total: int, page_size: int,
+                          recorded: list[dict] | None = None) -> tuple[int, bool]:
         """Publish the children recorded ``dispatched`` after ``watermark``; returns (count, finished)."""
+        if recorded is not None:
+            pages: Iterable[list[dict]] = (recorded[i:i + page_size] for i in range(0, len(recorded), page_size))
+        else:
+            pages = self._unpublished_pages(operation_id, watermark, page_size)
         published = 0
         after = watermark
-        while True:
-            with self.store.read() as conn:
-                page = self.store.unpublished_page(conn, operation_id, after, page_size)
+        for page in pages:
             if page:
                 try:
                     publish_children(self.app, page)
@@ -436,11 +448,20 @@ class Spawner:
                     return published, False
                 published += len(page)
             # A short page is the last one: nothing recorded dispatched lies beyond it.
-            last = page[-1]["position"] if len(page) == page_size else total - 1
-            self.store.advance_watermark(operation_id, last)
-            if last >= total - 1:
-                return published, True
-            after = last
+            after = page[-1]["position"] if len(page) == page_size else total - 1
+            self.store.advance_watermark(operation_id, after)
+        if after < total - 1:
+            self.store.advance_watermark(operation_id, total - 1)
+        return published, True
+
+    def _unpublished_pages(self, operation_id: str, after: int, page_size: int) -> Iterator[list[dict]]:
+        while True:
+            with self.store.read() as conn:
+                page = self.store.unpublished_page(conn, operation_id, after, page_size)
+            yield page
+            if len(page) < page_size:
+                return
+            after = page[-1]["position"]
 
     def _unpublish(self, operation_id: str, after: int) -> None:
         try:
@@ -583,6 +604,27 @@ def settle_dependencies(state: SpawnState, conn: sa.Connection, operation_id: st
                               s.jobs.c.pending_deps <= 0).values(state=s.PENDING)
     ).rowcount
     return released or 0
+
+
+class Recorded:
+    """What a spawn keeps of the children it records, while that is small: their ids, and the rows it
+    publishes itself (recorded ``dispatched``), so that neither is read back from the store."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] | None = []
+        self.publishable: list[dict] | None = []
+        self._chars = 0
+
+    def add(self, row: dict) -> None:
+        if self.ids is not None:
+            self.ids.append(row["id"])
+            if len(self.ids) > EAGER_ID_LIMIT:
+                self.ids = None
+        if self.publishable is not None and row["state"] == s.DISPATCHED:
+            self.publishable.append(row)
+            self._chars += len(row["message"])
+            if self._chars > KEEP_MESSAGE_CHARS or len(self.publishable) > EAGER_ID_LIMIT:
+                self.publishable = None
 
 
 class StoredChildIds(Sequence[str]):

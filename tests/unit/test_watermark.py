@@ -182,3 +182,37 @@ def test_a_child_depending_only_on_its_parent_is_published(publishing_rig):
     children = rig.children_of(result.id)
     assert [job["state"] for job in children] == [s.DISPATCHED, s.DISPATCHED]
     assert sorted(ids_of(rig.drain())) == sorted(job["id"] for job in children)
+
+
+@pytest.mark.parametrize("limit,chars", [(3, 1 << 20), (1000, 100)], ids=["count", "size"])
+def test_a_spawn_too_big_to_keep_in_memory_pages_its_children_from_the_store(publishing_rig, small_pages,
+                                                                              monkeypatch, limit, chars):
+    rig = publishing_rig
+    monkeypatch.setattr(spawner_module, "EAGER_ID_LIMIT", limit)
+    monkeypatch.setattr(spawner_module, "KEEP_MESSAGE_CHARS", chars)
+    read = []
+    real_page = type(rig.state.store).unpublished_page
+
+    def counted(self, *args, **kwargs):
+        read.append(args)
+        return real_page(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(rig.state.store), "unpublished_page", counted)
+    rig.manager.register_handler("seven", lambda context: [rig.sig(i) for i in range(7)])
+    result = rig.spawn({"handler": "seven", "batch_size": 2})
+    operation = rig.operation(result.id)
+    children = [job["id"] for job in rig.jobs(operation["id"])]
+    assert ids_of(rig.drain()) == children
+    assert read, "the children were not read back from the store"
+    assert operation["published_through"] == 6
+    assert list(get_state(rig.app).spawner._child_ids(operation["id"], 7)) == children
+
+
+def test_a_small_spawn_publishes_from_memory(publishing_rig, small_pages, monkeypatch):
+    rig = publishing_rig
+    monkeypatch.setattr(type(rig.state.store), "unpublished_page", lambda *args, **kwargs: pytest.fail("read back"))
+    rig.manager.register_handler("seven", lambda context: [rig.sig(i) for i in range(7)])
+    result = rig.spawn({"handler": "seven", "batch_size": 2})
+    children = [job["id"] for job in rig.children_of(result.id)]
+    assert ids_of(rig.drain()) == children
+    assert rig.operation(result.id)["published_through"] == 6
