@@ -3,9 +3,11 @@
 A spawn knows all its children at once, so it publishes them through one
 producer inside kombu's ``Producer.batch()`` (pipelined on Redis) and skips
 the per-message work a ``group`` pays for: the result-backend subscription
-and the queue declaration, which happen once per page instead. Children with
-unusual options (countdown, eta, expires, links, ...) go through
-``app.send_task`` unchanged, so every Celery option keeps its meaning.
+and the queue declaration (once per page instead), and building each message
+from scratch (see :mod:`celery_spawn.messages`). Children with unusual
+options (countdown, eta, expires, links, ...) go through ``app.send_task``
+unchanged, and exchanges or connected publish signals through Celery's
+``send_task_message``, so every Celery option keeps its meaning.
 """
 from __future__ import annotations
 
