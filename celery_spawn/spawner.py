@@ -206,8 +206,9 @@ class Spawner:
             self.store.insert_operation(conn, self._operation_row(parent, config, operation_id, handler_name, now))
             self.store.ensure_job(conn, self._root_row(parent, now))
             total, edge_count, recorded = self._record_children(conn, handler, handler_name, context, now)
-            self._check_dependencies(conn, operation_id)
-            settle_dependencies(self.state, conn, operation_id)
+            if edge_count:  # without edges there is nothing to check or settle
+                self._check_dependencies(conn, operation_id)
+                settle_dependencies(self.state, conn, operation_id)
             self.store.update_operation(conn, operation_id, total=total,
                                         state=s.OP_RUNNING if total else s.OP_SUCCEEDED,
                                         finished_at=None if total else now)
