@@ -100,7 +100,7 @@ def _recover_operation(state, spawner, operation_id: str) -> int:
             return 0
         # Held children whose dependencies ended while the spawn was being recorded.
         settle_dependencies(state, conn, operation_id)
-    count = spawner.publish_pending(operation_id, stored_batch_size(operation))
+    count = spawner.publish_pending(operation_id, stored_batch_size(operation), operation=operation)
     if count:
         logger.warning("recovery published %d stranded children of operation %s", count, operation_id)
     return count

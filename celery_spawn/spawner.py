@@ -54,6 +54,9 @@ MIN_PUBLISH_PAGE = 500
 
 #: Above this many children, ``SpawnResult.spawned_job_ids`` pages ids from the store instead of a list.
 EAGER_ID_LIMIT = 10_000
+#: A spawn publishes the children it just recorded from memory (not read back) up to this many message
+#: characters; a bigger spawn pages them from the store, so memory stays bounded.
+KEEP_MESSAGE_CHARS = 16 << 20
 
 #: Signature options that are the spawner's business, never published.
 _PRIVATE_OPTIONS = {"task_id", "parent_id", "root_id", "group_id", "group_index", "chord",
@@ -202,21 +205,25 @@ class Spawner:
                 self.store.delete_operation(conn, operation_id)
             self.store.insert_operation(conn, self._operation_row(parent, config, operation_id, handler_name, now))
             self.store.ensure_job(conn, self._root_row(parent, now))
-            total, edge_count = self._record_children(conn, handler, handler_name, context, now)
-            self._check_dependencies(conn, operation_id)
-            settle_dependencies(self.state, conn, operation_id)
+            total, edge_count, recorded = self._record_children(conn, handler, handler_name, context, now)
+            if edge_count:  # without edges there is nothing to check or settle
+                self._check_dependencies(conn, operation_id)
+                settle_dependencies(self.state, conn, operation_id)
             self.store.update_operation(conn, operation_id, total=total,
                                         state=s.OP_RUNNING if total else s.OP_SUCCEEDED,
                                         finished_at=None if total else now)
-        self.publish_pending(operation_id, config.batch_size, by_range=not edge_count)
-        spawn_result = SpawnResult(parent.id, self._child_ids(operation_id, total), now, operation_id)
+        operation = {"id": operation_id, "published_through": -1, "total": total}
+        self.publish_pending(operation_id, config.batch_size, operation=operation, pending=bool(edge_count),
+                             recorded=recorded.publishable)
+        ids = recorded.ids if recorded.ids is not None else self._child_ids(operation_id, total)
+        spawn_result = SpawnResult(parent.id, ids, now, operation_id)
         if not total:
             self.state.tracker.check_completion(operation_id)
         self._announce(task, handler, spawn_result)
         return spawn_result
 
     def _replay(self, handler: SpawnHandler, operation: dict) -> SpawnResult:
-        self.publish_pending(operation["id"], stored_batch_size(operation))
+        self.publish_pending(operation["id"], stored_batch_size(operation), operation=operation)
         ids = self._child_ids(operation["id"], operation["total"])
         return SpawnResult(operation["parent_id"], ids, operation["created_at"], operation["id"])
 
@@ -228,11 +235,12 @@ class Spawner:
             return self.store.operation_job_ids(conn, operation_id)
 
     def _record_children(self, conn: sa.Connection, handler: SpawnHandler, handler_name: str,
-                         context: SpawnContext, now: Any) -> tuple[int, int]:
-        """Record every child and its edges; returns (children, dependency edges)."""
+                         context: SpawnContext, now: Any) -> tuple[int, int, Recorded]:
+        """Record every child and its edges; returns (children, dependency edges, what is kept in memory)."""
         config = context.config
         total = edge_count = 0
         seen: set[str] = set()
+        recorded = Recorded()
         for batch in _batched(self._generate(handler, handler_name, context), config.batch_size):
             rows, edges, chosen = [], [], []
             for sig in batch:
@@ -247,6 +255,7 @@ class Spawner:
                 if user_chosen:
                     chosen.append(row["id"])
                 rows.append(row)
+                recorded.add(row)
                 edges.extend(child_edges)
                 total += 1
             taken = self.store.existing_job_ids(conn, chosen) if chosen else ()
@@ -257,7 +266,7 @@ class Spawner:
             if edges:
                 self.store.insert_dependencies(conn, edges)
                 edge_count += len(edges)
-        return total, edge_count
+        return total, edge_count, recorded
 
     def _generate(self, handler: SpawnHandler, handler_name: str, context: SpawnContext) -> Iterator[Any]:
         """The handler's children, with every exception it raises named after it."""
@@ -340,11 +349,14 @@ class Spawner:
             "task_name": name[:255],
             "queue": self._queue_of(name, publish),
             "priority": publish.get("priority"),
-            "state": s.HELD if pending_deps else s.PENDING,
+            # Without dependency edges a child is recorded as dispatched: the operation's
+            # publish watermark, not a per-row update, says whether its message went out.
+            "state": s.HELD if pending_deps else (s.PENDING if depends else s.DISPATCHED),
             "pending_deps": pending_deps,
             "retries": 0,
             "message": message,
             "created_at": now,
+            "dispatched_at": None if depends else now,
         }
         edges = [{"job_id": job_id, "depends_on_id": dep, "ignore_failure": dep in ignored,
                   "satisfied": dep == parent.id} for dep in depends]
@@ -387,15 +399,81 @@ class Spawner:
             raise DependencyError(f"dependency cycle among spawned jobs: {' -> '.join(cycle)}")
 
     # ---- publishing --------------------------------------------------------------------
-    def publish_pending(self, operation_id: str, page_size: int, by_range: bool = False) -> int:
-        """Publish every pending (not held) child of an operation, a page at a time.
+    def publish_pending(self, operation_id: str, page_size: int, operation: dict | None = None,
+                        pending: bool = True, recorded: list[dict] | None = None) -> int:
+        """Publish every child of an operation that has not reached the broker, a page at a time.
 
-        ``by_range`` marks a published page with one range update; it is only
-        safe when no held child can become pending meanwhile (no dependencies).
+        First the children recorded ``dispatched`` after the operation's
+        publish watermark (``published_through``, moved on once per page),
+        then, unless ``pending`` is false, the ``pending`` ones (released from
+        dependencies, or put back after a broker failure), marked one by one.
+        ``operation`` (a row, or the id, watermark and total of one) saves
+        reading it, and ``recorded`` (every child recorded ``dispatched``, by
+        position, as the spawn just wrote them) reading them back. Returns how
+        many children were published.
         """
+        page_size = max(page_size, MIN_PUBLISH_PAGE)
+        if operation is None:
+            with self.store.read() as conn:
+                operation = self.store.get_operation(conn, operation_id)
+            if operation is None:
+                return 0
+        watermark, total = operation.get("published_through"), operation["total"]
+        published = 0
+        if watermark is not None and watermark < total - 1:
+            count, complete = self._publish_recorded(operation_id, watermark, total, page_size, recorded)
+            published += count
+            if not complete:
+                return published
+        if pending:
+            published += self._publish_pending_rows(operation_id, page_size)
+        return published
+
+    def _publish_recorded(self, operation_id: str, watermark: int, total: int, page_size: int,
+                          recorded: list[dict] | None = None) -> tuple[int, bool]:
+        """Publish the children recorded ``dispatched`` after ``watermark``; returns (count, finished)."""
+        if recorded is not None:
+            pages: Iterable[list[dict]] = (recorded[i:i + page_size] for i in range(0, len(recorded), page_size))
+        else:
+            pages = self._unpublished_pages(operation_id, watermark, page_size)
+        published = 0
+        after = watermark
+        for page in pages:
+            if page:
+                try:
+                    publish_children(self.app, page)
+                except Exception as exc:  # broker trouble: back to pending, for the recovery sweep
+                    logger.warning("publishing children of %s failed (%s); the recovery sweep will retry",
+                                   operation_id, _describe(exc))
+                    self._unpublish(operation_id, after)
+                    return published, False
+                published += len(page)
+            # A short page is the last one: nothing recorded dispatched lies beyond it.
+            after = page[-1]["position"] if len(page) == page_size else total - 1
+            self.store.advance_watermark(operation_id, after)
+        if after < total - 1:
+            self.store.advance_watermark(operation_id, total - 1)
+        return published, True
+
+    def _unpublished_pages(self, operation_id: str, after: int, page_size: int) -> Iterator[list[dict]]:
+        while True:
+            with self.store.read() as conn:
+                page = self.store.unpublished_page(conn, operation_id, after, page_size)
+            yield page
+            if len(page) < page_size:
+                return
+            after = page[-1]["position"]
+
+    def _unpublish(self, operation_id: str, after: int) -> None:
+        try:
+            self.store.unpublish(operation_id, after)
+        except StoreError as exc:  # the watermark still tells the sweep where publishing stopped
+            logger.warning("could not mark the unpublished children of %s pending: %s", operation_id, exc)
+
+    def _publish_pending_rows(self, operation_id: str, page_size: int) -> int:
+        """Publish pending (not held) children, marking each published one dispatched."""
         published = 0
         after = -1
-        page_size = max(page_size, MIN_PUBLISH_PAGE)
         while True:
             with self.store.read() as conn:
                 page = self.store.pending_page(conn, operation_id, after, page_size)
@@ -408,11 +486,8 @@ class Spawner:
                 logger.warning("publishing children of %s failed (%s); the recovery sweep will retry",
                                operation_id, _describe(exc))
                 return published
-            if by_range and len(ids) == len(page):
-                self.store.mark_page_dispatched(operation_id, page[0]["position"], page[-1]["position"])
-            else:
-                self.store.mark_dispatched(ids)
-                self.store.touch_operation(operation_id)
+            self.store.mark_dispatched(ids)
+            self.store.touch_operation(operation_id)
             published += len(ids)
 
     # ---- reporting ---------------------------------------------------------------------
@@ -450,6 +525,7 @@ class Spawner:
             "depth": parent.depth,
             "state": s.OP_RUNNING,
             "total": 0,
+            "published_through": -1,
             "config": dumps(config.to_dict()) if config is not None else None,
             "error": None,
             "on_complete": dumps(config.on_complete) if config is not None and config.on_complete else None,
@@ -529,6 +605,27 @@ def settle_dependencies(state: SpawnState, conn: sa.Connection, operation_id: st
                               s.jobs.c.pending_deps <= 0).values(state=s.PENDING)
     ).rowcount
     return released or 0
+
+
+class Recorded:
+    """What a spawn keeps of the children it records, while that is small: their ids, and the rows it
+    publishes itself (recorded ``dispatched``), so that neither is read back from the store."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] | None = []
+        self.publishable: list[dict] | None = []
+        self._chars = 0
+
+    def add(self, row: dict) -> None:
+        if self.ids is not None:
+            self.ids.append(row["id"])
+            if len(self.ids) > EAGER_ID_LIMIT:
+                self.ids = None
+        if self.publishable is not None and row["state"] == s.DISPATCHED:
+            self.publishable.append(row)
+            self._chars += len(row["message"])
+            if self._chars > KEEP_MESSAGE_CHARS or len(self.publishable) > EAGER_ID_LIMIT:
+                self.publishable = None
 
 
 class StoredChildIds(Sequence[str]):

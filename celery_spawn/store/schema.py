@@ -58,6 +58,9 @@ operations = sa.Table(
     sa.Column("depth", sa.Integer, nullable=False, default=0),
     sa.Column("state", sa.String(24), nullable=False),
     sa.Column("total", sa.Integer, nullable=False, default=0),
+    # Publishing progress of the children recorded straight as ``dispatched`` (those without dependency
+    # edges): each of them at a position up to this one reached the broker. NULL: none is in flight.
+    sa.Column("published_through", sa.Integer, nullable=True),
     sa.Column("config", LONG_TEXT, nullable=True),
     sa.Column("error", LONG_TEXT, nullable=True),
     sa.Column("on_complete", LONG_TEXT, nullable=True),

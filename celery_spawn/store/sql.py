@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..errors import StoreError
 from . import schema as s
 from .engine import EngineHolder, redact
+from .pgcopy import copy_rows, supports_copy
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,12 @@ class SpawnStore:
         conn.execute(self.insert_ignore(s.jobs), [row])
 
     def insert_jobs(self, conn: Connection, rows: Sequence[dict]) -> None:
+        """Insert job rows (dicts with the same keys): one COPY on PostgreSQL/psycopg2, else multi-row INSERTs."""
+        if not rows:
+            return
+        if supports_copy(conn):
+            copy_rows(conn, s.jobs, rows)
+            return
         for chunk in chunked(rows):
             conn.execute(s.jobs.insert(), list(chunk))
 
@@ -209,21 +216,61 @@ class SpawnStore:
                 changed += result.rowcount or 0
         return changed
 
-    def mark_page_dispatched(self, operation_id: str, first: int, last: int) -> int:
-        """Mark a published page (positions ``first``..``last``) dispatched and refresh the operation's lease.
+    def unpublished_page(self, conn: Connection, operation_id: str, after_position: int, limit: int) -> list[dict]:
+        """The next children recorded ``dispatched`` whose message may not be in the broker yet, by position.
 
-        One range update over the ``(operation_id, position)`` index instead of
-        an IN list; only rows still pending change.
+        Those are the children without dependency edges after the operation's
+        watermark; a child with edges is published by whoever releases it.
+        """
+        has_edges = sa.exists().where(s.dependencies.c.job_id == s.jobs.c.id)
+        query = (
+            sa.select(s.jobs.c.id, s.jobs.c.position, s.jobs.c.message, s.jobs.c.parent_id, s.jobs.c.root_id)
+            .where(s.jobs.c.operation_id == operation_id, s.jobs.c.position > after_position,
+                   s.jobs.c.state == s.DISPATCHED, ~has_edges)
+            .order_by(s.jobs.c.position)
+            .limit(limit)
+        )
+        return [dict(r) for r in conn.execute(query).mappings()]
+
+    def advance_watermark(self, operation_id: str, position: int) -> None:
+        """Record that every child recorded ``dispatched`` up to ``position`` reached the broker.
+
+        One row update per published page instead of one per child; it also
+        refreshes the operation's lease. The watermark only moves forward. On
+        PostgreSQL its commit does not wait for the WAL flush: a watermark lost
+        in a database crash only makes the sweep publish a page again, as after
+        a crash of the publishing process.
         """
         now = utcnow()
         with self.begin() as conn:
+            if self.backend == "postgresql":
+                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+            conn.execute(
+                s.operations.update()
+                .where(s.operations.c.id == operation_id, s.operations.c.published_through < position)
+                .values(published_through=position, updated_at=now)
+            )
+
+    def unpublish(self, operation_id: str, after_position: int) -> int:
+        """After a broker failure: children recorded ``dispatched`` past ``after_position`` become ``pending``.
+
+        They are then what they are: recorded, not published, shown by
+        ``celery spawn pending`` and published by the recovery sweep one by
+        one. The watermark is closed (nothing is left for it). Returns how
+        many children changed.
+        """
+        has_edges = sa.exists().where(s.dependencies.c.job_id == s.jobs.c.id)
+        with self.begin() as conn:
             changed = conn.execute(
                 s.jobs.update()
-                .where(s.jobs.c.operation_id == operation_id, s.jobs.c.position >= first,
-                       s.jobs.c.position <= last, s.jobs.c.state == s.PENDING)
-                .values(state=s.DISPATCHED, dispatched_at=now)
+                .where(s.jobs.c.operation_id == operation_id, s.jobs.c.position > after_position,
+                       s.jobs.c.state == s.DISPATCHED, ~has_edges)
+                .values(state=s.PENDING, dispatched_at=None)
             ).rowcount
-            conn.execute(s.operations.update().where(s.operations.c.id == operation_id).values(updated_at=now))
+            conn.execute(
+                s.operations.update().where(s.operations.c.id == operation_id)
+                .values(published_through=s.operations.c.total - 1, updated_at=utcnow())
+            )
         return changed or 0
 
     def touch_operation(self, operation_id: str) -> None:
@@ -262,18 +309,22 @@ class SpawnStore:
         return rows
 
     def claim_stale_operations(self, grace_seconds: float, limit: int = 50) -> list[str]:
-        """Operations with pending or held children, untouched for ``grace_seconds``: leased to this caller.
+        """Operations untouched for ``grace_seconds`` with children to publish: leased to this caller.
 
-        The lease is the refreshed ``updated_at``: another sweeper skips the
-        operation until the grace period passes again.
+        Children to publish are those after the publish watermark (the
+        spawner stopped before its end) and pending or held ones. The lease is
+        the refreshed ``updated_at``: another sweeper skips the operation
+        until the grace period passes again.
         """
         cutoff = utcnow() - timedelta(seconds=grace_seconds)
+        ops = s.operations
         with self.begin() as conn:
             stale = (
-                sa.select(s.operations.c.id)
-                .where(s.operations.c.state == s.OP_RUNNING, s.operations.c.updated_at < cutoff)
-                .where(sa.exists().where(s.jobs.c.operation_id == s.operations.c.id,
-                                         s.jobs.c.state.in_(s.UNDISPATCHED_JOB_STATES)))
+                sa.select(ops.c.id)
+                .where(ops.c.state == s.OP_RUNNING, ops.c.updated_at < cutoff)
+                .where(sa.or_(ops.c.published_through < ops.c.total - 1,
+                              sa.exists().where(s.jobs.c.operation_id == ops.c.id,
+                                                s.jobs.c.state.in_(s.UNDISPATCHED_JOB_STATES))))
                 .order_by(s.operations.c.updated_at)
                 .limit(limit)
             )
