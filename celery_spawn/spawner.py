@@ -589,11 +589,15 @@ def settle_dependencies(state: SpawnState, conn: sa.Connection, operation_id: st
     met = [r for r in rows if r.state == s.SUCCEEDED or r.ignore_failure]
     broken = {r.job_id: r for r in rows if not (r.state == s.SUCCEEDED or r.ignore_failure)}
     for row in met:
-        conn.execute(s.dependencies.update().where(s.dependencies.c.job_id == row.job_id,
-                                                   s.dependencies.c.depends_on_id == row.depends_on_id)
-                     .values(satisfied=True))
-        conn.execute(s.jobs.update().where(s.jobs.c.id == row.job_id, s.jobs.c.state == s.HELD)
-                     .values(pending_deps=s.jobs.c.pending_deps - 1))
+        # Guarded: a finishing worker may have counted this edge off since it was read.
+        newly_met = conn.execute(
+            s.dependencies.update().where(s.dependencies.c.job_id == row.job_id,
+                                          s.dependencies.c.depends_on_id == row.depends_on_id,
+                                          s.dependencies.c.satisfied.is_(False))
+            .values(satisfied=True)).rowcount
+        if newly_met:
+            conn.execute(s.jobs.update().where(s.jobs.c.id == row.job_id, s.jobs.c.state == s.HELD)
+                         .values(pending_deps=s.jobs.c.pending_deps - 1))
     now = utcnow()
     for job_id, row in broken.items():
         reason = f"dependency {row.depends_on_id} {row.state}"

@@ -14,7 +14,8 @@ from celery_spawn.store import schema as s
 from celery_spawn.store.pgcopy import copy_text, supports_copy
 
 HOSTILE = [
-    "", " ", "\\", "\\\\", "\\N", "\\n", "\\.", "\\.\n", "a\tb", "a\nb", "a\r\nb", "\r", "'", '"', "''; DROP TABLE x; --",
+    "", " ", "\\", "\\\\", "\\N", "\\n", "\\.", "\\.\n", "a\tb", "a\nb", "a\r\nb", "\r", "'", '"',
+    "''; DROP TABLE x; --",
     "\x01\x02\x7f", "NULL", "null", "é\u00e9\u2028\u2029", "\U0001f600 emoji", "tab\tnew\nline\\back", "\\t\\r",
     "%s %(x)s", "{}", "E'\\x41'", "\b\f\v",
 ]
@@ -23,7 +24,8 @@ HOSTILE = [
 def job_row(i: int, text: str, when: datetime) -> dict:
     return {
         "id": f"job-{i}", "parent_id": text[:64] or None, "root_id": "root", "operation_id": "op",
-        "position": i, "depth": 1, "task_name": text[:255] or "t", "queue": text[:255], "priority": None if i % 2 else i,
+        "position": i, "depth": 1, "task_name": text[:255] or "t", "queue": text[:255],
+        "priority": None if i % 2 else i,
         "state": s.PENDING, "pending_deps": 0, "retries": 0, "message": text, "created_at": when,
     }
 
