@@ -88,8 +88,13 @@ class Tracker:
         self.finish(job_id, state, _error_text(error))
 
     def start_many(self, starts: Sequence[tuple[str, Any]]) -> None:
-        """Mark jobs started at their own times (the write-behind's batch)."""
+        """Mark jobs started at their own times (the write-behind's batch).
+
+        A start lost in a database crash only shows the job ``dispatched``
+        until it finishes: its commit does not wait for the flush.
+        """
         with self.store.begin() as conn:
+            self.store.relax_commit(conn)
             start_jobs(conn, list(dict(starts).items()), STARTABLE)
 
     def finish(self, job_id: str, state: str, error: str | None = None, operation_id: str | None = None) -> bool:

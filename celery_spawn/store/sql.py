@@ -95,6 +95,11 @@ class SpawnStore:
         except SQLAlchemyError as exc:
             raise StoreError(f"spawn store {self.safe_url} failed: {_short(exc)}") from exc
 
+    def relax_commit(self, conn: Connection) -> None:
+        """PostgreSQL: this transaction's commit does not wait for the WAL flush (for writes a crash may lose)."""
+        if self.backend == "postgresql":
+            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+
     def insert_ignore(self, table: sa.Table) -> sa.Insert:
         """INSERT that skips rows whose primary key exists, in this backend's words."""
         if self.backend == "postgresql":
@@ -201,12 +206,18 @@ class SpawnStore:
         return [dict(r) for r in conn.execute(query).mappings()]
 
     def mark_dispatched(self, ids: Sequence[str]) -> int:
-        """Mark published children; only rows still pending change (idempotent)."""
+        """Mark published children; only rows still pending change (idempotent).
+
+        On PostgreSQL the commit does not wait for the WAL flush: a mark lost in
+        a database crash only makes the sweep publish the child again, which a
+        published page's watermark risks as well.
+        """
         if not ids:
             return 0
         now = utcnow()
         changed = 0
         with self.begin() as conn:
+            self.relax_commit(conn)
             for chunk in chunked(list(ids)):
                 result = conn.execute(
                     s.jobs.update()
@@ -243,8 +254,7 @@ class SpawnStore:
         """
         now = utcnow()
         with self.begin() as conn:
-            if self.backend == "postgresql":
-                conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+            self.relax_commit(conn)
             conn.execute(
                 s.operations.update()
                 .where(s.operations.c.id == operation_id, s.operations.c.published_through < position)
