@@ -28,6 +28,16 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
+def _register_embedded_transport() -> None:
+    """``spawnfs://``: the server-less broker of :mod:`celery_spawn.embedded` (imported only when used)."""
+    from kombu.transport import TRANSPORT_ALIASES
+
+    TRANSPORT_ALIASES.setdefault("spawnfs", "celery_spawn.embedded:Transport")
+
+
+_register_embedded_transport()
+
+
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:

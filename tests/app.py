@@ -16,6 +16,7 @@ from pathlib import Path
 from celery import Celery
 
 from celery_spawn import SpawnConfig, SpawnHandler, SpawnManager, SpawnTask, depends_on, get_state, install
+from celery_spawn.embedded import folder_options
 
 #: Where ``tests.record_callback`` logs each call (no primary key: duplicates must be visible).
 callbacks = sa.Table(
@@ -30,16 +31,6 @@ WORKFLOWS = {
                     ("validate", {"test_split": 0.2}), ("deploy", {"environment": "staging"})],
 }
 IMAGE_SIZES = ("thumbnail", "medium", "large")
-
-
-def filesystem_transport_options(folder: str | os.PathLike) -> dict:
-    """kombu's filesystem transport: in and out are the same folder, which must exist."""
-    base = Path(folder)
-    queue_dir, processed, control = base / "queue", base / "processed", base / "control"
-    for path in (queue_dir, processed, control):
-        path.mkdir(parents=True, exist_ok=True)
-    return {"data_folder_in": str(queue_dir), "data_folder_out": str(queue_dir),
-            "processed_folder": str(processed), "store_processed": False, "control_folder": str(control)}
 
 
 class DatasetProcessor(SpawnHandler):
@@ -160,7 +151,7 @@ def make_app(broker: str, backend: str | None, database_url: str, queue: str = "
         spawn_recovery_grace=5.0,
     )
     if fs_folder:
-        app.conf.broker_transport_options = filesystem_transport_options(fs_folder)
+        app.conf.broker_transport_options = folder_options(fs_folder)
     if broker.startswith("redis"):
         app.conf.broker_transport_options = {"visibility_timeout": 30}
 
@@ -289,7 +280,7 @@ def make_app(broker: str, backend: str | None, database_url: str, queue: str = "
 def _from_environment() -> Celery:
     fs_folder = os.environ.get("SPAWN_TEST_FS_FOLDER")
     return make_app(
-        broker=os.environ.get("SPAWN_TEST_BROKER", "filesystem://"),
+        broker=os.environ.get("SPAWN_TEST_BROKER", "spawnfs://"),
         backend=os.environ.get("SPAWN_TEST_RESULT_BACKEND") or None,
         database_url=os.environ.get("CELERY_SPAWN_DATABASE_URL", "sqlite:///celery_spawn_tests.sqlite3"),
         queue=os.environ.get("SPAWN_TEST_QUEUE", "celery"),

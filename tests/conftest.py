@@ -86,7 +86,7 @@ def make_backend(name: str, tmp_path_factory) -> tuple[Backend, object]:
         folder = tmp_path_factory.mktemp("broker")
         database = tmp_path_factory.mktemp("store") / "spawn.sqlite3"
         results = tmp_path_factory.mktemp("results")
-        return Backend(name, "filesystem://", f"file://{results}", f"sqlite:///{database}", queue,
+        return Backend(name, "spawnfs://", f"file://{results}", f"sqlite:///{database}", queue,
                        fs_folder=str(folder)), None
     if name == "redis-postgresql":
         check_broker(REDIS_URL)

@@ -1,7 +1,8 @@
 """The seed's fan-out example as a Celery app: a dataset split into chunks processed in parallel.
 
-Runs on the embedded defaults: kombu's filesystem transport as the broker and
-SQLite as the lineage store, both under ``.demo/`` - no server needed.
+Runs on the embedded defaults: a folder as the broker (``spawnfs://``, kombu's filesystem
+transport with atomic writes) and SQLite as the lineage store, both under ``.demo/`` - no
+server needed.
 """
 from __future__ import annotations
 
@@ -11,16 +12,13 @@ from pathlib import Path
 from celery import Celery
 
 from celery_spawn import SpawnConfig, SpawnHandler, SpawnManager, SpawnTask, install
+from celery_spawn.embedded import folder_options
 
 DEMO = Path(os.environ.get("SPAWN_DEMO_DIR", Path(__file__).resolve().parents[2] / ".demo"))
-for folder in ("queue", "processed", "control", "results"):
-    (DEMO / folder).mkdir(parents=True, exist_ok=True)
+(DEMO / "results").mkdir(parents=True, exist_ok=True)
 
-app = Celery("fanout", broker="filesystem://", backend=f"file://{DEMO / 'results'}")
-app.conf.broker_transport_options = {
-    "data_folder_in": str(DEMO / "queue"), "data_folder_out": str(DEMO / "queue"),
-    "processed_folder": str(DEMO / "processed"), "store_processed": False, "control_folder": str(DEMO / "control"),
-}
+app = Celery("fanout", broker="spawnfs://", backend=f"file://{DEMO / 'results'}")
+app.conf.broker_transport_options = folder_options(DEMO / "broker")
 
 manager = SpawnManager()
 install(app, manager, database_url=f"sqlite:///{DEMO / 'spawn.sqlite3'}")

@@ -13,13 +13,14 @@ sys.path.insert(0, str(HERE))
 from app import DEMO, app, report  # noqa: E402
 
 from celery_spawn import SpawnConfig, completion_task_id, get_state, with_spawn_config  # noqa: E402
+from celery_spawn.embedded import folder_options  # noqa: E402
 from celery_spawn.store import queries  # noqa: E402
 
 
 def main() -> int:
     shutil.rmtree(DEMO, ignore_errors=True)
-    for folder in ("queue", "processed", "control", "results"):
-        (DEMO / folder).mkdir(parents=True, exist_ok=True)
+    folder_options(DEMO / "broker")  # creates the (now empty) broker folders again
+    (DEMO / "results").mkdir(parents=True)
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "app", "worker", "-P", "prefork", "-c", "2", "--loglevel", "WARNING",
          "--without-gossip", "--without-mingle", "--without-heartbeat"],

@@ -174,7 +174,7 @@ def make_reliability_app(broker: str, backend: str | None, database_url: str, qu
 def _from_environment() -> Celery:
     timeout = os.environ.get("SPAWN_TEST_VISIBILITY_TIMEOUT")
     return make_reliability_app(
-        broker=os.environ.get("SPAWN_TEST_BROKER", "filesystem://"),
+        broker=os.environ.get("SPAWN_TEST_BROKER", "spawnfs://"),
         backend=os.environ.get("SPAWN_TEST_RESULT_BACKEND") or None,
         database_url=os.environ.get("CELERY_SPAWN_DATABASE_URL", "sqlite:///celery_spawn_tests.sqlite3"),
         queue=os.environ.get("SPAWN_TEST_QUEUE", "celery"),

@@ -1,0 +1,66 @@
+"""A broker with no server: kombu's filesystem transport, made safe for several processes.
+
+kombu's own ``filesystem://`` transport creates a message file in the queue
+folder and only then writes the message into it. A consumer that lists the
+folder in between moves away an empty file, fails to decode it and stops the
+worker (``Unrecoverable error: JSONDecodeError``); the message is lost. With a
+prefork worker the pool processes publish while the main process consumes, so
+this happens in ordinary use. This transport writes each message under a name
+no consumer looks at and renames it into place, which is atomic on one
+filesystem: a consumer sees a whole message or none.
+
+Use it as ``spawnfs://`` (registered with kombu when ``celery_spawn`` is
+imported) with :func:`folder_options`::
+
+    app = Celery(broker="spawnfs://")
+    app.conf.broker_transport_options = folder_options(".demo/broker")
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from time import monotonic
+
+from kombu.exceptions import ChannelError
+from kombu.transport import filesystem, virtual
+from kombu.utils.encoding import str_to_bytes
+from kombu.utils.json import dumps
+
+#: The URL scheme this transport answers to.
+SCHEME = "spawnfs"
+#: What a message file is called until it is complete (``_get`` matches only ``<queue>.msg``).
+PARTIAL_SUFFIX = ".part"
+
+
+def folder_options(folder: str | os.PathLike) -> dict:
+    """Transport options for one broker folder (queue, processed and control below it), created if missing."""
+    base = Path(folder)
+    queue, processed, control = base / "queue", base / "processed", base / "control"
+    for path in (queue, processed, control):
+        path.mkdir(parents=True, exist_ok=True)
+    return {"data_folder_in": str(queue), "data_folder_out": str(queue), "processed_folder": str(processed),
+            "store_processed": False, "control_folder": str(control)}
+
+
+class Channel(filesystem.Channel):
+    """Publishes by write-then-rename, so consumers never read a message still being written."""
+
+    def _put(self, queue, payload, **kwargs):
+        name = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        final = os.path.join(self.data_folder_out, name)
+        partial = final + PARTIAL_SUFFIX
+        try:
+            with open(partial, "wb") as f:
+                f.write(str_to_bytes(dumps(payload)))
+            os.replace(partial, final)
+        except OSError as exc:
+            raise ChannelError(f"Cannot add file {final!r} to directory") from exc
+
+
+class Transport(filesystem.Transport):
+    """kombu's filesystem transport with atomic publishing (see the module docstring)."""
+
+    Channel = Channel
+    global_state = virtual.BrokerState()
+    driver_name = SCHEME
