@@ -37,8 +37,10 @@ BUSY = 4
 START_DELAY = 0.05
 #: Seconds a busy write-behind waits to gather a bigger batch.
 LINGER = 0.05
-#: Seconds between completion probes of a busy write-behind.
-CHECK_INTERVAL = 0.05
+#: Seconds between completion probes of a write-behind that never goes quiet.
+CHECK_INTERVAL = 0.5
+#: Seconds without events after which the finished operations are probed for completion.
+QUIET = 0.02
 #: Events written in one transaction at most.
 MAX_BATCH = 500
 #: Events kept while the store is unreachable; beyond that the oldest are dropped (and logged).
@@ -47,6 +49,7 @@ MAX_QUEUED = 200_000
 RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 START, FINISH, RETRY = "start", "finish", "retry"
+_NEVER = 1 << 62
 
 
 @dataclass
@@ -73,6 +76,10 @@ class WriteBehind:
         self._thread: threading.Thread | None = None
         self._unchecked: set[str] = set()
         self._next_check = 0.0
+        # What wakes the waiting writer (set only while it waits): a wake-up per event would cost
+        # the task thread a GIL hand-over for every event of a busy worker.
+        self._wake_at = _NEVER
+        self._finish_wakes = False
 
     def add(self, event: Event) -> None:
         with self._wake:
@@ -81,8 +88,10 @@ class WriteBehind:
                 logger.error("celery-spawn dropped the %s of job %s: %d tracking events wait for the store",
                              lost.kind, lost.job_id, MAX_QUEUED)
             self._events.append(event)
-            self._idle.clear()
-            self._wake.notify()
+            if self._idle.is_set():
+                self._idle.clear()
+            if len(self._events) >= self._wake_at or (self._finish_wakes and event.kind != START):
+                self._wake.notify()
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="celery-spawn-write-behind", daemon=True)
                 self._thread.start()
@@ -98,38 +107,48 @@ class WriteBehind:
             while not self._events:
                 if not self._unchecked:
                     self._idle.set()
-                    self._wake.wait()
-                else:
-                    return []  # idle: time to check what finished
+                    self._wait(None, wake_at=1)
+                elif not self._wait(QUIET, wake_at=1):
+                    return []  # quiet for a moment: time to check what finished
             while len(self._events) < BUSY and all(e.kind == START for e in self._events):
                 # Only starts: wait a little for their finishes, so that a short task costs one
                 # row update, and a dependent's release does not queue behind a start.
                 left = self._events[0].queued + START_DELAY - time.monotonic()
                 if left <= 0:
                     break
-                self._wake.wait(left)
+                self._wait(left, wake_at=BUSY, finish_wakes=True)
             if len(self._events) >= BUSY and LINGER:
                 # Busy: a moment more gathers a bigger batch (an idle worker writes at once).
                 deadline = time.monotonic() + LINGER
                 while len(self._events) < MAX_BATCH and (left := deadline - time.monotonic()) > 0:
-                    self._wake.wait(left)
+                    self._wait(left, wake_at=MAX_BATCH)
             count = min(len(self._events), MAX_BATCH)
             return [self._events.popleft() for _ in range(count)]
+
+    def _wait(self, timeout: float | None, wake_at: int, finish_wakes: bool = False) -> bool:
+        """Wait (holding ``_wake``) until ``wake_at`` events are queued, a finish if ``finish_wakes``, or timeout."""
+        self._wake_at, self._finish_wakes = wake_at, finish_wakes
+        try:
+            return self._wake.wait(timeout)
+        finally:
+            self._wake_at, self._finish_wakes = _NEVER, False
 
     def _run(self) -> None:
         while True:
             batch = self._take()
             if batch:
                 self._unchecked.update(self._write_until_done(batch))
-            if self._unchecked and (not self._events or time.monotonic() >= self._next_check):
+            if self._unchecked and (not batch or time.monotonic() >= self._next_check):
                 self._check_completions()
 
     def _check_completions(self) -> None:
         """Completion probes, once per operation for every batch written since the last check.
 
-        While events keep coming they run every CHECK_INTERVAL at most (a
-        probe reads an index that finished rows keep busy); they always run
-        before the thread goes idle, so an operation's last finish is checked.
+        A probe reads an index that finishing rows keep busy, and while events
+        keep coming it finds work still running. So probes run when the events
+        pause for QUIET (an operation's last finish is followed by such a
+        pause, in this process or in the one that writes it) and, under
+        unbroken load, every CHECK_INTERVAL.
         """
         operations, self._unchecked = self._unchecked, set()
         self._next_check = time.monotonic() + CHECK_INTERVAL

@@ -105,15 +105,9 @@ def start_jobs(conn: Connection, starts: Sequence[tuple[str, datetime]], startab
             )
 
 
-
-_PG_RELEASE = sa.text(f"""
-    WITH met AS (
-        UPDATE {s.dependencies.name}
-           SET satisfied = true
-         WHERE depends_on_id = ANY(CAST(:done AS varchar[])) AND NOT satisfied
-           AND (ignore_failure OR depends_on_id = ANY(CAST(:succeeded AS varchar[])))
-     RETURNING job_id
-    ), counted AS (
+#: After a ``met`` CTE (the dependency edges just satisfied, ``RETURNING job_id``): count them off their held
+#: jobs, move the jobs with none left to ``pending`` (``released``) and refresh their operations' lease.
+_COUNT_OFF_AND_RELEASE = f"""counted AS (
         SELECT job_id, count(*) AS n FROM met GROUP BY job_id
     ), released AS (
         UPDATE {s.jobs.name} AS j
@@ -125,7 +119,17 @@ _PG_RELEASE = sa.text(f"""
     ), leased AS (
         UPDATE {s.operations.name} SET updated_at = :now
          WHERE id IN (SELECT operation_id FROM released WHERE state = '{s.PENDING}')
-    )
+    )"""
+
+
+_PG_RELEASE = sa.text(f"""
+    WITH met AS (
+        UPDATE {s.dependencies.name}
+           SET satisfied = true
+         WHERE depends_on_id = ANY(CAST(:done AS varchar[])) AND NOT satisfied
+           AND (ignore_failure OR depends_on_id = ANY(CAST(:succeeded AS varchar[])))
+     RETURNING job_id
+    ), {_COUNT_OFF_AND_RELEASE}
     SELECT * FROM released
 """)
 
@@ -152,19 +156,7 @@ _PG_SUCCEED_AND_RELEASE = sa.text(f"""
            SET satisfied = true
          WHERE depends_on_id IN (SELECT id FROM done) AND NOT satisfied
      RETURNING job_id
-    ), counted AS (
-        SELECT job_id, count(*) AS n FROM met GROUP BY job_id
-    ), released AS (
-        UPDATE {s.jobs.name} AS j
-           SET pending_deps = j.pending_deps - c.n,
-               state = CASE WHEN j.pending_deps - c.n <= 0 THEN '{s.PENDING}' ELSE j.state END
-          FROM counted AS c
-         WHERE j.id = c.job_id AND j.state = '{s.HELD}'
-     RETURNING j.id, j.state, j.parent_id, j.root_id, j.message, j.operation_id
-    ), leased AS (
-        UPDATE {s.operations.name} SET updated_at = :now
-         WHERE id IN (SELECT operation_id FROM released WHERE state = '{s.PENDING}')
-    )
+    ), {_COUNT_OFF_AND_RELEASE}
     SELECT true AS won, id, operation_id, CAST(NULL AS varchar) AS parent_id, CAST(NULL AS varchar) AS root_id,
            CAST(NULL AS text) AS message
       FROM done
