@@ -27,6 +27,7 @@ from celery_spawn.cli import RET_NOT_FOUND, RET_OK, RET_STORE, RET_USAGE, spawn
 from celery_spawn.handlers import child_id, default_operation_id
 from celery_spawn.store import SpawnStore, queries
 from tests.harness import ROOT, StoreBuilder, wait_for
+from tests.sample_trees import make_sample_trees
 
 TIMEOUT = 90
 NASTY_QUEUE = "q'; DROP TABLE spawn_jobs; --\"`"
@@ -72,36 +73,17 @@ def count_nodes(tree: dict) -> int:
 # ---- trees a real worker produced -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trees(backend, worker, client_app):
-    """A fan-out of 11 chunks, a nested tree of 15 jobs (3 levels of spawns) and a refused spawn."""
-    dataset = client_app.signature("tests.process_dataset", kwargs={
-        "dataset_id": "ds-cli", "size": 5_500, "chunk_size": 500}).delay()
-    nested = client_app.signature("tests.nest", kwargs={"levels": 3, "fanout": 2}).delay()
-    refused = client_app.signature("tests.safe_parent", kwargs={"items": ["a", "b", "c", "d"]}).delay()
+    """The sample trees (a fan-out, a nested tree, a refused spawn) and rows no worker would make."""
+    made = make_sample_trees(client_app, "ds-cli", TIMEOUT)
     store = get_state(client_app).store
-
-    def finished(job_id: str, size: int) -> bool:
-        with store.read() as conn:
-            rows = queries.descendants(conn, job_id)
-        return len(rows) == size and all(r["state"] == "succeeded" for r in rows)
-
-    wait_for(lambda: finished(dataset.id, 11), TIMEOUT, what="11 chunks succeeded")
-    wait_for(lambda: finished(nested.id, 14), TIMEOUT, what="a nested tree of 15 jobs")
-    refused.get(timeout=TIMEOUT)
-    with store.read() as conn:
-        wait_for(lambda: queries.list_operations(conn, state="failed"), TIMEOUT, what="refused operation")
-        chain = queries.descendants(conn, nested.id)
-    deepest = next(row for row in chain if row["distance"] == 3)
-    middle = next(row for row in chain if row["id"] == deepest["parent_id"])
 
     # Rows no worker would make: held children bound for a queue whose name is SQL-looking data.
     builder = StoreBuilder(store)
     builder.job("nasty-root", task="tests.parent", queue=NASTY_QUEUE)
     builder.spawn("nasty-root", 3, operation="nasty-op", states=["held"], queue=NASTY_QUEUE, handler="nasty")
     builder.flush()
-    return types.SimpleNamespace(
-        dataset=dataset.id, dataset_op=default_operation_id(dataset.id), nested=nested.id, refused=refused.id,
-        deepest=deepest["id"], middle=middle["id"], queue=backend.queue,
-    )
+    made.queue = backend.queue
+    return made
 
 
 def test_list(backend, trees):

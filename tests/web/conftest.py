@@ -21,6 +21,7 @@ from celery_spawn import get_state
 from celery_spawn.handlers import child_id, default_operation_id
 from celery_spawn.store import queries
 from tests.harness import ROOT, service_missing, wait_for
+from tests.sample_trees import make_sample_trees
 
 TIMEOUT = 240  # generous: CI machines are shared and the embedded broker polls once a second
 #: A queue name that is SQL-looking data: it must come back as data.
@@ -34,33 +35,9 @@ _SERVING = re.compile(r"serving .* on (http://\S+?)/ ")
 @pytest.fixture(scope="module")
 def trees(backend, worker, client_app):
     """Trees a real worker made: a fan-out of 11 chunks, a nested tree of 15 jobs, a refused spawn, a workflow."""
-    dataset = client_app.signature("tests.process_dataset", kwargs={
-        "dataset_id": "ds-web", "size": 5_500, "chunk_size": 500}).delay()
-    nested = client_app.signature("tests.nest", kwargs={"levels": 3, "fanout": 2}).delay()
-    refused = client_app.signature("tests.safe_parent", kwargs={"items": ["a", "b", "c", "d"]}).delay()
-    workflow = client_app.signature("tests.run_workflow", kwargs={"workflow_type": "etl_pipeline"}).delay()
-    store = get_state(client_app).store
-
-    def finished(job_id: str, size: int) -> bool:
-        with store.read() as conn:
-            rows = queries.descendants(conn, job_id)
-        return len(rows) == size and all(r["state"] == "succeeded" for r in rows)
-
-    wait_for(lambda: finished(dataset.id, 11), TIMEOUT, what="11 chunks succeeded")
-    wait_for(lambda: finished(nested.id, 14), TIMEOUT, what="a nested tree of 15 jobs")
-    wait_for(lambda: finished(workflow.id, 3), TIMEOUT, what="a workflow of 3 steps")
-    refused.get(timeout=TIMEOUT)
-    with store.read() as conn:
-        wait_for(lambda: queries.list_operations(conn, state="failed"), TIMEOUT, what="the refused operation")
-        chain = queries.descendants(conn, nested.id)
-    deepest = next(row for row in chain if row["distance"] == 3)
-    yield types.SimpleNamespace(
-        dataset=dataset.id, dataset_op=default_operation_id(dataset.id),
-        dataset_children=[child_id(default_operation_id(dataset.id), i) for i in range(11)],
-        nested=nested.id, nested_op=default_operation_id(nested.id), deepest=deepest["id"],
-        middle=deepest["parent_id"], refused=refused.id, refused_op=default_operation_id(refused.id),
-        workflow=workflow.id, queue=backend.queue,
-    )
+    made = make_sample_trees(client_app, "ds-web", TIMEOUT, workflow=True)
+    made.queue = backend.queue
+    yield made
     stop_main_process(worker)
 
 
