@@ -277,15 +277,19 @@ def make_app(broker: str, backend: str | None, database_url: str, queue: str = "
     return app
 
 
+def settings_from_environment() -> dict:
+    """``make_app`` arguments from what the test harness sets for a worker it starts."""
+    return {
+        "broker": os.environ.get("SPAWN_TEST_BROKER", "spawnfs://"),
+        "backend": os.environ.get("SPAWN_TEST_RESULT_BACKEND") or None,
+        "database_url": os.environ.get("CELERY_SPAWN_DATABASE_URL", "sqlite:///celery_spawn_tests.sqlite3"),
+        "queue": os.environ.get("SPAWN_TEST_QUEUE", "celery"),
+        "fs_folder": os.environ.get("SPAWN_TEST_FS_FOLDER") or None,
+    }
+
+
 def _from_environment() -> Celery:
-    fs_folder = os.environ.get("SPAWN_TEST_FS_FOLDER")
-    return make_app(
-        broker=os.environ.get("SPAWN_TEST_BROKER", "spawnfs://"),
-        backend=os.environ.get("SPAWN_TEST_RESULT_BACKEND") or None,
-        database_url=os.environ.get("CELERY_SPAWN_DATABASE_URL", "sqlite:///celery_spawn_tests.sqlite3"),
-        queue=os.environ.get("SPAWN_TEST_QUEUE", "celery"),
-        fs_folder=fs_folder,
-    )
+    return make_app(**settings_from_environment())
 
 
 app = _from_environment()

@@ -25,7 +25,7 @@ import time
 from celery import Celery
 
 from celery_spawn import SpawnConfig, SpawnTask, StoreError, get_state
-from tests.app import make_app
+from tests.app import make_app, settings_from_environment
 
 logger = logging.getLogger("tests.reliability")
 
@@ -173,14 +173,7 @@ def make_reliability_app(broker: str, backend: str | None, database_url: str, qu
 
 def _from_environment() -> Celery:
     timeout = os.environ.get("SPAWN_TEST_VISIBILITY_TIMEOUT")
-    return make_reliability_app(
-        broker=os.environ.get("SPAWN_TEST_BROKER", "spawnfs://"),
-        backend=os.environ.get("SPAWN_TEST_RESULT_BACKEND") or None,
-        database_url=os.environ.get("CELERY_SPAWN_DATABASE_URL", "sqlite:///celery_spawn_tests.sqlite3"),
-        queue=os.environ.get("SPAWN_TEST_QUEUE", "celery"),
-        fs_folder=os.environ.get("SPAWN_TEST_FS_FOLDER") or None,
-        visibility_timeout=float(timeout) if timeout else None,
-    )
+    return make_reliability_app(**settings_from_environment(), visibility_timeout=float(timeout) if timeout else None)
 
 
 app = _from_environment()

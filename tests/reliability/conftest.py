@@ -145,18 +145,6 @@ def runs_dir(tmp_path) -> Path:
 
 
 # ---- services -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def postgres_db():
-    with throwaway_database("postgresql") as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def mariadb_db():
-    with throwaway_database("mysql") as url:
-        yield url
-
-
 @pytest.fixture
 def fresh_postgres():
     with throwaway_database("postgresql") as url:

@@ -41,14 +41,14 @@ OUTAGE = 4
 
 
 @pytest.fixture(params=["redis", "rabbitmq"])
-def broker_rig(request, postgres_db, shared_redis, tmp_path, start_worker):
+def broker_rig(request, postgres_url, shared_redis, tmp_path, start_worker):
     runs = tmp_path / "runs"
     runs.mkdir()
     queue = new_queue()
     with contextlib_for(request.param, tmp_path) as direct:
         proxy = TcpProxy(url_port(direct) if request.param == "redis" else 5672)
-        backend = RelBackend(f"{request.param}-postgresql", via(direct, proxy), f"{shared_redis}/1", postgres_db, queue,
-                             visibility_timeout=5, runs_dir=str(runs))
+        backend = RelBackend(f"{request.param}-postgresql", via(direct, proxy), f"{shared_redis}/1", postgres_url,
+                             queue, visibility_timeout=5, runs_dir=str(runs))
         app = backend.make_app(broker=direct)  # the test publishes straight to the broker
         ensure_callback_table(app)
         worker = start_worker(backend, request.param)

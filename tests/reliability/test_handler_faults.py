@@ -29,9 +29,9 @@ from tests.reliability.conftest import (
 
 
 @pytest.fixture(scope="module")
-def faults(postgres_db, shared_redis, tmp_path_factory, artifacts):
+def faults(postgres_url, shared_redis, tmp_path_factory, artifacts):
     runs = tmp_path_factory.mktemp("runs")
-    backend = RelBackend("redis-postgresql", f"{shared_redis}/0", f"{shared_redis}/1", postgres_db, new_queue(),
+    backend = RelBackend("redis-postgresql", f"{shared_redis}/0", f"{shared_redis}/1", postgres_url, new_queue(),
                          runs_dir=str(runs))
     worker = RelWorker(backend, artifacts / f"rel-handler-faults-{backend.queue}.log").start()
     app = backend.make_app()

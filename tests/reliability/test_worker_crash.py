@@ -48,12 +48,12 @@ SHORT_TRIALS = [("spawn", "worker"), ("children", "worker")]
 
 
 @pytest.fixture(scope="module")
-def crash_rig(tmp_path_factory, postgres_db):
+def crash_rig(tmp_path_factory, postgres_url):
     folder = tmp_path_factory.mktemp("redis")
     with private_redis(folder) as port:
         runs = tmp_path_factory.mktemp("runs")
         backend = RelBackend("redis-postgresql", f"redis://127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/1",
-                             postgres_db, new_queue(), visibility_timeout=5, runs_dir=str(runs))
+                             postgres_url, new_queue(), visibility_timeout=5, runs_dir=str(runs))
         app = backend.make_app()
         yield backend, app, runs
 
