@@ -33,6 +33,10 @@ JOB_STATES = (PENDING, HELD, DISPATCHED, STARTED, RETRYING, SUCCEEDED, FAILED, R
 FINAL_JOB_STATES = frozenset({SUCCEEDED, FAILED, REVOKED, CANCELLED})
 UNDISPATCHED_JOB_STATES = frozenset({PENDING, HELD})
 
+#: Per final job state, the column of ``spawn_operations`` that counts the children of a complete
+#: operation that ended in it (``children_succeeded``, ...): see the rollup columns below.
+CHILD_COUNT_COLUMNS = {state: f"children_{state}" for state in sorted(FINAL_JOB_STATES)}
+
 #: Operation states.
 OP_RUNNING = "running"
 OP_SUCCEEDED = "succeeded"
@@ -71,6 +75,15 @@ operations = sa.Table(
     sa.Column("created_at", TIMESTAMP, nullable=False),
     sa.Column("updated_at", TIMESTAMP, nullable=False),
     sa.Column("finished_at", TIMESTAMP, nullable=True),
+    # The children's rollup, written with ``completed`` by the worker that completes the operation (their
+    # states and times never change again): a count per final state (CHILD_COUNT_COLUMNS), how many have
+    # both started_at and finished_at, and the sum and maximum of finished_at - started_at in seconds, so
+    # that stats read one row per operation instead of one per child. NULL: no rollup (the operation is
+    # not complete, or was completed without one, e.g. by a store-only cancel); stats count its children.
+    *(sa.Column(name, sa.Integer, nullable=True) for name in CHILD_COUNT_COLUMNS.values()),
+    sa.Column("children_timed", sa.Integer, nullable=True),
+    sa.Column("children_seconds", sa.Double, nullable=True),
+    sa.Column("children_max_seconds", sa.Double, nullable=True),
     sa.Index("ix_spawn_operations_parent", "parent_id"),
     sa.Index("ix_spawn_operations_created", "created_at"),
     sa.Index("ix_spawn_operations_queue_created", "queue", "created_at"),

@@ -11,7 +11,9 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
+from celery import Celery
 
+from celery_spawn import get_state, install
 from celery_spawn.store import SpawnStore, queries
 from celery_spawn.store import schema as s
 from tests.harness import StoreBuilder
@@ -280,6 +282,26 @@ def test_stats(store):
     assert detailed["slowest"][0]["seconds"] == pytest.approx(10.0, abs=0.01)
     assert nothing["operations"] == 0 and nothing["avg_children_per_spawn"] is None
     assert nothing["success_rate"] is None and nothing["by_queue"] == []
+
+
+@pytest.fixture
+def tracker(store_url, store):
+    """The Tracker of an app on the same store: operations complete through the workers' own path."""
+    app = Celery("stats", broker="memory://", set_as_current=False)
+    install(app, database_url=store_url)
+    yield get_state(app).tracker
+    get_state(app).store.dispose()
+
+
+def test_a_rollup_needs_every_child_final(store, tracker):
+    """A completion that counts a child still running (a race the probe normally rules out) writes no rollup."""
+    b = StoreBuilder(store)
+    b.job("p")
+    b.spawn("p", 3, states=["succeeded", "started"])
+    b.flush()
+    with store.read() as conn:
+        counts, rollup = tracker._tally(conn, "op-p")
+    assert counts == {"succeeded": 2, "started": 1} and rollup == {}
 
 
 # ---- pending ----------------------------------------------------------------------------------
