@@ -119,11 +119,13 @@ jobs = sa.Table(
     sa.Index("ix_spawn_jobs_root_depth", "root_id", "depth"),
     # an operation's children in spawn order: publishing pages, range marks, listings
     sa.Index("ix_spawn_jobs_operation_position", "operation_id", "position"),
-    # completion probes: does this operation still have an unfinished child?
-    sa.Index("ix_spawn_jobs_operation_state", "operation_id", "state"),
-    # jobs by state and age (pending, the recovery sweep) and, covering, the child stats over a
-    # window: a state change moves the entry anyway, and the timestamps change with the state
-    sa.Index("ix_spawn_jobs_state_created", "state", "created_at", "operation_id", "started_at", "finished_at"),
+    # completion probes (does this operation still have an unfinished child?) and, covering, the count
+    # and durations of an operation's children per state: the rollup written when it completes and the
+    # stats of operations without one. The timestamps change with the state, which moves the entry anyway
+    sa.Index("ix_spawn_jobs_operation_state", "operation_id", "state", "started_at", "finished_at"),
+    # jobs by state and age (pending, the recovery sweep, detailed stats per task) and, covering, the
+    # undispatched children per operation (queries.pending)
+    sa.Index("ix_spawn_jobs_state_created", "state", "created_at", "operation_id"),
 )
 
 dependencies = sa.Table(
