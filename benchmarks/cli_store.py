@@ -8,6 +8,13 @@ nodes (default 100,000; a complete tree with ``--fanout`` children per node)
 and, for the rest, trees of one root and 99 children, created over the last
 48 hours so that ``stats --hours 24`` sees about half of the store. The
 tables are emptied first (``--reuse`` keeps a store built by an earlier run).
+Work finishes as it does in a worker: only the operations created in the last
+``--running-hours`` (default 1) and the big tree's top operation may still have
+unfinished children (about 2% of theirs, so most of them still run); every
+other child is final, and each complete operation carries the rollup of its
+children that a worker writes when it completes one, which ``stats`` reads
+instead of the children. ``--running-hours 48`` gives the older shape of this
+store, in which most operations of any age still run.
 
 It prints, as the median of ``--repeat`` runs after one warm-up: the query and render time of
 ``tree`` on the big tree (text and JSON), of ``stats --hours 24`` and
@@ -16,8 +23,9 @@ the wall time of the real ``celery spawn`` commands as subprocesses.
 ``--explain`` also prints the plan of every statement ``tree`` and ``stats``
 run (``EXPLAIN ANALYZE`` on PostgreSQL, ``ANALYZE`` on MariaDB/MySQL,
 ``EXPLAIN QUERY PLAN`` on SQLite): a whole tree should be one index range on
-``ix_spawn_jobs_root_depth``, the child stats one index-only range on
-``ix_spawn_jobs_state_created``.
+``ix_spawn_jobs_root_depth``; the child stats read the window's operations
+(their rollups) and, for the operations still running, one index-only range
+of ``ix_spawn_jobs_operation_state`` each.
 """
 from __future__ import annotations
 
@@ -45,7 +53,9 @@ BIG_ROOT = "bench-root"
 SMALL_TREE = 100  # a root and 99 children
 ROWS_PER_INSERT = 10_000
 STATES = [s.SUCCEEDED] * 95 + [s.FAILED] * 3 + [s.STARTED, s.PENDING]
-OP_STATE = {s.SUCCEEDED: s.OP_SUCCEEDED, s.FAILED: s.OP_PARTIALLY_FAILED}
+#: The children of a complete operation: the same odds, every one final.
+FINAL_STATES = [state for state in STATES if state in s.FINAL_JOB_STATES]
+RUNNING_HOURS = 1.0
 
 
 def utcnow() -> datetime:
@@ -63,59 +73,79 @@ def job_row(job_id: str, parent_id: str | None, root_id: str, operation_id: str 
             "finished_at": finished}
 
 
-def op_row(op_id: str, parent_id: str, root_id: str, depth: int, handler: str, queue: str, total: int,
-           state: str, created: datetime) -> dict:
-    return {"id": op_id, "parent_id": parent_id, "root_id": root_id, "parent_task": "bench.parent",
-            "handler": handler, "queue": queue, "depth": depth, "state": state, "total": total,
-            "config": None, "error": None, "on_complete": None, "wait_for_descendants": False,
-            "fail_fast": False, "completed": state != s.OP_RUNNING, "created_at": created, "updated_at": created,
-            "finished_at": created + timedelta(seconds=5) if state != s.OP_RUNNING else None}
+def op_row(op_id: str, parent_id: str, root_id: str, depth: int, handler: str, queue: str,
+           children: list[dict], created: datetime) -> dict:
+    """An operation whose state follows its ``children`` (job rows): complete, with the rollup a worker
+    writes (Tracker._try_complete), when they are all final; running, without a rollup, otherwise."""
+    row = {"id": op_id, "parent_id": parent_id, "root_id": root_id, "parent_task": "bench.parent",
+           "handler": handler, "queue": queue, "depth": depth, "state": s.OP_RUNNING, "total": len(children),
+           "config": None, "error": None, "on_complete": None, "wait_for_descendants": False,
+           "fail_fast": False, "completed": False, "created_at": created, "updated_at": created,
+           "finished_at": None, "children_timed": None, "children_seconds": None, "children_max_seconds": None,
+           **{column: None for column in s.CHILD_COUNT_COLUMNS.values()}}
+    states = [child["state"] for child in children]
+    if any(state not in s.FINAL_JOB_STATES for state in states):
+        return row
+    durations = [(c["finished_at"] - c["started_at"]).total_seconds() for c in children
+                 if c["started_at"] is not None and c["finished_at"] is not None]
+    row.update(
+        state=s.OP_SUCCEEDED if all(state == s.SUCCEEDED for state in states) else s.OP_PARTIALLY_FAILED,
+        completed=True, finished_at=created + timedelta(seconds=5), children_timed=len(durations),
+        children_seconds=round(sum(durations), 6), children_max_seconds=max(durations, default=None),
+        **{column: states.count(state) for state, column in s.CHILD_COUNT_COLUMNS.items()})
+    return row
 
 
 def big_tree(size: int, fanout: int, now: datetime, rng: random.Random) -> Iterator[tuple[str, dict]]:
-    """A complete tree: node i's parent is (i - 1) // fanout; one operation per node with children."""
+    """A complete tree: node i's parent is (i - 1) // fanout; one operation per node with children.
+
+    The top operation still runs (its children draw from every state); the others are complete.
+    """
     def nid(i: int) -> str:
         return BIG_ROOT if i == 0 else f"big-{i}"
 
     depths = [0] * size
     created = now - timedelta(hours=1)
+    children: dict[int, list[dict]] = {}  # the rows of each operation's children, until it is written
     for i in range(size):
         parent = (i - 1) // fanout if i else None
         depth = depths[parent] + 1 if parent is not None else 0
         depths[i] = depth
         operation = f"op-big-{parent}" if parent is not None else None
-        state = rng.choice(STATES) if i else s.SUCCEEDED
-        yield "job", job_row(nid(i), nid(parent) if parent is not None else None, BIG_ROOT, operation,
-                             (i - 1) % fanout if i else 0, depth, "bench.node", "bench-big", state, created, rng)
-        first_child = i * fanout + 1
-        if first_child < size:
-            total = min(fanout, size - first_child)
-            yield "op", op_row(f"op-big-{i}", nid(i), BIG_ROOT, depth, "big_tree", "bench-big", total,
-                               s.OP_RUNNING if i == 0 else s.OP_SUCCEEDED, created)
+        state = rng.choice(STATES if parent == 0 else FINAL_STATES) if i else s.SUCCEEDED
+        row = job_row(nid(i), nid(parent) if parent is not None else None, BIG_ROOT, operation,
+                      (i - 1) % fanout if i else 0, depth, "bench.node", "bench-big", state, created, rng)
+        yield "job", row
+        if parent is not None:
+            siblings = children[parent]
+            siblings.append(row)
+            if len(siblings) == min(fanout, size - (parent * fanout + 1)):  # the last child of its operation
+                yield "op", op_row(f"op-big-{parent}", nid(parent), BIG_ROOT, depths[parent], "big_tree",
+                                   "bench-big", children.pop(parent), created)
+        if i * fanout + 1 < size:
+            children[i] = []
 
 
-def small_trees(count: int, now: datetime, rng: random.Random) -> Iterator[tuple[str, dict]]:
+def small_trees(count: int, now: datetime, rng: random.Random,
+                running_hours: float = RUNNING_HOURS) -> Iterator[tuple[str, dict]]:
     queues = ["images", "etl", "reports", "default"]
     handlers = ["image_processor", "dataset_processor", "workflow", "safe_spawner"]
     for t in range(count):
-        created = now - timedelta(seconds=rng.uniform(0, 48 * 3600))
+        age = rng.uniform(0, 48 * 3600)
+        created = now - timedelta(seconds=age)
         root, op = f"r{t}", f"op{t}"
         queue, handler = queues[t % 4], handlers[t % 4]
         yield "job", job_row(root, None, root, None, 0, 0, "bench.parent", queue, s.SUCCEEDED, created, rng)
-        states = [rng.choice(STATES) for _ in range(SMALL_TREE - 1)]
-        for position, state in enumerate(states):
-            yield "job", job_row(f"{root}.{position}", root, root, op, position, 1, f"bench.{handler}.child", queue,
-                                 state, created, rng)
-        if any(st not in s.FINAL_JOB_STATES for st in states):
-            op_state = s.OP_RUNNING
-        elif all(st == s.SUCCEEDED for st in states):
-            op_state = s.OP_SUCCEEDED
-        else:
-            op_state = s.OP_PARTIALLY_FAILED
-        yield "op", op_row(op, root, root, 0, handler, queue, SMALL_TREE - 1, op_state, created)
+        odds = STATES if age < running_hours * 3600 else FINAL_STATES
+        children = [job_row(f"{root}.{position}", root, root, op, position, 1, f"bench.{handler}.child", queue,
+                            rng.choice(odds), created, rng) for position in range(SMALL_TREE - 1)]
+        for child in children:
+            yield "job", child
+        yield "op", op_row(op, root, root, 0, handler, queue, children, created)
 
 
-def build(store: SpawnStore, jobs: int, tree_size: int, fanout: int, seed: int) -> None:
+def build(store: SpawnStore, jobs: int, tree_size: int, fanout: int, seed: int,
+          running_hours: float = RUNNING_HOURS) -> None:
     rng = random.Random(seed)
     now = utcnow()
     engine = store.engine
@@ -138,7 +168,7 @@ def build(store: SpawnStore, jobs: int, tree_size: int, fanout: int, seed: int) 
                 written += len(rows)
             buffers[kind] = []
 
-    for source in (big_tree(tree_size, fanout, now, rng), small_trees(small, now, rng)):
+    for source in (big_tree(tree_size, fanout, now, rng), small_trees(small, now, rng, running_hours)):
         for kind, row in source:
             buffers[kind].append(row)
             if len(buffers[kind]) >= ROWS_PER_INSERT:
@@ -243,6 +273,8 @@ def main() -> None:
     parser.add_argument("--fanout", type=int, default=47, help="children per node of the big tree")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--running-hours", type=float, default=RUNNING_HOURS,
+                        help="operations younger than this may still run (48: any operation, most of them do)")
     parser.add_argument("--reuse", action="store_true", help="time the store an earlier run built")
     parser.add_argument("--no-cli", action="store_true", help="skip the subprocess timings")
     parser.add_argument("--explain", action="store_true", help="print the plans of the tree and stats statements")
@@ -251,7 +283,7 @@ def main() -> None:
     store = SpawnStore(options.url)
     print(f"store: {store.safe_url} ({store.backend})")
     if not options.reuse:
-        build(store, options.jobs, options.tree_size, options.fanout, options.seed)
+        build(store, options.jobs, options.tree_size, options.fanout, options.seed, options.running_hours)
     total = count_rows(store)
     print(f"jobs in store: {total:,}; big tree: {options.tree_size:,} nodes below {BIG_ROOT!r}")
     print()

@@ -276,14 +276,14 @@ class Tracker:
                 return True
             if operation["wait_for_descendants"] and self._descendants_unfinished(conn, operation):
                 return False
-            counts = self._counts(conn, operation_id)
+            counts, rollup = self._tally(conn, operation_id)
         final_state = _operation_state(counts)
         now = utcnow()
         with self.store.begin() as conn:
             won = conn.execute(
                 s.operations.update().where(s.operations.c.id == operation_id, s.operations.c.completed.is_(False))
                 .values(completed=True, state=final_state, finished_at=now, updated_at=now,
-                        callback_state=s.CALLBACK_PENDING if operation["on_complete"] else None)
+                        callback_state=s.CALLBACK_PENDING if operation["on_complete"] else None, **rollup)
             ).rowcount
         if not won:
             return True
@@ -351,11 +351,31 @@ class Tracker:
         return summary
 
     def _counts(self, conn: sa.Connection, operation_id: str) -> dict[str, int]:
+        return self._tally(conn, operation_id)[0]
+
+    def _tally(self, conn: sa.Connection, operation_id: str) -> tuple[dict[str, int], dict[str, Any]]:
+        """The children per state, and the operation's rollup columns (stats), from one GROUP BY state.
+
+        The rollup is ``{}`` (the columns stay NULL) unless every child is final:
+        only then can it never go stale.
+        """
+        from .store import queries
+
+        timed, seconds, longest = queries._durations(conn, s.jobs.c.started_at, s.jobs.c.finished_at)
         rows = conn.execute(
-            sa.select(s.jobs.c.state, sa.func.count()).where(s.jobs.c.operation_id == operation_id)
-            .group_by(s.jobs.c.state)
+            sa.select(s.jobs.c.state, sa.func.count().label("n"), timed.label("timed"), seconds.label("seconds"),
+                      longest.label("longest"))
+            .where(s.jobs.c.operation_id == operation_id).group_by(s.jobs.c.state)
         ).all()
-        return {state: count for state, count in rows}
+        counts = {row.state: int(row.n) for row in rows}
+        if any(state not in s.FINAL_JOB_STATES for state in counts):
+            return counts, {}
+        rollup: dict[str, Any] = {column: counts.get(state, 0) for state, column in s.CHILD_COUNT_COLUMNS.items()}
+        rollup["children_timed"] = sum(int(row.timed or 0) for row in rows)
+        rollup["children_seconds"] = sum(queries._float(row.seconds) or 0.0 for row in rows)
+        rollup["children_max_seconds"] = max(
+            (queries._float(row.longest) for row in rows if row.longest is not None), default=None)
+        return counts, rollup
 
     def _descendants_unfinished(self, conn: sa.Connection, operation: dict) -> bool:
         """Whether any job below the operation's children, at any depth, is not final (one recursive query)."""

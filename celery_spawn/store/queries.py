@@ -555,7 +555,9 @@ def stats(conn: Connection, *, hours: float = 24, queue: str | None = None, deta
     creation to completion, children from start to finish), ``by_queue`` and
     ``by_handler`` (lists of dicts). ``detailed`` adds ``by_task`` (children per
     task name), ``largest`` and ``slowest`` (top operations). Two statements,
-    five with ``detailed``.
+    five with ``detailed``. Without ``detailed`` the cost grows with the
+    operations in the window and the children of those still running, not with
+    all their children (see :func:`_children_query`).
     """
     if isinstance(hours, bool) or not isinstance(hours, (int, float)) or not hours > 0:
         raise ValueError(f"hours must be a number above 0, not {hours!r}")
@@ -589,28 +591,14 @@ def stats(conn: Connection, *, hours: float = 24, queue: str | None = None, deta
             tally.add(row)
         by_state[row.state] = by_state.get(row.state, 0) + int(row.n)
 
-    # Children of those operations. A child is recorded in its operation's transaction with the
-    # operation's created_at, so without a queue they are the spawned jobs (operation_id set) created
-    # in the window: one range of the covering ix_spawn_jobs_state_created (state, created_at,
-    # operation_id, started_at, finished_at), read in state order, no join, no table rows. The
-    # IN list of every state makes that range usable by MySQL/MariaDB and PostgreSQL alike.
-    job_window = [_jobs.c.state.in_(s.JOB_STATES), _jobs.c.created_at >= since, _jobs.c.created_at <= until,
-                  _jobs.c.operation_id.isnot(None)]
-    job_from: Any = _jobs
-    if queue is not None:  # the queue is the operation's (the parent's): join them
-        job_from = _jobs.join(_ops, _jobs.c.operation_id == _ops.c.id)
-        job_window += window
-    job_timed, job_sum, job_max_expr = _durations(conn, _jobs.c.started_at, _jobs.c.finished_at)
-    job_rows = conn.execute(
-        sa.select(
-            _jobs.c.state, sa.func.count().label("n"), job_timed.label("timed"),
-            job_sum.label("seconds"), job_max_expr.label("max_seconds"),
-        ).select_from(job_from).where(*job_window).group_by(_jobs.c.state)
-    ).all()
-    children_by_state = {row.state: int(row.n) for row in job_rows}
-    job_timed = sum(int(row.timed or 0) for row in job_rows)
-    job_total_seconds = sum(_float(row.seconds) or 0.0 for row in job_rows)
-    job_max = max((_float(row.max_seconds) for row in job_rows if row.max_seconds is not None), default=None)
+    children = _Children()
+    for row in conn.execute(_children_query(conn, window)):
+        if row.state is not None:
+            children.add({row.state: row.n}, row.timed, row.seconds, row.max_seconds)
+        else:
+            children.add({state: row._mapping[column] for state, column in s.CHILD_COUNT_COLUMNS.items()},
+                         row.timed, row.seconds, row.max_seconds)
+    children_by_state = children.by_state
     finished_children = sum(n for state, n in children_by_state.items() if state in s.FINAL_JOB_STATES)
 
     result: dict[str, Any] = {
@@ -626,15 +614,80 @@ def stats(conn: Connection, *, hours: float = 24, queue: str | None = None, deta
     result["durations"] = {
         "operation_avg_seconds": result.pop("avg_seconds"),
         "operation_max_seconds": result.pop("max_seconds"),
-        "child_avg_seconds": round(job_total_seconds / job_timed, 6) if job_timed else None,
-        "child_max_seconds": job_max,
+        "child_avg_seconds": round(children.seconds / children.timed, 6) if children.timed else None,
+        "child_max_seconds": children.max_seconds,
     }
     for group in result["by_queue"] + result["by_handler"]:
         group["avg_duration_seconds"] = group.pop("avg_seconds")
         group["max_duration_seconds"] = group.pop("max_seconds")
     if detailed:
-        result.update(_detailed_stats(conn, window, job_from, job_window, op_seconds))
+        result.update(_detailed_stats(conn, window, queue is not None, since, until, op_seconds))
     return result
+
+
+def _children_query(conn: Connection, window: list) -> sa.CompoundSelect:
+    """The children of the operations in ``window``: rows ``(state, n, <a count per final state>, timed,
+    seconds, max_seconds)``, per state for the children counted, one with ``state`` NULL for the rollups.
+
+    A child is recorded in its operation's transaction with the operation's
+    created_at: the children of the operations created in a window are all the
+    spawned jobs created in it. Most of them are counted already: a complete
+    operation carries their rollup (how many ended in each final state, how
+    many have both timestamps, the sum and maximum of their durations), written
+    by the worker that completed it (``Tracker._try_complete``) from the same
+    aggregate as the first branch. A rollup is exact and stays so: it is written
+    only when every child is final, and a final job never changes again, since
+    every UPDATE of a job's state or times is guarded by a non-final (or a
+    precise earlier) state: finishes, starts and retries, cancel and fail_fast,
+    dependency cascades, publishing marks, redelivery, reconciling from the
+    result backend, the store-only cancel of the web API. The one exception,
+    spawning again over a failed operation, deletes its jobs together with the
+    operation's row and rollup. The children of operations without a rollup
+    (running, or completed without one: by a store-only cancel, or before
+    rollups existed) are counted: one range of ``ix_spawn_jobs_operation_state``
+    per operation. So the cost grows with the operations in the window and the
+    children of those still running, not with all the children.
+
+    Both branches are one statement, so they see the same snapshot: an operation
+    that completes meanwhile is counted once, from its rollup or from its children.
+    """
+    timed, seconds, longest = _durations(conn, _jobs.c.started_at, _jobs.c.finished_at)
+    counted = (
+        sa.select(_jobs.c.state, sa.func.count().label("n"),
+                  *(sa.null().label(column) for column in s.CHILD_COUNT_COLUMNS.values()),
+                  timed.label("timed"), seconds.label("seconds"), longest.label("max_seconds"))
+        .select_from(_ops.join(_jobs, _jobs.c.operation_id == _ops.c.id))
+        .where(*window, _ops.c.children_timed.is_(None)).group_by(_jobs.c.state)
+    )
+    rolled_up = (
+        sa.select(sa.null().label("state"), sa.null().label("n"),
+                  *(sa.func.sum(_ops.c[column]).label(column) for column in s.CHILD_COUNT_COLUMNS.values()),
+                  sa.func.sum(_ops.c.children_timed).label("timed"),
+                  sa.func.sum(_ops.c.children_seconds).label("seconds"),
+                  sa.func.max(_ops.c.children_max_seconds).label("max_seconds"))
+        .where(*window, _ops.c.children_timed.isnot(None))
+    )
+    return sa.union_all(counted, rolled_up)
+
+
+class _Children:
+    """Children per state and their durations, summed from rollups and from counted children."""
+
+    def __init__(self) -> None:
+        self.by_state: dict[str, int] = {}
+        self.timed = 0
+        self.seconds = 0.0
+        self.max_seconds: float | None = None
+
+    def add(self, by_state: dict[str, Any], timed: Any, seconds: Any, max_seconds: Any) -> None:
+        for state, n in by_state.items():
+            if n:
+                self.by_state[state] = self.by_state.get(state, 0) + int(n)
+        self.timed += int(timed or 0)
+        self.seconds += _float(seconds) or 0.0
+        if max_seconds is not None:
+            value = _float(max_seconds)
+            self.max_seconds = value if self.max_seconds is None else max(self.max_seconds, value)
 
 
 class _Tally:
@@ -678,7 +731,19 @@ def _sorted(buckets: dict[Any, _Tally]) -> list[tuple[Any, _Tally]]:
     return sorted(buckets.items(), key=lambda item: (-item[1].operations, str(item[0])))
 
 
-def _detailed_stats(conn: Connection, window: list, job_from: Any, job_window: list, op_seconds: Any) -> dict:
+def _detailed_stats(conn: Connection, window: list, join: bool, since: datetime, until: datetime,
+                   op_seconds: Any) -> dict:
+    # Children per task: the spawned jobs created in the window (the children of its operations, see
+    # _children_query), one range of ix_spawn_jobs_state_created (state, created_at, operation_id) and a
+    # row read per child for its task name and times; the IN list of every state makes that range usable
+    # by MySQL/MariaDB and PostgreSQL alike. With a queue (the operation's: the parent's) the jobs are
+    # joined to their operations.
+    job_window = [_jobs.c.state.in_(s.JOB_STATES), _jobs.c.created_at >= since, _jobs.c.created_at <= until,
+                  _jobs.c.operation_id.isnot(None)]
+    job_from: Any = _jobs
+    if join:
+        job_from = _jobs.join(_ops, _jobs.c.operation_id == _ops.c.id)
+        job_window += window
     timed, total, longest = _durations(conn, _jobs.c.started_at, _jobs.c.finished_at)
     by_task = conn.execute(
         sa.select(

@@ -33,6 +33,10 @@ JOB_STATES = (PENDING, HELD, DISPATCHED, STARTED, RETRYING, SUCCEEDED, FAILED, R
 FINAL_JOB_STATES = frozenset({SUCCEEDED, FAILED, REVOKED, CANCELLED})
 UNDISPATCHED_JOB_STATES = frozenset({PENDING, HELD})
 
+#: Per final job state, the column of ``spawn_operations`` that counts the children of a complete
+#: operation that ended in it (``children_succeeded``, ...): see the rollup columns below.
+CHILD_COUNT_COLUMNS = {state: f"children_{state}" for state in sorted(FINAL_JOB_STATES)}
+
 #: Operation states.
 OP_RUNNING = "running"
 OP_SUCCEEDED = "succeeded"
@@ -71,6 +75,15 @@ operations = sa.Table(
     sa.Column("created_at", TIMESTAMP, nullable=False),
     sa.Column("updated_at", TIMESTAMP, nullable=False),
     sa.Column("finished_at", TIMESTAMP, nullable=True),
+    # The children's rollup, written with ``completed`` by the worker that completes the operation (their
+    # states and times never change again): a count per final state (CHILD_COUNT_COLUMNS), how many have
+    # both started_at and finished_at, and the sum and maximum of finished_at - started_at in seconds, so
+    # that stats read one row per operation instead of one per child. NULL: no rollup (the operation is
+    # not complete, or was completed without one, e.g. by a store-only cancel); stats count its children.
+    *(sa.Column(name, sa.Integer, nullable=True) for name in CHILD_COUNT_COLUMNS.values()),
+    sa.Column("children_timed", sa.Integer, nullable=True),
+    sa.Column("children_seconds", sa.Double, nullable=True),
+    sa.Column("children_max_seconds", sa.Double, nullable=True),
     sa.Index("ix_spawn_operations_parent", "parent_id"),
     sa.Index("ix_spawn_operations_created", "created_at"),
     sa.Index("ix_spawn_operations_queue_created", "queue", "created_at"),
@@ -106,11 +119,13 @@ jobs = sa.Table(
     sa.Index("ix_spawn_jobs_root_depth", "root_id", "depth"),
     # an operation's children in spawn order: publishing pages, range marks, listings
     sa.Index("ix_spawn_jobs_operation_position", "operation_id", "position"),
-    # completion probes: does this operation still have an unfinished child?
-    sa.Index("ix_spawn_jobs_operation_state", "operation_id", "state"),
-    # jobs by state and age (pending, the recovery sweep) and, covering, the child stats over a
-    # window: a state change moves the entry anyway, and the timestamps change with the state
-    sa.Index("ix_spawn_jobs_state_created", "state", "created_at", "operation_id", "started_at", "finished_at"),
+    # completion probes (does this operation still have an unfinished child?) and, covering, the count
+    # and durations of an operation's children per state: the rollup written when it completes and the
+    # stats of operations without one. The timestamps change with the state, which moves the entry anyway
+    sa.Index("ix_spawn_jobs_operation_state", "operation_id", "state", "started_at", "finished_at"),
+    # jobs by state and age (pending, the recovery sweep, detailed stats per task) and, covering, the
+    # undispatched children per operation (queries.pending)
+    sa.Index("ix_spawn_jobs_state_created", "state", "created_at", "operation_id"),
 )
 
 dependencies = sa.Table(

@@ -11,7 +11,9 @@ from datetime import timedelta
 
 import pytest
 import sqlalchemy as sa
+from celery import Celery
 
+from celery_spawn import get_state, install
 from celery_spawn.store import SpawnStore, queries
 from celery_spawn.store import schema as s
 from tests.harness import StoreBuilder
@@ -280,6 +282,126 @@ def test_stats(store):
     assert detailed["slowest"][0]["seconds"] == pytest.approx(10.0, abs=0.01)
     assert nothing["operations"] == 0 and nothing["avg_children_per_spawn"] is None
     assert nothing["success_rate"] is None and nothing["by_queue"] == []
+
+
+ROLLUP_COLUMNS = [*s.CHILD_COUNT_COLUMNS.values(), "children_timed", "children_seconds", "children_max_seconds"]
+
+
+@pytest.fixture
+def tracker(store_url, store):
+    """The Tracker of an app on the same store: operations complete through the workers' own path."""
+    app = Celery("stats", broker="memory://", set_as_current=False)
+    install(app, database_url=store_url)
+    yield get_state(app).tracker
+    get_state(app).store.dispose()
+
+
+def rounded(value):
+    """A stats result with floats rounded to milliseconds (SQLite's julianday differences are not exact)."""
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return round(value, 3) if isinstance(value, float) else value
+
+
+def rollups(store) -> dict[str, dict]:
+    with store.read() as conn:
+        rows = conn.execute(sa.select(s.operations.c.id, *(s.operations.c[c] for c in ROLLUP_COLUMNS))).mappings()
+        return {row["id"]: {c: queries._num(row[c]) for c in ROLLUP_COLUMNS} for row in rows}
+
+
+def test_stats_from_rollups_equal_stats_from_the_children(store, tracker):
+    """Operations completed by the Tracker carry their children's rollup; stats read it instead of the
+    children and answer what counting every child answers, with running operations and operations
+    completed without a rollup in the same window."""
+    b = StoreBuilder(store)
+    now = b.now
+    old = now - timedelta(hours=48)
+
+    def spawn(parent, queue, handler, children, *, created=None, op_state="running"):
+        """``children``: (state, seconds from start to finish, or None for a child that never started)."""
+        created = created or now
+        b.job(parent, created=created)
+        b.operation(f"op-{parent}", parent, handler=handler, queue=queue, state=op_state, total=len(children),
+                    created=created, finished=created + timedelta(seconds=30) if op_state != "running" else None)
+        for position, (state, seconds) in enumerate(children):
+            started = created + timedelta(seconds=position)
+            row = b.job(f"{parent}.{position}", parent, operation=f"op-{parent}", position=position, state=state,
+                        queue=queue, created=created, started=started,
+                        finished=started + timedelta(seconds=seconds) if seconds is not None else None)
+            if seconds is None:
+                row["started_at"] = None
+                row["finished_at"] = now if state in s.FINAL_JOB_STATES else None
+
+    spawn("p1", "images", "resize", [("succeeded", 1.5), ("succeeded", 3.25), ("failed", 0.5), ("revoked", 7.125),
+                                     ("cancelled", None)])
+    spawn("p2", "etl", "split", [("succeeded", 2), ("succeeded", 4.5), ("succeeded", 0.25)])
+    spawn("p3", "etl", "split", [])
+    spawn("p4", "images", "resize", [("succeeded", 1), ("started", None), ("pending", None), ("held", None),
+                                     ("retrying", None), ("dispatched", None), ("failed", 9)])
+    spawn("p5", "etl", "split", [("succeeded", 11), ("cancelled", None)], op_state="succeeded")  # no rollup
+    spawn("p6", "images", "resize", [("succeeded", 100), ("failed", 50)], created=old)
+    b.flush()
+    for parent in ("p1", "p2", "p3", "p4", "p6"):
+        tracker.check_completion(f"op-{parent}")
+
+    written = rollups(store)
+    assert written["op-p1"] == {"children_cancelled": 1, "children_failed": 1, "children_revoked": 1,
+                                "children_succeeded": 2, "children_timed": 4,
+                                "children_seconds": pytest.approx(12.375, abs=1e-3),
+                                "children_max_seconds": pytest.approx(7.125, abs=1e-3)}
+    assert written["op-p2"]["children_succeeded"] == 3 and written["op-p2"]["children_timed"] == 3
+    assert written["op-p3"] == {**{c: 0 for c in s.CHILD_COUNT_COLUMNS.values()}, "children_timed": 0,
+                                "children_seconds": 0, "children_max_seconds": None}
+    assert written["op-p6"]["children_failed"] == 1
+    assert set(written["op-p4"].values()) == {None}  # still running
+    assert set(written["op-p5"].values()) == {None}  # completed without a rollup
+
+    later = now + timedelta(minutes=1)
+    calls = {"all": {}, "images": {"queue": "images"}, "etl": {"queue": "etl"}, "wide": {"hours": 100},
+             "none": {"queue": "nope"}}
+    with store.read() as conn:
+        from_rollups = {name: queries.stats(conn, now=later, **kwargs) for name, kwargs in calls.items()}
+    everything = from_rollups["all"]
+    assert everything["operations"] == 5 and everything["children"] == 17
+    assert everything["children_by_state"] == {"cancelled": 2, "dispatched": 1, "failed": 2, "held": 1,
+                                               "pending": 1, "retrying": 1, "revoked": 1, "started": 1,
+                                               "succeeded": 7}
+    assert everything["child_success_rate"] == round(7 / 12, 4)
+    assert everything["durations"]["child_avg_seconds"] == pytest.approx(40.125 / 10, abs=1e-3)
+    assert everything["durations"]["child_max_seconds"] == pytest.approx(11, abs=1e-3)
+    assert from_rollups["images"]["children_by_state"] == {
+        "cancelled": 1, "dispatched": 1, "failed": 2, "held": 1, "pending": 1, "retrying": 1, "revoked": 1,
+        "started": 1, "succeeded": 3}
+    assert from_rollups["wide"]["durations"]["child_max_seconds"] == pytest.approx(100, abs=1e-3)
+
+    # The same stats from the children alone: without rollups every child is counted.
+    with store.begin() as conn:
+        conn.execute(s.operations.update().values({c: None for c in ROLLUP_COLUMNS}))
+    with store.read() as conn:
+        from_children = {name: queries.stats(conn, now=later, **kwargs) for name, kwargs in calls.items()}
+    assert rounded(from_rollups) == rounded(from_children)
+
+    # And the children of a rolled-up operation are not read again: stats stand without them.
+    with store.begin() as conn:
+        for operation_id, values in written.items():
+            conn.execute(s.operations.update().where(s.operations.c.id == operation_id).values(values))
+        conn.execute(s.jobs.delete().where(s.jobs.c.operation_id.in_(["op-p1", "op-p2", "op-p6"])))
+    with store.read() as conn:
+        without_children = {name: queries.stats(conn, now=later, **kwargs) for name, kwargs in calls.items()}
+    assert rounded(without_children) == rounded(from_rollups)
+
+
+def test_a_rollup_needs_every_child_final(store, tracker):
+    """A completion that counts a child still running (a race the probe normally rules out) writes no rollup."""
+    b = StoreBuilder(store)
+    b.job("p")
+    b.spawn("p", 3, states=["succeeded", "started"])
+    b.flush()
+    with store.read() as conn:
+        counts, rollup = tracker._tally(conn, "op-p")
+    assert counts == {"succeeded": 2, "started": 1} and rollup == {}
 
 
 # ---- pending ----------------------------------------------------------------------------------

@@ -52,8 +52,12 @@ def test_the_schema_is_created_on_first_use(store_url):
         tables = set(inspector.get_table_names())
         assert {"spawn_operations", "spawn_jobs", "spawn_dependencies", VERSION_TABLE} <= tables
         job_indexes = {tuple(ix["column_names"]) for ix in inspector.get_indexes("spawn_jobs")}
-        assert {("parent_id",), ("root_id", "depth"), ("operation_id", "position"), ("operation_id", "state"),
-                ("state", "created_at", "operation_id", "started_at", "finished_at")} <= job_indexes
+        assert {("parent_id",), ("root_id", "depth"), ("operation_id", "position"),
+                ("operation_id", "state", "started_at", "finished_at"),
+                ("state", "created_at", "operation_id")} <= job_indexes
+        operation_columns = {column["name"] for column in inspector.get_columns("spawn_operations")}
+        assert {*s.CHILD_COUNT_COLUMNS.values(), "children_timed", "children_seconds",
+                "children_max_seconds"} <= operation_columns
         with store.engine.connect() as conn:
             assert conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar() == head_revision()
         assert store.migrate() == head_revision()  # again: nothing to do
