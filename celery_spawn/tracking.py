@@ -20,6 +20,7 @@ from .errors import JobNotFound
 from .publisher import publish_children
 from .spawner import HEADER_OPERATION, request_headers
 from .store import schema as s
+from .store.queries import duration_aggregates, seconds_value
 from .store.sql import chunked, utcnow
 from .store.transitions import (CHUNK, Finish, finish_jobs, release_dependents_pg, start_jobs,
                                 succeed_and_release_pg)
@@ -359,9 +360,7 @@ class Tracker:
         The rollup is ``{}`` (the columns stay NULL) unless every child is final:
         only then can it never go stale.
         """
-        from .store import queries
-
-        timed, seconds, longest = queries._durations(conn, s.jobs.c.started_at, s.jobs.c.finished_at)
+        timed, seconds, longest = duration_aggregates(conn, s.jobs.c.started_at, s.jobs.c.finished_at)
         rows = conn.execute(
             sa.select(s.jobs.c.state, sa.func.count().label("n"), timed.label("timed"), seconds.label("seconds"),
                       longest.label("longest"))
@@ -372,9 +371,9 @@ class Tracker:
             return counts, {}
         rollup: dict[str, Any] = {column: counts.get(state, 0) for state, column in s.CHILD_COUNT_COLUMNS.items()}
         rollup["children_timed"] = sum(int(row.timed or 0) for row in rows)
-        rollup["children_seconds"] = sum(queries._float(row.seconds) or 0.0 for row in rows)
+        rollup["children_seconds"] = sum(seconds_value(row.seconds) or 0.0 for row in rows)
         rollup["children_max_seconds"] = max(
-            (queries._float(row.longest) for row in rows if row.longest is not None), default=None)
+            (seconds_value(row.longest) for row in rows if row.longest is not None), default=None)
         return counts, rollup
 
     def _descendants_unfinished(self, conn: sa.Connection, operation: dict) -> bool:

@@ -129,7 +129,7 @@ def _num(value: Any) -> Any:
     return value
 
 
-def _float(value: Any) -> float | None:
+def seconds_value(value: Any) -> float | None:
     """A float rounded to microseconds (durations), or None."""
     return None if value is None else round(float(value), 6)
 
@@ -175,7 +175,7 @@ def seconds_between(conn: Connection, start: Any, end: Any) -> sa.ColumnElement:
     return (sa.func.julianday(end) - sa.func.julianday(start)) * 86400.0
 
 
-def _durations(conn: Connection, start: Any, end: Any) -> tuple[sa.ColumnElement, ...]:
+def duration_aggregates(conn: Connection, start: Any, end: Any) -> tuple[sa.ColumnElement, ...]:
     """Aggregates ``(count, sum, max)`` of ``end - start`` in seconds, over rows with both set.
 
     The per-row work is the cheapest difference each dialect has (a PostgreSQL
@@ -571,7 +571,7 @@ def stats(conn: Connection, *, hours: float = 24, queue: str | None = None, deta
         window.append(_ops.c.queue == queue)
 
     op_seconds = seconds_between(conn, _ops.c.created_at, _ops.c.finished_at)
-    op_timed, op_sum, op_max = _durations(conn, _ops.c.created_at, _ops.c.finished_at)
+    op_timed, op_sum, op_max = duration_aggregates(conn, _ops.c.created_at, _ops.c.finished_at)
     grouped = conn.execute(
         sa.select(
             _ops.c.queue, _ops.c.handler, _ops.c.state,
@@ -651,7 +651,7 @@ def _children_query(conn: Connection, window: list) -> sa.CompoundSelect:
     Both branches are one statement, so they see the same snapshot: an operation
     that completes meanwhile is counted once, from its rollup or from its children.
     """
-    timed, seconds, longest = _durations(conn, _jobs.c.started_at, _jobs.c.finished_at)
+    timed, seconds, longest = duration_aggregates(conn, _jobs.c.started_at, _jobs.c.finished_at)
     counted = (
         sa.select(_jobs.c.state, sa.func.count().label("n"),
                   *(sa.null().label(column) for column in s.CHILD_COUNT_COLUMNS.values()),
@@ -684,9 +684,9 @@ class _Children:
             if n:
                 self.by_state[state] = self.by_state.get(state, 0) + int(n)
         self.timed += int(timed or 0)
-        self.seconds += _float(seconds) or 0.0
+        self.seconds += seconds_value(seconds) or 0.0
         if max_seconds is not None:
-            value = _float(max_seconds)
+            value = seconds_value(max_seconds)
             self.max_seconds = value if self.max_seconds is None else max(self.max_seconds, value)
 
 
@@ -710,9 +710,9 @@ class _Tally:
         if row.state == s.OP_SUCCEEDED:
             self.succeeded += n
         self.timed += int(row.timed or 0)
-        self.seconds += _float(row.seconds) or 0.0
+        self.seconds += seconds_value(row.seconds) or 0.0
         if row.max_seconds is not None:
-            value = _float(row.max_seconds)
+            value = seconds_value(row.max_seconds)
             self.max_seconds = value if self.max_seconds is None else max(self.max_seconds, value)
 
     def summary(self) -> dict:
@@ -744,7 +744,7 @@ def _detailed_stats(conn: Connection, window: list, join: bool, since: datetime,
     if join:
         job_from = _jobs.join(_ops, _jobs.c.operation_id == _ops.c.id)
         job_window += window
-    timed, total, longest = _durations(conn, _jobs.c.started_at, _jobs.c.finished_at)
+    timed, total, longest = duration_aggregates(conn, _jobs.c.started_at, _jobs.c.finished_at)
     by_task = conn.execute(
         sa.select(
             _jobs.c.task_name, sa.func.count().label("n"),
@@ -769,11 +769,11 @@ def _detailed_stats(conn: Connection, window: list, join: bool, since: datetime,
         "by_task": [{
             "task_name": r.task_name, "jobs": int(r.n), "succeeded": int(r.succeeded or 0),
             "failed": int(r.failed or 0), "success_rate": _ratio(int(r.succeeded or 0), int(r.finished or 0)),
-            "avg_seconds": _float(float(r.seconds) / int(r.timed)) if r.timed else None,
-            "max_seconds": _float(r.max_seconds),
+            "avg_seconds": seconds_value(float(r.seconds) / int(r.timed)) if r.timed else None,
+            "max_seconds": seconds_value(r.max_seconds),
         } for r in by_task],
         "largest": [{k: _num(v) for k, v in r.items()} for r in largest],
-        "slowest": [{**{k: _num(v) for k, v in r.items()}, "seconds": _float(r["seconds"])} for r in slowest],
+        "slowest": [{**{k: _num(v) for k, v in r.items()}, "seconds": seconds_value(r["seconds"])} for r in slowest],
     }
 
 
