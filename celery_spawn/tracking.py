@@ -8,7 +8,7 @@ dependents, completes the operation, applies ``on_complete``).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Sequence
 
 import sqlalchemy as sa
 from celery import signals as celery_signals
@@ -45,6 +45,17 @@ MAX_ERROR_TEXT = 4000
 def is_spawned(task: Task) -> bool:
     """Whether the running task was spawned: a header check, no database round trip."""
     return bool(request_headers(task.request).get(HEADER_OPERATION) or getattr(task.request, HEADER_OPERATION, None))
+
+
+class Finished(NamedTuple):
+    """What :meth:`Tracker.finish_batch` did."""
+
+    #: ``{job id: operation id}`` of the jobs this call moved to a final state.
+    won: dict[str, str | None]
+    #: Operations to probe for completion.
+    to_check: list[str]
+    #: Dependents released (and published) by these finishes.
+    released: int
 
 
 class Tracker:
@@ -107,13 +118,13 @@ class Tracker:
 
         Then checks each touched operation for completion (see :meth:`finish_batch`).
         """
-        won, to_check = self.finish_batch(finishes)
+        won, to_check, _ = self.finish_batch(finishes)
         for operation_id in to_check:
             self.check_completion(operation_id)
         return won
 
-    def finish_batch(self, finishes: Sequence[Finish]) -> tuple[dict[str, str | None], list[str]]:
-        """Finish jobs and publish what that releases; returns (jobs moved, operations to check for completion).
+    def finish_batch(self, finishes: Sequence[Finish]) -> Finished:
+        """Finish jobs and publish what that releases (see :class:`Finished`).
 
         One transaction: the jobs still unfinished change, their dependents
         are released or cancelled. An operation that just released a child
@@ -129,7 +140,7 @@ class Tracker:
                 won, to_publish = self._finish_and_release(conn, first, states)
         self._publish(to_publish)
         busy = {row["operation_id"] for row in to_publish}
-        return won, [op for op in dict.fromkeys(won.values()) if op and op not in busy]
+        return Finished(won, [op for op in dict.fromkeys(won.values()) if op and op not in busy], len(to_publish))
 
     def _finish_and_release(self, conn: sa.Connection, first: Sequence[Finish],
                             states: dict[str, str]) -> tuple[dict[str, str | None], list[dict]]:

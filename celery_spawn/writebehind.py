@@ -80,6 +80,9 @@ class WriteBehind:
         # the task thread a GIL hand-over for every event of a busy worker.
         self._wake_at = _NEVER
         self._finish_wakes = False
+        # Whether the last write came a moment ago and released nothing: events flowing, not a chain.
+        self._last_write = -1.0
+        self._last_released = 0
 
     def add(self, event: Event) -> None:
         with self._wake:
@@ -117,13 +120,18 @@ class WriteBehind:
                 if left <= 0:
                     break
                 self._wait(left, wake_at=BUSY, finish_wakes=True)
-            if len(self._events) >= BUSY and LINGER:
-                # Busy: a moment more gathers a bigger batch (an idle worker writes at once).
+            if LINGER and (len(self._events) >= BUSY or self._flowing()):
+                # Busy: a moment more gathers a bigger batch (an idle worker, or one whose
+                # finishes release the next steps of a chain, writes at once).
                 deadline = time.monotonic() + LINGER
                 while len(self._events) < MAX_BATCH and (left := deadline - time.monotonic()) > 0:
                     self._wait(left, wake_at=MAX_BATCH)
             count = min(len(self._events), MAX_BATCH)
             return [self._events.popleft() for _ in range(count)]
+
+    def _flowing(self) -> bool:
+        """Events came in while the last batch was written, and that batch released nothing."""
+        return not self._last_released and time.monotonic() - self._last_write < LINGER
 
     def _wait(self, timeout: float | None, wake_at: int, finish_wakes: bool = False) -> bool:
         """Wait (holding ``_wake``) until ``wake_at`` events are queued, a finish if ``finish_wakes``, or timeout."""
@@ -137,7 +145,9 @@ class WriteBehind:
         while True:
             batch = self._take()
             if batch:
-                self._unchecked.update(self._write_until_done(batch))
+                touched, self._last_released = self._write_until_done(batch)
+                self._last_write = time.monotonic()
+                self._unchecked.update(touched)
             if self._unchecked and (not batch or time.monotonic() >= self._next_check):
                 self._check_completions()
 
@@ -161,7 +171,7 @@ class WriteBehind:
         if self._unchecked:
             time.sleep(RETRY_DELAYS[-1])
 
-    def _write_until_done(self, batch: list[Event]) -> set[str]:
+    def _write_until_done(self, batch: list[Event]) -> tuple[set[str], int]:
         attempt = 0
         while True:
             try:
@@ -175,17 +185,19 @@ class WriteBehind:
                 time.sleep(delay)
             except Exception as exc:  # a bug must not kill the thread and strand every later event
                 logger.exception("celery-spawn lost %d tracking events: %s", len(batch), exc)
-                return set()
+                return set(), 0
 
 
-def write_events(tracker: Tracker, events: list[Event]) -> set[str]:
+def write_events(tracker: Tracker, events: list[Event]) -> tuple[set[str], int]:
     """Apply events in order, a run of distinct jobs at a time (a job's events never reorder).
 
     A start followed by its job's finish in the same batch is folded into
     that finish: one row update instead of two. Returns the operations whose
-    jobs finished: the caller checks them for completion.
+    jobs finished (the caller checks them for completion) and how many
+    dependents the finishes released.
     """
     touched: set[str] = set()
+    released = 0
     for run in _runs_of_distinct_jobs(_fold_starts(events)):
         starts = [e for e in run if e.kind == START]
         retries = [e for e in run if e.kind == RETRY]
@@ -195,10 +207,11 @@ def write_events(tracker: Tracker, events: list[Event]) -> set[str]:
         for event in retries:
             tracker.retried(event.job_id, event.error)
         if finishes:
-            _, to_check = tracker.finish_batch([Finish(e.job_id, e.state, e.error, e.at, e.started_at)
-                                                for e in finishes])
-            touched.update(to_check)
-    return touched
+            finished = tracker.finish_batch([Finish(e.job_id, e.state, e.error, e.at, e.started_at)
+                                             for e in finishes])
+            touched.update(finished.to_check)
+            released += finished.released
+    return touched, released
 
 
 def _fold_starts(events: list[Event]) -> list[Event]:

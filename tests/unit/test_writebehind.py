@@ -15,6 +15,7 @@ from celery_spawn.handlers import default_operation_id
 from celery_spawn.store import schema as s
 from celery_spawn.store.sql import utcnow
 from celery_spawn.store.transitions import Finish, finish_jobs, start_jobs
+from celery_spawn.tracking import Finished
 from celery_spawn.writebehind import FINISH, RETRY, START, Event, WriteBehind, _fold_starts, write_events
 
 
@@ -75,7 +76,7 @@ def test_a_batch_of_starts_and_finishes_lands_in_order_and_completes_the_operati
     events = [Event(START, job) for job in ids]
     events += [Event(FINISH, job, state=s.SUCCEEDED, operation_id=operation_id) for job in ids[:4]]
     events.append(Event(FINISH, ids[4], state=s.FAILED, error="ValueError: boom", operation_id=operation_id))
-    touched = write_events(tracker, events)
+    touched, _ = write_events(tracker, events)
     assert touched == {operation_id}
     rows = jobs(app, operation_id)
     assert [r["state"] for r in rows] == [s.SUCCEEDED] * 4 + [s.FAILED]
@@ -124,14 +125,15 @@ def test_finishing_a_step_releases_the_next_one_exactly_once(rig):
     assert [c["state"] for c in children] == [s.DISPATCHED, s.HELD, s.HELD]
     tracker = get_state(app).tracker
     first, second = children[0]["id"], children[1]["id"]
-    won, to_check = tracker.finish_batch([Finish(first, s.SUCCEEDED, None, utcnow())])
+    won, to_check, released = tracker.finish_batch([Finish(first, s.SUCCEEDED, None, utcnow())])
     assert won == {first: operation_id}
     assert to_check == []  # it just released a child of its own: not complete
+    assert released == 1
     assert [c["state"] for c in jobs(app, operation_id)] == [s.SUCCEEDED, s.DISPATCHED, s.HELD]
-    assert tracker.finish_batch([Finish(first, s.SUCCEEDED, None, utcnow())]) == ({}, [])
+    assert tracker.finish_batch([Finish(first, s.SUCCEEDED, None, utcnow())]) == ({}, [], 0)
     assert jobs(app, operation_id)[2]["pending_deps"] == 1
     # A failure cancels what depended on it.
-    won, to_check = tracker.finish_batch([Finish(second, s.FAILED, "boom", utcnow())])
+    won, to_check, _ = tracker.finish_batch([Finish(second, s.FAILED, "boom", utcnow())])
     assert to_check == [operation_id]
     assert [c["state"] for c in jobs(app, operation_id)] == [s.SUCCEEDED, s.FAILED, s.CANCELLED]
 
@@ -173,7 +175,7 @@ class FlakyTracker:
             self.failures -= 1
             raise StoreError("spawn store postgresql://u:***@db/x failed: OperationalError: gone")
         self.finished.extend(f.job_id for f in finishes)
-        return {f.job_id: "op" for f in finishes}, ["op"]
+        return Finished({f.job_id: "op" for f in finishes}, ["op"], 0)
 
     def check_completion(self, operation_id):
         self.checked.append(operation_id)
@@ -212,3 +214,36 @@ def test_busy_writers_gather_bigger_batches(rig):
     assert queue.flush(30)
     assert sum(batches) == 40
     assert batches[0] == 1 and len(batches) <= 3, batches  # an idle writer writes at once, a busy one gathers
+
+
+class RecordingTracker:
+    """Records batch sizes; each finish releases ``releases`` dependents."""
+
+    def __init__(self, releases: int) -> None:
+        self.releases, self.batches = releases, []
+
+    def finish_batch(self, finishes):
+        self.batches.append(len(finishes))
+        return Finished({f.job_id: "op" for f in finishes}, [], self.releases)
+
+
+def trickle(queue: WriteBehind, count: int, gap: float) -> None:
+    for n in range(count):
+        queue.add(Event(FINISH, f"job-{n}", state=s.SUCCEEDED))
+        time.sleep(gap)
+    assert queue.flush(10)
+
+
+def test_a_steady_trickle_of_finishes_is_gathered_into_batches():
+    """Fewer than BUSY events at a time, but without pause: lingering after each write gathers them."""
+    tracker = RecordingTracker(releases=0)
+    trickle(WriteBehind(tracker), 60, 0.004)
+    assert sum(tracker.batches) == 60
+    assert len(tracker.batches) <= 15, tracker.batches
+
+
+def test_finishes_that_release_the_next_step_are_written_at_once():
+    """A chain: each write publishes the next step, so waiting would only add latency to every hop."""
+    tracker = RecordingTracker(releases=1)
+    trickle(WriteBehind(tracker), 30, 0.004)
+    assert tracker.batches == [1] * 30
