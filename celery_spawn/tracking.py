@@ -56,6 +56,8 @@ class Finished(NamedTuple):
     to_check: list[str]
     #: Dependents released (and published) by these finishes.
     released: int
+    #: With ``defer_marks``: the ids published and not yet marked ``dispatched``.
+    unmarked: Sequence[str] = ()
 
 
 class Tracker:
@@ -118,29 +120,37 @@ class Tracker:
 
         Then checks each touched operation for completion (see :meth:`finish_batch`).
         """
-        won, to_check, _ = self.finish_batch(finishes)
-        for operation_id in to_check:
+        finished = self.finish_batch(finishes)
+        for operation_id in finished.to_check:
             self.check_completion(operation_id)
-        return won
+        return finished.won
 
-    def finish_batch(self, finishes: Sequence[Finish]) -> Finished:
+    def finish_batch(self, finishes: Sequence[Finish], marks: Sequence[str] = (),
+                     defer_marks: bool = False) -> Finished:
         """Finish jobs and publish what that releases (see :class:`Finished`).
 
         One transaction: the jobs still unfinished change, their dependents
         are released or cancelled. An operation that just released a child
         of its own cannot be complete, so it is not among those to check.
+        ``marks`` (ids published earlier) are marked dispatched in the same
+        transaction; ``defer_marks`` leaves the marks of what this call
+        publishes to the caller (the write-behind writes them with its next
+        batch, so that a chain's next step does not wait for them).
         """
         first = list({f.job_id: f for f in reversed(finishes)}.values())  # a job's first finish counts
         states = {f.job_id: f.state for f in first}
         with self.store.begin() as conn:
-            if conn.dialect.name == "postgresql" and len(first) <= CHUNK and all(
+            if conn.dialect.name == "postgresql" and len(first) <= CHUNK and len(marks) <= CHUNK and all(
                     state == s.SUCCEEDED for state in states.values()):
-                won, to_publish = succeed_and_release_pg(conn, first)  # the common case: one round trip
+                won, to_publish = succeed_and_release_pg(conn, first, marks)  # the common case: one round trip
             else:
+                if marks:
+                    self.store.mark_dispatched_in(conn, marks)
                 won, to_publish = self._finish_and_release(conn, first, states)
-        self._publish(to_publish)
+        unmarked = self._publish(to_publish, mark=not defer_marks)
         busy = {row["operation_id"] for row in to_publish}
-        return Finished(won, [op for op in dict.fromkeys(won.values()) if op and op not in busy], len(to_publish))
+        return Finished(won, [op for op in dict.fromkeys(won.values()) if op and op not in busy], len(to_publish),
+                        unmarked)
 
     def _finish_and_release(self, conn: sa.Connection, first: Sequence[Finish],
                             states: dict[str, str]) -> tuple[dict[str, str | None], list[dict]]:
@@ -240,17 +250,21 @@ class Tracker:
             self._cancel_jobs(conn, self._unfinished(conn, operation_id=operation_id),
                               f"fail_fast: sibling {failed_id} failed", terminate=False)
 
-    def _publish(self, rows: list[dict]) -> None:
+    def _publish(self, rows: list[dict], mark: bool = True) -> list[str]:
+        """Publish released rows; returns the ids published and left unmarked (``mark=False``)."""
         if not rows:
-            return
+            return []
         try:
             ids = publish_children(self.app, rows)
         except Exception as exc:  # the recovery sweep publishes pending rows later
             logger.warning("publishing released jobs failed (%s); the recovery sweep will retry", exc)
             for operation_id in {r["operation_id"] for r in rows if r.get("operation_id")}:
                 self.store.touch_operation(operation_id)
-            return
+            return []
+        if not mark:
+            return ids
         self.store.mark_dispatched(ids)
+        return []
 
     # ---- completion ------------------------------------------------------------------------
     def check_completion(self, operation_id: str) -> None:

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 from .errors import StoreError
 from .store.sql import utcnow
@@ -80,9 +80,11 @@ class WriteBehind:
         # the task thread a GIL hand-over for every event of a busy worker.
         self._wake_at = _NEVER
         self._finish_wakes = False
-        # Whether the last write came a moment ago and released nothing: events flowing, not a chain.
-        self._last_write = -1.0
-        self._last_released = 0
+        # Whether events came in while the last batch was written, and it released nothing:
+        # events flowing, not a chain (nor the first step of one).
+        self._flowing = False
+        # Children this writer published and has not marked dispatched yet (written with the next batch).
+        self._marks: list[str] = []
 
     def add(self, event: Event) -> None:
         with self._wake:
@@ -108,11 +110,11 @@ class WriteBehind:
     def _take(self) -> list[Event]:
         with self._wake:
             while not self._events:
-                if not self._unchecked:
+                if not self._unchecked and not self._marks:
                     self._idle.set()
                     self._wait(None, wake_at=1)
                 elif not self._wait(QUIET, wake_at=1):
-                    return []  # quiet for a moment: time to check what finished
+                    return []  # quiet for a moment: time to mark what was published, check what finished
             while len(self._events) < BUSY and all(e.kind == START for e in self._events):
                 # Only starts: wait a little for their finishes, so that a short task costs one
                 # row update, and a dependent's release does not queue behind a start.
@@ -120,7 +122,7 @@ class WriteBehind:
                 if left <= 0:
                     break
                 self._wait(left, wake_at=BUSY, finish_wakes=True)
-            if LINGER and (len(self._events) >= BUSY or self._flowing()):
+            if LINGER and (len(self._events) >= BUSY or self._flowing):
                 # Busy: a moment more gathers a bigger batch (an idle worker, or one whose
                 # finishes release the next steps of a chain, writes at once).
                 deadline = time.monotonic() + LINGER
@@ -128,10 +130,6 @@ class WriteBehind:
                     self._wait(left, wake_at=MAX_BATCH)
             count = min(len(self._events), MAX_BATCH)
             return [self._events.popleft() for _ in range(count)]
-
-    def _flowing(self) -> bool:
-        """Events came in while the last batch was written, and that batch released nothing."""
-        return not self._last_released and time.monotonic() - self._last_write < LINGER
 
     def _wait(self, timeout: float | None, wake_at: int, finish_wakes: bool = False) -> bool:
         """Wait (holding ``_wake``) until ``wake_at`` events are queued, a finish if ``finish_wakes``, or timeout."""
@@ -144,10 +142,12 @@ class WriteBehind:
     def _run(self) -> None:
         while True:
             batch = self._take()
-            if batch:
-                touched, self._last_released = self._write_until_done(batch)
-                self._last_write = time.monotonic()
-                self._unchecked.update(touched)
+            if batch or self._marks:
+                written = self._write_until_done(batch)
+                self._marks = list(written.unmarked)
+                self._unchecked.update(written.touched)
+                if batch:  # (marks alone say nothing of how events flow)
+                    self._flowing = bool(self._events) and not written.released
             if self._unchecked and (not batch or time.monotonic() >= self._next_check):
                 self._check_completions()
 
@@ -171,11 +171,11 @@ class WriteBehind:
         if self._unchecked:
             time.sleep(RETRY_DELAYS[-1])
 
-    def _write_until_done(self, batch: list[Event]) -> tuple[set[str], int]:
+    def _write_until_done(self, batch: list[Event]) -> Written:
         attempt = 0
         while True:
             try:
-                return write_events(self.tracker, batch)
+                return write_events(self.tracker, batch, self._marks)
             except StoreError as exc:
                 delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
                 if attempt == 0 or delay == RETRY_DELAYS[-1]:
@@ -185,19 +185,33 @@ class WriteBehind:
                 time.sleep(delay)
             except Exception as exc:  # a bug must not kill the thread and strand every later event
                 logger.exception("celery-spawn lost %d tracking events: %s", len(batch), exc)
-                return set(), 0
+                return Written(set(), 0, ())
 
 
-def write_events(tracker: Tracker, events: list[Event]) -> tuple[set[str], int]:
+class Written(NamedTuple):
+    """What :func:`write_events` did."""
+
+    #: Operations whose jobs finished: the caller probes them for completion.
+    touched: set[str]
+    #: Dependents the finishes released (and published).
+    released: int
+    #: Ids of those published, to be marked dispatched with the next batch.
+    unmarked: Sequence[str]
+
+
+def write_events(tracker: Tracker, events: list[Event], marks: Sequence[str] = ()) -> Written:
     """Apply events in order, a run of distinct jobs at a time (a job's events never reorder).
 
     A start followed by its job's finish in the same batch is folded into
-    that finish: one row update instead of two. Returns the operations whose
-    jobs finished (the caller checks them for completion) and how many
-    dependents the finishes released.
+    that finish: one row update instead of two. ``marks`` (children published
+    by the previous batch) are marked dispatched in the first finish's
+    transaction, or on their own. A child published here is marked by the
+    next batch: a chain's next step is on its way while its mark waits, and
+    a mark that a crash loses only makes the sweep publish it again.
     """
     touched: set[str] = set()
     released = 0
+    unmarked: list[str] = []
     for run in _runs_of_distinct_jobs(_fold_starts(events)):
         starts = [e for e in run if e.kind == START]
         retries = [e for e in run if e.kind == RETRY]
@@ -208,10 +222,14 @@ def write_events(tracker: Tracker, events: list[Event]) -> tuple[set[str], int]:
             tracker.retried(event.job_id, event.error)
         if finishes:
             finished = tracker.finish_batch([Finish(e.job_id, e.state, e.error, e.at, e.started_at)
-                                             for e in finishes])
+                                             for e in finishes], marks=marks, defer_marks=True)
+            marks = ()
             touched.update(finished.to_check)
             released += finished.released
-    return touched, released
+            unmarked.extend(finished.unmarked)
+    if marks:
+        tracker.store.mark_dispatched(marks)
+    return Written(touched, released, unmarked)
 
 
 def _fold_starts(events: list[Event]) -> list[Event]:

@@ -214,17 +214,21 @@ class SpawnStore:
         """
         if not ids:
             return 0
-        now = utcnow()
-        changed = 0
         with self.begin() as conn:
             self.relax_commit(conn)
-            for chunk in chunked(list(ids)):
-                result = conn.execute(
-                    s.jobs.update()
-                    .where(s.jobs.c.id.in_(chunk), s.jobs.c.state == s.PENDING)
-                    .values(state=s.DISPATCHED, dispatched_at=now)
-                )
-                changed += result.rowcount or 0
+            return self.mark_dispatched_in(conn, ids)
+
+    def mark_dispatched_in(self, conn: Connection, ids: Sequence[str]) -> int:
+        """:meth:`mark_dispatched` inside the caller's transaction."""
+        now = utcnow()
+        changed = 0
+        for chunk in chunked(list(ids)):
+            result = conn.execute(
+                s.jobs.update()
+                .where(s.jobs.c.id.in_(chunk), s.jobs.c.state == s.PENDING)
+                .values(state=s.DISPATCHED, dispatched_at=now)
+            )
+            changed += result.rowcount or 0
         return changed
 
     def unpublished_page(self, conn: Connection, operation_id: str, after_position: int, limit: int) -> list[dict]:

@@ -156,6 +156,10 @@ _PG_SUCCEED_AND_RELEASE = sa.text(f"""
            SET satisfied = true
          WHERE depends_on_id IN (SELECT id FROM done) AND NOT satisfied
      RETURNING job_id
+    ), marked AS (
+        UPDATE {s.jobs.name} SET state = '{s.DISPATCHED}', dispatched_at = :now
+         WHERE id = ANY(CAST(:marks AS varchar[])) AND state = '{s.PENDING}'
+           AND NOT (id = ANY(CAST(:ids AS varchar[])))
     ), {_COUNT_OFF_AND_RELEASE}
     SELECT true AS won, id, operation_id, CAST(NULL AS varchar) AS parent_id, CAST(NULL AS varchar) AS root_id,
            CAST(NULL AS text) AS message
@@ -165,15 +169,18 @@ _PG_SUCCEED_AND_RELEASE = sa.text(f"""
 """)
 
 
-def succeed_and_release_pg(conn: Connection, finishes: Sequence[Finish]) -> tuple[dict[str, str | None], list[dict]]:
+def succeed_and_release_pg(conn: Connection, finishes: Sequence[Finish],
+                           marks: Sequence[str] = ()) -> tuple[dict[str, str | None], list[dict]]:
     """PostgreSQL, one round trip for a batch of successes: finish them, count them off their held
     dependents, and return ``({job id: operation id} moved, rows of dependents now pending)``.
 
     The operations of released dependents get their lease refreshed, so that
-    the recovery sweep leaves those pending rows to this caller to publish."""
+    the recovery sweep leaves those pending rows to this caller to publish.
+    ``marks``, children published earlier, are marked dispatched by the same
+    statement (not those it finishes: a row is updated once per statement)."""
     rows = conn.execute(_PG_SUCCEED_AND_RELEASE, {
         "ids": [f.job_id for f in finishes], "finished": [f.finished_at for f in finishes],
-        "started": [f.started_at for f in finishes], "now": utcnow()}).mappings().all()
+        "started": [f.started_at for f in finishes], "marks": list(marks), "now": utcnow()}).mappings().all()
     won = {row["id"]: row["operation_id"] for row in rows if row["won"]}
     released = [{k: row[k] for k in ("id", "parent_id", "root_id", "message", "operation_id")}
                 for row in rows if not row["won"]]
