@@ -146,8 +146,10 @@ class Bench:
 
             baseline = median_of(self.rounds, group_round)
             spawned = median_of(self.rounds, spawn_round)
+            # The target is Redis's (issue 6); on RabbitMQ a spawn must gain too: a ratio below 1.
             self.rows.append(Row("1 dispatch", f"{n:,} children, lineage in PostgreSQL, {label}", spawned, baseline,
-                                 "s", target=0.33, note=f"{n / spawned:,.0f} msg/s vs group {n / baseline:,.0f} msg/s"))
+                                 "s", target=0.33 if label == "redis" else 1.0,
+                                 note=f"{n / spawned:,.0f} msg/s vs group {n / baseline:,.0f} msg/s"))
             ceiling = median_of(self.rounds, lambda: self._kombu_ceiling(app, queue, n, count, purge))
             self.rows.append(Row("1 dispatch", f"kombu Producer.batch ceiling, {label}", spawned, ceiling, "s",
                                  note=f"ceiling {n / ceiling:,.0f} msg/s: spawn reaches {ceiling / spawned:.0%} of it"))
