@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,17 @@ if TYPE_CHECKING:
     from celery import Celery
 
 logger = logging.getLogger("celery_spawn.worker")
+
+#: Held by a recovery sweep while it runs, and by ``os.fork()`` while it forks. A prefork worker's
+#: main process forks a new pool process whenever one exits (a terminated task, a lost process,
+#: max tasks per child); forked mid-sweep, the child would inherit locks the sweep thread held and
+#: hang on them: a SQLite connection's mutex (held through a busy wait of up to 30 s), which the
+#: child takes when it drops the inherited connection, the store's or the producers' pool locks.
+#: The fork waits for the sweep in progress instead.
+_fork_guard = threading.Lock()
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(before=_fork_guard.acquire, after_in_parent=_fork_guard.release,
+                        after_in_child=_fork_guard.release)
 
 
 class RecoveryStep(bootsteps.StartStopStep):
@@ -54,7 +66,7 @@ class RecoveryStep(bootsteps.StartStopStep):
     def _sweep(self, app: Celery) -> None:
         from .recovery import recover
 
-        with self._running:
+        with self._running, _fork_guard:
             try:
                 recover(app)
             except Exception as exc:
