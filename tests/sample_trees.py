@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import types
 
+import sqlalchemy as sa
 from celery import Celery
 
 from celery_spawn import get_state
 from celery_spawn.handlers import child_id, default_operation_id
 from celery_spawn.store import queries
+from celery_spawn.store import schema as s
 from tests.harness import wait_for
 
 
@@ -32,6 +34,14 @@ def make_sample_trees(client_app: Celery, dataset_id: str, timeout: float,
     wait_for(lambda: finished(nested.id, 14), timeout, what="a nested tree of 15 jobs")
     if etl is not None:
         wait_for(lambda: finished(etl.id, 3), timeout, what="a workflow of 3 steps")
+    roots = [dataset.id, nested.id] + ([etl.id] if etl is not None else [])
+
+    def all_complete() -> bool:  # the last finish's operation completes a moment after the job row
+        with store.read() as conn:
+            return not conn.execute(sa.select(sa.func.count()).select_from(s.operations).where(
+                s.operations.c.root_id.in_(roots), s.operations.c.completed.is_(False))).scalar()
+
+    wait_for(all_complete, timeout, what="their operations to complete")
     refused.get(timeout=timeout)
     with store.read() as conn:
         wait_for(lambda: queries.list_operations(conn, state="failed"), timeout, what="the refused operation")
