@@ -20,7 +20,7 @@ from .errors import JobNotFound
 from .publisher import publish_children
 from .spawner import HEADER_OPERATION, request_headers
 from .store import schema as s
-from .store.queries import duration_aggregates, seconds_value
+from .store.queries import Durations, duration_aggregates
 from .store.sql import chunked, utcnow
 from .store.transitions import (CHUNK, Finish, finish_jobs, release_dependents_pg, start_jobs,
                                 succeed_and_release_pg)
@@ -394,11 +394,12 @@ class Tracker:
         counts = {row.state: int(row.n) for row in rows}
         if any(state not in s.FINAL_JOB_STATES for state in counts):
             return counts, {}
+        durations = Durations()
+        for row in rows:
+            durations.add(row.timed, row.seconds, row.longest)
         rollup: dict[str, Any] = {column: counts.get(state, 0) for state, column in s.CHILD_COUNT_COLUMNS.items()}
-        rollup["children_timed"] = sum(int(row.timed or 0) for row in rows)
-        rollup["children_seconds"] = sum(seconds_value(row.seconds) or 0.0 for row in rows)
-        rollup["children_max_seconds"] = max(
-            (seconds_value(row.longest) for row in rows if row.longest is not None), default=None)
+        rollup.update(children_timed=durations.timed, children_seconds=durations.seconds,
+                      children_max_seconds=durations.max_seconds)
         return counts, rollup
 
     def _descendants_unfinished(self, conn: sa.Connection, operation: dict) -> bool:

@@ -594,10 +594,10 @@ def stats(conn: Connection, *, hours: float = 24, queue: str | None = None, deta
     children = _Children()
     for row in conn.execute(_children_query(conn, window)):
         if row.state is not None:
-            children.add({row.state: row.n}, row.timed, row.seconds, row.max_seconds)
+            children.count({row.state: row.n}, row.timed, row.seconds, row.max_seconds)
         else:
-            children.add({state: row._mapping[column] for state, column in s.CHILD_COUNT_COLUMNS.items()},
-                         row.timed, row.seconds, row.max_seconds)
+            children.count({state: row._mapping[column] for state, column in s.CHILD_COUNT_COLUMNS.items()},
+                           row.timed, row.seconds, row.max_seconds)
     children_by_state = children.by_state
     finished_children = sum(n for state, n in children_by_state.items() if state in s.FINAL_JOB_STATES)
 
@@ -614,7 +614,7 @@ def stats(conn: Connection, *, hours: float = 24, queue: str | None = None, deta
     result["durations"] = {
         "operation_avg_seconds": result.pop("avg_seconds"),
         "operation_max_seconds": result.pop("max_seconds"),
-        "child_avg_seconds": round(children.seconds / children.timed, 6) if children.timed else None,
+        "child_avg_seconds": children.average,
         "child_max_seconds": children.max_seconds,
     }
     for group in result["by_queue"] + result["by_handler"]:
@@ -670,34 +670,47 @@ def _children_query(conn: Connection, window: list) -> sa.CompoundSelect:
     return sa.union_all(counted, rolled_up)
 
 
-class _Children:
-    """Children per state and their durations, summed from rollups and from counted children."""
+class Durations:
+    """The count, sum and maximum of durations in seconds, added up over aggregate rows."""
 
     def __init__(self) -> None:
-        self.by_state: dict[str, int] = {}
         self.timed = 0
         self.seconds = 0.0
         self.max_seconds: float | None = None
 
-    def add(self, by_state: dict[str, Any], timed: Any, seconds: Any, max_seconds: Any) -> None:
-        for state, n in by_state.items():
-            if n:
-                self.by_state[state] = self.by_state.get(state, 0) + int(n)
+    def add(self, timed: Any, seconds: Any, max_seconds: Any) -> None:
         self.timed += int(timed or 0)
         self.seconds += seconds_value(seconds) or 0.0
         if max_seconds is not None:
             value = seconds_value(max_seconds)
             self.max_seconds = value if self.max_seconds is None else max(self.max_seconds, value)
 
+    @property
+    def average(self) -> float | None:
+        return round(self.seconds / self.timed, 6) if self.timed else None
+
+
+class _Children(Durations):
+    """Children per state and their durations, summed from rollups and from counted children."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_state: dict[str, int] = {}
+
+    def count(self, by_state: dict[str, Any], timed: Any, seconds: Any, max_seconds: Any) -> None:
+        for state, n in by_state.items():
+            if n:
+                self.by_state[state] = self.by_state.get(state, 0) + int(n)
+        self.add(timed, seconds, max_seconds)
+
 
 class _Tally:
     """Sums of the grouped operation rows for one bucket (all, a queue, a handler)."""
 
     def __init__(self) -> None:
-        self.operations = self.children = self.finished = self.succeeded = self.timed = 0
+        self.operations = self.children = self.finished = self.succeeded = 0
         self.max_children: int | None = None
-        self.seconds = 0.0
-        self.max_seconds: float | None = None
+        self.durations = Durations()
 
     def add(self, row: Any) -> None:
         n = int(row.n)
@@ -709,11 +722,7 @@ class _Tally:
             self.finished += n
         if row.state == s.OP_SUCCEEDED:
             self.succeeded += n
-        self.timed += int(row.timed or 0)
-        self.seconds += seconds_value(row.seconds) or 0.0
-        if row.max_seconds is not None:
-            value = seconds_value(row.max_seconds)
-            self.max_seconds = value if self.max_seconds is None else max(self.max_seconds, value)
+        self.durations.add(row.timed, row.seconds, row.max_seconds)
 
     def summary(self) -> dict:
         return {
@@ -722,8 +731,8 @@ class _Tally:
             "avg_children_per_spawn": round(self.children / self.operations, 2) if self.operations else None,
             "max_children_per_spawn": self.max_children,
             "success_rate": _ratio(self.succeeded, self.finished),
-            "avg_seconds": round(self.seconds / self.timed, 6) if self.timed else None,
-            "max_seconds": self.max_seconds,
+            "avg_seconds": self.durations.average,
+            "max_seconds": self.durations.max_seconds,
         }
 
 
