@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from queue import Empty
 from pathlib import Path
 from time import monotonic
 
@@ -59,8 +60,36 @@ class Channel(filesystem.Channel):
 
 
 class Transport(filesystem.Transport):
-    """kombu's filesystem transport with atomic publishing (see the module docstring)."""
+    """kombu's filesystem transport with atomic publishing and event-loop support (see the module docstring)."""
 
     Channel = Channel
     global_state = virtual.BrokerState()
     driver_name = SCHEME
+    #: Seconds between looks at the queue folder when it was empty (option ``polling_interval``).
+    polling_interval = 0.1
+    #: Most messages handed over per look, so that the worker's event loop gets its turn in between.
+    deliveries_per_poll = 100
+    implements = filesystem.Transport.implements.extend(asynchronous=True)
+
+    def register_with_event_loop(self, connection, loop) -> None:
+        """Poll the folder from the worker's event loop (a folder has no file descriptor to wait on).
+
+        Being asynchronous makes Celery run its event loop with the asynchronous
+        prefork pool, which gives each pool process its own pipes. The blocking
+        loop's pool shares one locked pipe among all processes instead, and a
+        process terminated while it holds that lock (``revoke(terminate=True)``
+        right after the process acknowledged the task) stops the whole pool.
+        """
+        self._poll_entry = loop.call_repeatedly(self.polling_interval, self._deliver_waiting)
+
+    def unregister_from_event_loop(self, connection, loop) -> None:
+        entry, self._poll_entry = getattr(self, "_poll_entry", None), None
+        if entry is not None:
+            entry.cancel()
+
+    def _deliver_waiting(self) -> None:
+        for _ in range(self.deliveries_per_poll):
+            try:
+                self.cycle.get(self._deliver, timeout=0)
+            except Empty:
+                return

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from queue import Empty
 
 import pytest
@@ -70,3 +71,27 @@ def test_consumer_reads_every_message_whole_while_two_processes_publish(tmp_path
         assert sorted(numbers) == list(range(MESSAGES_PER_PUBLISHER)), tag
     leftovers = [name for name in os.listdir(options["data_folder_in"]) if not name.startswith(".")]
     assert leftovers == []
+
+
+def test_messages_reach_a_consumer_through_the_event_loop(tmp_path):
+    """Celery runs its event loop (and the prefork pool with a pipe per process) only for asynchronous transports."""
+    from kombu.asynchronous import Hub
+
+    options = {**folder_options(tmp_path), "polling_interval": 0.01}
+    queue = Queue("jobs", routing_key="jobs")
+    received: list[int] = []
+    hub = Hub()
+    with Connection("spawnfs://", transport_options=options) as conn:
+        assert conn.transport.implements.asynchronous
+        with conn.Consumer(queue, callbacks=[lambda body, message: (received.append(body["n"]), message.ack())]):
+            conn.transport.register_with_event_loop(conn.connection, hub)
+            producer = conn.Producer(serializer="json")
+            for n in range(250):  # more than one poll delivers
+                producer.publish({"n": n}, routing_key="jobs")
+            loop = hub.create_loop()
+            deadline = time.monotonic() + 10
+            while len(received) < 250 and time.monotonic() < deadline:
+                next(loop)
+            conn.transport.unregister_from_event_loop(conn.connection, hub)
+    hub.close()
+    assert sorted(received) == list(range(250))
