@@ -13,7 +13,7 @@ from tests.integration.test_workflows import wait_operation_done
 
 def test_cancel_stops_a_running_tree_from_the_command_line(backend, worker, client_app):
     parent = client_app.signature("tests.spawner", kwargs={
-        "count": 10, "seconds": 1.5, "_spawn_config": {"handler": "sleepers"}}).delay()
+        "count": 10, "seconds": 5, "_spawn_config": {"handler": "sleepers"}}).delay()
     parent.get(timeout=TIMEOUT)
     wait_children(client_app, parent.id, 10)
     wait_for(lambda: any(r["state"] == "started" for r in children_of(client_app, parent.id)), TIMEOUT,
