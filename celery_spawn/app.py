@@ -44,7 +44,8 @@ class SpawnState:
 
             self._store = SpawnStore(self.settings.database_url, self.settings.engine_options,
                                      auto_migrate=self.settings.auto_migrate,
-                                     synchronous_commit=self.settings.synchronous_commit)
+                                     synchronous_commit=self.settings.synchronous_commit,
+                                     prepared_statements=self.settings.prepared_statements)
         return self._store
 
     @property

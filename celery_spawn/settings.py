@@ -49,6 +49,9 @@ class SpawnSettings:
     #: Wait for the database to flush each commit (PostgreSQL). Off trades the last
     #: fraction of a second of tracking writes on a database crash for far cheaper commits.
     synchronous_commit: bool = True
+    #: Prepare the hot tracking statements once per connection (PostgreSQL with psycopg2). Turn off
+    #: behind a pooler that gives each transaction another server session (PgBouncer transaction mode).
+    prepared_statements: bool = True
     #: Bearer token for the web API (required off loopback and for mutating endpoints).
     api_token: str | None = None
     #: Extra keyword arguments for ``sqlalchemy.create_engine``.
@@ -179,6 +182,7 @@ _VALIDATORS = {
     "track_started": _boolean,
     "batch_tracking": _boolean,
     "synchronous_commit": _boolean,
+    "prepared_statements": _boolean,
     "api_token": _optional_text,
     "engine_options": _mapping,
 }

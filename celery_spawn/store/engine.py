@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 
 from ..errors import StoreError
+from .prepared import OPTION as PREPARED_OPTION
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +34,9 @@ class EngineHolder:
     """One SQLAlchemy engine per process, rebuilt when the pid changes."""
 
     def __init__(self, url: str, engine_options: dict[str, Any] | None = None,
-                 synchronous_commit: bool = True) -> None:
+                 synchronous_commit: bool = True, prepared_statements: bool = True) -> None:
         self.synchronous_commit = synchronous_commit
+        self.prepared_statements = prepared_statements
         try:
             self.url = _with_installed_driver(make_url(url))
         except Exception:
@@ -94,6 +96,8 @@ class EngineHolder:
             raise StoreError(f"database driver {exc.name!r} for {redact(self.url)} is not installed{hint}") from None
         if backend == "sqlite":
             _tune_sqlite(engine)
+        if not self.prepared_statements:
+            engine = engine.execution_options(**{PREPARED_OPTION: False})
         return engine
 
 

@@ -39,8 +39,9 @@ class SpawnStore:
     """Reads and writes spawn operations, jobs and dependency edges."""
 
     def __init__(self, url: str, engine_options: dict[str, Any] | None = None, auto_migrate: bool = True,
-                 synchronous_commit: bool = True) -> None:
-        self.holder = EngineHolder(url, engine_options, synchronous_commit=synchronous_commit)
+                 synchronous_commit: bool = True, prepared_statements: bool = True) -> None:
+        self.holder = EngineHolder(url, engine_options, synchronous_commit=synchronous_commit,
+                                   prepared_statements=prepared_statements)
         self.auto_migrate = auto_migrate
         self._schema_ready = False
         backend = self.holder.dialect

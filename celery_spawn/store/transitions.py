@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import schema as s
+from .prepared import PreparedStatement
 from .sql import utcnow
 
 FINAL = tuple(sorted(s.FINAL_JOB_STATES))
@@ -142,7 +143,7 @@ def release_dependents_pg(conn: Connection, succeeded: Sequence[str], ended: Seq
     return [{k: v for k, v in row.items() if k != "state"} for row in rows if row["state"] == s.PENDING]
 
 
-_PG_SUCCEED_AND_RELEASE = sa.text(f"""
+_PG_SUCCEED_AND_RELEASE = PreparedStatement("spawn_succeed_and_release", sa.text(f"""
     WITH done AS (
         UPDATE {s.jobs.name} AS j
            SET state = '{s.SUCCEEDED}', error = NULL, finished_at = v.finished_at,
@@ -166,7 +167,8 @@ _PG_SUCCEED_AND_RELEASE = sa.text(f"""
       FROM done
     UNION ALL
     SELECT false, id, operation_id, parent_id, root_id, message FROM released WHERE state = '{s.PENDING}'
-""")
+"""), {"ids": "varchar[]", "finished": "timestamp[]", "started": "timestamp[]", "marks": "varchar[]",
+       "now": "timestamp"})
 
 
 def succeed_and_release_pg(conn: Connection, finishes: Sequence[Finish],
@@ -178,7 +180,7 @@ def succeed_and_release_pg(conn: Connection, finishes: Sequence[Finish],
     the recovery sweep leaves those pending rows to this caller to publish.
     ``marks``, children published earlier, are marked dispatched by the same
     statement (not those it finishes: a row is updated once per statement)."""
-    rows = conn.execute(_PG_SUCCEED_AND_RELEASE, {
+    rows = _PG_SUCCEED_AND_RELEASE.execute(conn, {
         "ids": [f.job_id for f in finishes], "finished": [f.finished_at for f in finishes],
         "started": [f.started_at for f in finishes], "marks": list(marks), "now": utcnow()}).mappings().all()
     won = {row["id"]: row["operation_id"] for row in rows if row["won"]}

@@ -14,7 +14,7 @@ from celery_spawn.settings import DEFAULT_DATABASE_URL, SpawnSettings
 
 SETTING_NAMES = {"database_url", "max_spawn_count_ceiling", "default_max_spawn_count", "recovery_interval",
                  "recovery_grace", "redeliver_after", "auto_migrate", "track_states", "track_started", "batch_tracking",
-                 "synchronous_commit", "api_token", "engine_options"}
+                 "synchronous_commit", "prepared_statements", "api_token", "engine_options"}
 
 
 def make_app(**conf) -> Celery:
@@ -34,6 +34,7 @@ def test_defaults():
     assert settings.recovery_interval > 0 and settings.recovery_grace > 0
     assert settings.auto_migrate is True and settings.track_states is True
     assert settings.api_token is None and settings.engine_options is None
+    assert settings.prepared_statements is True
 
 
 def test_installed_app_without_settings_gets_the_defaults():
@@ -206,3 +207,8 @@ def test_speed_settings_reach_the_engine(store_url):
         with state.store.read() as conn:
             assert conn.execute(sa.text("SHOW synchronous_commit")).scalar() == "off"
     state.store.dispose()
+
+
+def test_prepared_statements_can_be_turned_off_from_the_environment():
+    settings = SpawnSettings.load({}, environ={"CELERY_SPAWN_PREPARED_STATEMENTS": "off"})
+    assert settings.prepared_statements is False
