@@ -71,6 +71,11 @@ class Transport(filesystem.Transport):
     deliveries_per_poll = 100
     implements = filesystem.Transport.implements.extend(asynchronous=True)
 
+    @property
+    def default_connection_params(self) -> dict:
+        """No host: a folder broker has none (kombu's default makes every connection warn it used 'localhost')."""
+        return {"port": self.default_port}
+
     def register_with_event_loop(self, connection, loop) -> None:
         """Poll the folder from the worker's event loop (a folder has no file descriptor to wait on).
 

@@ -95,3 +95,11 @@ def test_messages_reach_a_consumer_through_the_event_loop(tmp_path):
             conn.transport.unregister_from_event_loop(conn.connection, hub)
     hub.close()
     assert sorted(received) == list(range(250))
+
+
+def test_a_folder_broker_does_not_warn_about_a_missing_hostname(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="kombu.connection"):
+        with Connection("spawnfs://", transport_options=folder_options(tmp_path)) as conn:
+            conn.connect()
+            conn.clone().connect()
+    assert "hostname" not in caplog.text
