@@ -7,7 +7,9 @@ worker (``Unrecoverable error: JSONDecodeError``); the message is lost. With a
 prefork worker the pool processes publish while the main process consumes, so
 this happens in ordinary use. This transport writes each message under a name
 no consumer looks at and renames it into place, which is atomic on one
-filesystem: a consumer sees a whole message or none.
+filesystem: a consumer sees a whole message or none. Consumers claim a message
+by renaming it in place too (see :meth:`Channel._get`), and a worker polls the
+folder from its event loop (see :meth:`Transport.register_with_event_loop`).
 
 Use it as ``spawnfs://`` (registered with kombu when ``celery_spawn`` is
 imported) with :func:`folder_options`::
@@ -17,21 +19,29 @@ imported) with :func:`folder_options`::
 """
 from __future__ import annotations
 
+import heapq
 import os
+import shutil
 import uuid
-from queue import Empty
+from collections import deque
 from pathlib import Path
+from queue import Empty
 from time import monotonic
+from typing import Any
 
 from kombu.exceptions import ChannelError
 from kombu.transport import filesystem, virtual
-from kombu.utils.encoding import str_to_bytes
-from kombu.utils.json import dumps
+from kombu.utils.encoding import bytes_to_str, str_to_bytes
+from kombu.utils.json import dumps, loads
 
 #: The URL scheme this transport answers to.
 SCHEME = "spawnfs"
 #: What a message file is called until it is complete (``_get`` matches only ``<queue>.msg``).
 PARTIAL_SUFFIX = ".part"
+#: What a message file is called once a consumer took it, until it is read and removed.
+TAKEN_SUFFIX = ".taken"
+#: Oldest message names a consumer lists at a time.
+NAMES_PER_LISTING = 1000
 
 
 def folder_options(folder: str | os.PathLike) -> dict:
@@ -45,7 +55,53 @@ def folder_options(folder: str | os.PathLike) -> dict:
 
 
 class Channel(filesystem.Channel):
-    """Publishes by write-then-rename, so consumers never read a message still being written."""
+    """Publishes by write-then-rename and claims by rename (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._waiting: dict[str, deque[str]] = {}
+
+    def _get(self, queue):
+        """The oldest message of ``queue``, claimed by renaming it in place.
+
+        kombu's version lists and sorts the whole folder for every message
+        (a spawn of 10,000 children lists 10,000 names 10,000 times) and
+        claims a file by moving it to the system's temporary folder, which is
+        a copy when that is another filesystem (a tmpfs ``/tmp``): two
+        workers could both copy, and both run, the same message. Here the
+        oldest names are listed once per :data:`NAMES_PER_LISTING` messages,
+        and a rename inside the queue folder (atomic) decides which consumer
+        gets each; a name another consumer took is skipped.
+        """
+        waiting = self._waiting.get(queue)
+        if not waiting:
+            waiting = self._waiting[queue] = deque(self._oldest_names(queue))
+        while waiting:
+            name = waiting.popleft()
+            path = os.path.join(self.data_folder_in, name)
+            taken = path + TAKEN_SUFFIX
+            try:
+                os.rename(path, taken)
+            except FileNotFoundError:
+                continue  # another consumer's
+            except OSError as exc:
+                raise ChannelError(f"Cannot take file {path!r} from queue.") from exc
+            try:
+                with open(taken, "rb") as f:
+                    payload = f.read()
+                if self.store_processed:
+                    shutil.move(taken, os.path.join(self.processed_folder, name))
+                else:
+                    os.remove(taken)
+            except OSError as exc:
+                raise ChannelError(f"Cannot read file {taken!r} from queue.") from exc
+            return loads(bytes_to_str(payload))
+        raise Empty()
+
+    def _oldest_names(self, queue: str) -> list[str]:
+        wanted = f"{queue}.msg"
+        names = (name for name in os.listdir(self.data_folder_in) if name.partition(".")[2] == wanted)
+        return heapq.nsmallest(NAMES_PER_LISTING, names)
 
     def _put(self, queue, payload, **kwargs):
         name = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"

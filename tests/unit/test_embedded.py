@@ -103,3 +103,54 @@ def test_a_folder_broker_does_not_warn_about_a_missing_hostname(tmp_path, caplog
             conn.connect()
             conn.clone().connect()
     assert "hostname" not in caplog.text
+
+
+def _consume_all(options: dict, queue: str, out, idle_seconds: float = 2.0) -> None:
+    """Take messages until none came for ``idle_seconds``; send what was taken to ``out``."""
+    taken = []
+    with Connection("spawnfs://", transport_options=options) as conn:
+        inbox = conn.SimpleQueue(Queue(queue, routing_key=queue))
+        while True:
+            try:
+                message = inbox.get(block=True, timeout=idle_seconds)
+            except Empty:
+                break
+            taken.append(message.payload["n"])
+            message.ack()
+    out.put(taken)
+
+
+def test_two_consumers_share_a_folder_and_each_message_is_taken_once(tmp_path):
+    options = folder_options(tmp_path)
+    _publish(options, "jobs", "a", 2000)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    consumers = [ctx.Process(target=_consume_all, args=(options, "jobs", out)) for _ in range(2)]
+    for p in consumers:
+        p.start()
+    taken = [out.get(timeout=60) for _ in consumers]
+    for p in consumers:
+        p.join(timeout=30)
+    assert all(taken), "both consumers got work"
+    assert sorted(taken[0] + taken[1]) == list(range(2000))
+
+
+def test_consuming_lists_the_folder_once_per_batch_and_never_uses_the_temp_folder(tmp_path, monkeypatch):
+    """kombu's own version lists (and sorts) the folder for every message and moves each through /tmp."""
+    import tempfile
+
+    options = folder_options(tmp_path / "broker")
+    _publish(options, "jobs", "a", 1500)
+    listings = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda path=".": listings.append(path) or real_listdir(path))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "no-such-folder"))
+    with Connection("spawnfs://", transport_options=options) as conn:
+        inbox = conn.SimpleQueue(Queue("jobs", routing_key="jobs"))
+        got = []
+        for _ in range(1500):
+            message = inbox.get(block=False)
+            got.append(message.payload["n"])
+            message.ack()
+    assert sorted(got) == list(range(1500))
+    assert len([p for p in listings if p == options["data_folder_in"]]) <= 3
