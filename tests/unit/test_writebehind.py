@@ -208,12 +208,17 @@ def test_busy_writers_gather_bigger_batches(rig):
 
     tracker.finish_batch = counting
     queue = WriteBehind(tracker)
-    for child in children:
-        queue.add(Event(FINISH, child["id"], state=s.SUCCEEDED, operation_id=operation_id))
+    first, *rest = children
+    queue.add(Event(FINISH, first["id"], state=s.SUCCEEDED, operation_id=operation_id))
+    deadline = time.monotonic() + 10
+    while not batches and time.monotonic() < deadline:  # an idle writer writes at once, without waiting for more
         time.sleep(0.001)
+    assert batches == [1]
+    for child in rest:  # arrive while the first write is still going: they gather
+        queue.add(Event(FINISH, child["id"], state=s.SUCCEEDED, operation_id=operation_id))
     assert queue.flush(30)
     assert sum(batches) == 40
-    assert batches[0] == 1 and len(batches) <= 3, batches  # an idle writer writes at once, a busy one gathers
+    assert len(batches) <= 3, batches
 
 
 class RecordingTracker:
@@ -247,17 +252,19 @@ def test_finishes_that_release_the_next_step_are_written_at_once():
     """A chain: each write publishes the next step, so waiting would only add latency to every hop."""
     tracker = RecordingTracker(releases=1)
     trickle(WriteBehind(tracker), 30, 0.004)
-    assert max(tracker.batches) <= 2 and sum(tracker.batches) == 30, tracker.batches  # no lingering
+    assert sum(tracker.batches) == 30
+    assert len(tracker.batches) >= 10, tracker.batches  # no lingering: it would gather these into about 3 batches
 
 
-def test_the_first_finish_after_a_pause_is_written_at_once():
+def test_the_first_finish_after_a_pause_is_written_at_once(monkeypatch):
     """Events that did not come in during the last write (a new chain, a lone task) wait for nothing."""
+    monkeypatch.setattr("celery_spawn.writebehind.LINGER", 5.0)  # a wait would show, however slow the machine
     tracker = RecordingTracker(releases=0)
     queue = WriteBehind(tracker)
     trickle(queue, 1, 0)
     start = time.monotonic()
     trickle(queue, 1, 0)  # within LINGER of the last write, but nothing was flowing
-    assert time.monotonic() - start < LINGER * 0.8
+    assert time.monotonic() - start < 2.5
     assert tracker.batches == [1, 1]
 
 
