@@ -4,7 +4,8 @@ A spawn writes thousands of job rows in one transaction; ``COPY`` moves them
 several times faster than multi-row ``INSERT``s (no SQL text per row, no
 parameter binding). Values travel as COPY text format, escaped here, so any
 string - tabs, newlines, backslashes, ``\\N`` - arrives as itself; ``None``
-is ``NULL``. Only psycopg2 is used this way; other drivers keep ``INSERT``.
+is ``NULL``. Only psycopg2 is used this way, and only without a wait callback;
+other drivers, and cooperative (eventlet, psycogreen) connections, keep ``INSERT``.
 """
 from __future__ import annotations
 
@@ -21,8 +22,17 @@ READ_SIZE = 1 << 20
 
 
 def supports_copy(conn: Connection) -> bool:
-    """Whether ``conn`` is a psycopg2 connection to PostgreSQL (the driver whose COPY is used)."""
-    return conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg2"
+    """Whether ``conn`` is a psycopg2 connection to PostgreSQL that can ``COPY``.
+
+    Not while psycopg2 has a wait callback: eventlet's patching and
+    psycogreen (for gevent) install one to make connections cooperative, and
+    psycopg2 refuses ``COPY`` on such connections.
+    """
+    if conn.dialect.name != "postgresql" or conn.dialect.driver != "psycopg2":
+        return False
+    from psycopg2.extensions import get_wait_callback
+
+    return get_wait_callback() is None
 
 
 def copy_text(value: Any) -> str:

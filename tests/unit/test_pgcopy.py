@@ -89,6 +89,30 @@ def test_a_failed_copy_is_a_store_error_and_rolls_back(pg_store):
         pg_store.insert_jobs(conn, [job_row(1, "b", when)])
 
 
+@pytest.fixture
+def wait_callback():
+    """A psycopg2 wait callback, as eventlet's patching and psycogreen install one."""
+    from psycopg2.extensions import set_wait_callback
+    from psycopg2.extras import wait_select
+
+    set_wait_callback(wait_select)
+    yield
+    set_wait_callback(None)
+
+
+def test_cooperative_connections_insert_without_copy(pg_store, wait_callback):
+    """psycopg2 refuses COPY with a wait callback ("copy_expert cannot be used with an asynchronous callback")."""
+    when = datetime(2024, 1, 1)
+    rows = [job_row(i, text, when) for i, text in enumerate(HOSTILE)]
+    with pg_store.begin() as conn:
+        assert not supports_copy(conn)
+        conn.execute(s.jobs.delete())
+        pg_store.insert_jobs(conn, rows)
+    with pg_store.read() as conn:
+        found = conn.execute(sa.select(s.jobs).order_by(s.jobs.c.position)).mappings().all()
+    assert [{k: r[k] for k in rows[0]} for r in found] == rows
+
+
 def test_copy_text_format():
     assert copy_text(None) == "\\N"
     assert copy_text("\\N") == "\\\\N"

@@ -1,0 +1,67 @@
+"""Spawning, dependencies and completion on the worker pools other than prefork.
+
+Tracking is written behind by a thread in each process that runs tasks; with
+``-P solo`` and ``-P threads`` that is the worker's main process, where the
+task threads and the writer share one interpreter.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from celery_spawn.handlers import default_operation_id
+from celery_spawn.store import schema as s
+from tests.harness import Worker, wait_for
+from tests.integration.test_patterns import TIMEOUT, store_rows, wait_children
+from tests.integration.test_workflows import callback_rows, on_complete, wait_operation_done
+
+POOLS = [("solo", 1), ("threads", 4), ("gevent", 20), ("eventlet", 20)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def callback_table(client_app):
+    from celery_spawn import get_state
+    from tests.app import callbacks
+
+    with get_state(client_app).store.begin() as conn:
+        callbacks.create(conn, checkfirst=True)
+
+
+@pytest.fixture(scope="module", params=POOLS, ids=[p for p, _ in POOLS])
+def pool_worker(request, backend, artifacts):
+    pool, concurrency = request.param
+    log = artifacts / f"worker-{pool}-{backend.name}-{uuid.uuid4().hex[:6]}.log"
+    proc = Worker(backend, log, concurrency=concurrency, pool=pool).start()
+    yield proc
+    proc.stop()
+
+
+def test_a_diamond_and_its_callback(pool_worker, client_app):
+    """D runs once after B and C; the operation completes and its callback fires once."""
+    config = on_complete(client_app, handler="diamond")
+    parent = client_app.signature("tests.spawner", kwargs={"_spawn_config": config}).delay()
+    parent.get(timeout=TIMEOUT)
+    rows = wait_children(client_app, parent.id, 4)
+    operation = wait_operation_done(client_app, parent.id)
+    assert operation["state"] == "succeeded"
+    steps = {}
+    for row in rows:
+        value = client_app.AsyncResult(row["id"]).get(timeout=TIMEOUT)
+        steps[value["step"]] = value
+    assert steps["D"]["started"] >= max(steps["B"]["finished"], steps["C"]["finished"])
+    [callback] = wait_for(lambda: callback_rows(client_app, operation["id"]), TIMEOUT, what="callback")
+    assert json.loads(callback["summary"])["counts"] == {"succeeded": 4}
+
+
+def test_a_nested_tree_completes_after_its_deepest_child(pool_worker, client_app):
+    config = on_complete(client_app, handler="nested", wait_for_descendants=True)
+    parent = client_app.signature("tests.nest", kwargs={"levels": 2, "fanout": 3, "_spawn_config": config}).delay()
+    parent.get(timeout=TIMEOUT)
+    operation_id = default_operation_id(parent.id)
+    [callback] = wait_for(lambda: callback_rows(client_app, operation_id), TIMEOUT, what="callback")
+    assert json.loads(callback["summary"])["counts"] == {"succeeded": 3}
+    jobs = store_rows(client_app, s.jobs, root_id=parent.id)
+    assert len(jobs) == 1 + 3 + 9 and {j["state"] for j in jobs} == {"succeeded"}
+    assert "Traceback" not in pool_worker.log()
