@@ -507,6 +507,19 @@ def _error_text(error: Any) -> str | None:
     return text[:MAX_ERROR_TEXT]
 
 
+def _succeeded_before(task: Any) -> bool:
+    """Whether the result backend holds a success for this call (False when it cannot tell)."""
+    from celery import states
+
+    if task.ignore_result or not has_result_backend(task.app) or not task.backend.persistent:
+        return False  # (reading an rpc:// result would consume the reply meant for the caller)
+    try:
+        return task.backend.get_task_meta(task.request.id).get("status") == states.SUCCESS
+    except Exception as exc:  # an unreachable backend: run it again (at least once), as without the check
+        logger.warning("could not read the result of %s[%s]: %s", task.name, task.request.id, exc)
+        return False
+
+
 def has_result_backend(app: Celery) -> bool:
     from celery.backends.base import DisabledBackend
 
@@ -639,7 +652,15 @@ def skip_duplicate(task: Task) -> None:
     if tracker is None:
         return
     request = task.request
-    may_restart = bool((request.delivery_info or {}).get("redelivered")) or bool(request.retries)
+    redelivered = bool((request.delivery_info or {}).get("redelivered"))
+    if redelivered and _succeeded_before(task):
+        # Its worker died after Celery stored the result and before the store (or the broker's ack)
+        # heard of it: record the success the signal would have, and do not run the body again.
+        tracker.finish(request.id, s.SUCCEEDED)
+        logger.warning("skipping %s[%s]: redelivered after it had succeeded (the result backend says so)",
+                       task.name, request.id)
+        raise Ignore()
+    may_restart = redelivered or bool(request.retries)
     if not tracker.claim_start(request.id, may_restart=may_restart):
         logger.warning("skipping %s[%s]: another copy already ran or runs (duplicate delivery)",
                        task.name, request.id)

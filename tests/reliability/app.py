@@ -105,9 +105,11 @@ def make_reliability_app(broker: str, backend: str | None, database_url: str, qu
     app.conf.spawn_redeliver_after = REDELIVER_AFTER
     get_state(app).reload()
     if visibility_timeout and broker.startswith("redis"):
-        # kombu scans for abandoned messages every interval x throttle seconds (100 s by default).
+        # kombu scans for abandoned messages every interval x throttle seconds (100 s by default), under
+        # a Redis lock that a worker killed mid-scan leaves taken for unacked_mutex_expire (300 s by default).
         app.conf.broker_transport_options = {"visibility_timeout": visibility_timeout,
-                                             "unacked_restore_interval": 1, "unacked_restore_throttle": 1}
+                                             "unacked_restore_interval": 1, "unacked_restore_throttle": 1,
+                                             "unacked_mutex_expire": 10}
     manager = get_state(app).manager
 
     @manager.handler("rel_many")

@@ -150,3 +150,86 @@ def test_recovery_applies_outcomes_the_store_missed(store_url):
     assert operation(app, result.id)["completed"] and operation(app, result.id)["state"] == "succeeded"
     assert recover(app, grace_seconds=0) == 0
     state.store.dispose()
+
+
+@pytest.fixture
+def with_backend(store_url):
+    """An eager app whose children are SpawnTasks, with a real Redis result backend."""
+    from tests.harness import REDIS_URL
+
+    app = Celery("redelivery", broker="memory://", backend=f"{REDIS_URL}/1", set_as_current=False)
+    manager = SpawnManager()
+    install(app, manager, database_url=store_url)
+    runs = []
+
+    @app.task(name="t.parent", base=SpawnTask, shared=False)
+    def parent(n):
+        return n
+
+    @app.task(name="t.child", base=SpawnTask, shared=False)
+    def child(i):
+        runs.append(i)
+        return i + 1
+
+    @manager.handler("kids")
+    def kids(context):
+        return [child.s(i) for i in range(context.parent.result)]
+
+    yield app, parent, child, runs
+    get_state(app).store.dispose()
+
+
+def redeliver(child, job: dict, redelivered: bool = True):
+    """Run ``child``'s call path as a worker would for a (re)delivered message of ``job``."""
+    from celery.exceptions import Ignore
+
+    from celery_spawn.spawner import HEADER_OPERATION
+
+    child.push_request(id=job["id"], called_directly=False, delivery_info={"redelivered": redelivered},
+                       headers={HEADER_OPERATION: job["operation_id"]})
+    try:
+        return child(job["position"])
+    except Ignore:
+        return "ignored"
+    finally:
+        child.pop_request()
+
+
+def stored_jobs(app, operation_id):
+    with get_state(app).store.read() as conn:
+        return [dict(r) for r in conn.execute(
+            sa.select(s.jobs).where(s.jobs.c.operation_id == operation_id).order_by(s.jobs.c.position)).mappings()]
+
+
+def test_a_child_redelivered_after_its_success_does_not_run_again(with_backend):
+    """The worker died after Celery stored the result, before the store or the ack heard of it."""
+    app, parent, child, runs = with_backend
+    result = parent.apply(args=(2,), kwargs={"_spawn_config": {"handler": "kids"}})
+    operation_id = default_operation_id(result.id)
+    first, second = stored_jobs(app, operation_id)
+    for job in (first, second):
+        get_state(app).tracker.claim_start(job["id"])  # the first run started...
+    app.backend.store_result(first["id"], 1, "SUCCESS")  # ...and the first child's result was stored
+    try:
+        assert redeliver(child, first) == "ignored"
+        assert runs == []  # its body did not run a second time
+        assert redeliver(child, second) == 2  # no stored result: it runs again (at least once)
+        assert runs == [1]
+        assert [j["state"] for j in stored_jobs(app, operation_id)] == ["succeeded", "started"]
+    finally:
+        for job in (first, second):
+            app.backend.forget(job["id"])
+
+
+def test_only_a_redelivery_consults_the_result_backend(with_backend, monkeypatch):
+    app, parent, child, runs = with_backend
+    result = parent.apply(args=(1,), kwargs={"_spawn_config": {"handler": "kids"}})
+    [job] = stored_jobs(app, default_operation_id(result.id))
+    asked = []
+    monkeypatch.setattr(app.backend, "get_task_meta", lambda task_id, **kw: asked.append(task_id) or {})
+    assert redeliver(child, job, redelivered=False) == 1
+    assert asked == []
+    monkeypatch.setattr(app.backend, "get_task_meta", lambda task_id, **kw: 1 / 0)  # unreachable
+    get_state(app).tracker.claim_start(job["id"])
+    assert redeliver(child, job) == 1  # it cannot tell: run again rather than lose the child
+    assert runs == [0, 0]
