@@ -12,30 +12,39 @@ from celery_spawn.store import schema as s
 from celery_spawn.tracking import _operation_state
 
 
-@pytest.fixture
-def eager(store_url):
-    app = Celery("tracking", broker="memory://", set_as_current=False)
-    app.conf.task_always_eager = True
+def tracked_app(store_url: str, backend: str | None = None, spawned_children: bool = False):
+    """An app on ``store_url`` whose ``t.parent`` spawns ``t.child`` n times (handler ``kids``)."""
+    app = Celery("tracking", broker="memory://", backend=backend, set_as_current=False)
     manager = SpawnManager()
     install(app, manager, database_url=store_url)
-    calls = []
+    runs = []
 
     @app.task(name="t.parent", base=SpawnTask, shared=False)
     def parent(n):
         return n
 
-    @app.task(name="t.child", shared=False)
+    @app.task(name="t.child", base=SpawnTask if spawned_children else app.Task, shared=False)
     def child(i):
+        runs.append(i)
         return i + 1
+
+    @manager.handler("kids")
+    def kids(context):
+        return [child.s(i) for i in range(context.parent.result)]
+
+    return app, parent, child, runs
+
+
+@pytest.fixture
+def eager(store_url):
+    app, parent, _, _ = tracked_app(store_url)
+    app.conf.task_always_eager = True
+    calls = []
 
     @app.task(name="t.done", shared=False)
     def done(summary):
         calls.append(summary)
         return summary["operation_id"]
-
-    @manager.handler("kids")
-    def kids(context):
-        return [child.s(i) for i in range(context.parent.result)]
 
     yield app, parent, done, calls
     get_state(app).store.dispose()
@@ -154,27 +163,10 @@ def test_recovery_applies_outcomes_the_store_missed(store_url):
 
 @pytest.fixture
 def with_backend(store_url):
-    """An eager app whose children are SpawnTasks, with a real Redis result backend."""
+    """An app whose children are SpawnTasks, with a real Redis result backend."""
     from tests.harness import REDIS_URL
 
-    app = Celery("redelivery", broker="memory://", backend=f"{REDIS_URL}/1", set_as_current=False)
-    manager = SpawnManager()
-    install(app, manager, database_url=store_url)
-    runs = []
-
-    @app.task(name="t.parent", base=SpawnTask, shared=False)
-    def parent(n):
-        return n
-
-    @app.task(name="t.child", base=SpawnTask, shared=False)
-    def child(i):
-        runs.append(i)
-        return i + 1
-
-    @manager.handler("kids")
-    def kids(context):
-        return [child.s(i) for i in range(context.parent.result)]
-
+    app, parent, child, runs = tracked_app(store_url, backend=f"{REDIS_URL}/1", spawned_children=True)
     yield app, parent, child, runs
     get_state(app).store.dispose()
 
