@@ -14,19 +14,11 @@ import pytest
 from celery_spawn.handlers import default_operation_id
 from celery_spawn.store import schema as s
 from tests.harness import Worker, wait_for
-from tests.integration.test_patterns import TIMEOUT, store_rows, wait_children
-from tests.integration.test_workflows import callback_rows, on_complete, wait_operation_done
+from tests.integration.test_patterns import TIMEOUT, store_rows
+# callback_table: the module-wide fixture that creates the callbacks table, used here too
+from tests.integration.test_workflows import callback_rows, callback_table, on_complete, run_diamond  # noqa: F401
 
 POOLS = [("solo", 1), ("threads", 4), ("gevent", 20), ("eventlet", 20)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def callback_table(client_app):
-    from celery_spawn import get_state
-    from tests.app import callbacks
-
-    with get_state(client_app).store.begin() as conn:
-        callbacks.create(conn, checkfirst=True)
 
 
 @pytest.fixture(scope="module", params=POOLS, ids=[p for p, _ in POOLS])
@@ -40,16 +32,7 @@ def pool_worker(request, backend, artifacts):
 
 def test_a_diamond_and_its_callback(pool_worker, client_app):
     """D runs once after B and C; the operation completes and its callback fires once."""
-    config = on_complete(client_app, handler="diamond")
-    parent = client_app.signature("tests.spawner", kwargs={"_spawn_config": config}).delay()
-    parent.get(timeout=TIMEOUT)
-    rows = wait_children(client_app, parent.id, 4)
-    operation = wait_operation_done(client_app, parent.id)
-    assert operation["state"] == "succeeded"
-    steps = {}
-    for row in rows:
-        value = client_app.AsyncResult(row["id"]).get(timeout=TIMEOUT)
-        steps[value["step"]] = value
+    _, operation, steps = run_diamond(client_app, on_complete(client_app, handler="diamond"))
     assert steps["D"]["started"] >= max(steps["B"]["finished"], steps["C"]["finished"])
     [callback] = wait_for(lambda: callback_rows(client_app, operation["id"]), TIMEOUT, what="callback")
     assert json.loads(callback["summary"])["counts"] == {"succeeded": 4}

@@ -44,16 +44,23 @@ def on_complete(app, **extra):
     return {"on_complete": dict(app.signature("tests.record_callback")), **extra}
 
 
-def test_diamond_runs_d_once_after_b_and_c(worker, client_app):
-    parent = client_app.signature("tests.spawner", kwargs={"_spawn_config": {"handler": "diamond"}}).delay()
+def run_diamond(app, config: dict) -> tuple[list[dict], dict, dict]:
+    """Spawn the diamond A -> B, C -> D and wait: its child rows, its completed operation, results by step."""
+    parent = app.signature("tests.spawner", kwargs={"_spawn_config": config}).delay()
     parent.get(timeout=TIMEOUT)
-    rows = wait_children(client_app, parent.id, 4)
-    operation = wait_operation_done(client_app, parent.id)
+    rows = wait_children(app, parent.id, 4)
+    operation = wait_operation_done(app, parent.id)
     assert operation["state"] == "succeeded"
     steps = {}
     for row in rows:
-        value = client_app.AsyncResult(row["id"]).get(timeout=TIMEOUT)
+        value = app.AsyncResult(row["id"]).get(timeout=TIMEOUT)
         steps[value["step"]] = value
+    return rows, operation, steps
+
+
+def test_diamond_runs_d_once_after_b_and_c(worker, client_app):
+    rows, _, steps = run_diamond(client_app, {"handler": "diamond"})
+    for row in rows:
         assert row["state"] == "succeeded" or store_rows(client_app, s.jobs, id=row["id"])[0]["state"] == "succeeded"
     assert steps["B"]["started"] >= steps["A"]["finished"]
     assert steps["C"]["started"] >= steps["A"]["finished"]
