@@ -418,34 +418,38 @@ def _unique(rows: Iterable[Any]) -> Iterator[Any]:
 def _nest(rows: Iterable[Any], start: str) -> tuple[dict | None, dict[str, dict]]:
     """Tree nodes from :data:`TREE_FIELDS` rows (unique ids), children in spawn order: (start node, nodes by id).
 
-    One pass makes the nodes and groups them by parent; a second pass over the
-    parents (not the nodes) hands each its sorted children. A row whose parent
-    is not among the rows stays detached (a root range may hold other recorded
-    trees of the same Celery workflow).
+    One pass makes each node and hands it to its parent. Rows come in no set
+    order (asking the server for one costs it a sort of the whole tree), but a
+    parent is recorded before its children, so it nearly always comes first:
+    a child whose parent has not come (yet) waits in ``early`` and joins at the
+    end. Sibling lists are sorted only where a child came out of spawn order.
+    The start is nobody's child (only a corrupt ``parent_id`` cycle gives it a
+    parent here). A row whose parent is not among the rows stays detached (a
+    root range may hold other recorded trees of the same Celery workflow).
     """
     nodes: dict[str, dict] = {}
-    kids_of: dict[Any, list[dict]] = {}
-    start_parent = None
+    early: dict[Any, list[dict]] = {}
+    unsorted: set = set()
     for job, parent_id, task_name, state, depth, queue, operation_id, position in rows:
-        node = nodes[job] = {"id": job, "task_name": task_name, "state": state, "depth": depth, "queue": queue,
-                             "operation_id": operation_id, "position": position, "children": []}
-        kids = kids_of.get(parent_id)
-        if kids is None:
-            kids_of[parent_id] = [node]
-        else:
+        node = {"id": job, "task_name": task_name, "state": state, "depth": depth, "queue": queue,
+                "operation_id": operation_id, "position": position, "children": []}
+        above = nodes.get(parent_id)
+        if above is not None and job != start:
+            kids = above["children"]
+            if kids and kids[-1]["position"] >= position:
+                unsorted.add(parent_id)
             kids.append(node)
-        if job == start:
-            start_parent = parent_id
-    root = nodes.get(start)
-    if root is not None and start_parent in nodes:  # a cycle through the start: it is nobody's child here
-        kids_of[start_parent] = [kid for kid in kids_of[start_parent] if kid is not root]
-    for parent_id, kids in kids_of.items():
+        elif job != start:
+            early.setdefault(parent_id, []).append(node)
+        nodes[job] = node
+    for parent_id, kids in early.items():
         above = nodes.get(parent_id)
         if above is not None:
-            if len(kids) > 1:
-                kids.sort(key=_SPAWN_ORDER)
-            above["children"] = kids
-    return root, nodes
+            above["children"].extend(kids)
+            unsorted.add(parent_id)
+    for parent_id in unsorted:
+        nodes[parent_id]["children"].sort(key=_SPAWN_ORDER)
+    return nodes.get(start), nodes
 
 
 @contextlib.contextmanager
