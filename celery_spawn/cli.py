@@ -179,13 +179,23 @@ def _explain(store: SpawnStore, exc: Exception) -> str:
 
 
 # ---- shared options and output ----------------------------------------------------------------
+#: Where the group's own ``--database-url`` (``celery spawn -u URL list``) waits for the command.
+_GROUP_URL = "celery_spawn.database_url"
+_DATABASE_URL_HELP = ("SQLAlchemy URL of the spawn store (env CELERY_SPAWN_DATABASE_URL; "
+                     "default: the -A app's spawn_database_url, else sqlite:///celery_spawn.sqlite3).")
+
+
+def _database_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """A command's ``-u``, else the group's (``celery spawn -u URL list``), else the environment's."""
+    if ctx.get_parameter_source(param.name) is click.core.ParameterSource.COMMANDLINE:
+        return value
+    return ctx.meta.get(_GROUP_URL) or value
+
+
 def store_options(fn: Callable) -> Callable:
-    """``--database-url/-u``: the option every command takes."""
-    return click.option(
-        "--database-url", "-u", envvar="CELERY_SPAWN_DATABASE_URL", metavar="URL", default=None,
-        help="SQLAlchemy URL of the spawn store (env CELERY_SPAWN_DATABASE_URL; "
-             "default: the -A app's spawn_database_url, else sqlite:///celery_spawn.sqlite3).",
-    )(fn)
+    """``--database-url/-u``: the option every command takes, after its name or before it (on the group)."""
+    return click.option("--database-url", "-u", envvar="CELERY_SPAWN_DATABASE_URL", metavar="URL", default=None,
+                        callback=_database_url, help=_DATABASE_URL_HELP)(fn)
 
 
 def format_option(choices: tuple[str, ...]) -> Callable:
@@ -233,13 +243,17 @@ def _commands(fn: Callable) -> Callable:
 
 # ---- the group ----------------------------------------------------------------------------------
 @click.group(name="spawn")
+@click.option("--database-url", "-u", "group_url", metavar="URL", default=None,
+              help="The store of every command below, as if given to it (a command's own -u wins).")
 @click.pass_context
-def spawn(ctx: click.Context) -> None:
+def spawn(ctx: click.Context, group_url: str | None) -> None:
     """Inspect and manage spawn trees recorded by celery-spawn.
 
     \b
     Exit codes: 0 ok, 1 unknown id, 2 usage error, 3 store unreachable.
     """
+    if group_url:
+        ctx.meta[_GROUP_URL] = group_url
 
 
 @spawn.command(name="list", cls=CeleryCommand)
@@ -457,7 +471,8 @@ def lineage(ctx: click.Context, job_id: str, depth: int | None, only_ancestors: 
         emit(ctx, render.to_json(result))
         return
     combined = render.lineage_tree(job, up, subtree)
-    emit(ctx, render.render_tree(combined, fmt, color=use_colour(ctx), highlight=job_id))
+    emit(ctx, render.render_tree(combined, fmt, color=use_colour(ctx), highlight=job_id,
+                              cut_option="--depth"))
 
 
 @spawn.command(cls=CeleryCommand)

@@ -170,12 +170,14 @@ def _state(state: str | None, color: bool, width: int = 0) -> str:
 _TOP = object()  # the "parent queue" of the top node: never equal to a queue
 
 
-def tree_text(tree: dict, *, color: bool = False, highlight: str | None = None, summary: bool = True) -> str:
+def tree_text(tree: dict, *, color: bool = False, highlight: str | None = None, summary: bool = True,
+              cut_option: str = "--max-depth") -> str:
     """A tree drawn with ``├──``/``└──`` glyphs: task name, state, id, and the queue where it changes.
 
     One explicit stack whose items carry the line's glyphs and the prefix of the
     node's children already built, so a node costs a few string joins (big
-    trees have 100,000 of them).
+    trees have 100,000 of them). A node cut off by the query ends with
+    "… N more (raise ``cut_option``)": the option of the command that drew it.
     """
     lines: list[str] = []
     add = lines.append
@@ -209,7 +211,7 @@ def tree_text(tree: dict, *, color: bool = False, highlight: str | None = None, 
         hidden = node.get("hidden_children")
         if hidden:
             hidden_total += hidden
-            add(kid_prefix + "└── " + _style(f"… {hidden} more (raise --max-depth)", color, dim=True))
+            add(kid_prefix + "└── " + _style(f"… {hidden} more (raise {cut_option})", color, dim=True))
         kids = node.get("children")
         if kids:
             push((kids[-1], kid_prefix + "└── ", kid_prefix + "    ", queue))
@@ -293,11 +295,12 @@ def tree_dot(tree: dict) -> str:
     return "\n".join(lines)
 
 
-def render_tree(tree: dict, fmt: str, *, color: bool = False, highlight: str | None = None) -> str:
-    """A tree in one of :data:`TREE_FORMATS`."""
+def render_tree(tree: dict, fmt: str, *, color: bool = False, highlight: str | None = None,
+                cut_option: str = "--max-depth") -> str:
+    """A tree in one of :data:`TREE_FORMATS`; ``cut_option`` names the option that shows what a cut hides."""
     renderers: dict[str, Callable[[dict], str]] = {
         "json": tree_json, "mermaid": tree_mermaid, "dot": tree_dot,
-        "text": lambda t: tree_text(t, color=color, highlight=highlight),
+        "text": lambda t: tree_text(t, color=color, highlight=highlight, cut_option=cut_option),
     }
     if fmt not in renderers:
         raise ValueError(f"unknown tree format {fmt!r}; known: {', '.join(TREE_FORMATS)}")

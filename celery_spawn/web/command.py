@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 import click
 from celery.bin.base import CeleryCommand
 
+from ..cli import store_options
+
 if TYPE_CHECKING:
     from celery import Celery
 
@@ -56,9 +58,7 @@ def _celery_app(ctx: click.Context) -> Celery | None:
               help="Address to listen on. Anything but loopback needs a token.")
 @click.option("--port", "-p", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
               help="Port to listen on (0: any free port).")
-@click.option("--database-url", "-u", envvar="CELERY_SPAWN_DATABASE_URL", metavar="URL", default=None,
-              help="SQLAlchemy URL of the spawn store (env CELERY_SPAWN_DATABASE_URL; "
-                   "default: the -A app's spawn_database_url, else sqlite:///celery_spawn.sqlite3).")
+@store_options
 @click.option("--token", envvar="CELERY_SPAWN_API_TOKEN", metavar="TOKEN", default=None,
               help="Bearer token for the API (env CELERY_SPAWN_API_TOKEN; default: the app's spawn_api_token). "
                    "Required off loopback and to cancel.")

@@ -477,6 +477,24 @@ def test_runner_list_and_stats(built):
     assert stats["durations"]["operation_max_seconds"] == pytest.approx(3.0, abs=0.01)
 
 
+def test_runner_lineage_cut_names_its_own_option(built):
+    text = invoke("lineage", "root", "--depth", "1", "-u", built.url).output
+    assert "└── … 2 more (raise --depth)" in text and "--max-depth" not in text
+    assert "… 2 more (raise --max-depth)" in invoke("tree", "root", "--max-depth", "1", "-u", built.url).output
+
+
+def test_runner_database_url_before_the_command(built, tmp_path, monkeypatch):
+    """``celery spawn -u URL list`` as well as ``celery spawn list -u URL``; the command's own -u wins."""
+    before = invoke("-u", built.url, "list", "-f", "json")
+    assert before.exit_code == RET_OK and [op["id"] for op in json.loads(before.output)] == ["op-root", "op-child"]
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.sqlite3'}"
+    monkeypatch.setenv("CELERY_SPAWN_DATABASE_URL", elsewhere)
+    assert "root.0.0" in invoke("-u", built.url, "tree", "root").output  # the flag beats the environment
+    own = CliRunner().invoke(spawn, ["-u", built.url, "list", "-u", elsewhere])
+    assert own.exit_code == RET_STORE and "elsewhere.sqlite3" in own.output
+    assert CliRunner().invoke(spawn, ["list"]).exit_code == RET_STORE  # the environment alone
+
+
 def test_runner_errors(built):
     missing = CliRunner().invoke(spawn, ["tree", "nope", "-u", built.url])
     assert missing.exit_code == RET_NOT_FOUND and missing.output == "Error: no spawned job has id 'nope'\n"

@@ -27,10 +27,19 @@ def current_revision(engine: sa.Engine) -> str | None:
 
 
 def head_revision() -> str:
+    """The newest revision shipped with this package.
+
+    Raises :class:`RuntimeError` when there is none: an install without its
+    ``versions/`` files would otherwise "upgrade" to nothing and leave the
+    store without tables.
+    """
     from alembic.script import ScriptDirectory
 
     with sa.create_engine("sqlite://").connect() as conn:
-        return ScriptDirectory.from_config(_config(conn)).get_current_head()
+        head = ScriptDirectory.from_config(_config(conn)).get_current_head()
+    if head is None:
+        raise RuntimeError(f"celery-spawn is installed without its migrations: no revision in {HERE / 'versions'}")
+    return head
 
 
 def upgrade(engine: sa.Engine) -> str:

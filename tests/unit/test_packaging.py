@@ -1,0 +1,95 @@
+"""The built package, not the checkout: what ``pip install celery-spawn`` would get.
+
+The tests run against an editable install, which reads every file from the
+checkout; a file the wheel leaves out (the Alembic revisions are not a Python
+package) only shows in a real build. The wheel and the sdist are built from a
+copy of the tracked files, with the build backend this venv already has.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.harness import ROOT
+
+#: Files the package cannot work without, beside its modules.
+DATA_FILES = (
+    "celery_spawn/py.typed",
+    "celery_spawn/store/migrations/env.py",
+    "celery_spawn/store/migrations/script.py.mako",
+    "celery_spawn/store/migrations/versions/0001_initial.py",
+    "celery_spawn/web/static/index.html",
+)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, Path]:
+    source = tmp_path_factory.mktemp("source")
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    out = tmp_path_factory.mktemp("dist")
+    for kind in ("wheel", "sdist"):  # one process each: setuptools keeps state between builds
+        build = f"import sys; from setuptools import build_meta; build_meta.build_{kind}(sys.argv[1])"
+        subprocess.run([sys.executable, "-c", build, str(out)], cwd=source, check=True, capture_output=True,
+                       timeout=300)
+    [wheel] = out.glob("*.whl")
+    [sdist] = out.glob("*.tar.gz")
+    return {"wheel": wheel, "sdist": sdist}
+
+
+def test_the_wheel_carries_the_migrations_and_the_dashboard(built):
+    names = set(zipfile.ZipFile(built["wheel"]).namelist())
+    missing = [name for name in DATA_FILES if name not in names]
+    assert not missing, f"the wheel lacks {missing}"
+    assert not any(name.startswith(("tests/", "benchmarks/")) for name in names)
+
+
+def test_the_sdist_carries_them_too(built):
+    with tarfile.open(built["sdist"]) as sdist:
+        names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    missing = [name for name in DATA_FILES if name not in names]
+    assert not missing, f"the sdist lacks {missing}"
+
+
+def test_the_installed_wheel_creates_its_store(built, tmp_path):
+    """Installed from the wheel (its dependencies from this venv), a store gets its tables on first use."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                    "--target", str(target), str(built["wheel"])], check=True, capture_output=True, timeout=300)
+    check = (
+        "import sys, celery_spawn, sqlalchemy as sa\n"
+        "from celery_spawn.store import SpawnStore\n"
+        "assert celery_spawn.__file__.startswith(sys.argv[1]), celery_spawn.__file__\n"
+        "store = SpawnStore('sqlite:///' + sys.argv[2])\n"
+        "store.migrate()\n"
+        "print(sorted(sa.inspect(store.engine).get_table_names()))\n"
+    )
+    # -I: no user site, no PYTHONPATH, no working directory on the path; the wheel's copy goes first.
+    code = f"import sys; sys.path.insert(0, {str(target)!r}); exec(compile({check!r}, 'check', 'exec'))"
+    result = subprocess.run([sys.executable, "-I", "-c", code, str(target), str(tmp_path / "s.sqlite3")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in os.environ.items() if not k.startswith("CELERY_SPAWN_")})
+    assert result.returncode == 0, result.stderr
+    assert "spawn_jobs" in result.stdout and "spawn_operations" in result.stdout, result.stdout
+
+
+def test_an_install_without_revisions_says_so(monkeypatch, tmp_path):
+    from celery_spawn.store import migrations
+
+    empty = tmp_path / "migrations"
+    (empty / "versions").mkdir(parents=True)
+    shutil.copy2(Path(migrations.__file__).with_name("env.py"), empty / "env.py")
+    shutil.copy2(Path(migrations.__file__).with_name("script.py.mako"), empty / "script.py.mako")
+    monkeypatch.setattr(migrations, "HERE", empty)
+    with pytest.raises(RuntimeError, match="installed without its migrations"):
+        migrations.head_revision()
