@@ -22,7 +22,7 @@ from .spawner import HEADER_OPERATION, request_headers
 from .store import schema as s
 from .store.queries import Durations, duration_aggregates
 from .store.sql import chunked, utcnow
-from .store.transitions import (CHUNK, Finish, finish_jobs, release_dependents_pg, start_jobs,
+from .store.transitions import (CHUNK, Finish, finish_jobs, lease_before, release_dependents_pg, start_jobs,
                                 succeed_and_release_pg)
 from .writebehind import FINISH, RETRY, START, Event, enable_in_this_process, flush_all, submit
 
@@ -67,6 +67,11 @@ class Tracker:
         self.state = state
         self.app: Celery = state.app
         self.store = state.store
+
+    @property
+    def _grace(self) -> float:
+        """The recovery sweep's grace (seconds): how fresh a released child's operation lease must stay."""
+        return self.state.settings.recovery_grace
 
     # ---- job transitions -------------------------------------------------------------------
     def claim_start(self, job_id: str, may_restart: bool = True) -> bool:
@@ -142,7 +147,8 @@ class Tracker:
         with self.store.begin() as conn:
             if conn.dialect.name == "postgresql" and len(first) <= CHUNK and len(marks) <= CHUNK and all(
                     state == s.SUCCEEDED for state in states.values()):
-                won, to_publish = succeed_and_release_pg(conn, first, marks)  # the common case: one round trip
+                # the common case: one round trip
+                won, to_publish = succeed_and_release_pg(conn, first, marks, self._grace)
             else:
                 if marks:
                     self.store.mark_dispatched_in(conn, marks)
@@ -173,7 +179,7 @@ class Tracker:
         if not succeeded and not ended:
             return []
         if conn.dialect.name == "postgresql":
-            return release_dependents_pg(conn, succeeded, ended)
+            return release_dependents_pg(conn, succeeded, ended, self._grace)
         released = self._satisfy(conn, succeeded, only_ignoring=False) if succeeded else []
         if ended:
             released += self._satisfy(conn, ended, only_ignoring=True)
@@ -217,7 +223,10 @@ class Tracker:
         # Refresh the leases: the recovery sweep leaves these pending rows to us to publish.
         operations = sorted({r["operation_id"] for r in rows if r["operation_id"]})
         if operations:
-            conn.execute(s.operations.update().where(s.operations.c.id.in_(operations)).values(updated_at=utcnow()))
+            now = utcnow()
+            conn.execute(s.operations.update().where(s.operations.c.id.in_(operations),
+                                                     s.operations.c.updated_at < lease_before(now, self._grace))
+                         .values(updated_at=now))
         return rows
 
     def cancel_dependents(self, conn: sa.Connection, failed_ids: Sequence[str], reason: str) -> list[str]:

@@ -97,3 +97,44 @@ def test_parameters_must_match_their_types():
     assert statement.prepare_sql == "PREPARE x(int, text) AS SELECT CAST($1 AS int)::text, $2, $1"
     assert statement.execute_sql == "EXECUTE x(%s, %s)"
 
+
+
+def _lease(store: SpawnStore, operation_id: str):
+    from celery_spawn.store import schema as s
+
+    with store.read() as conn:
+        return conn.execute(sa.select(s.operations.c.updated_at).where(s.operations.c.id == operation_id)).scalar()
+
+
+def test_a_release_refreshes_only_an_old_lease(pg_store):
+    """A chain's hop does not rewrite its operation's row when the lease is fresh (no dead row per hop)."""
+    from datetime import timedelta
+
+    from celery_spawn.store import schema as s
+
+    ids = _chain(pg_store, 4)
+    op = ids[0] + "-op"
+    old = utcnow() - timedelta(seconds=30)
+    with pg_store.begin() as conn:
+        conn.execute(s.operations.update().where(s.operations.c.id == op).values(updated_at=old))
+    with pg_store.engine.connect() as conn, conn.begin():
+        succeed_and_release_pg(conn, [Finish(ids[0], "succeeded", None, utcnow())], grace_seconds=60)
+    refreshed = _lease(pg_store, op)
+    assert refreshed > old + timedelta(seconds=29)
+    with pg_store.engine.connect() as conn, conn.begin():
+        _, released = succeed_and_release_pg(conn, [Finish(ids[1], "succeeded", None, utcnow())], grace_seconds=60)
+    assert [r["id"] for r in released] == [ids[2]] and _lease(pg_store, op) == refreshed  # fresh: left alone
+    with pg_store.engine.connect() as conn, conn.begin():  # no grace: every release refreshes it
+        succeed_and_release_pg(conn, [Finish(ids[2], "succeeded", None, utcnow())], grace_seconds=0)
+    assert _lease(pg_store, op) > refreshed
+
+
+def test_lease_before_is_a_tenth_of_the_grace_at_most_a_second():
+    from datetime import timedelta
+
+    from celery_spawn.store.transitions import lease_before
+
+    now = utcnow()
+    assert lease_before(now, 60) == now - timedelta(seconds=1)
+    assert lease_before(now, 5) == now - timedelta(seconds=0.5)
+    assert lease_before(now, 0) == now
