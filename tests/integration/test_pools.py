@@ -11,12 +11,12 @@ import uuid
 
 import pytest
 
-from celery_spawn.handlers import default_operation_id
 from celery_spawn.store import schema as s
 from tests.harness import Worker, wait_for
 from tests.integration.test_patterns import TIMEOUT, store_rows
 # callback_table: the module-wide fixture that creates the callbacks table, used here too
-from tests.integration.test_workflows import callback_rows, callback_table, on_complete, run_diamond  # noqa: F401
+from tests.integration.test_workflows import (callback_rows, callback_table, on_complete,  # noqa: F401
+                                             run_diamond, run_nested)
 
 POOLS = [("solo", 1), ("threads", 4), ("gevent", 20), ("eventlet", 20)]
 
@@ -39,12 +39,8 @@ def test_a_diamond_and_its_callback(pool_worker, client_app):
 
 
 def test_a_nested_tree_completes_after_its_deepest_child(pool_worker, client_app):
-    config = on_complete(client_app, handler="nested", wait_for_descendants=True)
-    parent = client_app.signature("tests.nest", kwargs={"levels": 2, "fanout": 3, "_spawn_config": config}).delay()
-    parent.get(timeout=TIMEOUT)
-    operation_id = default_operation_id(parent.id)
-    [callback] = wait_for(lambda: callback_rows(client_app, operation_id), TIMEOUT, what="callback")
+    parent_id, callback = run_nested(client_app, levels=2, fanout=3)
     assert json.loads(callback["summary"])["counts"] == {"succeeded": 3}
-    jobs = store_rows(client_app, s.jobs, root_id=parent.id)
+    jobs = store_rows(client_app, s.jobs, root_id=parent_id)
     assert len(jobs) == 1 + 3 + 9 and {j["state"] for j in jobs} == {"succeeded"}
     assert "Traceback" not in pool_worker.log()

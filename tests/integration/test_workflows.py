@@ -58,6 +58,16 @@ def run_diamond(app, config: dict) -> tuple[list[dict], dict, dict]:
     return rows, operation, steps
 
 
+def run_nested(app, levels: int, fanout: int) -> tuple[str, dict]:
+    """Spawn a ``tests.nest`` tree whose top operation waits for its descendants; its parent id and callback row."""
+    config = on_complete(app, handler="nested", wait_for_descendants=True)
+    parent = app.signature("tests.nest", kwargs={"levels": levels, "fanout": fanout, "_spawn_config": config}).delay()
+    parent.get(timeout=TIMEOUT)
+    operation_id = default_operation_id(parent.id)
+    [row] = wait_for(lambda: callback_rows(app, operation_id), TIMEOUT, what="callback")
+    return parent.id, row
+
+
 def test_diamond_runs_d_once_after_b_and_c(worker, client_app):
     rows, _, steps = run_diamond(client_app, {"handler": "diamond"})
     for row in rows:
@@ -120,13 +130,10 @@ def test_callback_exactly_once_across_two_workers(worker, client_app, artifacts)
 
 
 def test_wait_for_descendants_completes_after_deepest_child(worker, client_app):
-    config = on_complete(client_app, handler="nested", wait_for_descendants=True)
-    parent = client_app.signature("tests.nest", kwargs={"levels": 3, "fanout": 2, "_spawn_config": config}).delay()
-    parent.get(timeout=TIMEOUT)
-    operation_id = default_operation_id(parent.id)
-    [row] = wait_for(lambda: callback_rows(client_app, operation_id), TIMEOUT, what="callback")
+    parent_id, row = run_nested(client_app, levels=3, fanout=2)
+    operation_id = default_operation_id(parent_id)
     with get_state(client_app).store.read() as conn:
-        jobs = [dict(r) for r in conn.execute(sa.select(s.jobs).where(s.jobs.c.root_id == parent.id)).mappings()]
+        jobs = [dict(r) for r in conn.execute(sa.select(s.jobs).where(s.jobs.c.root_id == parent_id)).mappings()]
     assert max(j["depth"] for j in jobs) == 3
     assert len([j for j in jobs if j["depth"] == 3]) == 8
     assert all(j["state"] == "succeeded" for j in jobs)

@@ -66,17 +66,19 @@ def test_the_installed_wheel_creates_its_store(built, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
                     "--target", str(target), str(built["wheel"])], check=True, capture_output=True, timeout=300)
-    check = (
-        "import sys, celery_spawn, sqlalchemy as sa\n"
+    check = tmp_path / "check.py"
+    check.write_text(
+        "import sys\n"
+        "sys.path.insert(0, sys.argv[1])  # the wheel's copy first\n"
+        "import celery_spawn, sqlalchemy as sa\n"
         "from celery_spawn.store import SpawnStore\n"
         "assert celery_spawn.__file__.startswith(sys.argv[1]), celery_spawn.__file__\n"
         "store = SpawnStore('sqlite:///' + sys.argv[2])\n"
         "store.migrate()\n"
         "print(sorted(sa.inspect(store.engine).get_table_names()))\n"
     )
-    # -I: no user site, no PYTHONPATH, no working directory on the path; the wheel's copy goes first.
-    code = f"import sys; sys.path.insert(0, {str(target)!r}); exec(compile({check!r}, 'check', 'exec'))"
-    result = subprocess.run([sys.executable, "-I", "-c", code, str(target), str(tmp_path / "s.sqlite3")],
+    # -I: no user site, no PYTHONPATH, no working directory on the path.
+    result = subprocess.run([sys.executable, "-I", str(check), str(target), str(tmp_path / "s.sqlite3")],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120,
                             env={k: v for k, v in os.environ.items() if not k.startswith("CELERY_SPAWN_")})
     assert result.returncode == 0, result.stderr
