@@ -22,8 +22,8 @@ from .spawner import HEADER_OPERATION, request_headers
 from .store import schema as s
 from .store.queries import Durations, duration_aggregates
 from .store.sql import chunked, utcnow
-from .store.transitions import (CHUNK, Finish, finish_jobs, lease_before, release_dependents_pg, start_jobs,
-                                succeed_and_release_pg)
+from .store.transitions import (CHUNK, Finish, finish_jobs, lease_before, release_dependents_pg, released_by_pg,
+                                start_jobs, succeed_and_release_pg)
 from .writebehind import FINISH, RETRY, START, Event, enable_in_this_process, flush_all, submit
 
 if TYPE_CHECKING:
@@ -40,6 +40,8 @@ STARTABLE = (s.PENDING, s.HELD, s.DISPATCHED, s.STARTED, s.RETRYING)
 #: Results gathered into an ``on_complete`` summary at most (beyond that, only counts and failures).
 MAX_SUMMARY_RESULTS = 1000
 MAX_ERROR_TEXT = 4000
+#: Successes written together at most for which the dependents they release are published ahead of the write.
+PUBLISH_AHEAD = 8
 
 
 def is_spawned(task: Task) -> bool:
@@ -131,7 +133,7 @@ class Tracker:
         return finished.won
 
     def finish_batch(self, finishes: Sequence[Finish], marks: Sequence[str] = (),
-                     defer_marks: bool = False) -> Finished:
+                     defer_marks: bool = False, published: set[str] | None = None) -> Finished:
         """Finish jobs and publish what that releases (see :class:`Finished`).
 
         One transaction: the jobs still unfinished change, their dependents
@@ -141,22 +143,50 @@ class Tracker:
         transaction; ``defer_marks`` leaves the marks of what this call
         publishes to the caller (the write-behind writes them with its next
         batch, so that a chain's next step does not wait for them).
+
+        On PostgreSQL a small batch of successes publishes the dependents it
+        releases first, then writes (see :func:`released_by_pg`): a dependency
+        hop waits for one locked read, not for the write and its commit.
+        ``published`` collects the ids so published; a caller that retries
+        the same batch after an error passes the same set, so that a retry
+        marks them instead of publishing them again.
         """
         first = list({f.job_id: f for f in reversed(finishes)}.values())  # a job's first finish counts
         states = {f.job_id: f.state for f in first}
+        published = set() if published is None else published
+        ahead: list[dict] = []
         with self.store.begin() as conn:
             if conn.dialect.name == "postgresql" and len(first) <= CHUNK and len(marks) <= CHUNK and all(
                     state == s.SUCCEEDED for state in states.values()):
-                # the common case: one round trip
-                won, to_publish = succeed_and_release_pg(conn, first, marks, self._grace)
+                # the common case: one round trip, or two with the next steps published between them
+                if len(first) <= PUBLISH_AHEAD and not self.app.conf.task_always_eager:
+                    ahead = self._publish_ahead(released_by_pg(conn, list(states), sorted(published)), published)
+                won, to_publish = succeed_and_release_pg(conn, first, marks, self._grace, sorted(published))
             else:
                 if marks:
                     self.store.mark_dispatched_in(conn, marks)
                 won, to_publish = self._finish_and_release(conn, first, states)
         unmarked = self._publish(to_publish, mark=not defer_marks)
-        busy = {row["operation_id"] for row in to_publish}
-        return Finished(won, [op for op in dict.fromkeys(won.values()) if op and op not in busy], len(to_publish),
-                        unmarked)
+        busy = {row["operation_id"] for row in (*to_publish, *ahead)}
+        return Finished(won, [op for op in dict.fromkeys(won.values()) if op and op not in busy],
+                        len(to_publish) + len(ahead), unmarked)
+
+    def _publish_ahead(self, rows: list[dict], published: set[str]) -> list[dict]:
+        """Publish dependents about to be released, inside the releasing transaction (their rows locked);
+        returns the rows published.
+
+        A broker error leaves them to be released and published the usual
+        way once the finishes are written.
+        """
+        if not rows:
+            return []
+        try:
+            ids = set(publish_children(self.app, rows))
+        except Exception as exc:
+            logger.debug("publishing %d released jobs ahead failed (%s); they follow the write", len(rows), exc)
+            return []
+        published.update(ids)
+        return [row for row in rows if row["id"] in ids]
 
     def _finish_and_release(self, conn: sa.Connection, first: Sequence[Finish],
                             states: dict[str, str]) -> tuple[dict[str, str | None], list[dict]]:

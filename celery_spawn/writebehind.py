@@ -173,9 +173,10 @@ class WriteBehind:
 
     def _write_until_done(self, batch: list[Event]) -> Written:
         attempt = 0
+        published: set[str] = set()  # published ahead by a failed attempt: a retry marks them, not publishes
         while True:
             try:
-                return write_events(self.tracker, batch, self._marks)
+                return write_events(self.tracker, batch, self._marks, published)
             except StoreError as exc:
                 delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
                 if attempt == 0 or delay == RETRY_DELAYS[-1]:
@@ -199,7 +200,8 @@ class Written(NamedTuple):
     unmarked: Sequence[str]
 
 
-def write_events(tracker: Tracker, events: list[Event], marks: Sequence[str] = ()) -> Written:
+def write_events(tracker: Tracker, events: list[Event], marks: Sequence[str] = (),
+                 published: set[str] | None = None) -> Written:
     """Apply events in order, a run of distinct jobs at a time (a job's events never reorder).
 
     A start followed by its job's finish in the same batch is folded into
@@ -208,6 +210,8 @@ def write_events(tracker: Tracker, events: list[Event], marks: Sequence[str] = (
     transaction, or on their own. A child published here is marked by the
     next batch: a chain's next step is on its way while its mark waits, and
     a mark that a crash loses only makes the sweep publish it again.
+    ``published`` collects what was published ahead of the finishes'
+    writes (see :meth:`Tracker.finish_batch`), across retries of a batch.
     """
     touched: set[str] = set()
     released = 0
@@ -222,7 +226,8 @@ def write_events(tracker: Tracker, events: list[Event], marks: Sequence[str] = (
             tracker.retried(event.job_id, event.error)
         if finishes:
             finished = tracker.finish_batch([Finish(e.job_id, e.state, e.error, e.at, e.started_at)
-                                             for e in finishes], marks=marks, defer_marks=True)
+                                             for e in finishes], marks=marks, defer_marks=True,
+                                             published=published)
             marks = ()
             touched.update(finished.to_check)
             released += finished.released

@@ -107,16 +107,21 @@ def start_jobs(conn: Connection, starts: Sequence[tuple[str, datetime]], startab
 
 
 #: After a ``met`` CTE (the dependency edges just satisfied, ``RETURNING job_id``): count them off their held
-#: jobs, move the jobs with none left to ``pending`` (``released``) and refresh their operations' lease
-#: where it is older than ``:lease_before`` (see :func:`lease_before`).
+#: jobs, move the jobs with none left to ``pending`` (``released``), or straight to ``dispatched`` for those in
+#: ``:published`` (published ahead, see :func:`released_by_pg`), and refresh the lease of the operations of the
+#: pending ones where it is older than ``:lease_before`` (see :func:`lease_before`).
 _COUNT_OFF_AND_RELEASE = f"""counted AS (
         SELECT job_id, count(*) AS n FROM met GROUP BY job_id
     ), released AS (
         UPDATE {s.jobs.name} AS j
            SET pending_deps = j.pending_deps - c.n,
-               state = CASE WHEN j.pending_deps - c.n <= 0 THEN '{s.PENDING}' ELSE j.state END
+               state = CASE WHEN j.pending_deps - c.n > 0 THEN j.state
+                            WHEN j.id = ANY(CAST(:published AS varchar[])) THEN '{s.DISPATCHED}'
+                            ELSE '{s.PENDING}' END,
+               dispatched_at = CASE WHEN j.pending_deps - c.n <= 0 AND j.id = ANY(CAST(:published AS varchar[]))
+                                    THEN :now ELSE j.dispatched_at END
           FROM counted AS c
-         WHERE j.id = c.job_id AND j.state = '{s.HELD}'
+         WHERE j.id = c.job_id AND j.state = '{s.HELD}' AND NOT (j.id = ANY(CAST(:ids AS varchar[])))
      RETURNING j.id, j.state, j.parent_id, j.root_id, j.message, j.operation_id
     ), leased AS (
         UPDATE {s.operations.name} SET updated_at = :now
@@ -158,8 +163,9 @@ def release_dependents_pg(conn: Connection, succeeded: Sequence[str], ended: Seq
     """PostgreSQL, one statement: count the met edges of ``succeeded`` (and the failure-ignoring edges of
     ``ended``) off their held dependents; returns those whose last dependency was met, now ``pending``."""
     now = utcnow()
-    rows = conn.execute(_PG_RELEASE, {"done": [*succeeded, *ended], "succeeded": list(succeeded),
-                                      "now": now, "lease_before": lease_before(now, grace_seconds)}).mappings()
+    rows = conn.execute(_PG_RELEASE, {"done": [*succeeded, *ended], "succeeded": list(succeeded), "ids": [],
+                                      "published": [], "now": now,
+                                      "lease_before": lease_before(now, grace_seconds)}).mappings()
     return [{k: v for k, v in row.items() if k != "state"} for row in rows if row["state"] == s.PENDING]
 
 
@@ -170,7 +176,7 @@ _PG_SUCCEED_AND_RELEASE = PreparedStatement("spawn_succeed_and_release", sa.text
                started_at = COALESCE(j.started_at, v.started_at)
           FROM unnest(CAST(:ids AS varchar[]), CAST(:finished AS timestamp[]), CAST(:started AS timestamp[]))
                AS v(id, finished_at, started_at)
-         WHERE j.id = v.id AND j.state NOT IN ({_final_list()}, '{s.HELD}')
+         WHERE j.id = v.id AND j.state NOT IN ({_final_list()})
      RETURNING j.id, j.operation_id
     ), met AS (
         UPDATE {s.dependencies.name}
@@ -188,24 +194,64 @@ _PG_SUCCEED_AND_RELEASE = PreparedStatement("spawn_succeed_and_release", sa.text
     UNION ALL
     SELECT false, id, operation_id, parent_id, root_id, message FROM released WHERE state = '{s.PENDING}'
 """), {"ids": "varchar[]", "finished": "timestamp[]", "started": "timestamp[]", "marks": "varchar[]",
-       "now": "timestamp", "lease_before": "timestamp"})
+       "published": "varchar[]", "now": "timestamp", "lease_before": "timestamp"})
 
 
 def succeed_and_release_pg(conn: Connection, finishes: Sequence[Finish], marks: Sequence[str] = (),
-                           grace_seconds: float = 60.0) -> tuple[dict[str, str | None], list[dict]]:
+                           grace_seconds: float = 60.0, published: Sequence[str] = ()
+                           ) -> tuple[dict[str, str | None], list[dict]]:
     """PostgreSQL, one round trip for a batch of successes: finish them, count them off their held
     dependents, and return ``({job id: operation id} moved, rows of dependents now pending)``.
 
     The operations of released dependents get their lease refreshed, so that
     the recovery sweep leaves those pending rows to this caller to publish.
     ``marks``, children published earlier, are marked dispatched by the same
-    statement (not those it finishes: a row is updated once per statement)."""
+    statement (not those it finishes: a row is updated once per statement);
+    so are the dependents in ``published`` (published ahead of this statement,
+    see :func:`released_by_pg`) when it releases them, and they are not returned."""
     now = utcnow()
     rows = _PG_SUCCEED_AND_RELEASE.execute(conn, {
         "ids": [f.job_id for f in finishes], "finished": [f.finished_at for f in finishes],
-        "started": [f.started_at for f in finishes], "marks": list(marks), "now": now,
-        "lease_before": lease_before(now, grace_seconds)}).mappings().all()
+        "started": [f.started_at for f in finishes], "marks": list(marks), "published": list(published),
+        "now": now, "lease_before": lease_before(now, grace_seconds)}).mappings().all()
     won = {row["id"]: row["operation_id"] for row in rows if row["won"]}
     released = [{k: row[k] for k in ("id", "parent_id", "root_id", "message", "operation_id")}
                 for row in rows if not row["won"]]
     return won, released
+
+
+#: The held dependents that successes of ``:ids`` will release: every unmet edge of theirs is on one of those
+#: jobs, none final yet. The finishing rows and the dependents are locked (in that order, the order in which
+#: the finishing statement updates them) until the transaction ends, so no duplicate finish, other release or
+#: cancellation can act on them meanwhile. (``IS NOT DISTINCT FROM`` keeps the planner off the state index: with
+#: few held rows in its statistics it would otherwise read every held row instead of the few dependents.)
+_PG_RELEASED_BY = sa.text(f"""
+    WITH finishing AS (
+        SELECT id FROM {s.jobs.name}
+         WHERE id = ANY(CAST(:ids AS varchar[])) AND state NOT IN ({_final_list()})
+           FOR UPDATE
+    ), counted AS (
+        SELECT d.job_id, count(*) AS n
+          FROM {s.dependencies.name} AS d JOIN finishing AS f ON d.depends_on_id = f.id
+         WHERE NOT d.satisfied
+         GROUP BY d.job_id
+    )
+    SELECT j.id, j.parent_id, j.root_id, j.message, j.operation_id
+      FROM {s.jobs.name} AS j JOIN counted AS c ON j.id = c.job_id
+     WHERE j.state IS NOT DISTINCT FROM '{s.HELD}' AND j.pending_deps = c.n
+       AND NOT (j.id = ANY(CAST(:published AS varchar[])))
+       FOR UPDATE OF j
+""")
+
+
+def released_by_pg(conn: Connection, succeeding: Sequence[str], published: Sequence[str] = ()) -> list[dict]:
+    """PostgreSQL: the rows of the held dependents that successes of ``succeeding`` will release, locked.
+
+    This is what lets a dependency hop publish its next step before it writes
+    anything: the caller publishes these rows, then passes their ids as
+    ``published`` to :func:`succeed_and_release_pg` in the same transaction,
+    which marks them dispatched instead of returning them. ``published``
+    here leaves out the ids a failed earlier attempt already published.
+    """
+    rows = conn.execute(_PG_RELEASED_BY, {"ids": list(succeeding), "published": list(published)}).mappings()
+    return [dict(row) for row in rows]

@@ -1,6 +1,7 @@
 """Prepared tracking statements on a real PostgreSQL: prepared once per connection, same results, recoverable."""
 from __future__ import annotations
 
+import threading
 import uuid
 
 import pytest
@@ -138,3 +139,121 @@ def test_lease_before_is_a_tenth_of_the_grace_at_most_a_second():
     assert lease_before(now, 60) == now - timedelta(seconds=1)
     assert lease_before(now, 5) == now - timedelta(seconds=0.5)
     assert lease_before(now, 0) == now
+
+
+# ---- publishing a hop's next step ahead of the write ------------------------------------------
+def _state(store: SpawnStore, job: str) -> tuple[str, int, object]:
+    from celery_spawn.store import schema as s
+
+    with store.read() as conn:
+        row = conn.execute(sa.select(s.jobs.c.state, s.jobs.c.pending_deps, s.jobs.c.dispatched_at)
+                           .where(s.jobs.c.id == job)).one()
+    return tuple(row)
+
+
+def test_released_by_names_only_the_dependents_whose_every_unmet_edge_is_on_the_finishing_jobs(pg_store):
+    from celery_spawn.store import schema as s
+    from celery_spawn.store.transitions import released_by_pg
+
+    a, b, c = _chain(pg_store, 3)
+    x, join = f"x-{uuid.uuid4().hex[:8]}", f"join-{uuid.uuid4().hex[:8]}"
+    now = utcnow()
+    with pg_store.begin() as conn:  # ``join`` waits on a (finishing) and on x (started elsewhere)
+        conn.execute(s.jobs.insert(), [
+            {"id": x, "parent_id": "p", "root_id": "p", "task_name": "t", "state": "started", "pending_deps": 0,
+             "message": "m", "created_at": now},
+            {"id": join, "parent_id": "p", "root_id": "p", "task_name": "t", "state": "held", "pending_deps": 2,
+             "message": "m", "created_at": now}])
+        conn.execute(s.dependencies.insert(), [{"job_id": join, "depends_on_id": a},
+                                               {"job_id": join, "depends_on_id": x}])
+    with pg_store.engine.connect() as conn, conn.begin():
+        assert [r["id"] for r in released_by_pg(conn, [a])] == [b]
+        assert sorted(r["id"] for r in released_by_pg(conn, [a, x])) == sorted([b, join])
+        assert released_by_pg(conn, [a], published=[b]) == []  # an earlier attempt published it
+        row = released_by_pg(conn, [a])[0]
+        assert row == {"id": b, "parent_id": "p", "root_id": "p", "message": "message-1",
+                       "operation_id": a + "-op"}
+        # b ran before its release was written (it was published ahead): its success releases c all the same
+        assert [r["id"] for r in released_by_pg(conn, [b])] == [c]
+    with pg_store.engine.connect() as conn, conn.begin():
+        succeed_and_release_pg(conn, [Finish(a, "succeeded", None, utcnow())])
+        assert released_by_pg(conn, [a]) == []  # a is final: a second finish releases nothing
+
+
+def test_a_step_published_ahead_is_marked_dispatched_by_the_write_and_not_returned(pg_store):
+    from celery_spawn.store.transitions import released_by_pg
+
+    a, b, c = _chain(pg_store, 3)
+    with pg_store.engine.connect() as conn, conn.begin():
+        ahead = [r["id"] for r in released_by_pg(conn, [a])]
+        won, released = succeed_and_release_pg(conn, [Finish(a, "succeeded", None, utcnow())], published=ahead)
+    assert ahead == [b] and list(won) == [a] and released == []
+    state, pending, dispatched_at = _state(pg_store, b)
+    assert (state, pending) == ("dispatched", 0) and dispatched_at is not None
+    assert _state(pg_store, c)[:2] == ("held", 1)
+
+
+def _in_thread(target):
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = target()
+        except BaseException as exc:  # surfaced by the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def test_the_next_steps_finish_waits_for_the_write_of_the_step_that_published_it(pg_store):
+    """Published ahead, a step can finish in another process before its release is committed: its finish
+    waits on the row lock of the read, then finishes it and releases the step after it."""
+    from celery_spawn.store.transitions import released_by_pg
+
+    a, b, c = _chain(pg_store, 3)
+
+    def finish_b():
+        with pg_store.engine.connect() as other, other.begin():
+            return succeed_and_release_pg(other, [Finish(b, "succeeded", None, utcnow())])
+
+    with pg_store.engine.connect() as conn, conn.begin():
+        assert [r["id"] for r in released_by_pg(conn, [a])] == [b]
+        thread, box = _in_thread(finish_b)
+        thread.join(0.5)
+        assert thread.is_alive(), "b's finish did not wait for the transaction that published it"
+        succeed_and_release_pg(conn, [Finish(a, "succeeded", None, utcnow())], published=[b])
+    thread.join(10)
+    assert "error" not in box
+    won, released = box["result"]
+    assert list(won) == [b] and [r["id"] for r in released] == [c]
+    assert _state(pg_store, b)[0] == "succeeded" and _state(pg_store, c)[0] == "pending"
+
+
+def test_a_duplicate_finish_waits_and_then_publishes_nothing(pg_store):
+    from celery_spawn.store.transitions import released_by_pg
+
+    a, b, _ = _chain(pg_store, 3)
+
+    def read_again():
+        with pg_store.engine.connect() as other, other.begin():
+            return released_by_pg(other, [a])
+
+    with pg_store.engine.connect() as conn, conn.begin():
+        assert [r["id"] for r in released_by_pg(conn, [a])] == [b]
+        thread, box = _in_thread(read_again)
+        thread.join(0.5)
+        assert thread.is_alive()
+        succeed_and_release_pg(conn, [Finish(a, "succeeded", None, utcnow())], published=[b])
+    thread.join(10)
+    assert box == {"result": []}
+
+
+def test_a_held_step_that_finishes_in_the_same_batch_as_its_dependency_is_finished_not_released(pg_store):
+    a, b, c = _chain(pg_store, 3)
+    with pg_store.engine.connect() as conn, conn.begin():
+        won, released = succeed_and_release_pg(conn, [Finish(a, "succeeded", None, utcnow()),
+                                                      Finish(b, "succeeded", None, utcnow())])
+    assert set(won) == {a, b} and [r["id"] for r in released] == [c]
+    assert _state(pg_store, b)[0] == "succeeded"

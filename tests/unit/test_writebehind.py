@@ -4,12 +4,13 @@ from __future__ import annotations
 import threading
 import time
 from datetime import timedelta
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from celery import Celery
 
-from celery_spawn import SpawnManager, SpawnTask, depends_on, get_state, install
+from celery_spawn import SpawnManager, SpawnTask, depends_on, get_state, install, tracking
 from celery_spawn.errors import StoreError
 from celery_spawn.handlers import default_operation_id
 from celery_spawn.store import schema as s
@@ -268,7 +269,8 @@ def test_the_first_finish_after_a_pause_is_written_at_once(monkeypatch):
     assert tracker.batches == [1, 1]
 
 
-def test_a_released_step_is_marked_dispatched_with_the_next_batch_or_when_quiet(rig):
+def test_a_released_step_is_marked_dispatched_with_the_next_batch_or_when_quiet(rig, monkeypatch):
+    monkeypatch.setattr(tracking, "PUBLISH_AHEAD", 0)  # (on PostgreSQL, a small batch's release is published ahead)
     app, parent = rig
     operation_id, children = spawn(app, parent, 3, chain=True)
     tracker = get_state(app).tracker
@@ -296,3 +298,79 @@ def test_a_released_step_is_marked_dispatched_with_the_next_batch_or_when_quiet(
         assert [c["state"] for c in jobs(app, operation_id)] == [s.SUCCEEDED, s.SUCCEEDED, s.DISPATCHED]
     finally:
         del tracker.store.mark_dispatched_in
+
+
+# ---- PostgreSQL: a hop publishes the next step ahead of its write -------------------------------
+class _Calls(list):
+    spy: Any
+
+
+@pytest.fixture
+def published_calls(monkeypatch):
+    """Every publish_children call of the tracker: the ids, and their states in the store at that moment."""
+    calls = _Calls()
+    real = tracking.publish_children
+
+    def spy(app, rows):
+        store = get_state(app).store
+        with store.read() as conn:
+            states = dict(conn.execute(sa.select(s.jobs.c.id, s.jobs.c.state)
+                                       .where(s.jobs.c.id.in_([r["id"] for r in rows]))).all())
+        calls.append({"ids": [r["id"] for r in rows], "states_then": states})
+        if spy.failures and spy.failures.pop():
+            raise ConnectionError("broker down")
+        return real(app, rows)
+
+    spy.failures = []
+    monkeypatch.setattr(tracking, "publish_children", spy)
+    calls.spy = spy
+    return calls
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_hop_publishes_the_next_step_before_it_writes(rig, published_calls):
+    app, parent = rig
+    operation_id, children = spawn(app, parent, 3, chain=True)
+    first, second, third = (c["id"] for c in children)
+    finished = get_state(app).tracker.finish_batch([Finish(first, s.SUCCEEDED, None, utcnow())], defer_marks=True)
+    assert published_calls == [{"ids": [second], "states_then": {second: s.HELD}}]  # before the write committed
+    assert finished.won == {first: operation_id} and finished.released == 1
+    assert finished.to_check == [] and list(finished.unmarked) == []  # marked by the write itself
+    assert [c["state"] for c in jobs(app, operation_id)] == [s.SUCCEEDED, s.DISPATCHED, s.HELD]
+    assert jobs(app, operation_id)[1]["dispatched_at"] is not None
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_broker_error_ahead_leaves_the_step_to_be_published_after_the_write(rig, published_calls):
+    app, parent = rig
+    operation_id, children = spawn(app, parent, 3, chain=True)
+    first, second, _ = (c["id"] for c in children)
+    published_calls.spy.failures.append(True)
+    finished = get_state(app).tracker.finish_batch([Finish(first, s.SUCCEEDED, None, utcnow())])
+    assert [c["ids"] for c in published_calls] == [[second], [second]]
+    assert published_calls[1]["states_then"] == {second: s.PENDING}  # the usual way: released, then published
+    assert finished.released == 1
+    assert [c["state"] for c in jobs(app, operation_id)] == [s.SUCCEEDED, s.DISPATCHED, s.HELD]
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_write_that_fails_after_publishing_ahead_is_retried_without_publishing_again(rig, published_calls,
+                                                                                       monkeypatch):
+    app, parent = rig
+    operation_id, children = spawn(app, parent, 3, chain=True)
+    first, second, _ = (c["id"] for c in children)
+    real = tracking.succeed_and_release_pg
+    failures = [StoreError("connection lost")]
+
+    def flaky(*args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "succeed_and_release_pg", flaky)
+    queue = WriteBehind(get_state(app).tracker)
+    queue.add(Event(FINISH, first, state=s.SUCCEEDED, operation_id=operation_id))
+    assert queue.flush(10)
+    assert not failures  # the first attempt failed, after publishing
+    assert [c["ids"] for c in published_calls] == [[second]]  # and the retry did not publish it again
+    assert [c["state"] for c in jobs(app, operation_id)] == [s.SUCCEEDED, s.DISPATCHED, s.HELD]
