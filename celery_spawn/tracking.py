@@ -8,6 +8,7 @@ dependents, completes the operation, applies ``on_complete``).
 from __future__ import annotations
 
 import logging
+import sys
 from typing import TYPE_CHECKING, Any, Iterable, NamedTuple, Sequence
 
 import sqlalchemy as sa
@@ -42,6 +43,28 @@ MAX_SUMMARY_RESULTS = 1000
 MAX_ERROR_TEXT = 4000
 #: Successes written together at most for which the dependents they release are published ahead of the write.
 PUBLISH_AHEAD = 8
+
+
+def _may_publish_ahead(app: Celery) -> bool:
+    """Whether a release may be published while its transaction holds row locks.
+
+    Not in eager mode (the child would run at once and wait on those locks),
+    nor on gevent or eventlet without a cooperative psycopg2 (psycogreen):
+    a task greenlet waiting on such a lock there blocks the whole process,
+    the greenlet holding it included.
+    """
+    if app.conf.task_always_eager:
+        return False
+    try:
+        from psycopg2.extensions import get_wait_callback
+    except ImportError:  # psycopg (3)
+        get_wait_callback = None
+    if get_wait_callback is not None and get_wait_callback() is not None:
+        return True
+    gevent_monkey = sys.modules.get("gevent.monkey")
+    eventlet_patcher = sys.modules.get("eventlet.patcher")
+    return not ((gevent_monkey is not None and gevent_monkey.is_module_patched("socket"))
+                or (eventlet_patcher is not None and eventlet_patcher.is_monkey_patched("socket")))
 
 
 def is_spawned(task: Task) -> bool:
@@ -159,7 +182,7 @@ class Tracker:
             if conn.dialect.name == "postgresql" and len(first) <= CHUNK and len(marks) <= CHUNK and all(
                     state == s.SUCCEEDED for state in states.values()):
                 # the common case: one round trip, or two with the next steps published between them
-                if len(first) <= PUBLISH_AHEAD and not self.app.conf.task_always_eager:
+                if len(first) <= PUBLISH_AHEAD and _may_publish_ahead(self.app):
                     ahead = self._publish_ahead(released_by_pg(conn, list(states), sorted(published)), published)
                 won, to_publish = succeed_and_release_pg(conn, first, marks, self._grace, sorted(published))
             else:
@@ -481,6 +504,14 @@ class Tracker:
         for chunk in chunked(waiting):
             conn.execute(s.jobs.update().where(s.jobs.c.id.in_(chunk), s.jobs.c.state.in_(s.UNDISPATCHED_JOB_STATES))
                          .values(state=s.CANCELLED, error=reason, finished_at=now))
+        if waiting and conn.dialect.name == "postgresql":
+            # Published ahead of a release while these updates waited on its row locks (see finish_batch):
+            # on their way to a worker now, so they are revoked like the running ones.
+            escaped = {job for chunk in chunked(waiting) for job in conn.execute(
+                sa.select(s.jobs.c.id).where(s.jobs.c.id.in_(chunk), s.jobs.c.state.notin_(FINAL))).scalars()}
+            if escaped:
+                waiting = [job for job in waiting if job not in escaped]
+                running = [*running, *sorted(escaped)]
         for chunk in chunked(running):
             conn.execute(s.jobs.update().where(s.jobs.c.id.in_(chunk), s.jobs.c.state.notin_(FINAL))
                          .values(state=s.REVOKED, error=reason, finished_at=now))

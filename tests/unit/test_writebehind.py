@@ -374,3 +374,54 @@ def test_a_write_that_fails_after_publishing_ahead_is_retried_without_publishing
     assert not failures  # the first attempt failed, after publishing
     assert [c["ids"] for c in published_calls] == [[second]]  # and the retry did not publish it again
     assert [c["state"] for c in jobs(app, operation_id)] == [s.SUCCEEDED, s.DISPATCHED, s.HELD]
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_cancel_that_waited_for_a_step_published_ahead_revokes_it(rig, monkeypatch):
+    from celery_spawn.store.transitions import released_by_pg, succeed_and_release_pg
+
+    app, parent = rig
+    operation_id, children = spawn(app, parent, 3, chain=True)
+    first, second, third = (c["id"] for c in children)
+    revoked: list = []
+    monkeypatch.setattr(app.control, "revoke", lambda ids, **_: revoked.extend(ids))
+    tracker = get_state(app).tracker
+    box: dict = {}
+    with tracker.store.engine.connect() as conn, conn.begin():
+        assert [r["id"] for r in released_by_pg(conn, [first])] == [second]  # locked, being published
+        thread = threading.Thread(target=lambda: box.update(result=tracker.cancel(operation_id)), daemon=True)
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive(), "the cancel did not wait for the release's locks"
+        succeed_and_release_pg(conn, [Finish(first, s.SUCCEEDED, None, utcnow())], published=[second])
+    thread.join(10)
+    assert box["result"]["cancelled"] == 1  # third; first (running when read) and second are revoked
+    assert second in revoked
+    assert [c["state"] for c in jobs(app, operation_id)] == [s.SUCCEEDED, s.REVOKED, s.CANCELLED]
+
+
+def test_publishing_ahead_is_off_in_eager_mode_and_under_green_threads_with_a_blocking_driver(monkeypatch):
+    import sys
+    import types
+
+    from psycopg2.extensions import set_wait_callback
+    from psycopg2.extras import wait_select
+
+    from celery_spawn.tracking import _may_publish_ahead
+
+    app = Celery("ahead", set_as_current=False)
+    assert _may_publish_ahead(app)
+    app.conf.task_always_eager = True
+    assert not _may_publish_ahead(app)
+    app.conf.task_always_eager = False
+    patched = types.SimpleNamespace(is_module_patched=lambda name: name == "socket")
+    monkeypatch.setitem(sys.modules, "gevent.monkey", patched)
+    assert not _may_publish_ahead(app)  # a greenlet waiting on a row lock would block the lock's holder
+    set_wait_callback(wait_select)  # what psycogreen does: database waits yield to other greenlets
+    try:
+        assert _may_publish_ahead(app)
+    finally:
+        set_wait_callback(None)
+    monkeypatch.delitem(sys.modules, "gevent.monkey")
+    monkeypatch.setitem(sys.modules, "eventlet.patcher", types.SimpleNamespace(is_monkey_patched=lambda name: True))
+    assert not _may_publish_ahead(app)
