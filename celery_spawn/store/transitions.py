@@ -239,7 +239,7 @@ _PG_RELEASED_BY = sa.text(f"""
     SELECT j.id, j.parent_id, j.root_id, j.message, j.operation_id
       FROM {s.jobs.name} AS j JOIN counted AS c ON j.id = c.job_id
      WHERE j.state IS NOT DISTINCT FROM '{s.HELD}' AND j.pending_deps = c.n
-       AND NOT (j.id = ANY(CAST(:published AS varchar[])))
+       AND NOT (j.id = ANY(CAST(:published AS varchar[]))) AND NOT (j.id = ANY(CAST(:ids AS varchar[])))
        FOR UPDATE OF j
 """)
 

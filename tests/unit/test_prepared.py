@@ -257,3 +257,11 @@ def test_a_held_step_that_finishes_in_the_same_batch_as_its_dependency_is_finish
                                                       Finish(b, "succeeded", None, utcnow())])
     assert set(won) == {a, b} and [r["id"] for r in released] == [c]
     assert _state(pg_store, b)[0] == "succeeded"
+
+
+def test_a_dependent_finishing_in_the_same_batch_is_not_published_ahead(pg_store):
+    from celery_spawn.store.transitions import released_by_pg
+
+    a, b, c = _chain(pg_store, 3)
+    with pg_store.engine.connect() as conn, conn.begin():  # b ran already (say, a copy published by hand)
+        assert [r["id"] for r in released_by_pg(conn, [a, b])] == [c]
