@@ -85,6 +85,42 @@ class Finished(NamedTuple):
     unmarked: Sequence[str] = ()
 
 
+class HeldRelease:
+    """An open transaction holding the rows a running job's success will release, read and locked meanwhile.
+
+    The write-behind opens one when a lone start waits for its finish
+    (:meth:`Tracker.hold_release`): when the success comes, the next steps
+    are published at once, and the finish is written and committed in this
+    transaction (:meth:`Tracker.finish_batch`). Anything else ends it
+    with :meth:`release`, which writes nothing.
+    """
+
+    def __init__(self, job_id: str, conn: sa.Connection, rows: list[dict]) -> None:
+        self.job_id = job_id
+        self.conn: sa.Connection | None = conn
+        self.rows = rows
+
+    def take(self) -> sa.Connection:
+        """The connection, handed over once to the caller that ends its transaction."""
+        conn, self.conn = self.conn, None
+        if conn is None:
+            raise RuntimeError(f"the held release of {self.job_id} was already ended")
+        return conn
+
+    def release(self) -> None:
+        """Roll back (the locks go, nothing was written) and give the connection back to the pool."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            _close_quietly(conn)
+
+
+def _close_quietly(conn: sa.Connection) -> None:
+    try:
+        conn.close()  # rolls back what is open
+    except Exception as exc:  # a dead connection: the pool drops it
+        logger.debug("closing a held tracking connection failed: %s", exc)
+
+
 class Tracker:
     """Applies worker events to the store for one app."""
 
@@ -155,8 +191,33 @@ class Tracker:
             self.check_completion(operation_id)
         return finished.won
 
+    def hold_release(self, job_id: str) -> HeldRelease | None:
+        """While ``job_id`` runs, read and lock what its success will release (PostgreSQL; see finish_batch).
+
+        None when it would release nothing, or where publishing ahead is
+        off; a database error is only logged (the finish does it the usual way).
+        """
+        if self.store.backend != "postgresql" or not _may_publish_ahead(self.app):
+            return None
+        try:
+            conn = self.store.engine.connect()
+        except Exception as exc:
+            logger.debug("could not read ahead what %s releases: %s", job_id, exc)
+            return None
+        try:
+            conn.begin()
+            rows = released_by_pg(conn, [job_id])
+        except Exception as exc:
+            logger.debug("could not read ahead what %s releases: %s", job_id, exc)
+            rows = []
+        if not rows:
+            _close_quietly(conn)
+            return None
+        return HeldRelease(job_id, conn, rows)
+
     def finish_batch(self, finishes: Sequence[Finish], marks: Sequence[str] = (),
-                     defer_marks: bool = False, published: set[str] | None = None) -> Finished:
+                     defer_marks: bool = False, published: set[str] | None = None,
+                     held: HeldRelease | None = None) -> Finished:
         """Finish jobs and publish what that releases (see :class:`Finished`).
 
         One transaction: the jobs still unfinished change, their dependents
@@ -172,17 +233,24 @@ class Tracker:
         hop waits for one locked read, not for the write and its commit.
         ``published`` collects the ids so published; a caller that retries
         the same batch after an error passes the same set, so that a retry
-        marks them instead of publishing them again.
+        marks them instead of publishing them again. ``held`` (see
+        :meth:`hold_release`) is used when this is its job's success alone,
+        and ended otherwise: then the read was done while the job ran.
         """
         first = list({f.job_id: f for f in reversed(finishes)}.values())  # a job's first finish counts
         states = {f.job_id: f.state for f in first}
         published = set() if published is None else published
         ahead: list[dict] = []
-        with self.store.begin() as conn:
+        if held is not None and states != {held.job_id: s.SUCCEEDED}:
+            held.release()
+            held = None
+        with (self.store.begun(held.take()) if held is not None else self.store.begin()) as conn:
             if conn.dialect.name == "postgresql" and len(first) <= CHUNK and len(marks) <= CHUNK and all(
                     state == s.SUCCEEDED for state in states.values()):
                 # the common case: one round trip, or two with the next steps published between them
-                if len(first) <= PUBLISH_AHEAD and _may_publish_ahead(self.app):
+                if held is not None:
+                    ahead = self._publish_ahead([r for r in held.rows if r["id"] not in published], published)
+                elif len(first) <= PUBLISH_AHEAD and _may_publish_ahead(self.app):
                     ahead = self._publish_ahead(released_by_pg(conn, list(states), sorted(published)), published)
                 won, to_publish = succeed_and_release_pg(conn, first, marks, self._grace, sorted(published))
             else:

@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 from .errors import StoreError
 from .store.sql import utcnow
+from .store.schema import SUCCEEDED
 from .store.transitions import Finish
 
 if TYPE_CHECKING:
     from datetime import datetime
 
-    from .tracking import Tracker
+    from .tracking import HeldRelease, Tracker
 
 logger = logging.getLogger("celery_spawn.tracking")
 
@@ -85,6 +86,10 @@ class WriteBehind:
         self._flowing = False
         # Children this writer published and has not marked dispatched yet (written with the next batch).
         self._marks: list[str] = []
+        # What the success of the job whose lone start waits for its finish will release, read and
+        # locked while that job runs (see Tracker.hold_release), and the last job it was tried for.
+        self._held: HeldRelease | None = None
+        self._held_for: str | None = None
 
     def add(self, event: Event) -> None:
         with self._wake:
@@ -121,6 +126,9 @@ class WriteBehind:
                 left = self._events[0].queued + START_DELAY - time.monotonic()
                 if left <= 0:
                     break
+                if len(self._events) == 1 and self._held is None and self._held_for != self._events[0].job_id:
+                    self._hold_release(self._events[0].job_id)
+                    continue
                 self._wait(left, wake_at=BUSY, finish_wakes=True)
             if LINGER and (len(self._events) >= BUSY or self._flowing):
                 # Busy: a moment more gathers a bigger batch (an idle worker, or one whose
@@ -130,6 +138,18 @@ class WriteBehind:
                     self._wait(left, wake_at=MAX_BATCH)
             count = min(len(self._events), MAX_BATCH)
             return [self._events.popleft() for _ in range(count)]
+
+    def _hold_release(self, job_id: str) -> None:
+        """While a lone job runs, read and lock what its success releases (called holding ``_wake``,
+        which the read does not hold: the task thread queues the finish meanwhile)."""
+        self._held_for = job_id
+        self._wake.release()
+        try:
+            self._held = self.tracker.hold_release(job_id)
+        except Exception as exc:  # an optimisation: the finish does it the usual way
+            logger.debug("celery-spawn could not read ahead what %s releases: %s", job_id, exc)
+        finally:
+            self._wake.acquire()
 
     def _wait(self, timeout: float | None, wake_at: int, finish_wakes: bool = False) -> bool:
         """Wait (holding ``_wake``) until ``wake_at`` events are queued, a finish if ``finish_wakes``, or timeout."""
@@ -174,10 +194,12 @@ class WriteBehind:
     def _write_until_done(self, batch: list[Event]) -> Written:
         attempt = 0
         published: set[str] = set()  # published ahead by a failed attempt: a retry marks them, not publishes
+        held, self._held = self._held, None
         while True:
             try:
-                return write_events(self.tracker, batch, self._marks, published)
+                return write_events(self.tracker, batch, self._marks, published, held)
             except StoreError as exc:
+                held = None  # (used or ended by the failed attempt)
                 delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
                 if attempt == 0 or delay == RETRY_DELAYS[-1]:
                     logger.error("celery-spawn could not record %d tracking events (retrying in %gs): %s",
@@ -201,7 +223,7 @@ class Written(NamedTuple):
 
 
 def write_events(tracker: Tracker, events: list[Event], marks: Sequence[str] = (),
-                 published: set[str] | None = None) -> Written:
+                 published: set[str] | None = None, held: HeldRelease | None = None) -> Written:
     """Apply events in order, a run of distinct jobs at a time (a job's events never reorder).
 
     A start followed by its job's finish in the same batch is folded into
@@ -212,11 +234,27 @@ def write_events(tracker: Tracker, events: list[Event], marks: Sequence[str] = (
     a mark that a crash loses only makes the sweep publish it again.
     ``published`` collects what was published ahead of the finishes'
     writes (see :meth:`Tracker.finish_batch`), across retries of a batch.
+    ``held`` serves when the batch is its job's success alone, and is
+    ended (before anything is written) otherwise.
     """
+    folded = _fold_starts(events)
+    if held is not None and not (len(folded) == 1 and folded[0].kind == FINISH
+                                 and folded[0].job_id == held.job_id and folded[0].state == SUCCEEDED):
+        held.release()  # (its locks would stall this batch's own writes)
+        held = None
+    try:
+        return _write_runs(tracker, folded, marks, published, held)
+    finally:
+        if held is not None:
+            held.release()  # (a no-op once the finish took it)
+
+
+def _write_runs(tracker: Tracker, folded: list[Event], marks: Sequence[str], published: set[str] | None,
+                held: HeldRelease | None) -> Written:
     touched: set[str] = set()
     released = 0
     unmarked: list[str] = []
-    for run in _runs_of_distinct_jobs(_fold_starts(events)):
+    for run in _runs_of_distinct_jobs(folded):
         starts = [e for e in run if e.kind == START]
         retries = [e for e in run if e.kind == RETRY]
         finishes = [e for e in run if e.kind == FINISH]
@@ -227,8 +265,8 @@ def write_events(tracker: Tracker, events: list[Event], marks: Sequence[str] = (
         if finishes:
             finished = tracker.finish_batch([Finish(e.job_id, e.state, e.error, e.at, e.started_at)
                                              for e in finishes], marks=marks, defer_marks=True,
-                                             published=published)
-            marks = ()
+                                             published=published, held=held)
+            marks, held = (), None
             touched.update(finished.to_check)
             released += finished.released
             unmarked.extend(finished.unmarked)

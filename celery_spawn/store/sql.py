@@ -87,6 +87,21 @@ class SpawnStore:
             raise StoreError(f"spawn store {self.safe_url} failed: {_short(exc)}") from exc
 
     @contextlib.contextmanager
+    def begun(self, conn: Connection) -> Iterator[Connection]:
+        """Finish the transaction already begun on ``conn`` (commit, or roll back on error), then close it;
+        database errors come out as :class:`StoreError`, as from :meth:`begin`."""
+        try:
+            with conn:
+                try:
+                    yield conn
+                except BaseException:
+                    conn.rollback()
+                    raise
+                conn.commit()
+        except SQLAlchemyError as exc:
+            raise StoreError(f"spawn store {self.safe_url} failed: {_short(exc)}") from exc
+
+    @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
         """A read-only connection (no write lock on SQLite)."""
         try:

@@ -425,3 +425,91 @@ def test_publishing_ahead_is_off_in_eager_mode_and_under_green_threads_with_a_bl
     monkeypatch.delitem(sys.modules, "gevent.monkey")
     monkeypatch.setitem(sys.modules, "eventlet.patcher", types.SimpleNamespace(is_monkey_patched=lambda name: True))
     assert not _may_publish_ahead(app)
+
+
+def _wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_lone_start_reads_and_locks_the_release_while_its_job_runs(rig, published_calls, monkeypatch):
+    app, parent = rig
+    operation_id, children = spawn(app, parent, 3, chain=True)
+    first, second, _ = (c["id"] for c in children)
+    reads = []
+    real_read = tracking.released_by_pg
+    monkeypatch.setattr(tracking, "released_by_pg", lambda conn, ids, *a: reads.append(list(ids)) or real_read(
+        conn, ids, *a))
+    queue = WriteBehind(get_state(app).tracker)
+    queue.add(Event(START, first))
+    _wait_for(lambda: queue._held is not None)  # read while the job runs
+    assert reads == [[first]] and [r["id"] for r in queue._held.rows] == [second]
+    queue.add(Event(FINISH, first, state=s.SUCCEEDED, operation_id=operation_id))
+    assert queue.flush(10)
+    assert reads == [[first]]  # the finish read nothing more
+    assert published_calls == [{"ids": [second], "states_then": {second: s.HELD}}]
+    rows = jobs(app, operation_id)
+    assert [r["state"] for r in rows] == [s.SUCCEEDED, s.DISPATCHED, s.HELD]
+    assert rows[0]["started_at"] is not None  # the start, folded into the finish
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_held_release_is_let_go_when_the_job_fails_or_its_start_is_written_alone(rig, published_calls):
+    app, parent = rig
+    operation_id, children = spawn(app, parent, 3, chain=True)
+    first = children[0]["id"]
+    queue = WriteBehind(get_state(app).tracker)
+    queue.add(Event(START, first))
+    _wait_for(lambda: queue._held is not None)
+    assert queue.flush(10)  # no finish within START_DELAY: the start is written, the locks let go first
+    assert queue._held is None
+    assert [r["state"] for r in jobs(app, operation_id)] == [s.STARTED, s.HELD, s.HELD]
+    other_operation, others = spawn(app, parent, 3, chain=True)
+    queue.add(Event(START, others[0]["id"]))
+    _wait_for(lambda: queue._held is not None)
+    queue.add(Event(FINISH, others[0]["id"], state=s.FAILED, error="boom", operation_id=other_operation))
+    assert queue.flush(10)  # the failure lets the locks go, then cancels what depended on it
+    assert queue._held is None and published_calls == []
+    assert [r["state"] for r in jobs(app, other_operation)] == [s.FAILED, s.CANCELLED, s.CANCELLED]
+
+
+def test_hold_release_needs_postgresql(rig):
+    app, parent = rig
+    operation_id, children = spawn(app, parent, 3, chain=True)
+    tracker = get_state(app).tracker
+    held = tracker.hold_release(children[0]["id"])
+    try:
+        if tracker.store.backend == "postgresql":
+            assert held is not None and [r["id"] for r in held.rows] == [children[1]["id"]]
+            assert tracker.hold_release(children[2]["id"]) is None  # releases nothing
+        else:
+            assert held is None
+    finally:
+        if held is not None:
+            held.release()
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_held_write_that_fails_is_retried_without_publishing_again(rig, published_calls, monkeypatch):
+    app, parent = rig
+    operation_id, children = spawn(app, parent, 3, chain=True)
+    first, second, _ = (c["id"] for c in children)
+    real = tracking.succeed_and_release_pg
+    failures = [sa.exc.OperationalError("UPDATE ...", {}, Exception("server closed the connection"))]
+
+    def flaky(*args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "succeed_and_release_pg", flaky)
+    queue = WriteBehind(get_state(app).tracker)
+    queue.add(Event(START, first))
+    _wait_for(lambda: queue._held is not None)
+    queue.add(Event(FINISH, first, state=s.SUCCEEDED, operation_id=operation_id))
+    assert queue.flush(10)
+    assert not failures and [c["ids"] for c in published_calls] == [[second]]
+    assert [c["state"] for c in jobs(app, operation_id)] == [s.SUCCEEDED, s.DISPATCHED, s.HELD]
