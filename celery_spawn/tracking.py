@@ -199,19 +199,17 @@ class Tracker:
         """
         if self.store.backend != "postgresql" or not _may_publish_ahead(self.app):
             return None
+        conn: sa.Connection | None = None
+        rows: list[dict] = []
         try:
             conn = self.store.engine.connect()
-        except Exception as exc:
-            logger.debug("could not read ahead what %s releases: %s", job_id, exc)
-            return None
-        try:
             conn.begin()
             rows = released_by_pg(conn, [job_id])
         except Exception as exc:
             logger.debug("could not read ahead what %s releases: %s", job_id, exc)
-            rows = []
-        if not rows:
-            _close_quietly(conn)
+        if conn is None or not rows:
+            if conn is not None:
+                _close_quietly(conn)
             return None
         return HeldRelease(job_id, conn, rows)
 

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 from .errors import StoreError
 from .store.sql import utcnow
-from .store.schema import SUCCEEDED
 from .store.transitions import Finish
 
 if TYPE_CHECKING:
@@ -234,13 +233,13 @@ def write_events(tracker: Tracker, events: list[Event], marks: Sequence[str] = (
     a mark that a crash loses only makes the sweep publish it again.
     ``published`` collects what was published ahead of the finishes'
     writes (see :meth:`Tracker.finish_batch`), across retries of a batch.
-    ``held`` serves when the batch is its job's success alone, and is
-    ended (before anything is written) otherwise.
+    ``held`` goes to the finish when the batch is its job's finish alone
+    (see :meth:`Tracker.finish_batch`), and is ended before anything is
+    written otherwise (its locks would stall this batch's own writes).
     """
     folded = _fold_starts(events)
-    if held is not None and not (len(folded) == 1 and folded[0].kind == FINISH
-                                 and folded[0].job_id == held.job_id and folded[0].state == SUCCEEDED):
-        held.release()  # (its locks would stall this batch's own writes)
+    if held is not None and not (len(folded) == 1 and folded[0].kind == FINISH and folded[0].job_id == held.job_id):
+        held.release()
         held = None
     try:
         return _write_runs(tracker, folded, marks, published, held)

@@ -78,38 +78,36 @@ class SpawnStore:
         self.holder.dispose()
 
     @contextlib.contextmanager
-    def begin(self) -> Iterator[Connection]:
-        """A write transaction; database errors come out as :class:`StoreError`."""
+    def _errors(self) -> Iterator[None]:
+        """Database errors come out as :class:`StoreError`, naming the store (never its password)."""
         try:
-            with self.engine.begin() as conn:
-                yield conn
+            yield
         except SQLAlchemyError as exc:
             raise StoreError(f"spawn store {self.safe_url} failed: {_short(exc)}") from exc
+
+    @contextlib.contextmanager
+    def begin(self) -> Iterator[Connection]:
+        """A write transaction; database errors come out as :class:`StoreError`."""
+        with self._errors(), self.engine.begin() as conn:
+            yield conn
 
     @contextlib.contextmanager
     def begun(self, conn: Connection) -> Iterator[Connection]:
         """Finish the transaction already begun on ``conn`` (commit, or roll back on error), then close it;
         database errors come out as :class:`StoreError`, as from :meth:`begin`."""
-        try:
-            with conn:
-                try:
-                    yield conn
-                except BaseException:
-                    conn.rollback()
-                    raise
-                conn.commit()
-        except SQLAlchemyError as exc:
-            raise StoreError(f"spawn store {self.safe_url} failed: {_short(exc)}") from exc
+        with self._errors(), conn:
+            try:
+                yield conn
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
         """A read-only connection (no write lock on SQLite)."""
-        try:
-            with self.engine.connect() as conn:
-                conn = conn.execution_options(spawn_readonly=True)
-                yield conn
-        except SQLAlchemyError as exc:
-            raise StoreError(f"spawn store {self.safe_url} failed: {_short(exc)}") from exc
+        with self._errors(), self.engine.connect() as conn:
+            yield conn.execution_options(spawn_readonly=True)
 
     def relax_commit(self, conn: Connection) -> None:
         """PostgreSQL: this transaction's commit does not wait for the WAL flush (for writes a crash may lose)."""

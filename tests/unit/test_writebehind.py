@@ -353,14 +353,10 @@ def test_a_broker_error_ahead_leaves_the_step_to_be_published_after_the_write(ri
     assert [c["state"] for c in jobs(app, operation_id)] == [s.SUCCEEDED, s.DISPATCHED, s.HELD]
 
 
-@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
-def test_a_write_that_fails_after_publishing_ahead_is_retried_without_publishing_again(rig, published_calls,
-                                                                                       monkeypatch):
-    app, parent = rig
-    operation_id, children = spawn(app, parent, 3, chain=True)
-    first, second, _ = (c["id"] for c in children)
+def _fail_the_first_write(monkeypatch, error: Exception) -> list[Exception]:
+    """Make the next finishing statement raise ``error`` (after what was published ahead); returns what is left."""
     real = tracking.succeed_and_release_pg
-    failures = [StoreError("connection lost")]
+    failures = [error]
 
     def flaky(*args, **kwargs):
         if failures:
@@ -368,6 +364,16 @@ def test_a_write_that_fails_after_publishing_ahead_is_retried_without_publishing
         return real(*args, **kwargs)
 
     monkeypatch.setattr(tracking, "succeed_and_release_pg", flaky)
+    return failures
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_write_that_fails_after_publishing_ahead_is_retried_without_publishing_again(rig, published_calls,
+                                                                                       monkeypatch):
+    app, parent = rig
+    operation_id, children = spawn(app, parent, 3, chain=True)
+    first, second, _ = (c["id"] for c in children)
+    failures = _fail_the_first_write(monkeypatch, StoreError("connection lost"))
     queue = WriteBehind(get_state(app).tracker)
     queue.add(Event(FINISH, first, state=s.SUCCEEDED, operation_id=operation_id))
     assert queue.flush(10)
@@ -497,15 +503,8 @@ def test_a_held_write_that_fails_is_retried_without_publishing_again(rig, publis
     app, parent = rig
     operation_id, children = spawn(app, parent, 3, chain=True)
     first, second, _ = (c["id"] for c in children)
-    real = tracking.succeed_and_release_pg
-    failures = [sa.exc.OperationalError("UPDATE ...", {}, Exception("server closed the connection"))]
-
-    def flaky(*args, **kwargs):
-        if failures:
-            raise failures.pop()
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tracking, "succeed_and_release_pg", flaky)
+    failures = _fail_the_first_write(
+        monkeypatch, sa.exc.OperationalError("UPDATE ...", {}, Exception("server closed the connection")))
     queue = WriteBehind(get_state(app).tracker)
     queue.add(Event(START, first))
     _wait_for(lambda: queue._held is not None)
