@@ -11,7 +11,6 @@ import os
 import time
 
 import sqlalchemy as sa
-from pathlib import Path
 
 from celery import Celery
 

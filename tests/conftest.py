@@ -9,7 +9,9 @@ import pytest
 
 from tests.harness import (
     AMQP_URL,
+    COMBINATIONS,
     REDIS_URL,
+    STORES,
     Backend,
     Worker,
     check_broker,
@@ -17,12 +19,6 @@ from tests.harness import (
 )
 
 ARTIFACTS = Path(os.environ.get("SPAWN_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
-
-#: The combinations the core must run on: (broker, store). SPAWN_TEST_BACKENDS narrows them (tox envs).
-ALL_COMBINATIONS = ["embedded", "redis-postgresql", "rabbitmq-mariadb"]
-COMBINATIONS = [c for c in os.environ.get("SPAWN_TEST_BACKENDS", ",".join(ALL_COMBINATIONS)).split(",") if c]
-_STORE_OF = {"embedded": "sqlite", "redis-postgresql": "postgresql", "rabbitmq-mariadb": "mariadb"}
-STORES = [_STORE_OF[c] for c in COMBINATIONS]
 
 
 def pytest_addoption(parser):

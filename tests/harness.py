@@ -24,6 +24,12 @@ MYSQL_ADMIN_URL = os.environ.get("SPAWN_TEST_MYSQL_URL", "mysql+mysqldb://root@1
 REDIS_URL = os.environ.get("SPAWN_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 AMQP_URL = os.environ.get("SPAWN_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
+#: The combinations the core must run on: (broker, store). SPAWN_TEST_BACKENDS narrows them (tox envs).
+ALL_COMBINATIONS = ["embedded", "redis-postgresql", "rabbitmq-mariadb"]
+COMBINATIONS = [c for c in os.environ.get("SPAWN_TEST_BACKENDS", ",".join(ALL_COMBINATIONS)).split(",") if c]
+_STORE_OF = {"embedded": "sqlite", "redis-postgresql": "postgresql", "rabbitmq-mariadb": "mariadb"}
+STORES = [_STORE_OF[c] for c in COMBINATIONS]
+
 
 def service_missing(what: str, exc: BaseException) -> None:
     """Skip on a laptop without the service; fail in CI, where every backend must run."""

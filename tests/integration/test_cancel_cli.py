@@ -6,9 +6,7 @@ import json
 from celery_spawn.handlers import default_operation_id
 from celery_spawn.store import schema as s
 from tests.harness import wait_for
-from tests.integration.test_cli import fails, ok
-from tests.integration.test_patterns import TIMEOUT, children_of, wait_children
-from tests.integration.test_workflows import wait_operation_done
+from tests.integration.helpers import TIMEOUT, children_of, fails, ok, wait_children, wait_operation_done
 
 
 def test_cancel_stops_a_running_tree_from_the_command_line(backend, worker, client_app):

@@ -24,35 +24,15 @@ from click.testing import CliRunner
 
 from celery_spawn import get_state
 from celery_spawn.cli import RET_NOT_FOUND, RET_OK, RET_STORE, RET_USAGE, spawn
-from celery_spawn.handlers import child_id, default_operation_id
+from celery_spawn.handlers import child_id
 from celery_spawn.store import SpawnStore, queries
 from tests.harness import ROOT, StoreBuilder, wait_for
+from tests.integration.helpers import fails, ok, run
 from tests.sample_trees import make_sample_trees
 
 TIMEOUT = 90
 NASTY_QUEUE = "q'; DROP TABLE spawn_jobs; --\"`"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def run(env: dict, *args: str, app: str | None = "tests.app", cwd=ROOT, timeout: float = 60,
-        global_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "celery", *global_args, *(["-A", app] if app else []), "spawn", *args]
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def ok(backend, *args: str, **kwargs) -> str:
-    result = run(backend.env(), *args, **kwargs)
-    assert result.returncode == RET_OK, f"{args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
-    assert "Traceback" not in result.stderr, result.stderr
-    return result.stdout
-
-
-def fails(backend_or_env, code: int, *args: str, **kwargs) -> str:
-    env = backend_or_env if isinstance(backend_or_env, dict) else backend_or_env.env()
-    result = run(env, *args, **kwargs)
-    assert result.returncode == code, f"{args} exited {result.returncode}, not {code}:\n{result.stdout}{result.stderr}"
-    assert "Traceback" not in result.stderr + result.stdout, result.stderr
-    return result.stderr
 
 
 def one_line(stderr: str) -> str:

@@ -1,36 +1,10 @@
 """The seed's four patterns, run by a real worker on each broker/store combination."""
 from __future__ import annotations
 
-import sqlalchemy as sa
-
-from celery_spawn import get_state
 from celery_spawn.handlers import child_id, default_operation_id
 from celery_spawn.store import schema as s
 from tests.harness import wait_for
-
-TIMEOUT = 90
-
-
-def store_rows(app, table, **where):
-    store = get_state(app).store
-    query = sa.select(table)
-    for column, value in where.items():
-        query = query.where(table.c[column] == value)
-    with store.read() as conn:
-        return [dict(r) for r in conn.execute(query).mappings()]
-
-
-def children_of(app, parent_id):
-    return sorted(store_rows(app, s.jobs, parent_id=parent_id), key=lambda r: r["position"])
-
-
-def wait_children(app, parent_id, count):
-    return wait_for(lambda: len(children_of(app, parent_id)) == count and children_of(app, parent_id),
-                    TIMEOUT, what=f"{count} children of {parent_id}")
-
-
-def results_of(app, rows):
-    return [app.AsyncResult(row["id"]).get(timeout=TIMEOUT) for row in rows]
+from tests.integration.helpers import TIMEOUT, children_of, results_of, store_rows, wait_children
 
 
 def test_fan_out_in_chunks(worker, client_app):

@@ -13,10 +13,10 @@ import pytest
 
 from celery_spawn.store import schema as s
 from tests.harness import Worker, wait_for
-from tests.integration.test_patterns import TIMEOUT, store_rows
-# callback_table: the module-wide fixture that creates the callbacks table, used here too
-from tests.integration.test_workflows import (callback_rows, callback_table, on_complete,  # noqa: F401
-                                             run_diamond, run_nested)
+from tests.integration.helpers import TIMEOUT, callback_rows, on_complete, run_diamond, run_nested, store_rows
+
+#: The callbacks table exists on the client app's store (the fixture is in tests/integration/conftest.py).
+pytestmark = pytest.mark.usefixtures("callback_table")
 
 POOLS = [("solo", 1), ("threads", 4), ("gevent", 20), ("eventlet", 20)]
 

@@ -9,7 +9,7 @@ import celery_spawn.spawner as spawner_module
 from celery_spawn.handlers import default_operation_id
 from celery_spawn.store import schema as s
 from tests.harness import wait_for
-from tests.integration.test_patterns import TIMEOUT, children_of, results_of, store_rows, wait_children
+from tests.integration.helpers import TIMEOUT, children_of, results_of, store_rows, wait_children
 
 
 def succeeded_count(worker, task_name, task_id):

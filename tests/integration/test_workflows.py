@@ -11,61 +11,22 @@ import sqlalchemy as sa
 from celery_spawn import cancel, get_state
 from celery_spawn.handlers import child_id, default_operation_id
 from celery_spawn.store import schema as s
-from tests.app import callbacks
 from tests.harness import Worker, wait_for
-from tests.integration.test_patterns import TIMEOUT, children_of, store_rows, wait_children
+from tests.integration.helpers import (
+    TIMEOUT,
+    callback_rows,
+    children_of,
+    on_complete,
+    operation_of,
+    run_diamond,
+    run_nested,
+    store_rows,
+    wait_children,
+    wait_operation_done,
+)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def callback_table(client_app):
-    with get_state(client_app).store.begin() as conn:
-        callbacks.create(conn, checkfirst=True)
-
-
-def operation_of(app, parent_id):
-    rows = store_rows(app, s.operations, id=default_operation_id(parent_id))
-    return rows[0] if rows else {}
-
-
-def wait_operation_done(app, parent_id, timeout=TIMEOUT):
-    return wait_for(lambda: (op := operation_of(app, parent_id)).get("completed") and op, timeout,
-                    what=f"operation of {parent_id} to complete")
-
-
-def callback_rows(app, operation_id=None):
-    query = sa.select(callbacks)
-    if operation_id is not None:
-        query = query.where(callbacks.c.operation_id == operation_id)
-    with get_state(app).store.read() as conn:
-        return [dict(r) for r in conn.execute(query).mappings()]
-
-
-def on_complete(app, **extra):
-    return {"on_complete": dict(app.signature("tests.record_callback")), **extra}
-
-
-def run_diamond(app, config: dict) -> tuple[list[dict], dict, dict]:
-    """Spawn the diamond A -> B, C -> D and wait: its child rows, its completed operation, results by step."""
-    parent = app.signature("tests.spawner", kwargs={"_spawn_config": config}).delay()
-    parent.get(timeout=TIMEOUT)
-    rows = wait_children(app, parent.id, 4)
-    operation = wait_operation_done(app, parent.id)
-    assert operation["state"] == "succeeded"
-    steps = {}
-    for row in rows:
-        value = app.AsyncResult(row["id"]).get(timeout=TIMEOUT)
-        steps[value["step"]] = value
-    return rows, operation, steps
-
-
-def run_nested(app, levels: int, fanout: int) -> tuple[str, dict]:
-    """Spawn a ``tests.nest`` tree whose top operation waits for its descendants; its parent id and callback row."""
-    config = on_complete(app, handler="nested", wait_for_descendants=True)
-    parent = app.signature("tests.nest", kwargs={"levels": levels, "fanout": fanout, "_spawn_config": config}).delay()
-    parent.get(timeout=TIMEOUT)
-    operation_id = default_operation_id(parent.id)
-    [row] = wait_for(lambda: callback_rows(app, operation_id), TIMEOUT, what="callback")
-    return parent.id, row
+#: The callbacks table exists on the client app's store (the fixture is in tests/integration/conftest.py).
+pytestmark = pytest.mark.usefixtures("callback_table")
 
 
 def test_diamond_runs_d_once_after_b_and_c(worker, client_app):

@@ -28,7 +28,7 @@ from click.testing import CliRunner
 from celery_spawn.store import SpawnStore
 from celery_spawn.store import schema as s
 from tests.harness import ROOT, StoreBuilder, throwaway_database
-from tests.reliability.conftest import serve_command, tables_exist
+from tests.reliability.helpers import serve_command, tables_exist
 
 NASTY_QUEUE = "x'; DROP TABLE spawn_jobs; --"
 UNICODE_QUEUE = "ünïcødé ☃ 🚀"

@@ -18,7 +18,7 @@ from celery_spawn.handlers import default_operation_id
 from celery_spawn.store import schema as s
 from tests.harness import wait_for
 from tests.reliability.app import HALFWAY
-from tests.reliability.conftest import (
+from tests.reliability.helpers import (
     RelBackend,
     body_runs,
     callback_rows,

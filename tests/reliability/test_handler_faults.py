@@ -14,7 +14,7 @@ from celery_spawn.handlers import child_id, default_operation_id
 from celery_spawn.store import schema as s
 from tests.harness import wait_for
 from tests.reliability.app import JUNK
-from tests.reliability.conftest import (
+from tests.reliability.helpers import (
     TIMEOUT,
     RelBackend,
     RelWorker,

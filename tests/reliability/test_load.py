@@ -18,7 +18,7 @@ from celery_spawn.handlers import default_operation_id
 from celery_spawn.store import queries
 from celery_spawn.store import schema as s
 from tests.harness import AMQP_URL, throwaway_database, wait_for
-from tests.reliability.conftest import (
+from tests.reliability.helpers import (
     RelBackend,
     callback_rows,
     children,

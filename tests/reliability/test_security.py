@@ -32,7 +32,7 @@ from celery_spawn.store import SpawnStore
 from celery_spawn.store import schema as s
 from tests.harness import PG_ADMIN_URL, ROOT, StoreBuilder, throwaway_database, wait_for
 from tests.reliability.app import HALFWAY
-from tests.reliability.conftest import (
+from tests.reliability.helpers import (
     RelBackend,
     callback_rows,
     ensure_callback_table,

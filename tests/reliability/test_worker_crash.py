@@ -24,7 +24,7 @@ from celery_spawn import recover
 from celery_spawn.store import schema as s
 from tests.harness import wait_for
 from tests.reliability.app import REDELIVER_AFTER
-from tests.reliability.conftest import (
+from tests.reliability.helpers import (
     RelBackend,
     body_runs,
     children,

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from celery_spawn import SpawnConfig, SpawnError
 from celery_spawn.config import CONFIG_KEYS
 from celery_spawn.store import schema as s
-from tests.unit.test_spawner import Rig, rig, sqlite_rig  # noqa: F401  (the shared eager rig and its fixtures)
+from tests.unit.helpers import Rig
 
 HANDLERS = ["fan", "stream", "halfway", "unit.parent"]
 

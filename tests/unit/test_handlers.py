@@ -21,7 +21,6 @@ from celery_spawn import (
 )
 from celery_spawn.store import schema as s
 from celery_spawn.worker import RecoveryStep
-from tests.unit.test_spawner import sqlite_rig  # noqa: F401  (the shared eager rig, a fixture)
 
 
 class Noop(SpawnHandler):

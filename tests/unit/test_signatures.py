@@ -17,7 +17,6 @@ from celery_spawn import (
 )
 from celery_spawn.signatures import DEPENDS_ON_OPTION, IGNORE_FAILURE_OPTION
 from celery_spawn.store import schema as s
-from tests.unit.test_spawner import sqlite_rig  # noqa: F401  (the shared eager rig, a fixture)
 
 app = Celery("signatures_test", broker="memory://", set_as_current=False)
 

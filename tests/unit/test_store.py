@@ -14,34 +14,9 @@ from celery_spawn.store import schema as s
 from celery_spawn.store.engine import redact
 from celery_spawn.store.migrations import VERSION_TABLE, head_revision
 from celery_spawn.store.sql import utcnow
-from tests.unit.test_spawner import Rig, rig, sqlite_rig  # noqa: F401  (the shared eager rig and its fixtures)
+from tests.unit.helpers import Rig, age, fail_publishing
 
 SECRET = "s3cret"
-
-
-@pytest.fixture
-def publishing_rig(store_url):
-    """A Rig that publishes children to the memory broker (not eager), on each SQL backend."""
-    made = Rig(store_url, eager=False)
-    yield made
-    made.drain()
-    made.close()
-
-
-def age(rig: Rig, operation_id: str, seconds: float = 3600) -> None:
-    """Pretend the operation was last touched ``seconds`` ago (the recovery grace period has passed)."""
-    with rig.state.store.begin() as conn:
-        conn.execute(s.operations.update().where(s.operations.c.id == operation_id)
-                     .values(updated_at=utcnow() - timedelta(seconds=seconds)))
-
-
-def fail_publishing(monkeypatch) -> None:
-    from celery_spawn import spawner
-
-    def broker_down(app, children):
-        raise ConnectionError("broker unreachable")
-
-    monkeypatch.setattr(spawner, "publish_children", broker_down)
 
 
 # ---- schema -------------------------------------------------------------------------------------

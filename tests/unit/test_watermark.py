@@ -13,8 +13,7 @@ import pytest
 from celery_spawn import depends_on, get_state, recover
 from celery_spawn import spawner as spawner_module
 from celery_spawn.store import schema as s
-from tests.unit.test_spawner import Rig  # noqa: F401
-from tests.unit.test_store import age, fail_publishing, publishing_rig  # noqa: F401
+from tests.unit.helpers import age
 
 
 class Crash(BaseException):

@@ -17,7 +17,7 @@ from celery_spawn.store import schema as s
 from celery_spawn.store.sql import utcnow
 from celery_spawn.store.transitions import Finish, finish_jobs, start_jobs
 from celery_spawn.tracking import Finished
-from celery_spawn.writebehind import FINISH, LINGER, RETRY, START, Event, WriteBehind, _fold_starts, write_events
+from celery_spawn.writebehind import FINISH, RETRY, START, Event, WriteBehind, _fold_starts, write_events
 
 
 @pytest.fixture

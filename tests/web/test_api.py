@@ -12,7 +12,7 @@ from celery_spawn.store import queries
 from celery_spawn.web import create_app
 from celery_spawn.web.api import web_state
 from tests.harness import StoreBuilder, wait_for
-from tests.web.conftest import NASTY_QUEUE, TIMEOUT
+from tests.web.helpers import NASTY_QUEUE, TIMEOUT
 
 TOKEN = "s3cret-web-token"
 

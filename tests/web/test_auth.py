@@ -20,7 +20,7 @@ from celery_spawn.store import SpawnStore
 from celery_spawn.web import auth, create_app
 from celery_spawn.web.api import web_state
 from tests.harness import ROOT, StoreBuilder
-from tests.web.conftest import CELERY, get_json, served
+from tests.web.helpers import CELERY, get_json, served
 
 TOKEN = "correct horse battery staple"
 

@@ -24,9 +24,8 @@ import pytest
 from celery_spawn import get_state
 from celery_spawn.handlers import default_operation_id
 from celery_spawn.store import queries
-from tests.conftest import COMBINATIONS
-from tests.harness import free_port, wait_for
-from tests.web.conftest import TIMEOUT, require_program, served
+from tests.harness import COMBINATIONS, free_port, wait_for
+from tests.web.helpers import TIMEOUT, require_program, served
 
 # One store is enough here: the page reads the API, which test_api and test_js_client run on every store.
 pytestmark = pytest.mark.parametrize("backend", COMBINATIONS[:1], indirect=True, scope="module")

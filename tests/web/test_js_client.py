@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.web.conftest import require_program, served
+from tests.web.helpers import require_program, served
 
 #: The class from the seed's "Web API Integration" section, character for character.
 SEED_CLIENT = """\

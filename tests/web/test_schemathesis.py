@@ -18,7 +18,7 @@ from pathlib import Path
 from celery_spawn import get_state
 from celery_spawn.store import queries
 from tests.harness import service_missing
-from tests.web.conftest import served
+from tests.web.helpers import served
 
 TOKEN = "fuzz-token"
 #: Test cases per API operation and phase: enough to find a bad branch, small enough for ~15 s a store.
