@@ -14,7 +14,7 @@ _EXPORTS = {
     # spawning
     "SpawnTask": "task", "SpawnHandler": "handlers", "SpawnContext": "handlers", "SpawnManager": "handlers",
     "SpawnConfig": "config", "SpawnResult": "handlers", "ParentJob": "handlers", "child_id": "handlers",
-    "install": "app", "get_state": "app", "recover": "recovery", "cancel": "control",
+    "install": "app", "get_state": "app", "recover": "control", "cancel": "control",
     "completion_task_id": "control",
     # signatures
     "with_spawn_handler": "signatures", "with_spawn_config": "signatures", "depends_on": "signatures",
@@ -29,10 +29,10 @@ __all__ = list(_EXPORTS)
 
 
 def _register_embedded_transport() -> None:
-    """``spawnfs://``: the server-less broker of :mod:`celery_spawn.embedded` (imported only when used)."""
+    """``spawnfs://``: the server-less broker of :mod:`celery_spawn.transport.spawnfs` (imported only when used)."""
     from kombu.transport import TRANSPORT_ALIASES
 
-    TRANSPORT_ALIASES.setdefault("spawnfs", "celery_spawn.embedded:Transport")
+    TRANSPORT_ALIASES.setdefault("spawnfs", "celery_spawn.transport.spawnfs:Transport")
 
 
 _register_embedded_transport()
@@ -55,7 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     # ruff: noqa: F401
     from .app import get_state, install
     from .config import SpawnConfig
-    from .control import cancel, completion_task_id
+    from .control import cancel, completion_task_id, recover
     from .errors import (
         DependencyError,
         HandlerError,
@@ -70,6 +70,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         StoreError,
     )
     from .handlers import ParentJob, SpawnContext, SpawnHandler, SpawnManager, SpawnResult, child_id
-    from .recovery import recover
     from .signatures import depends_on, with_spawn_config, with_spawn_handler
     from .task import SpawnTask

@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any, Mapping
 
 from .errors import SpawnConfigError
+from .protocol import HARD_MAX_DEPTH
 
 DEFAULT_MAX_SPAWN_COUNT = 100
 DEFAULT_BATCH_SIZE = 500
@@ -20,7 +21,6 @@ DEFAULT_MAX_DEPTH = 10
 #: Absolute limits no payload can lift (the app's ``spawn_max_spawn_count_ceiling`` may lower the first).
 HARD_MAX_SPAWN_COUNT = 10_000_000
 HARD_MAX_BATCH_SIZE = 100_000
-HARD_MAX_DEPTH = 1_000
 HARD_MAX_SPAWN_DELAY_MS = 24 * 3600 * 1000
 MAX_OPERATION_ID_LENGTH = 64
 MAX_HANDLER_NAME_LENGTH = 255

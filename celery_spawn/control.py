@@ -1,26 +1,38 @@
-"""Controlling spawn trees from code: cancel a tree, find an operation's callback."""
+"""Controlling spawn trees from code: cancel a tree, run a recovery sweep, find an operation's callback."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .app import get_state
-from .handlers import child_id
+from .engine.completion import completion_task_id
+from .state import get_state
 
 if TYPE_CHECKING:
     from celery import Celery
 
+__all__ = ["cancel", "completion_task_id", "recover"]
 
-def cancel(app: Celery, job_or_operation_id: str, terminate: bool = False) -> dict[str, Any]:
+
+def cancel(app: Celery, job_or_operation_id: str, terminate: bool = False, *,
+           store_only: bool = False) -> dict[str, Any]:
     """Stop every unfinished descendant of a job or operation.
 
     Held and pending children are marked cancelled; dispatched and running
     ones are revoked (terminated with ``terminate=True``); finished ones stay
-    as they are. Raises :class:`~celery_spawn.errors.JobNotFound` for an
-    unknown id.
+    as they are. ``store_only=True`` (for a place with no broker) only
+    cancels the children never dispatched and leaves the others to their
+    workers. Raises :class:`~celery_spawn.errors.JobNotFound` for an unknown id.
     """
-    return get_state(app).tracker.cancel(job_or_operation_id, terminate=terminate)
+    return get_state(app).canceller.cancel(job_or_operation_id, terminate=terminate, store_only=store_only)
 
 
-def completion_task_id(operation_id: str) -> str:
-    """The deterministic task id of an operation's ``on_complete`` callback."""
-    return child_id(operation_id, -1)
+def recover(app: Celery, grace_seconds: float | None = None, limit: int = 50,
+            redeliver_after: float | None = None) -> int:
+    """Publish pending children (and claimed ``on_complete`` callbacks) left behind; returns how many.
+
+    Also publishes again dispatched children the broker lost
+    (``redeliver_after`` defaults to the app's ``spawn_redeliver_after``).
+    Safe to run from every worker at once: operations are leased with
+    ``FOR UPDATE SKIP LOCKED`` (PostgreSQL, MySQL/MariaDB) and a refreshed
+    timestamp, and a child that is published twice runs once.
+    """
+    return get_state(app).sweeper.sweep(grace_seconds, limit, redeliver_after)

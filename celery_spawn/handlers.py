@@ -148,7 +148,7 @@ class SpawnManager:
             return self.handler(name)
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"handler name must be a non-empty string, not {name!r}")
-        handler = _as_handler(handler)
+        handler = as_handler(handler)
         if name in self._handlers and self._handlers[name] is not handler:
             raise ValueError(f"a spawn handler is already registered as {name!r}")
         self._handlers[name] = handler
@@ -184,7 +184,7 @@ class SpawnManager:
         return len(self._handlers)
 
 
-def _as_handler(obj: Any) -> SpawnHandler:
+def as_handler(obj: Any) -> SpawnHandler:
     if isinstance(obj, SpawnHandler):
         return obj
     if isinstance(obj, type) and issubclass(obj, SpawnHandler):

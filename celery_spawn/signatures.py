@@ -7,11 +7,10 @@ from celery.canvas import Signature
 
 from .config import SpawnConfig
 from .errors import DependencyError, SpawnConfigError
+from .protocol import DEPENDS_ON_OPTION, IGNORE_FAILURE_OPTION, SPAWN_CONFIG_KWARG
 
-SPAWN_CONFIG_KWARG = "_spawn_config"
-#: Signature options that carry dependencies; stripped before publishing.
-DEPENDS_ON_OPTION = "spawn_depends_on"
-IGNORE_FAILURE_OPTION = "spawn_ignore_failure_of"
+__all__ = ["DEPENDS_ON_OPTION", "IGNORE_FAILURE_OPTION", "SPAWN_CONFIG_KWARG", "depends_on", "with_spawn_config",
+           "with_spawn_handler"]
 
 
 def _spawn_kwarg(sig: Signature) -> dict:

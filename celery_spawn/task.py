@@ -6,12 +6,12 @@ from typing import Any
 
 from celery import Task
 
-from .app import get_state
 from .config import SpawnConfig
 from .errors import StoreError
 from .handlers import SpawnHandler, SpawnResult
-from .signatures import SPAWN_CONFIG_KWARG
-from .tracking import is_spawned, skip_duplicate
+from .hooks import is_spawned, tracker_for
+from .protocol import SPAWN_CONFIG_KWARG
+from .state import get_state
 
 
 logger = logging.getLogger("celery_spawn.task")
@@ -36,15 +36,19 @@ class SpawnTask(Task):
     spawn_handler: str | SpawnHandler | None = None
     #: Default SpawnConfig (or its dict form) of every call; a call's ``_spawn_config`` overrides it key by key.
     spawn_config: SpawnConfig | dict | None = None
+    #: A spawned call claims its start in the store, so a second copy of its message never runs the body
+    #: (what lets the recovery sweep publish again a message the broker lost).
+    spawn_claims_start = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         call_config = kwargs.pop(SPAWN_CONFIG_KWARG, None)
         if self.request.called_directly:
             # A plain function call: no task id, so nothing to spawn from.
             return super().__call__(*args, **kwargs)
-        if is_spawned(self):
+        tracker = tracker_for(self) if is_spawned(self) else None
+        if tracker is not None:
             try:
-                skip_duplicate(self)  # a child that already finished is not run twice
+                tracker.skip_duplicate(self)  # a child that already finished is not run twice
             except StoreError as exc:
                 # Without the store we cannot tell a duplicate: run later, not twice.
                 logger.warning("%s[%s] waits for the spawn store: %s", self.name, self.request.id, exc)

@@ -40,7 +40,7 @@ class RecoveryStep(bootsteps.StartStopStep):
         self._running = threading.Lock()
 
     def start(self, worker: Any) -> None:
-        from .app import get_state
+        from .state import get_state
 
         state = get_state(worker.app)
         logger.info("celery-spawn store: %s", state.store.safe_url)
@@ -64,11 +64,11 @@ class RecoveryStep(bootsteps.StartStopStep):
                          daemon=True).start()
 
     def _sweep(self, app: Celery) -> None:
-        from .recovery import recover
+        from .state import get_state
 
         with self._running, _fork_guard:
             try:
-                recover(app)
+                get_state(app).sweeper.sweep()
             except Exception as exc:
                 logger.error("celery-spawn recovery sweep failed: %s", exc)
 

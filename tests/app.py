@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from celery import Celery
 
 from celery_spawn import SpawnConfig, SpawnHandler, SpawnManager, SpawnTask, depends_on, get_state, install
-from celery_spawn.embedded import folder_options
+from celery_spawn.transport.spawnfs import folder_options
 
 #: Where ``tests.record_callback`` logs each call (no primary key: duplicates must be visible).
 callbacks = sa.Table(

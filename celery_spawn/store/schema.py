@@ -6,8 +6,17 @@ and stats are aggregates over an index: nothing scans JSON.
 """
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
+
+# The states live in the protocol module; re-exported here for the store's own code.
+from ..protocol import (  # noqa: F401
+    CALLBACK_FAILED, CALLBACK_PENDING, CALLBACK_SENT, CANCELLED, CHILD_COUNT_COLUMNS, DISPATCHED, FAILED,
+    FINAL_JOB_STATES, HELD, JOB_STATES, OP_CANCELLED, OP_FAILED, OP_PARTIALLY_FAILED, OP_RUNNING, OP_SUCCEEDED,
+    OPERATION_STATES, PENDING, RETRYING, REVOKED, STARTED, SUCCEEDED, UNDISPATCHED_JOB_STATES,
+)
 
 metadata = sa.MetaData()
 
@@ -18,37 +27,11 @@ LONG_TEXT = sa.Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 #: Timestamps are naive UTC with microseconds (MySQL's DATETIME drops them unless asked).
 TIMESTAMP = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
-#: Job states, in the order a job moves through them.
-PENDING = "pending"        # recorded, not yet published
-HELD = "held"              # recorded, waiting for dependencies
-DISPATCHED = "dispatched"  # published to the broker
-STARTED = "started"        # a worker runs it
-RETRYING = "retrying"      # failed and will be retried by Celery
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-REVOKED = "revoked"
-CANCELLED = "cancelled"    # never ran: a dependency failed, fail_fast, or cancel
 
-JOB_STATES = (PENDING, HELD, DISPATCHED, STARTED, RETRYING, SUCCEEDED, FAILED, REVOKED, CANCELLED)
-FINAL_JOB_STATES = frozenset({SUCCEEDED, FAILED, REVOKED, CANCELLED})
-UNDISPATCHED_JOB_STATES = frozenset({PENDING, HELD})
+def utcnow() -> datetime:
+    """Naive UTC, as stored."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
 
-#: Per final job state, the column of ``spawn_operations`` that counts the children of a complete
-#: operation that ended in it (``children_succeeded``, ...): see the rollup columns below.
-CHILD_COUNT_COLUMNS = {state: f"children_{state}" for state in sorted(FINAL_JOB_STATES)}
-
-#: Operation states.
-OP_RUNNING = "running"
-OP_SUCCEEDED = "succeeded"
-OP_FAILED = "failed"
-OP_PARTIALLY_FAILED = "partially_failed"
-OP_CANCELLED = "cancelled"
-OPERATION_STATES = (OP_RUNNING, OP_SUCCEEDED, OP_FAILED, OP_PARTIALLY_FAILED, OP_CANCELLED)
-
-#: ``on_complete`` callback states: claimed but not yet published, published, unusable.
-CALLBACK_PENDING = "pending"
-CALLBACK_SENT = "sent"
-CALLBACK_FAILED = "failed"
 
 operations = sa.Table(
     "spawn_operations",

@@ -37,7 +37,8 @@ from ..store import SpawnStore, queries
 from ..store import schema as s
 from . import auth
 from .cancel import cancel_operation
-from .params import ParameterError, Query, check_id
+from .params import (DEFAULT_CHILDREN_LIMIT, DEFAULT_HOURS, DEFAULT_OPERATIONS_LIMIT, DEFAULT_TREE_DEPTH, MAX_DEPTH,
+                     MAX_HOURS, MAX_LIMIT, ParameterError, Query, check_id)
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -46,18 +47,6 @@ __all__ = ["DEFAULT_CHILDREN_LIMIT", "DEFAULT_TREE_DEPTH", "MAX_HOURS", "WebStat
 
 logger = logging.getLogger("celery_spawn.web")
 
-#: Levels of a spawn tree when ``max_depth`` is not given (the seed's client asks for 10).
-DEFAULT_TREE_DEPTH = 10
-#: Most levels any walk follows (the store's own bound).
-MAX_DEPTH = queries.MAX_LEVELS
-#: Jobs ``/children`` returns unless asked otherwise.
-DEFAULT_CHILDREN_LIMIT = 1000
-#: Operations ``/api/spawn/operations`` returns unless asked otherwise.
-DEFAULT_OPERATIONS_LIMIT = queries.DEFAULT_LIMIT
-MAX_LIMIT = queries.MAX_LIMIT
-#: The stats window, in hours: default and largest.
-DEFAULT_HOURS = 24.0
-MAX_HOURS = float(24 * 366 * 100)
 #: Seconds to wait for a database server before answering 503.
 CONNECT_TIMEOUT = 10
 #: The extension key the state lives under on the Flask app.
@@ -112,10 +101,11 @@ def create_app(app: Celery | None = None, *, database_url: str | None = None, to
     ``DispatcherMiddleware`` (see ``docs/web.md``).
     """
     settings = _settings(app, database_url, token)
-    store = SpawnStore(settings.database_url, _engine_options(settings), auto_migrate=False)
+    store = SpawnStore(settings.database_url, _engine_options(settings), auto_migrate=False,
+                       connect_timeout=CONNECT_TIMEOUT)
     celery_app = app
     if app is not None:
-        from ..app import get_state
+        from ..state import get_state
 
         if get_state(app).settings.database_url != settings.database_url:
             # The app would cancel in another store than the one shown: cancel here, in the store only.
@@ -141,23 +131,15 @@ def _settings(app: Celery | None, database_url: str | None, token: str | None) -
     explicit: dict[str, Any] = {"database_url": database_url, "api_token": token}
     if app is None:
         return SpawnSettings.load({}, **explicit)
-    from ..app import get_state
+    from ..state import get_state
 
     state = get_state(app)
     return SpawnSettings.load(app.conf, **{**state.explicit, **{k: v for k, v in explicit.items() if v is not None}})
 
 
 def _engine_options(settings: SpawnSettings) -> dict:
-    """The app's engine options, with a bounded connect wait on network databases."""
+    """The app's engine options, with connections checked before use."""
     options = dict(settings.engine_options or {})
-    from sqlalchemy.engine import make_url
-
-    try:
-        backend = make_url(settings.database_url).get_backend_name()
-    except Exception:  # noqa: BLE001 - the store reports a bad URL itself
-        return options
-    if backend in ("postgresql", "mysql", "mariadb") and "connect_args" not in options:
-        options["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT}
     options.setdefault("pool_pre_ping", True)
     return options
 

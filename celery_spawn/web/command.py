@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 import click
 from celery.bin.base import CeleryCommand
 
-from ..cli import store_options
+from ..options import store_options, user_app
 
 if TYPE_CHECKING:
-    from celery import Celery
+    pass
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "RET_BIND", "RET_MISSING_EXTRA", "RET_OK", "RET_USAGE", "serve"]
 
@@ -40,19 +40,6 @@ class ServeError(click.ClickException):
         self.exit_code = exit_code  # type: ignore[misc]
 
 
-def _celery_app(ctx: click.Context) -> Celery | None:
-    """The app given with ``celery -A`` (or ``CELERY_APP``), or None for Celery's silent default app."""
-    app = getattr(ctx.obj, "app", None)
-    if app is None:
-        return None
-    root = ctx.find_root()
-    if "app" in root.params and root.params["app"] is None:
-        return None
-    from celery import _state
-
-    return None if app is _state.default_app else app
-
-
 @click.command(cls=CeleryCommand)
 @click.option("--host", default=DEFAULT_HOST, show_default=True,
               help="Address to listen on. Anything but loopback needs a token.")
@@ -67,7 +54,7 @@ def serve(ctx: click.Context, host: str, port: int, database_url: str | None, to
     """Serve the JSON API and the dashboard (Ctrl-C to stop)."""
     from .auth import is_loopback
 
-    app = _celery_app(ctx)
+    app = user_app(ctx)
     try:
         from werkzeug.serving import make_server
 
@@ -76,7 +63,7 @@ def serve(ctx: click.Context, host: str, port: int, database_url: str | None, to
         raise ServeError(f"the web server needs {exc.name!r}: pip install 'celery-spawn[web]'",
                          RET_MISSING_EXTRA) from None
     if app is not None and database_url:
-        from ..app import get_state
+        from ..state import get_state
 
         get_state(app).reload(database_url=database_url)  # cancel must act on the store shown
     flask_app = create_app(app, database_url=database_url, token=token)

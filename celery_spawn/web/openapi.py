@@ -13,7 +13,7 @@ from typing import Any
 from .. import __version__
 from ..store import queries
 from ..store import schema as s
-from . import api
+from . import params
 from .params import ID_MAX_LENGTH, ID_PATTERN, TEXT_MAX_LENGTH
 
 __all__ = ["FIELD_TYPES", "document", "untyped_fields"]
@@ -201,12 +201,12 @@ def document(*, token_required: bool) -> dict:
                         "security": read_security, "tags": ["spawn"],
                         "responses": _responses(ok, description=description, not_found=not_found, **reads)}}
 
-    limit = api.MAX_LIMIT
+    limit = params.MAX_LIMIT
     paths = {
         "/api/spawn/operations": get(
             "Spawn operations, newest first, with child counts and progress",
             [_parameter("limit", "query", {"type": "integer", "minimum": 1, "maximum": limit,
-                                           "default": api.DEFAULT_OPERATIONS_LIMIT}, "Operations to return."),
+                                           "default": params.DEFAULT_OPERATIONS_LIMIT}, "Operations to return."),
              _parameter("queue", "query", _QUEUE, "Only operations whose parent ran on this queue."),
              _parameter("state", "query", _OPERATION_STATE, "Only operations in this state.")],
             "OperationList", "The newest operations.", operation_id="listOperations"),
@@ -229,7 +229,7 @@ def document(*, token_required: bool) -> dict:
             "Spawn statistics over a window of hours",
             [_parameter("queue", "query", _QUEUE, "Only operations whose parent ran on this queue."),
              _parameter("hours", "query", {"type": "number", "minimum": 0, "exclusiveMinimum": True,
-                                           "maximum": api.MAX_HOURS, "default": api.DEFAULT_HOURS},
+                                           "maximum": params.MAX_HOURS, "default": params.DEFAULT_HOURS},
                         "The window: operations created in the last HOURS.")],
             "Stats", "The statistics.", operation_id="getStats"),
         "/api/jobs/{job_id}/spawn-tree": get(
@@ -237,8 +237,8 @@ def document(*, token_required: bool) -> dict:
             [_JOB_ID,
              _parameter("format", "query", {"type": "string", "enum": ["json", "mermaid"], "default": "json"},
                         "json: nested nodes (tree); mermaid: a diagram (mermaid)."),
-             _parameter("max_depth", "query", {"type": "integer", "minimum": 0, "maximum": api.MAX_DEPTH,
-                                               "default": api.DEFAULT_TREE_DEPTH},
+             _parameter("max_depth", "query", {"type": "integer", "minimum": 0, "maximum": params.MAX_DEPTH,
+                                               "default": params.DEFAULT_TREE_DEPTH},
                         "Levels below the job (0: the job alone); deeper children are counted in "
                         "hidden_children.")],
             {"oneOf": [_ref("SpawnTreeJson"), _ref("SpawnTreeMermaid")]}, "The tree.", not_found=True,
@@ -247,10 +247,10 @@ def document(*, token_required: bool) -> dict:
             "Jobs below a job, nearest first",
             [_JOB_ID,
              _parameter("state", "query", _JOB_STATE, "Only jobs in this state."),
-             _parameter("depth", "query", {"type": "integer", "minimum": 1, "maximum": api.MAX_DEPTH, "default": 1},
+             _parameter("depth", "query", {"type": "integer", "minimum": 1, "maximum": params.MAX_DEPTH, "default": 1},
                         "Levels to follow (1: direct children)."),
              _parameter("limit", "query", {"type": "integer", "minimum": 1, "maximum": limit,
-                                           "default": api.DEFAULT_CHILDREN_LIMIT},
+                                           "default": params.DEFAULT_CHILDREN_LIMIT},
                         "Jobs to return at most (truncated says whether there were more).")],
             "Children", "The jobs below.", not_found=True, operation_id="getChildren"),
         "/api/jobs/{job_id}/parent": get(

@@ -12,13 +12,31 @@ import re
 from collections.abc import Iterable
 from typing import Protocol
 
-__all__ = ["ID_MAX_LENGTH", "ID_PATTERN", "TEXT_MAX_LENGTH", "ParameterError", "Query", "check_id"]
+from ..options import JOB_ID_PATTERN
+from ..store import queries
 
-#: What a job or operation id may look like (the CLI's rule): Celery's uuids and any other id the store holds.
-ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+__all__ = ["DEFAULT_CHILDREN_LIMIT", "DEFAULT_HOURS", "DEFAULT_OPERATIONS_LIMIT", "DEFAULT_TREE_DEPTH",
+           "ID_MAX_LENGTH", "ID_PATTERN", "MAX_DEPTH", "MAX_HOURS", "MAX_LIMIT", "TEXT_MAX_LENGTH", "ParameterError",
+           "Query", "check_id"]
+
+#: What a job or operation id may look like: the CLI's rule, from the options the two faces share.
+ID_PATTERN = JOB_ID_PATTERN
 ID_MAX_LENGTH = 64
 #: Longest queue name the store can hold (``String(255)``).
 TEXT_MAX_LENGTH = 255
+#: Levels of a spawn tree when ``max_depth`` is not given (the seed's client asks for 10).
+DEFAULT_TREE_DEPTH = 10
+#: Most levels any walk follows (the store's own bound).
+MAX_DEPTH = queries.MAX_LEVELS
+#: Jobs ``/children`` returns unless asked otherwise.
+DEFAULT_CHILDREN_LIMIT = 1000
+#: Operations ``/api/spawn/operations`` returns unless asked otherwise.
+DEFAULT_OPERATIONS_LIMIT = queries.DEFAULT_LIMIT
+MAX_LIMIT = queries.MAX_LIMIT
+#: The stats window, in hours: default and largest.
+DEFAULT_HOURS = 24.0
+MAX_HOURS = float(24 * 366 * 100)
+
 #: Control characters are never part of a queue name (and PostgreSQL refuses NUL in text).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _DIGITS = re.compile(r"[0-9]{1,12}")

@@ -12,7 +12,7 @@ from pathlib import Path
 from celery import Celery
 
 from celery_spawn import SpawnConfig, SpawnHandler, SpawnManager, SpawnTask, install
-from celery_spawn.embedded import folder_options
+from celery_spawn.transport.spawnfs import folder_options
 
 DEMO = Path(os.environ.get("SPAWN_DEMO_DIR", Path(__file__).resolve().parents[2] / ".demo"))
 (DEMO / "results").mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ sys.path.insert(0, str(HERE))
 from app import DEMO, app, report  # noqa: E402
 
 from celery_spawn import SpawnConfig, completion_task_id, get_state, with_spawn_config  # noqa: E402
-from celery_spawn.embedded import folder_options  # noqa: E402
+from celery_spawn.transport.spawnfs import folder_options  # noqa: E402
 from celery_spawn.store import queries  # noqa: E402
 
 

@@ -5,7 +5,7 @@ from datetime import timezone
 
 import pytest
 
-import celery_spawn.spawner as spawner_module
+from celery_spawn.engine.publisher import Publisher
 from celery_spawn.handlers import default_operation_id
 from celery_spawn.store import schema as s
 from tests.harness import wait_for
@@ -39,7 +39,7 @@ def test_recovery_sweep_publishes_children_stranded_before_dispatch(worker, clie
     def broker_down(app, children):
         raise ConnectionError("broker unreachable")
 
-    monkeypatch.setattr(spawner_module, "publish_children", broker_down)
+    monkeypatch.setattr(Publisher, "publish", broker_down)
     parent = client_app.tasks["tests.numbers"].apply(args=([5, 6],), kwargs={"_spawn_config": {"handler": "numbers"}})
     assert parent.get() == [5, 6]
     monkeypatch.undo()

@@ -13,7 +13,8 @@ from celery import Celery
 
 from celery_spawn import SpawnError, SpawnManager, SpawnTask, install, signals
 from celery_spawn.store import schema as s
-from celery_spawn.store.sql import utcnow
+from celery_spawn.store import utcnow
+from celery_spawn.engine.publisher import Publisher
 
 
 class Rig:
@@ -133,9 +134,7 @@ def age(rig: Rig, operation_id: str, seconds: float = 3600) -> None:
 
 
 def fail_publishing(monkeypatch) -> None:
-    from celery_spawn import spawner
-
     def broker_down(app, children):
         raise ConnectionError("broker unreachable")
 
-    monkeypatch.setattr(spawner, "publish_children", broker_down)
+    monkeypatch.setattr(Publisher, "publish", broker_down)

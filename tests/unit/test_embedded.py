@@ -10,7 +10,7 @@ import pytest
 from kombu import Connection, Queue
 
 import celery_spawn  # noqa: F401 - registers spawnfs://
-from celery_spawn.embedded import PARTIAL_SUFFIX, Transport, folder_options
+from celery_spawn.transport.spawnfs import PARTIAL_SUFFIX, Transport, folder_options
 
 MESSAGES_PER_PUBLISHER = 1500
 
@@ -154,3 +154,9 @@ def test_consuming_lists_the_folder_once_per_batch_and_never_uses_the_temp_folde
             message.ack()
     assert sorted(got) == list(range(1500))
     assert len([p for p in listings if p == options["data_folder_in"]]) <= 3
+
+
+def test_the_former_module_name_still_imports():
+    from celery_spawn import embedded
+
+    assert embedded.Transport is Transport and embedded.folder_options is folder_options

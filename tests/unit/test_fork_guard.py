@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import types
 import time
 
 from celery_spawn import worker
@@ -34,7 +35,8 @@ def test_fork_waits_for_a_running_sweep_and_the_child_starts_free():
 
 def test_a_sweep_runs_under_the_guard(monkeypatch):
     seen = []
-    monkeypatch.setattr("celery_spawn.recovery.recover", lambda app: seen.append(worker._fork_guard.locked()))
+    sweeper = types.SimpleNamespace(sweep=lambda: seen.append(worker._fork_guard.locked()))
+    monkeypatch.setattr("celery_spawn.state.get_state", lambda app: types.SimpleNamespace(sweeper=sweeper))
     step = worker.RecoveryStep.__new__(worker.RecoveryStep)
     step._running = threading.Lock()
     step._sweep(object())

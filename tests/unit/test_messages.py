@@ -15,9 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kombu.utils.json import dumps
 
-from celery_spawn import publisher
-from celery_spawn.messages import fast_saferepr
-from celery_spawn.publisher import publish_children
+from celery_spawn.engine.messages import fast_saferepr
+from celery_spawn.engine.publisher import Publisher
 
 HOSTILE = ["", "'", '"', "\\", "\\'", "a\nb", "tab\there", "\x00\x01", "é\u2028", "\U0001f600", "' + '", "%s{}"]
 
@@ -89,9 +88,9 @@ def test_a_published_child_is_what_apply_async_sends(app, name, args, kwargs, op
     children = [{"id": f"child-{i}", "parent_id": "parent", "root_id": "root", "message": dumps(stored)}
                 for i in range(3)]
     with monkeypatch.context() as patched:  # these are all plain children on direct queues: the direct path
-        patched.setattr(publisher, "_send_task_message", not_here)
+        patched.setattr(Publisher, "_send_task_message", not_here)
         patched.setattr(app, "send_task", not_here)
-        assert publish_children(app, children) == [c["id"] for c in children]
+        assert Publisher(app).publish(children) == [c["id"] for c in children]
     ours = [shape(m) for m in drain(app, queue)]
 
     for child in children:
@@ -110,7 +109,7 @@ def test_siblings_with_different_arguments_each_get_their_own(app):
     children = [{"id": f"c{i}", "parent_id": "p", "root_id": None,
                  "message": dumps({"task": "m.plain", "args": [i], "kwargs": {"i": i}, "options": {}})}
                 for i in range(4)]
-    publish_children(app, children)
+    Publisher(app).publish(children)
     messages = drain(app, app.test_queue)
     assert [m.headers["argsrepr"] for m in messages] == [f"({i},)" for i in range(4)]
     assert [m.decode()[0] for m in messages] == [[i] for i in range(4)]

@@ -9,8 +9,10 @@ import sqlalchemy as sa
 
 from celery_spawn.store import SpawnStore
 from celery_spawn.store.prepared import PreparedStatement
-from celery_spawn.store.sql import utcnow
-from celery_spawn.store.transitions import Finish, succeed_and_release_pg
+from celery_spawn.store import utcnow
+from celery_spawn.store.dialects import Finish, PostgresDialect
+
+PG = PostgresDialect()
 
 NAME = "spawn_succeed_and_release"
 
@@ -51,29 +53,29 @@ def test_the_statement_is_prepared_once_per_connection_and_releases_the_next_ste
         assert NAME not in _prepared_names(conn)
         conn.rollback()
         with conn.begin():
-            won, released = succeed_and_release_pg(conn, [Finish(ids[0], "succeeded", None, utcnow())])
+            won, released = PG.succeed_and_release(conn, [Finish(ids[0], "succeeded", None, utcnow())])
         assert won == {ids[0]: ids[0] + "-op"}
         assert [r["id"] for r in released] == [ids[1]] and released[0]["message"] == "message-1"
         assert NAME in _prepared_names(conn)
         conn.rollback()
         with conn.begin():
-            _, released = succeed_and_release_pg(conn, [Finish(ids[1], "succeeded", None, utcnow())], marks=[ids[1]])
+            _, released = PG.succeed_and_release(conn, [Finish(ids[1], "succeeded", None, utcnow())], marks=[ids[1]])
         assert [r["id"] for r in released] == [ids[2]]
         with conn.begin():  # a duplicate finish moves nothing and releases nothing
-            assert succeed_and_release_pg(conn, [Finish(ids[1], "succeeded", None, utcnow())]) == ({}, [])
+            assert PG.succeed_and_release(conn, [Finish(ids[1], "succeeded", None, utcnow())]) == ({}, [])
 
 
 def test_a_session_that_lost_the_statement_fails_once_then_prepares_it_again(pg_store):
     ids = _chain(pg_store)
     with pg_store.engine.connect() as conn:
         with conn.begin():
-            succeed_and_release_pg(conn, [Finish(ids[0], "succeeded", None, utcnow())])
+            PG.succeed_and_release(conn, [Finish(ids[0], "succeeded", None, utcnow())])
         conn.exec_driver_sql("DEALLOCATE ALL")  # what a pooler switching sessions looks like
         conn.commit()
         with pytest.raises(sa.exc.DBAPIError), conn.begin():
-            succeed_and_release_pg(conn, [Finish(ids[1], "succeeded", None, utcnow())])
+            PG.succeed_and_release(conn, [Finish(ids[1], "succeeded", None, utcnow())])
         with conn.begin():
-            won, released = succeed_and_release_pg(conn, [Finish(ids[1], "succeeded", None, utcnow())])
+            won, released = PG.succeed_and_release(conn, [Finish(ids[1], "succeeded", None, utcnow())])
         assert list(won) == [ids[1]] and [r["id"] for r in released] == [ids[2]]
 
 
@@ -82,7 +84,7 @@ def test_turned_off_the_same_statement_runs_unprepared(postgres_url):
     try:
         ids = _chain(store)
         with store.begin() as conn:
-            won, released = succeed_and_release_pg(conn, [Finish(ids[0], "succeeded", None, utcnow())])
+            won, released = PG.succeed_and_release(conn, [Finish(ids[0], "succeeded", None, utcnow())])
             assert list(won) == [ids[0]] and [r["id"] for r in released] == [ids[1]]
             assert NAME not in _prepared_names(conn)
     finally:
@@ -119,21 +121,21 @@ def test_a_release_refreshes_only_an_old_lease(pg_store):
     with pg_store.begin() as conn:
         conn.execute(s.operations.update().where(s.operations.c.id == op).values(updated_at=old))
     with pg_store.engine.connect() as conn, conn.begin():
-        succeed_and_release_pg(conn, [Finish(ids[0], "succeeded", None, utcnow())], grace_seconds=60)
+        PG.succeed_and_release(conn, [Finish(ids[0], "succeeded", None, utcnow())], grace_seconds=60)
     refreshed = _lease(pg_store, op)
     assert refreshed > old + timedelta(seconds=29)
     with pg_store.engine.connect() as conn, conn.begin():
-        _, released = succeed_and_release_pg(conn, [Finish(ids[1], "succeeded", None, utcnow())], grace_seconds=60)
+        _, released = PG.succeed_and_release(conn, [Finish(ids[1], "succeeded", None, utcnow())], grace_seconds=60)
     assert [r["id"] for r in released] == [ids[2]] and _lease(pg_store, op) == refreshed  # fresh: left alone
     with pg_store.engine.connect() as conn, conn.begin():  # no grace: every release refreshes it
-        succeed_and_release_pg(conn, [Finish(ids[2], "succeeded", None, utcnow())], grace_seconds=0)
+        PG.succeed_and_release(conn, [Finish(ids[2], "succeeded", None, utcnow())], grace_seconds=0)
     assert _lease(pg_store, op) > refreshed
 
 
 def test_lease_before_is_a_tenth_of_the_grace_at_most_a_second():
     from datetime import timedelta
 
-    from celery_spawn.store.transitions import lease_before
+    from celery_spawn.store.dialects import lease_before
 
     now = utcnow()
     assert lease_before(now, 60) == now - timedelta(seconds=1)
@@ -153,8 +155,6 @@ def _state(store: SpawnStore, job: str) -> tuple[str, int, object]:
 
 def test_released_by_names_only_the_dependents_whose_every_unmet_edge_is_on_the_finishing_jobs(pg_store):
     from celery_spawn.store import schema as s
-    from celery_spawn.store.transitions import released_by_pg
-
     a, b, c = _chain(pg_store, 3)
     x, join = f"x-{uuid.uuid4().hex[:8]}", f"join-{uuid.uuid4().hex[:8]}"
     now = utcnow()
@@ -167,26 +167,24 @@ def test_released_by_names_only_the_dependents_whose_every_unmet_edge_is_on_the_
         conn.execute(s.dependencies.insert(), [{"job_id": join, "depends_on_id": a},
                                                {"job_id": join, "depends_on_id": x}])
     with pg_store.engine.connect() as conn, conn.begin():
-        assert [r["id"] for r in released_by_pg(conn, [a])] == [b]
-        assert sorted(r["id"] for r in released_by_pg(conn, [a, x])) == sorted([b, join])
-        assert released_by_pg(conn, [a], published=[b]) == []  # an earlier attempt published it
-        row = released_by_pg(conn, [a])[0]
+        assert [r["id"] for r in PG.released_by(conn, [a])] == [b]
+        assert sorted(r["id"] for r in PG.released_by(conn, [a, x])) == sorted([b, join])
+        assert PG.released_by(conn, [a], published=[b]) == []  # an earlier attempt published it
+        row = PG.released_by(conn, [a])[0]
         assert row == {"id": b, "parent_id": "p", "root_id": "p", "message": "message-1",
                        "operation_id": a + "-op"}
         # b ran before its release was written (it was published ahead): its success releases c all the same
-        assert [r["id"] for r in released_by_pg(conn, [b])] == [c]
+        assert [r["id"] for r in PG.released_by(conn, [b])] == [c]
     with pg_store.engine.connect() as conn, conn.begin():
-        succeed_and_release_pg(conn, [Finish(a, "succeeded", None, utcnow())])
-        assert released_by_pg(conn, [a]) == []  # a is final: a second finish releases nothing
+        PG.succeed_and_release(conn, [Finish(a, "succeeded", None, utcnow())])
+        assert PG.released_by(conn, [a]) == []  # a is final: a second finish releases nothing
 
 
 def test_a_step_published_ahead_is_marked_dispatched_by_the_write_and_not_returned(pg_store):
-    from celery_spawn.store.transitions import released_by_pg
-
     a, b, c = _chain(pg_store, 3)
     with pg_store.engine.connect() as conn, conn.begin():
-        ahead = [r["id"] for r in released_by_pg(conn, [a])]
-        won, released = succeed_and_release_pg(conn, [Finish(a, "succeeded", None, utcnow())], published=ahead)
+        ahead = [r["id"] for r in PG.released_by(conn, [a])]
+        won, released = PG.succeed_and_release(conn, [Finish(a, "succeeded", None, utcnow())], published=ahead)
     assert ahead == [b] and list(won) == [a] and released == []
     state, pending, dispatched_at = _state(pg_store, b)
     assert (state, pending) == ("dispatched", 0) and dispatched_at is not None
@@ -210,20 +208,18 @@ def _in_thread(target):
 def test_the_next_steps_finish_waits_for_the_write_of_the_step_that_published_it(pg_store):
     """Published ahead, a step can finish in another process before its release is committed: its finish
     waits on the row lock of the read, then finishes it and releases the step after it."""
-    from celery_spawn.store.transitions import released_by_pg
-
     a, b, c = _chain(pg_store, 3)
 
     def finish_b():
         with pg_store.engine.connect() as other, other.begin():
-            return succeed_and_release_pg(other, [Finish(b, "succeeded", None, utcnow())])
+            return PG.succeed_and_release(other, [Finish(b, "succeeded", None, utcnow())])
 
     with pg_store.engine.connect() as conn, conn.begin():
-        assert [r["id"] for r in released_by_pg(conn, [a])] == [b]
+        assert [r["id"] for r in PG.released_by(conn, [a])] == [b]
         thread, box = _in_thread(finish_b)
         thread.join(0.5)
         assert thread.is_alive(), "b's finish did not wait for the transaction that published it"
-        succeed_and_release_pg(conn, [Finish(a, "succeeded", None, utcnow())], published=[b])
+        PG.succeed_and_release(conn, [Finish(a, "succeeded", None, utcnow())], published=[b])
     thread.join(10)
     assert "error" not in box
     won, released = box["result"]
@@ -232,20 +228,18 @@ def test_the_next_steps_finish_waits_for_the_write_of_the_step_that_published_it
 
 
 def test_a_duplicate_finish_waits_and_then_publishes_nothing(pg_store):
-    from celery_spawn.store.transitions import released_by_pg
-
     a, b, _ = _chain(pg_store, 3)
 
     def read_again():
         with pg_store.engine.connect() as other, other.begin():
-            return released_by_pg(other, [a])
+            return PG.released_by(other, [a])
 
     with pg_store.engine.connect() as conn, conn.begin():
-        assert [r["id"] for r in released_by_pg(conn, [a])] == [b]
+        assert [r["id"] for r in PG.released_by(conn, [a])] == [b]
         thread, box = _in_thread(read_again)
         thread.join(0.5)
         assert thread.is_alive()
-        succeed_and_release_pg(conn, [Finish(a, "succeeded", None, utcnow())], published=[b])
+        PG.succeed_and_release(conn, [Finish(a, "succeeded", None, utcnow())], published=[b])
     thread.join(10)
     assert box == {"result": []}
 
@@ -253,15 +247,13 @@ def test_a_duplicate_finish_waits_and_then_publishes_nothing(pg_store):
 def test_a_held_step_that_finishes_in_the_same_batch_as_its_dependency_is_finished_not_released(pg_store):
     a, b, c = _chain(pg_store, 3)
     with pg_store.engine.connect() as conn, conn.begin():
-        won, released = succeed_and_release_pg(conn, [Finish(a, "succeeded", None, utcnow()),
+        won, released = PG.succeed_and_release(conn, [Finish(a, "succeeded", None, utcnow()),
                                                       Finish(b, "succeeded", None, utcnow())])
     assert set(won) == {a, b} and [r["id"] for r in released] == [c]
     assert _state(pg_store, b)[0] == "succeeded"
 
 
 def test_a_dependent_finishing_in_the_same_batch_is_not_published_ahead(pg_store):
-    from celery_spawn.store.transitions import released_by_pg
-
     a, b, c = _chain(pg_store, 3)
     with pg_store.engine.connect() as conn, conn.begin():  # b ran already (say, a copy published by hand)
-        assert [r["id"] for r in released_by_pg(conn, [a, b])] == [c]
+        assert [r["id"] for r in PG.released_by(conn, [a, b])] == [c]

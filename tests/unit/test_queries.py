@@ -400,7 +400,7 @@ def test_a_rollup_needs_every_child_final(store, tracker):
     b.spawn("p", 3, states=["succeeded", "started"])
     b.flush()
     with store.read() as conn:
-        counts, rollup = tracker._tally(conn, "op-p")
+        counts, rollup = store.tally(conn, "op-p")
     assert counts == {"succeeded": 2, "started": 1} and rollup == {}
 
 

@@ -10,9 +10,8 @@ from celery import Celery
 
 from celery_spawn import SpawnManager, SpawnTask, get_state, install, recover
 from celery_spawn.handlers import default_operation_id
-from celery_spawn.redelivery import redeliver
 from celery_spawn.store import schema as s
-from celery_spawn.store.sql import utcnow
+from celery_spawn.store import utcnow
 
 QUEUE = "redelivery-test"
 
@@ -43,6 +42,10 @@ def rig(store_url):
 
     yield app, parent
     get_state(app).store.dispose()
+
+
+def redeliver(app, after_seconds=None, limit=50):
+    return get_state(app).sweeper.redeliverer.redeliver(after_seconds, limit)
 
 
 def spawn(app, parent, n: int, plain: bool = False) -> str:

@@ -34,6 +34,7 @@ from celery_spawn import (
     with_spawn_handler,
 )
 from celery_spawn.store import schema as s
+from celery_spawn.engine.publisher import Publisher
 from tests.unit.helpers import Rig
 
 
@@ -755,14 +756,12 @@ def test_the_same_parent_spawning_twice_creates_and_dispatches_nothing_new(rig):
 
 
 def test_a_redelivered_parent_publishes_only_what_was_never_published(rig, monkeypatch):
-    from celery_spawn import spawner
-
     rig.manager.register_handler("three", lambda context: [rig.sig(i) for i in range(3)])
 
     def broker_down(app, children):
         raise ConnectionError("broker unreachable")
 
-    monkeypatch.setattr(spawner, "publish_children", broker_down)
+    monkeypatch.setattr(Publisher, "publish", broker_down)
     parent_id = str(uuid.uuid4())
     first = rig.spawn({"handler": "three"}, value="v", task_id=parent_id)
     assert first.get() == "v"  # the parent succeeded: its children are recorded, not lost

@@ -13,7 +13,7 @@ from celery_spawn.store import SpawnStore
 from celery_spawn.store import schema as s
 from celery_spawn.store.engine import redact
 from celery_spawn.store.migrations import VERSION_TABLE, head_revision
-from celery_spawn.store.sql import utcnow
+from celery_spawn.store import utcnow
 from tests.unit.helpers import Rig, age, fail_publishing
 
 SECRET = "s3cret"

@@ -9,7 +9,7 @@ from celery.canvas import Signature
 from celery_spawn import SpawnConfig, SpawnManager, SpawnTask, get_state, install, recover, signals
 from celery_spawn.handlers import default_operation_id
 from celery_spawn.store import schema as s
-from celery_spawn.tracking import _operation_state
+from celery_spawn.protocol import operation_state as _operation_state
 
 
 def tracked_app(store_url: str, backend: str | None = None, spawned_children: bool = False):
@@ -175,7 +175,7 @@ def redeliver(child, job: dict, redelivered: bool = True):
     """Run ``child``'s call path as a worker would for a (re)delivered message of ``job``."""
     from celery.exceptions import Ignore
 
-    from celery_spawn.spawner import HEADER_OPERATION
+    from celery_spawn.protocol import HEADER_OPERATION
 
     child.push_request(id=job["id"], called_directly=False, delivery_info={"redelivered": redelivered},
                        headers={HEADER_OPERATION: job["operation_id"]})

@@ -11,7 +11,10 @@ from __future__ import annotations
 import pytest
 
 from celery_spawn import depends_on, get_state, recover
-from celery_spawn import spawner as spawner_module
+from celery_spawn.engine import children as children_module
+from celery_spawn.engine import outbox as outbox_module
+from celery_spawn.engine import spawner as spawner_module
+from celery_spawn.engine.publisher import Publisher
 from celery_spawn.store import schema as s
 from tests.unit.helpers import age
 
@@ -23,13 +26,13 @@ class Crash(BaseException):
 @pytest.fixture
 def small_pages(monkeypatch):
     """Pages of ``batch_size`` children (2 in these tests) instead of at least 500."""
-    monkeypatch.setattr(spawner_module, "MIN_PUBLISH_PAGE", 1)
+    monkeypatch.setattr(outbox_module, "MIN_PUBLISH_PAGE", 1)
 
 
 def spawn_then_crash(rig, monkeypatch, count: int, crash_after_pages: int) -> str:
     """Spawn ``count`` children in pages of 2; the process dies after publishing page ``crash_after_pages``
     (0: right after the commit), before recording that page in the watermark. Returns the operation id."""
-    real = spawner_module.publish_children
+    real = Publisher.publish
     pages = []
 
     def publish_then_die(app, children):
@@ -40,11 +43,11 @@ def spawn_then_crash(rig, monkeypatch, count: int, crash_after_pages: int) -> st
             raise Crash()
         return pages[-1]
 
-    monkeypatch.setattr(spawner_module, "publish_children", publish_then_die)
+    monkeypatch.setattr(Publisher, "publish", publish_then_die)
     rig.manager.register_handler("many", lambda context: [rig.sig(i) for i in range(count)])
     with pytest.raises(Crash):
         rig.parent.apply(args=("v",), kwargs={"_spawn_config": {"handler": "many", "batch_size": 2}})
-    monkeypatch.setattr(spawner_module, "publish_children", real)
+    monkeypatch.setattr(Publisher, "publish", real)
     (operation,) = rig.operations()
     return operation["id"]
 
@@ -117,7 +120,7 @@ def test_a_redelivered_parent_publishes_what_its_first_run_did_not(publishing_ri
 
 def test_a_broker_failure_puts_the_unpublished_children_back_to_pending(publishing_rig, small_pages, monkeypatch):
     rig = publishing_rig
-    real = spawner_module.publish_children
+    real = Publisher.publish
     calls = []
 
     def second_page_fails(app, children):
@@ -126,7 +129,7 @@ def test_a_broker_failure_puts_the_unpublished_children_back_to_pending(publishi
             raise ConnectionError("broker unreachable")
         return real(app, children)
 
-    monkeypatch.setattr(spawner_module, "publish_children", second_page_fails)
+    monkeypatch.setattr(Publisher, "publish", second_page_fails)
     rig.manager.register_handler("five", lambda context: [rig.sig(i) for i in range(5)])
     result = rig.spawn({"handler": "five", "batch_size": 2})
     assert result.state == "SUCCESS"
@@ -146,7 +149,7 @@ def test_a_broker_failure_puts_the_unpublished_children_back_to_pending(publishi
 def test_children_with_dependencies_are_left_to_their_release(publishing_rig, small_pages, monkeypatch):
     """A crash before publishing: the sweep publishes the free children, not one a release already published."""
     rig = publishing_rig
-    monkeypatch.setattr(spawner_module.Spawner, "publish_pending", lambda *args, **kwargs: 0)
+    monkeypatch.setattr(outbox_module.Outbox, "publish_pending", lambda *args, **kwargs: 0)
 
     @rig.handler("chain")
     def chain(context):
@@ -188,7 +191,8 @@ def test_a_spawn_too_big_to_keep_in_memory_pages_its_children_from_the_store(pub
                                                                               monkeypatch, limit, chars):
     rig = publishing_rig
     monkeypatch.setattr(spawner_module, "EAGER_ID_LIMIT", limit)
-    monkeypatch.setattr(spawner_module, "KEEP_MESSAGE_CHARS", chars)
+    monkeypatch.setattr(children_module, "EAGER_ID_LIMIT", limit)
+    monkeypatch.setattr(children_module, "KEEP_MESSAGE_CHARS", chars)
     read = []
     real_page = type(rig.state.store).unpublished_page
 

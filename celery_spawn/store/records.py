@@ -1,133 +1,24 @@
-"""SpawnStore: the narrow interface between the spawner and the SQL tables.
+"""What a spawn writes: its operation, its children and their dependency edges, and how far it published.
 
-Dialect differences (insert-or-ignore, ``FOR UPDATE SKIP LOCKED``) are decided
-once, at construction. Every value reaches SQL as a bound parameter.
+Mixed into :class:`~celery_spawn.store.SpawnStore`; each method states its
+transaction: those taking ``conn`` run in the caller's, the others in their own.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import SQLAlchemyError
 
-from ..errors import StoreError
 from . import schema as s
-from .engine import EngineHolder, redact
-from .pgcopy import copy_rows, supports_copy
-
-logger = logging.getLogger(__name__)
-
-#: Rows per executemany / IN (...) list: well under every backend's parameter limit.
-CHUNK = 500
+from .cancels import Cancels
+from .dialects import chunked
+from .schema import utcnow
 
 
-def utcnow() -> datetime:
-    """Naive UTC, as stored."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
 
-
-def chunked(items: Sequence[Any], size: int = CHUNK) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-class SpawnStore:
-    """Reads and writes spawn operations, jobs and dependency edges."""
-
-    def __init__(self, url: str, engine_options: dict[str, Any] | None = None, auto_migrate: bool = True,
-                 synchronous_commit: bool = True, prepared_statements: bool = True) -> None:
-        self.holder = EngineHolder(url, engine_options, synchronous_commit=synchronous_commit,
-                                   prepared_statements=prepared_statements)
-        self.auto_migrate = auto_migrate
-        self._schema_ready = False
-        backend = self.holder.dialect
-        self.backend = backend
-        self.supports_skip_locked = backend in ("postgresql", "mysql", "mariadb")
-
-    # ---- plumbing ----------------------------------------------------------------------
-    @property
-    def engine(self) -> sa.Engine:
-        engine = self.holder.get()
-        if not self._schema_ready:
-            if self.auto_migrate:
-                self.migrate(engine)
-            self._schema_ready = True
-        return engine
-
-    @property
-    def safe_url(self) -> str:
-        return redact(self.holder.url)
-
-    def migrate(self, engine: sa.Engine | None = None) -> str:
-        """Create or upgrade the tables to the newest revision; returns it."""
-        from .migrations import upgrade
-
-        try:
-            return upgrade(engine or self.holder.get())
-        except SQLAlchemyError as exc:
-            raise StoreError(f"could not migrate the spawn store at {self.safe_url}: {type(exc).__name__}") from exc
-
-    def after_fork(self) -> None:
-        self.holder.after_fork()
-
-    def dispose(self) -> None:
-        self.holder.dispose()
-
-    @contextlib.contextmanager
-    def _errors(self) -> Iterator[None]:
-        """Database errors come out as :class:`StoreError`, naming the store (never its password)."""
-        try:
-            yield
-        except SQLAlchemyError as exc:
-            raise StoreError(f"spawn store {self.safe_url} failed: {_short(exc)}") from exc
-
-    @contextlib.contextmanager
-    def begin(self) -> Iterator[Connection]:
-        """A write transaction; database errors come out as :class:`StoreError`."""
-        with self._errors(), self.engine.begin() as conn:
-            yield conn
-
-    @contextlib.contextmanager
-    def begun(self, conn: Connection) -> Iterator[Connection]:
-        """Finish the transaction already begun on ``conn`` (commit, or roll back on error), then close it;
-        database errors come out as :class:`StoreError`, as from :meth:`begin`."""
-        with self._errors(), conn:
-            try:
-                yield conn
-            except BaseException:
-                conn.rollback()
-                raise
-            conn.commit()
-
-    @contextlib.contextmanager
-    def read(self) -> Iterator[Connection]:
-        """A read-only connection (no write lock on SQLite)."""
-        with self._errors(), self.engine.connect() as conn:
-            yield conn.execution_options(spawn_readonly=True)
-
-    def relax_commit(self, conn: Connection) -> None:
-        """PostgreSQL: this transaction's commit does not wait for the WAL flush (for writes a crash may lose)."""
-        if self.backend == "postgresql":
-            conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
-
-    def insert_ignore(self, table: sa.Table) -> sa.Insert:
-        """INSERT that skips rows whose primary key exists, in this backend's words."""
-        if self.backend == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-
-            return insert(table).on_conflict_do_nothing()
-        if self.backend == "sqlite":
-            return table.insert().prefix_with("OR IGNORE")
-        return table.insert().prefix_with("IGNORE")
-
-    def for_update(self, query: sa.Select) -> sa.Select:
-        if self.supports_skip_locked:
-            return query.with_for_update(skip_locked=True)
-        return query
+class SpawnRecords(Cancels):
+    """Operations, job rows, edges and the publish watermark."""
 
     # ---- operations --------------------------------------------------------------------
     def get_operation(self, conn: Connection, operation_id: str) -> dict | None:
@@ -166,17 +57,12 @@ class SpawnStore:
     # ---- jobs --------------------------------------------------------------------------
     def ensure_job(self, conn: Connection, row: dict) -> None:
         """Insert a job row unless one with its id exists (the root of a tree)."""
-        conn.execute(self.insert_ignore(s.jobs), [row])
+        conn.execute(self.dialect.insert_ignore(s.jobs), [row])
 
     def insert_jobs(self, conn: Connection, rows: Sequence[dict]) -> None:
         """Insert job rows (dicts with the same keys): one COPY on PostgreSQL/psycopg2, else multi-row INSERTs."""
-        if not rows:
-            return
-        if supports_copy(conn):
-            copy_rows(conn, s.jobs, rows)
-            return
-        for chunk in chunked(rows):
-            conn.execute(s.jobs.insert(), list(chunk))
+        if rows:
+            self.dialect.insert_jobs(conn, rows)
 
     def insert_dependencies(self, conn: Connection, rows: Sequence[dict]) -> None:
         for chunk in chunked(rows):
@@ -229,7 +115,7 @@ class SpawnStore:
         if not ids:
             return 0
         with self.begin() as conn:
-            self.relax_commit(conn)
+            self.dialect.relax_commit(conn)
             return self.mark_dispatched_in(conn, ids)
 
     def mark_dispatched_in(self, conn: Connection, ids: Sequence[str]) -> int:
@@ -272,7 +158,7 @@ class SpawnStore:
         """
         now = utcnow()
         with self.begin() as conn:
-            self.relax_commit(conn)
+            self.dialect.relax_commit(conn)
             conn.execute(
                 s.operations.update()
                 .where(s.operations.c.id == operation_id, s.operations.c.published_through < position)
@@ -306,65 +192,54 @@ class SpawnStore:
             conn.execute(s.operations.update().where(s.operations.c.id == operation_id)
                          .values(updated_at=utcnow()))
 
-    # ---- recovery ----------------------------------------------------------------------
-    def stale_unfinished_jobs(self, grace_seconds: float, limit: int = 200) -> list[dict]:
-        """Dispatched, started or retrying jobs recorded more than ``grace_seconds`` ago (oldest first)."""
-        cutoff = utcnow() - timedelta(seconds=grace_seconds)
-        with self.read() as conn:
-            query = (
-                sa.select(s.jobs.c.id, s.jobs.c.operation_id, s.jobs.c.state)
-                .where(s.jobs.c.state.in_((s.DISPATCHED, s.STARTED, s.RETRYING)), s.jobs.c.created_at < cutoff,
-                       s.jobs.c.operation_id.is_not(None))
-                .order_by(s.jobs.c.created_at)
-                .limit(limit)
-            )
-            return [dict(r) for r in conn.execute(query).mappings()]
+    # ---- dependencies ------------------------------------------------------------------
+    def dependency_problem(self, conn: Connection, operation_id: str) -> tuple[str, str] | None:
+        """The first edge of the operation's children on a job the store does not have, as (job, dependency)."""
+        child = s.jobs.alias("child")
+        target = s.jobs.alias("target")
+        unknown = conn.execute(
+            sa.select(s.dependencies.c.job_id, s.dependencies.c.depends_on_id)
+            .join(child, child.c.id == s.dependencies.c.job_id)
+            .outerjoin(target, target.c.id == s.dependencies.c.depends_on_id)
+            .where(child.c.operation_id == operation_id, target.c.id.is_(None))
+            .limit(1)
+        ).first()
+        return (unknown.job_id, unknown.depends_on_id) if unknown is not None else None
 
-    def claim_stale_callbacks(self, grace_seconds: float, limit: int = 50) -> list[dict]:
-        """Completed operations whose ``on_complete`` was claimed but not published: leased to this caller."""
-        cutoff = utcnow() - timedelta(seconds=grace_seconds)
-        with self.begin() as conn:
-            stale = (
-                sa.select(s.operations)
-                .where(s.operations.c.callback_state == s.CALLBACK_PENDING, s.operations.c.updated_at < cutoff)
-                .order_by(s.operations.c.updated_at)
-                .limit(limit)
-            )
-            rows = [dict(r) for r in conn.execute(self.for_update(stale)).mappings()]
-            if rows:
-                conn.execute(s.operations.update().where(s.operations.c.id.in_([r["id"] for r in rows]))
-                             .values(updated_at=utcnow()))
-        return rows
+    def internal_edges(self, conn: Connection, operation_id: str) -> list[tuple[str, str]]:
+        """The (job, dependency) edges between children of the same operation (for a cycle check)."""
+        child = s.jobs.alias("child")
+        target = s.jobs.alias("target")
+        edges = conn.execute(
+            sa.select(s.dependencies.c.job_id, s.dependencies.c.depends_on_id)
+            .join(child, child.c.id == s.dependencies.c.job_id)
+            .join(target, target.c.id == s.dependencies.c.depends_on_id)
+            .where(child.c.operation_id == operation_id, target.c.operation_id == operation_id)
+        ).all()
+        return [(e.job_id, e.depends_on_id) for e in edges]
 
-    def claim_stale_operations(self, grace_seconds: float, limit: int = 50) -> list[str]:
-        """Operations untouched for ``grace_seconds`` with children to publish: leased to this caller.
+    def settle_dependencies(self, conn: Connection, operation_id: str, grace_seconds: float) -> int:
+        """Count off dependencies of an operation's held children on jobs that are already final.
 
-        Children to publish are those after the publish watermark (the
-        spawner stopped before its end) and pending or held ones. The lease is
-        the refreshed ``updated_at``: another sweeper skips the operation
-        until the grace period passes again.
+        A dependency on an earlier job that already succeeded is met at once; one
+        that already failed cancels the child and its dependents (unless it
+        ignores that failure). This is the same release as a finishing job's.
+        Returns how many held children became pending.
         """
-        cutoff = utcnow() - timedelta(seconds=grace_seconds)
-        ops = s.operations
-        with self.begin() as conn:
-            stale = (
-                sa.select(ops.c.id)
-                .where(ops.c.state == s.OP_RUNNING, ops.c.updated_at < cutoff)
-                .where(sa.or_(ops.c.published_through < ops.c.total - 1,
-                              sa.exists().where(s.jobs.c.operation_id == ops.c.id,
-                                                s.jobs.c.state.in_(s.UNDISPATCHED_JOB_STATES))))
-                .order_by(s.operations.c.updated_at)
-                .limit(limit)
-            )
-            ids = list(conn.execute(self.for_update(stale)).scalars())
-            if ids:
-                conn.execute(s.operations.update().where(s.operations.c.id.in_(ids)).values(updated_at=utcnow()))
-        return ids
-
-
-def _short(exc: BaseException) -> str:
-    """A one-line description of a database error, without SQL or parameters."""
-    orig = getattr(exc, "orig", None)
-    text = str(orig if orig is not None else exc).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(orig or exc).__name__}: {first[:200]}"
+        child = s.jobs.alias("child")
+        target = s.jobs.alias("target")
+        rows = conn.execute(
+            sa.select(s.dependencies.c.depends_on_id, s.dependencies.c.ignore_failure, target.c.state)
+            .join(child, child.c.id == s.dependencies.c.job_id)
+            .join(target, target.c.id == s.dependencies.c.depends_on_id)
+            .where(child.c.operation_id == operation_id, child.c.state == s.HELD,
+                   s.dependencies.c.satisfied.is_(False), target.c.state.in_(tuple(s.FINAL_JOB_STATES)))
+        ).all()
+        if not rows:
+            return 0
+        targets = {row.depends_on_id: row.state for row in rows}
+        ended = sorted(job for job, state in targets.items() if state != s.SUCCEEDED)
+        for job in ended:
+            self.cancel_dependents(conn, [job], f"dependency {job} {targets[job]}")
+        succeeded = sorted(job for job, state in targets.items() if state == s.SUCCEEDED)
+        return len(self.dialect.release(conn, succeeded, ended, grace_seconds))

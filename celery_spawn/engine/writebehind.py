@@ -20,14 +20,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
-from .errors import StoreError
-from .store.sql import utcnow
-from .store.transitions import Finish
+from ..errors import StoreError
+from ..store import Finish, utcnow
 
 if TYPE_CHECKING:
     from datetime import datetime
 
-    from .tracking import HeldRelease, Tracker
+    from .tracker import HeldRelease, Tracker
 
 logger = logging.getLogger("celery_spawn.tracking")
 
@@ -239,13 +238,13 @@ def write_events(tracker: Tracker, events: list[Event], marks: Sequence[str] = (
     """
     folded = _fold_starts(events)
     if held is not None and not (len(folded) == 1 and folded[0].kind == FINISH and folded[0].job_id == held.job_id):
-        held.release()
+        held.abandon()
         held = None
     try:
         return _write_runs(tracker, folded, marks, published, held)
     finally:
         if held is not None:
-            held.release()  # (a no-op once the finish took it)
+            held.abandon()  # (a no-op once the finish took it)
 
 
 def _write_runs(tracker: Tracker, folded: list[Event], marks: Sequence[str], published: set[str] | None,
@@ -316,7 +315,7 @@ def enable_in_this_process() -> None:
 
 def queue_for(tracker: Tracker) -> WriteBehind | None:
     """This process's write-behind for ``tracker``, or None to write synchronously (outside workers)."""
-    if not _in_worker or not tracker.state.settings.batch_tracking:
+    if not _in_worker or not tracker.settings.batch_tracking:
         return None
     key = (os.getpid(), id(tracker))
     queue = _queues.get(key)

@@ -1,0 +1,138 @@
+"""The commands that change things: ``migrate``, ``recover``, ``cancel``."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import click
+from celery.bin.base import CeleryCommand
+
+from ..options import (
+    JOB_ID,
+    RET_NOT_FOUND,
+    RET_STORE,
+    CommandError,
+    FiniteFloatRange,
+    emit,
+    explain,
+    format_option,
+    limit_option,
+    open_store,
+    store_options,
+    user_app,
+)
+from .group import spawn
+
+
+@spawn.command(cls=CeleryCommand)
+@store_options
+@click.pass_context
+def migrate(ctx: click.Context, database_url: str | None) -> None:
+    """Create or upgrade the store's tables."""
+    with open_store(ctx, database_url, create=True) as store:
+        before = store.revision()
+        revision = store.migrate()
+        if before == revision:
+            emit(ctx, f"spawn store {store.safe_url} is up to date (revision {revision})")
+        else:
+            emit(ctx, f"spawn store {store.safe_url} migrated from {before or 'nothing'} to revision {revision}")
+
+
+@spawn.command(cls=CeleryCommand)
+@click.option("--grace", type=FiniteFloatRange(min=0, max=7 * 86_400), default=None,
+              help="Seconds an operation must be untouched (default: the app's spawn_recovery_grace).")
+@click.option("--redeliver-after", type=FiniteFloatRange(min=0, max=7 * 86_400), default=None,
+              help="Seconds a dispatched SpawnTask child may go unstarted, its operation idle, before it is "
+                   "published again (default: the app's spawn_redeliver_after; 0: never).")
+@limit_option(50, "Operations to recover in this run.")
+@store_options
+@click.pass_context
+def recover(ctx: click.Context, grace: float | None, redeliver_after: float | None, limit: int,
+            database_url: str | None) -> None:
+    """Publish children recorded but never dispatched, or dispatched and lost by the broker.
+
+    This is what every worker's recovery sweep does; it needs the app (-A) to publish.
+    """
+    from ..control import recover as recover_stranded
+    from ..errors import StoreError
+    from ..state import get_state
+
+    app = user_app(ctx)
+    if app is None:
+        raise click.UsageError("recover publishes through your Celery app: give it with `celery -A proj spawn recover`")
+    state = get_state(app)
+    if database_url:
+        state.reload(database_url=database_url)
+    try:
+        published = recover_stranded(app, grace_seconds=grace, limit=limit, redeliver_after=redeliver_after)
+    except StoreError as exc:
+        raise CommandError(explain(state.store, exc), RET_STORE) from None
+    emit(ctx, f"published {published} stranded child{'ren' if published != 1 else ''} "
+              f"from {state.store.safe_url}")
+
+
+@spawn.command(cls=CeleryCommand)
+@click.argument("target", metavar="JOB_OR_OPERATION", type=JOB_ID)
+@click.option("--terminate", is_flag=True, help="Also kill children that are running (revoke with terminate).")
+@click.option("--store-only", is_flag=True,
+              help="No broker: cancel the children never dispatched and leave running ones to their workers "
+                   "(works without -A).")
+@click.option("--force", is_flag=True, help="Do not ask for confirmation on a terminal.")
+@format_option(("text", "json"))
+@store_options
+@click.pass_context
+def cancel(ctx: click.Context, target: str, terminate: bool, store_only: bool, force: bool, fmt: str,
+           database_url: str | None) -> None:
+    """Stop every unfinished descendant of a job or operation.
+
+    Held and pending children are marked cancelled, dispatched and running ones
+    are revoked; finished ones stay as they are. Needs the app (-A) to revoke,
+    unless --store-only.
+    """
+    from .. import render
+    from ..errors import JobNotFound, StoreError
+
+    app = user_app(ctx)
+    if app is None and not store_only:
+        raise click.UsageError("cancel revokes through your Celery app: give it with `celery -A proj spawn cancel` "
+                               "(or cancel in the store only with --store-only)")
+    if store_only and terminate:
+        raise click.UsageError("--terminate needs a broker: it cannot go with --store-only")
+    if not force and sys.stdin.isatty():
+        click.confirm(f"Cancel everything unfinished below {target}?", abort=True)
+    with _canceller(ctx, app, database_url) as (canceller, store):
+        try:
+            result = canceller.cancel(target, terminate=terminate, store_only=store_only)
+        except JobNotFound:
+            raise CommandError(f"no spawned job or operation has id {target}", RET_NOT_FOUND) from None
+        except StoreError as exc:
+            raise CommandError(explain(store, exc), RET_STORE) from None
+    if fmt == "json":
+        emit(ctx, render.to_json(result))
+        return
+    text = (f"cancelled {result['cancelled']} waiting and revoked {result['revoked']} running "
+            f"job{'s' if result['revoked'] != 1 else ''} below {target}"
+            + (" (terminated)" if terminate and result["revoked"] else ""))
+    if result["still_running"]:
+        text += f"; {result['still_running']} dispatched or running left to their workers (store only)"
+    emit(ctx, text)
+
+
+@contextlib.contextmanager
+def _canceller(ctx: click.Context, app: Any, database_url: str | None) -> Iterator[tuple[Any, Any]]:
+    """The one cancel: the app's (it revokes through the broker), or store-only over the command's store."""
+    if app is not None:
+        from ..state import get_state
+
+        state = get_state(app)
+        if database_url:
+            state.reload(database_url=database_url)
+        yield state.canceller, state.store
+        return
+    from ..engine.cancel import Canceller
+    from ..engine.completion import Completion
+
+    with open_store(ctx, database_url) as store:
+        yield Canceller(store, Completion(store)), store

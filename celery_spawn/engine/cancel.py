@@ -1,0 +1,77 @@
+"""The one cancel: stop the unfinished part of a tree, for the Python API, the CLI and the web alike.
+
+Children never dispatched (held, pending) are cancelled in the store.
+Children whose message is out (dispatched, started, retrying) are marked
+revoked and revoked through Celery's remote control (``terminate=True``
+kills those running). A store-only cancel, for a face with no broker, leaves
+those to their workers. Then every operation that lost children is probed
+for completion, as a finishing child would have done.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Callable
+
+from ..errors import JobNotFound
+
+if TYPE_CHECKING:
+    from ..store import SpawnStore
+    from .completion import Completion
+
+logger = logging.getLogger("celery_spawn.tracking")
+
+#: Revokes task ids in the broker: ``app.control.revoke``.
+Revoke = Callable[..., Any]
+
+
+class Canceller:
+    """Cancels trees in one store; revokes through ``revoke`` when there is a broker."""
+
+    def __init__(self, store: SpawnStore, completion: Completion, revoke: Revoke | None = None) -> None:
+        self.store = store
+        self.completion = completion
+        self.revoke = revoke
+
+    def cancel(self, target_id: str, terminate: bool = False, reason: str = "cancelled",
+               store_only: bool = False) -> dict[str, Any]:
+        """Stop every unfinished descendant of a job, or of an operation's parent.
+
+        Returns ``cancelled`` and ``revoked`` (counts), ``still_running``
+        (jobs a store-only cancel left to their workers), ``target``,
+        ``root``, ``operations`` (those that lost children) and
+        ``completed`` (those the cancel completed). Raises
+        :class:`~celery_spawn.errors.JobNotFound` for an unknown id.
+        """
+        store_only = store_only or self.revoke is None
+        with self.store.begin() as conn:
+            operation = self.store.get_operation(conn, target_id)
+            if operation is not None:
+                jobs = self.store.unfinished_jobs(conn, operation_id=target_id)
+                root = operation["parent_id"]
+            elif self.store.get_job(conn, target_id) is not None:
+                jobs = self.store.unfinished_jobs(conn, below_job=target_id)
+                root = target_id
+            else:
+                raise JobNotFound(f"no spawned job or operation has id {target_id!r}")
+            done = self.store.cancel_jobs(conn, jobs, reason, store_only=store_only)
+            left = set(done.still_running)
+            touched = {j["operation_id"] for j in jobs if j["operation_id"] and j["id"] not in left}
+            if operation is not None:
+                touched.add(target_id)
+        if done.revoked:
+            self.revoke_jobs(done.revoked, terminate=terminate)
+        completed: list[str] = []
+        for operation_id in sorted(touched):
+            completed.extend(self.completion.check(operation_id))
+        return {"cancelled": len(done.cancelled), "revoked": len(done.revoked),
+                "still_running": len(done.still_running), "target": target_id, "root": root,
+                "operations": sorted(touched), "completed": sorted(set(completed))}
+
+    def revoke_jobs(self, job_ids: list[str], terminate: bool = False) -> None:
+        """Revoke messages already out; a broker error is logged (claims in the store still stop SpawnTasks)."""
+        if self.revoke is None or not job_ids:
+            return
+        try:
+            self.revoke(job_ids, terminate=terminate)
+        except Exception as exc:
+            logger.warning("revoking %d running jobs failed: %s", len(job_ids), exc)

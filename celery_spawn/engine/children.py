@@ -1,0 +1,287 @@
+"""What a spawn makes of its parent and of each signature a handler yields: rows and messages.
+
+Pure of the store: :class:`ChildRows` turns signatures into the job rows and
+dependency edges a spawn records (deterministic ids, inherited priority and
+queue, spawn headers, the message to publish), and checks what a handler
+got wrong, naming the child.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from celery.canvas import Signature
+from kombu.utils.json import dumps
+
+from ..config import SpawnConfig
+from ..errors import DependencyError, HandlerError, SpawnConfigError
+from ..handlers import ParentJob, SpawnContext
+from ..protocol import (DEPENDS_ON_OPTION, DISPATCHED, HEADER_DEPTH, HEADER_MAX_DEPTH, HEADER_OPERATION, HELD,
+                        IGNORE_FAILURE_OPTION, PENDING, SPAWN_CONFIG_KWARG, SUCCEEDED, OP_RUNNING, request_header)
+
+if TYPE_CHECKING:
+    from celery import Celery, Task
+
+    from ..settings import SpawnSettings
+
+#: Above this many children, ``SpawnResult.spawned_job_ids`` pages ids from the store instead of a list.
+EAGER_ID_LIMIT = 10_000
+#: A spawn publishes the children it just recorded from memory (not read back) up to this many message
+#: characters; a bigger spawn pages them from the store, so memory stays bounded.
+KEEP_MESSAGE_CHARS = 16 << 20
+
+#: Signature options that are the spawner's business, never published.
+_PRIVATE_OPTIONS = {"task_id", "parent_id", "root_id", "group_id", "group_index", "chord",
+                    DEPENDS_ON_OPTION, IGNORE_FAILURE_OPTION}
+
+
+def queue_of_delivery(app: Celery, delivery: dict) -> str | None:
+    """The queue a message came from: its routing key on the default exchange, else the queue bound so."""
+    routing_key = delivery.get("routing_key") or None
+    exchange = delivery.get("exchange") or ""
+    if not routing_key or not exchange:
+        return routing_key
+    for queue in app.amqp.queues.values():
+        bound = getattr(queue.exchange, "name", None)
+        if bound == exchange and queue.routing_key == routing_key:
+            return queue.name
+    return routing_key if routing_key in app.amqp.queues else None
+
+
+def parent_from_task(task: Task, result: Any) -> ParentJob:
+    request = task.request
+    delivery = request.delivery_info or {}
+    kwargs = {k: v for k, v in (request.kwargs or {}).items() if k != SPAWN_CONFIG_KWARG}
+    try:
+        depth = int(request_header(request, HEADER_DEPTH) or 0)
+    except (TypeError, ValueError):
+        depth = 0
+    return ParentJob(
+        id=request.id,
+        name=task.name,
+        args=tuple(request.args or ()),
+        kwargs=kwargs,
+        result=result,
+        priority=delivery.get("priority"),
+        queue=queue_of_delivery(task.app, delivery),
+        root_id=request.root_id or request.id,
+        depth=depth,
+        parent_id=request.parent_id,
+    )
+
+
+def inherited_max_depth(task: Task) -> int | None:
+    """The ``max_depth`` a spawned task inherited from the spawns above it, if any."""
+    raw = request_header(task.request, HEADER_MAX_DEPTH)
+    try:
+        return int(raw) if raw is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def effective_config(settings: SpawnSettings, task: Task, call_config: Any) -> SpawnConfig:
+    """Named defaults, then the task's ``spawn_config``/``spawn_handler``, then the call's ``_spawn_config``."""
+    ceiling = settings.max_spawn_count_ceiling
+    config = SpawnConfig(max_spawn_count=min(settings.default_max_spawn_count, ceiling))
+    task_config = getattr(task, "spawn_config", None)
+    if task_config is not None:
+        config = config.merged(task_config)
+    task_handler = getattr(task, "spawn_handler", None)
+    if isinstance(task_handler, str) and config.handler is None:
+        config = config.merged({"handler": task_handler})
+    if call_config is not None:
+        config = config.merged(call_config)
+    if config.max_spawn_count > ceiling:
+        raise SpawnConfigError(
+            f"max_spawn_count {config.max_spawn_count} is above this app's ceiling "
+            f"spawn_max_spawn_count_ceiling={ceiling}")
+    return config
+
+
+class ChildRows:
+    """Builds the rows of one app's spawns (and remembers how its tasks route)."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self._route_cache: dict[str, str | None] = {}
+
+    def child_row(self, sig: Any, position: int, context: SpawnContext, seen: set[str],
+                   now: Any) -> tuple[dict, list[dict], bool]:
+        where = f"child #{position}"
+        if not isinstance(sig, Signature) or type(sig) is not Signature:
+            kind = type(sig).__name__
+            raise HandlerError(f"{where} is a {kind}, not a single task signature (celery.signature / task.s())")
+        name = sig.task
+        if not isinstance(name, str) or not name or not name.isprintable():
+            raise HandlerError(f"{where} has no valid task name: {name!r}")
+        options = dict(sig.options)
+        user_chosen = bool(options.get("task_id")) and not context.generated(options["task_id"])
+        job_id = options.get("task_id") or context.next_child_id()
+        if not isinstance(job_id, str) or not job_id or len(job_id) > 64 or not job_id.isprintable():
+            raise HandlerError(f"{where} has an invalid task_id {job_id!r}")
+        if options.get("task_id"):  # ids generated here are unique by construction: remember only the others
+            if job_id in seen:
+                raise HandlerError(f"{where} repeats task id {job_id}")
+            seen.add(job_id)
+        parent = context.parent
+        config = context.config
+        depends = [str(d) for d in options.get(DEPENDS_ON_OPTION) or ()]
+        ignored = set(options.get(IGNORE_FAILURE_OPTION) or ())
+        if job_id in depends:
+            raise DependencyError(f"{where} ({job_id}) depends on itself")
+
+        publish = {k: v for k, v in options.items() if k not in _PRIVATE_OPTIONS}
+        if config.inherit_priority and parent.priority is not None and publish.get("priority") is None:
+            publish["priority"] = parent.priority
+        if config.inherit_queue and parent.queue and not publish.get("queue"):
+            publish["queue"] = parent.queue
+        if config.spawn_delay_ms and "countdown" not in publish and "eta" not in publish:
+            publish["countdown"] = position * config.spawn_delay_ms / 1000.0
+        headers = dict(publish.get("headers") or {})
+        headers[HEADER_OPERATION] = context.operation_id
+        headers[HEADER_DEPTH] = parent.depth + 1
+        headers[HEADER_MAX_DEPTH] = min(config.max_depth, context.inherited_max_depth or config.max_depth)
+        publish["headers"] = headers
+        try:
+            message = dumps({"task": name, "args": list(sig.args or ()), "kwargs": dict(sig.kwargs or {}),
+                             "options": publish})
+        except (TypeError, ValueError) as exc:
+            raise HandlerError(f"{where} ({name}) cannot be serialised to JSON: {exc}") from None
+
+        pending_deps = sum(1 for d in depends if d != parent.id)
+        row = {
+            "id": job_id,
+            "parent_id": parent.id,
+            "root_id": parent.root_id,
+            "operation_id": context.operation_id,
+            "position": position,
+            "depth": parent.depth + 1,
+            "task_name": name[:255],
+            "queue": self.queue_of(name, publish),
+            "priority": publish.get("priority"),
+            # Without dependency edges a child is recorded as dispatched: the operation's
+            # publish watermark, not a per-row update, says whether its message went out.
+            "state": HELD if pending_deps else (PENDING if depends else DISPATCHED),
+            "pending_deps": pending_deps,
+            "retries": 0,
+            "message": message,
+            "created_at": now,
+            "dispatched_at": None if depends else now,
+        }
+        edges = [{"job_id": job_id, "depends_on_id": dep, "ignore_failure": dep in ignored,
+                  "satisfied": dep == parent.id} for dep in depends]
+        return row, edges, user_chosen
+
+    def queue_of(self, task_name: str, options: dict) -> str | None:
+        queue = options.get("queue")
+        if queue:
+            return str(getattr(queue, "name", queue))[:255]
+        if task_name not in self._route_cache:
+            try:
+                routed = self.app.amqp.router.route({}, task_name)
+                routed_queue = routed.get("queue")
+                self._route_cache[task_name] = getattr(routed_queue, "name", routed_queue)
+            except Exception:
+                self._route_cache[task_name] = self.app.conf.task_default_queue
+        return self._route_cache[task_name]
+
+
+def operation_row(parent: ParentJob, config: SpawnConfig | None, operation_id: str,
+                       handler_name: str | None, now: Any) -> dict:
+        return {
+            "id": operation_id,
+            "parent_id": parent.id,
+            "root_id": parent.root_id,
+            "parent_task": parent.name[:255],
+            "handler": (handler_name or "")[:255] or None,
+            "queue": parent.queue,
+            "depth": parent.depth,
+            "state": OP_RUNNING,
+            "total": 0,
+            "published_through": -1,
+            "config": dumps(config.to_dict()) if config is not None else None,
+            "error": None,
+            "on_complete": dumps(config.on_complete) if config is not None and config.on_complete else None,
+            "wait_for_descendants": bool(config and config.wait_for_descendants),
+            "fail_fast": bool(config and config.fail_fast),
+            "completed": False,
+            "created_at": now,
+            "updated_at": now,
+            "finished_at": None,
+        }
+
+def root_row(parent: ParentJob, now: Any) -> dict:
+        """The parent's own row, for a parent that was not itself spawned."""
+        return {
+            "id": parent.id,
+            "parent_id": None,
+            "root_id": parent.root_id,
+            "operation_id": None,
+            "position": 0,
+            "depth": parent.depth,
+            "task_name": parent.name[:255],
+            "queue": parent.queue,
+            "priority": parent.priority,
+            "state": SUCCEEDED,
+            "pending_deps": 0,
+            "retries": 0,
+            "message": None,
+            "created_at": now,
+            "started_at": now,
+            "finished_at": now,
+        }
+
+
+class Recorded:
+    """What a spawn keeps of the children it records, while that is small: their ids, and the rows it
+    publishes itself (recorded ``dispatched``), so that neither is read back from the store."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] | None = []
+        self.publishable: list[dict] | None = []
+        self._chars = 0
+
+    def add(self, row: dict) -> None:
+        if self.ids is not None:
+            self.ids.append(row["id"])
+            if len(self.ids) > EAGER_ID_LIMIT:
+                self.ids = None
+        if self.publishable is not None and row["state"] == DISPATCHED:
+            self.publishable.append(row)
+            self._chars += len(row["message"])
+            if self._chars > KEEP_MESSAGE_CHARS or len(self.publishable) > EAGER_ID_LIMIT:
+                self.publishable = None
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def find_cycle(edges: list[tuple[str, str]]) -> list[str] | None:
+    """A cycle in the "job depends on" graph, or None (iterative DFS)."""
+    graph: dict[str, list[str]] = defaultdict(list)
+    for job, dep in edges:
+        graph[job].append(dep)
+    state: dict[str, int] = {}
+    for start in list(graph):
+        if state.get(start):
+            continue
+        stack = [(start, iter(graph[start]))]
+        path = [start]
+        state[start] = 1
+        while stack:
+            node, children = stack[-1]
+            for nxt in children:
+                if state.get(nxt) == 1:
+                    return path[path.index(nxt):] + [nxt]
+                if not state.get(nxt):
+                    state[nxt] = 1
+                    stack.append((nxt, iter(graph.get(nxt, ()))))
+                    path.append(nxt)
+                    break
+            else:
+                state[node] = 2
+                stack.pop()
+                path.pop()
+    return None

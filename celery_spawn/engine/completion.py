@@ -1,0 +1,152 @@
+"""Completing operations: when every child is final, record it once, tell the signal, apply ``on_complete``.
+
+The winner of the guarded "mark complete" update is the only one that
+announces the completion and publishes the callback, so a completion probed
+by several workers at once happens once.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from kombu.utils.json import dumps, loads
+
+from .. import signals
+from ..handlers import child_id
+from ..protocol import CALLBACK_FAILED, CALLBACK_SENT, OP_FAILED, error_text, operation_state
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from ..store import SpawnStore
+    from .publisher import Publisher
+
+logger = logging.getLogger("celery_spawn.tracking")
+
+#: Results gathered into an ``on_complete`` summary at most (beyond that, only counts and failures).
+MAX_SUMMARY_RESULTS = 1000
+
+
+def completion_task_id(operation_id: str) -> str:
+    """The deterministic task id of an operation's ``on_complete`` callback."""
+    return child_id(operation_id, -1)
+
+
+def has_result_backend(app: Celery) -> bool:
+    from celery.backends.base import DisabledBackend
+
+    try:
+        return not isinstance(app.backend, DisabledBackend)
+    except Exception:
+        return False
+
+
+def callback_signature(form: dict, app: Celery) -> Any:
+    """A signature from its dict form, the minimal ``{"task": name}`` included."""
+    from celery import signature
+    from celery.canvas import Signature
+
+    if form.get("subtask_type"):
+        return signature(form, app=app)
+    return Signature(form["task"], args=form.get("args") or (), kwargs=form.get("kwargs") or {},
+                     options=form.get("options") or {}, immutable=bool(form.get("immutable")), app=app)
+
+
+class Completion:
+    """Probes operations for completion and applies their callbacks, for one app and store.
+
+    Without a Celery app (a store-only face), a completed operation's
+    ``on_complete`` stays claimed for a worker's recovery sweep to publish.
+    """
+
+    def __init__(self, store: SpawnStore, publisher: Publisher | None = None, app: Celery | None = None) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.app = app
+
+    def check(self, operation_id: str) -> list[str]:
+        """Complete ``operation_id`` if it is done, then walk up to the operations of its ancestors.
+
+        The walk stops at the first operation that is not done: an ancestor
+        cannot be complete while part of its subtree runs. Returns the
+        operations this call completed.
+        """
+        completed: list[str] = []
+        seen: set[str] = set()
+        current: str | None = operation_id
+        while current and current not in seen:
+            seen.add(current)
+            done, won = self._try_complete(current)
+            if not done:
+                break
+            if won:
+                completed.append(current)
+            current = self.store.parent_operation(current)
+        return completed
+
+    def _try_complete(self, operation_id: str) -> tuple[bool, bool]:
+        """(complete now or already, completed by this call)."""
+        operation, counts, rollup = self.store.completion_candidate(operation_id)
+        if operation is None:
+            return False, False
+        if operation["completed"] or (operation["state"] == OP_FAILED and not operation["total"]):
+            return True, False
+        final_state = operation_state(counts)
+        if not self.store.complete_operation(operation_id, final_state, rollup, bool(operation["on_complete"])):
+            return True, False
+        summary = self.summary(operation, counts, final_state)
+        signals.operation_completed.send(sender=operation_id, operation_id=operation_id, summary=summary)
+        if operation["on_complete"] and self.publisher is not None:
+            self.apply_callback(operation, summary)
+        return True, True
+
+    def apply_callback(self, operation: dict, summary: dict | None = None) -> bool:
+        """Publish ``on_complete(summary)`` under its deterministic id; a broker error leaves it to the sweep."""
+        if self.publisher is None:
+            return False
+        if summary is None:
+            summary = self.summary(operation, self.store.child_counts(operation["id"]), operation["state"])
+        try:
+            callback = callback_signature(loads(operation["on_complete"]), self.publisher.app).clone(args=(summary,))
+        except Exception as exc:
+            logger.error("on_complete of operation %s is not a usable signature: %s", operation["id"], exc)
+            self.store.set_callback_state(operation["id"], CALLBACK_FAILED, error=f"on_complete: {error_text(exc)}")
+            return False
+        try:
+            self.publisher.publish_callback(callback, completion_task_id(operation["id"]), operation["parent_id"],
+                                            operation["root_id"])
+        except Exception as exc:
+            logger.warning("on_complete of operation %s not published (%s); the recovery sweep will retry",
+                           operation["id"], exc)
+            return False
+        self.store.set_callback_state(operation["id"], CALLBACK_SENT)
+        return True
+
+    def summary(self, operation: dict, counts: dict[str, int], final_state: str) -> dict:
+        """The first argument of ``on_complete``: JSON-serialisable, like a chord header's results."""
+        failures, succeeded_ids = self.store.summary_rows(operation["id"], MAX_SUMMARY_RESULTS)
+        summary: dict[str, Any] = {
+            "operation_id": operation["id"],
+            "parent_id": operation["parent_id"],
+            "state": final_state,
+            "total": sum(counts.values()),
+            "counts": counts,
+            "failed": failures,
+        }
+        if self.app is not None and has_result_backend(self.app) and len(succeeded_ids) <= MAX_SUMMARY_RESULTS:
+            results = {}
+            for job_id in succeeded_ids:
+                try:
+                    results[job_id] = _jsonable(self.app.AsyncResult(job_id).result)
+                except Exception:  # a backend hiccup must not lose the callback
+                    results[job_id] = None
+            summary["results"] = results
+        return summary
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        dumps(value)
+        return value
+    except Exception:
+        return repr(value)

@@ -1,0 +1,162 @@
+"""The one publisher: every message celery-spawn sends goes through :meth:`Publisher.publish`.
+
+Children at spawn, dependents released by a finish, the sweep's
+republishes and redeliveries, and the ``on_complete`` callback are all
+rows handed to that one method, and :meth:`Publisher.headers` is the one
+place where headers are added before a message leaves.
+
+Recorded children go through Celery a page at a time.
+
+A spawn knows all its children at once, so it publishes them through one
+producer inside kombu's ``Producer.batch()`` (pipelined on Redis) and skips
+the per-message work a ``group`` pays for: the result-backend subscription
+and the queue declaration (once per page instead), and building each message
+from scratch (see :mod:`celery_spawn.messages`). Children with unusual
+options (countdown, eta, expires, links, ...) go through ``app.send_task``
+unchanged, and exchanges or connected publish signals through Celery's
+``send_task_message``, so every Celery option keeps its meaning.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Sequence
+
+from kombu.utils.json import loads
+
+from .messages import PLAIN_OPTIONS, MessageBuilder, Plan
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+logger = logging.getLogger(__name__)
+
+
+def decode_message(raw: str) -> dict[str, Any]:
+    return loads(raw)
+
+
+class Publisher:
+    """Sends celery-spawn's messages for one app."""
+
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+
+    def publish(self, children: Sequence[dict]) -> list[str]:
+        """Publish each row's message; returns the ids that reached the broker.
+
+        A row carries ``id``, ``parent_id``, ``root_id`` and either ``message``
+        (the stored JSON form of a child: task, args, kwargs, options) or
+        ``signature`` (a Celery signature, the ``on_complete`` callback). Ids
+        are explicit, so a message published twice after a crash is
+        recognised by the child's claim.
+        """
+        if not children:
+            return []
+        if any("signature" in child for child in children):
+            return [self._apply_signature(child) for child in children]
+        if self.app.conf.task_always_eager:
+            return self._apply_eagerly(children)
+        return self._publish_messages(children)
+
+    def headers(self, child: dict) -> dict | None:
+        """Headers added to a row's message as it leaves (none by default: the stored message carries the
+        spawn headers). The one place to add per-message headers, on every path."""
+        return None
+
+    def publish_callback(self, signature: Any, task_id: str, parent_id: str | None, root_id: str | None) -> None:
+        """Publish an ``on_complete`` callback (already given its summary) under its deterministic id."""
+        self.publish([{"id": task_id, "parent_id": parent_id, "root_id": root_id, "signature": signature}])
+
+    def _apply_signature(self, child: dict) -> str:
+        headers = self.headers(child)
+        options = {"headers": headers} if headers else {}
+        child["signature"].apply_async(task_id=child["id"], parent_id=child["parent_id"], root_id=child["root_id"],
+                                       **options)
+        return child["id"]
+
+    def _publish_messages(self, children: Sequence[dict]) -> list[str]:
+        app = self.app
+        fast = not app.conf.task_send_sent_event
+        signals = _publish_signals_connected()
+        builder = MessageBuilder(app)
+        published: list[str] = []
+        declared: set[str] = set()
+        with app.producer_or_acquire() as producer, producer.batch(max_size=max(1, len(children))):
+            publish = producer.publish
+            last_raw = plan = None
+            for child in children:
+                raw = child["message"]
+                message = None
+                if raw != last_raw:  # siblings often share their stored message: decide once for them
+                    message = decode_message(raw)
+                    options = message.get("options") or {}
+                    plan = builder.plan(message["task"], options) if fast and options.keys() <= PLAIN_OPTIONS else None
+                    last_raw = raw
+                extra = self.headers(child)
+                if plan is None:
+                    message = message or decode_message(raw)
+                    options = dict(message.get("options") or {})
+                    if extra:
+                        options["headers"] = {**(options.get("headers") or {}), **extra}
+                    app.send_task(
+                        message["task"], args=message.get("args") or (), kwargs=message.get("kwargs") or {},
+                        task_id=child["id"], producer=producer, parent_id=child["parent_id"],
+                        root_id=child["root_id"], add_to_parent=False, **options,
+                    )
+                    published.append(child["id"])
+                    continue
+                queue = plan.queue
+                if queue is not None and queue.name not in declared:
+                    producer.maybe_declare(queue)
+                    declared.add(queue.name)
+                if plan.direct and not signals:
+                    # What send_task_message does for a direct queue with no publish signals connected,
+                    # minus its per-message declaration and retry wrapper (the batch flushes at once).
+                    prepared = builder.prepare(child, plan, message)
+                    if extra:
+                        prepared.headers.update(extra)
+                    publish(prepared.payload, exchange="", routing_key=queue.name, headers=prepared.headers,
+                            content_type=prepared.content_type, content_encoding=prepared.content_encoding,
+                            compression=plan.compression, delivery_mode=plan.delivery_mode,
+                            priority=plan.routed.get("priority"), retry=False, **prepared.properties)
+                else:
+                    self._send_task_message(producer, child, message or decode_message(raw), plan, extra)
+                published.append(child["id"])
+        return published
+
+    def _send_task_message(self, producer: Any, child: dict, message: dict, plan: Plan, extra: dict | None) -> None:
+        """Celery's own message building and sending (routing through exchanges, publish signals)."""
+        app = self.app
+        amqp = app.amqp
+        task_message = amqp.as_task_v2(
+            child["id"], plan.name, tuple(message.get("args") or ()), message.get("kwargs") or {},
+            parent_id=child["parent_id"], root_id=child["root_id"],
+            time_limit=plan.time_limit, soft_time_limit=plan.soft_time_limit,
+            reply_to=app.thread_oid, ignore_result=plan.ignore_result,
+        )
+        headers = {**plan.custom_headers, **(extra or {})}
+        amqp.send_task_message(producer, plan.name, task_message, headers=headers or None, declare=[], **plan.routed)
+
+    def _apply_eagerly(self, children: Sequence[dict]) -> list[str]:
+        """Eager mode (tests): run each child in-process, as ``apply_async`` would."""
+        done: list[str] = []
+        for child in children:
+            message = decode_message(child["message"])
+            options = dict(message.get("options", {}))
+            headers = {**(options.get("headers") or {}), **(self.headers(child) or {})}
+            task = self.app.tasks[message["task"]]
+            task.apply(
+                args=message.get("args") or (),
+                kwargs=message.get("kwargs") or {},
+                task_id=child["id"],
+                headers=headers or None,
+            )
+            done.append(child["id"])
+        return done
+
+
+def _publish_signals_connected() -> bool:
+    from celery import signals
+
+    return bool(signals.before_task_publish.receivers or signals.after_task_publish.receivers
+                or signals.task_sent.receivers)

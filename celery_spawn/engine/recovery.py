@@ -1,0 +1,114 @@
+"""The recovery sweep: publish children that were recorded but never reached the broker, fill in
+outcomes the store missed, publish callbacks never sent, and redeliver what the broker lost.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ..protocol import FAILED, REVOKED, SUCCEEDED
+from .completion import has_result_backend
+from .outbox import stored_batch_size
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from ..store import SpawnStore
+    from .completion import Completion
+    from .outbox import Outbox
+    from .redelivery import Redeliverer
+    from .tracker import Tracker
+
+logger = logging.getLogger("celery_spawn.recovery")
+
+#: The longest grace period a sweep accepts (the spawn_recovery_grace setting's own limit).
+MAX_GRACE_SECONDS = 7 * 86_400
+
+
+class Sweeper:
+    """One recovery sweep over a store, safe to run from every worker at once."""
+
+    def __init__(self, app: Celery, store: SpawnStore, outbox: Outbox, tracker: Tracker, completion: Completion,
+                 redeliverer: Redeliverer, grace_seconds: float) -> None:
+        self.app = app
+        self.store = store
+        self.outbox = outbox
+        self.tracker = tracker
+        self.completion = completion
+        self.redeliverer = redeliverer
+        self.grace_seconds = grace_seconds
+
+    def sweep(self, grace_seconds: float | None = None, limit: int = 50, redeliver_after: float | None = None) -> int:
+        """Publish pending children (and claimed ``on_complete`` callbacks) left behind; returns how many.
+
+        Also publishes again dispatched children the broker lost (see
+        :mod:`celery_spawn.engine.redelivery`). Operations are leased with
+        ``FOR UPDATE SKIP LOCKED`` (PostgreSQL, MySQL/MariaDB) and a refreshed
+        timestamp, and a child that is published twice runs once.
+        """
+        grace = self.grace_seconds if grace_seconds is None else grace_seconds
+        if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace <= MAX_GRACE_SECONDS:
+            raise ValueError(f"grace_seconds must be between 0 and {MAX_GRACE_SECONDS}, not {grace!r}")
+        published = 0
+        for operation_id in self.store.claim_stale_operations(grace, limit):
+            try:
+                published += self._recover_operation(operation_id)
+            except Exception as exc:  # one bad operation must not strand the others
+                logger.error("recovery of operation %s failed: %s", operation_id, exc)
+        published += self.reconcile(grace)
+        published += self.redeliverer.redeliver(redeliver_after, limit)
+        for operation in self.store.claim_stale_callbacks(grace, limit):
+            try:
+                if self.completion.apply_callback(operation):
+                    logger.warning("recovery published the on_complete callback of operation %s", operation["id"])
+                    published += 1
+            except Exception as exc:
+                logger.error("recovery of the callback of operation %s failed: %s", operation["id"], exc)
+        return published
+
+    def reconcile(self, grace_seconds: float, limit: int = 200) -> int:
+        """Apply outcomes the store missed, from the result backend; returns how many jobs changed.
+
+        A child's final state is written by a worker signal. When that write is
+        lost (the store was down, or the pool process died right after Celery
+        stored the result), the job stays dispatched/started and its operation
+        never completes. The result backend still knows: this reads it for old
+        unfinished jobs and finishes them as the signal would have. Without a
+        result backend nothing can be learnt, and nothing changes.
+        """
+        from celery import states
+
+        if not has_result_backend(self.app):
+            return 0
+        changed = 0
+        for job in self.store.stale_unfinished_jobs(grace_seconds, limit):
+            try:
+                result = self.app.AsyncResult(job["id"])
+                outcome = result.state
+                if outcome == states.SUCCESS:
+                    done = self.tracker.finish(job["id"], SUCCEEDED, operation_id=job["operation_id"])
+                elif outcome == states.FAILURE:
+                    done = self.tracker.finish(job["id"], FAILED, f"{result.result!r}"[:4000],
+                                               operation_id=job["operation_id"])
+                elif outcome == states.REVOKED:
+                    done = self.tracker.finish(job["id"], REVOKED, "revoked", operation_id=job["operation_id"])
+                else:
+                    continue
+                changed += int(done)
+            except Exception as exc:  # one unreadable result must not stop the others
+                logger.error("reconciling job %s failed: %s", job["id"], exc)
+        if changed:
+            logger.warning("recovery applied %d outcomes the store had missed", changed)
+        return changed
+
+    def _recover_operation(self, operation_id: str) -> int:
+        with self.store.begin() as conn:
+            operation = self.store.get_operation(conn, operation_id)
+            if operation is None:
+                return 0
+            # Held children whose dependencies ended while the spawn was being recorded.
+            self.store.settle_dependencies(conn, operation_id, self.grace_seconds)
+        count = self.outbox.publish_pending(operation_id, stored_batch_size(operation), operation=operation)
+        if count:
+            logger.warning("recovery published %d stranded children of operation %s", count, operation_id)
+        return count

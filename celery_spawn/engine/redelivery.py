@@ -1,0 +1,84 @@
+"""Publishing again children whose message the broker lost after they were dispatched.
+
+A broker can lose a message it already handed out: kombu's Redis transport
+drops one when the consumer dies between taking it off the list and
+recording it as unacknowledged. The store then says ``dispatched`` forever
+and the operation never completes. Nothing tells such a child from one that
+waits behind a long queue except time, so the rule is conservative: a
+dispatched child is published again only when no worker started it within
+``spawn_redeliver_after`` seconds *and* its operation made no progress in
+that time (no sibling started or finished), and only when its task claims
+its start in the store (a :class:`~celery_spawn.SpawnTask`), so that the
+claim drops the copy if the original turns up after all.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from ..store import utcnow
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from ..store import SpawnStore
+    from .publisher import Publisher
+
+logger = logging.getLogger("celery_spawn.redelivery")
+
+#: The attribute of a task class whose children claim their start in the store (SpawnTask sets it).
+CLAIMS_START = "spawn_claims_start"
+
+
+def claims_its_start(task: object) -> bool:
+    """Whether a copy of this task's message is dropped by the task itself when the first ran."""
+    return bool(getattr(task, CLAIMS_START, False))
+
+
+class Redeliverer:
+    """Finds and publishes again the lost dispatched children of one store's stalled operations."""
+
+    def __init__(self, app: Celery, store: SpawnStore, publisher: Publisher, after_seconds: float) -> None:
+        self.app = app
+        self.store = store
+        self.publisher = publisher
+        self.after_seconds = after_seconds
+
+    def redeliver(self, after_seconds: float | None = None, limit: int = 50) -> int:
+        """Publish again the lost children of up to ``limit`` stalled operations; returns how many.
+
+        ``after_seconds`` defaults to the app's ``spawn_redeliver_after``; 0
+        turns redelivery off. Safe from every worker at once: the children
+        are leased (their ``dispatched_at`` refreshed, rows locked with
+        ``SKIP LOCKED`` where the database has it) before they are published.
+        """
+        after = self.after_seconds if after_seconds is None else after_seconds
+        if isinstance(after, bool) or not isinstance(after, (int, float)) or not 0 <= after < math.inf:
+            raise ValueError(f"after_seconds must be a number of seconds, not {after!r}")
+        if not after:
+            return 0
+        cutoff = utcnow() - timedelta(seconds=after)
+        published = 0
+        for operation_id in self.store.stalled_operations(cutoff, limit):
+            try:
+                published += self._redeliver_operation(operation_id, cutoff)
+            except Exception as exc:  # one bad operation must not strand the others
+                logger.error("redelivery for operation %s failed: %s", operation_id, exc)
+        return published
+
+    def _redeliver_operation(self, operation_id: str, cutoff) -> int:
+        rows = self.store.lease_lost_children(operation_id, cutoff)
+        safe = [r for r in rows if claims_its_start(self.app.tasks.get(r["task_name"])) and r["message"]]
+        unsafe = len(rows) - len(safe)
+        if unsafe:
+            logger.error("%d dispatched children of operation %s never started; they are not SpawnTasks (or not "
+                         "registered here), so publishing them again could run them twice: left alone",
+                         unsafe, operation_id)
+        if not safe:
+            return 0
+        self.publisher.publish(safe)
+        logger.warning("published again %d children of operation %s that no worker started (lost by the broker?)",
+                       len(safe), operation_id)
+        return len(safe)

@@ -1,0 +1,302 @@
+"""The life of spawned jobs after dispatch: worker events, then store transitions, then what they released
+is published.
+
+Every transition is guarded in the store, so a signal that fires twice, a
+redelivered message or two workers racing change a row once, and only the
+winner of that change acts on it (publishes released dependents, probes
+completion). Inside a worker the events reach :class:`Tracker` in batches
+from the write-behind (:mod:`celery_spawn.engine.writebehind`).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+
+from celery.exceptions import Ignore
+
+from ..protocol import FAILED, STARTABLE, STARTED, SUCCEEDED, error_text
+from ..store import Finish, utcnow
+from .completion import has_result_backend
+
+if TYPE_CHECKING:
+    from celery import Celery, Task
+
+    from ..settings import SpawnSettings
+    from ..store import SpawnStore
+    from .cancel import Canceller
+    from .completion import Completion
+    from .publisher import Publisher
+
+logger = logging.getLogger("celery_spawn.tracking")
+
+#: Successes written together at most for which the dependents they release are published ahead of the write.
+PUBLISH_AHEAD = 8
+
+
+def may_publish_ahead(app: Celery) -> bool:
+    """Whether a release may be published while its transaction holds row locks.
+
+    Not in eager mode (the child would run at once and wait on those locks),
+    nor on gevent or eventlet without a cooperative psycopg2 (psycogreen):
+    a task greenlet waiting on such a lock there blocks the whole process,
+    the greenlet holding it included.
+    """
+    if app.conf.task_always_eager:
+        return False
+    try:
+        from psycopg2.extensions import get_wait_callback
+    except ImportError:  # psycopg (3)
+        get_wait_callback = None
+    if get_wait_callback is not None and get_wait_callback() is not None:
+        return True
+    gevent_monkey = sys.modules.get("gevent.monkey")
+    eventlet_patcher = sys.modules.get("eventlet.patcher")
+    return not ((gevent_monkey is not None and gevent_monkey.is_module_patched("socket"))
+                or (eventlet_patcher is not None and eventlet_patcher.is_monkey_patched("socket")))
+
+
+class Finished(NamedTuple):
+    """What :meth:`Tracker.finish_batch` did."""
+
+    #: ``{job id: operation id}`` of the jobs this call moved to a final state.
+    won: dict[str, str | None]
+    #: Operations to probe for completion.
+    to_check: list[str]
+    #: Dependents released (and published) by these finishes.
+    released: int
+    #: With ``defer_marks``: the ids published and not yet marked ``dispatched``.
+    unmarked: Sequence[str] = ()
+
+
+class HeldRelease:
+    """An open transaction holding the rows a running job's success will release, read and locked meanwhile.
+
+    The write-behind opens one when a lone start waits for its finish
+    (:meth:`Tracker.hold_release`): when the success comes, the next steps
+    are published at once, and the finish is written and committed in this
+    transaction (:meth:`Tracker.finish_batch`). Anything else ends it
+    with :meth:`abandon`, which writes nothing.
+    """
+
+    def __init__(self, job_id: str, conn: Any, rows: list[dict]) -> None:
+        self.job_id = job_id
+        self.conn: Any = conn
+        self.rows = rows
+
+    def take(self) -> Any:
+        """The connection, handed over once to the caller that ends its transaction."""
+        conn, self.conn = self.conn, None
+        if conn is None:
+            raise RuntimeError(f"the held release of {self.job_id} was already ended")
+        return conn
+
+    def abandon(self) -> None:
+        """Roll back (the locks go, nothing was written) and give the connection back to the pool."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            _close_quietly(conn)
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()  # rolls back what is open
+    except Exception as exc:  # a dead connection: the pool drops it
+        logger.debug("closing a held tracking connection failed: %s", exc)
+
+
+class Tracker:
+    """Applies worker events to the store for one app, and publishes what they release."""
+
+    def __init__(self, app: Celery, settings: SpawnSettings, store: SpawnStore, publisher: Publisher,
+                 completion: Completion, canceller: Canceller) -> None:
+        self.app = app
+        self.settings = settings
+        self.store = store
+        self.publisher = publisher
+        self.completion = completion
+        self.canceller = canceller
+        #: The recovery sweep's grace (seconds): how fresh a released child's operation lease must stay.
+        self.grace = settings.recovery_grace
+
+    # ---- job transitions -------------------------------------------------------------------
+    def claim_start(self, job_id: str, may_restart: bool = True) -> bool:
+        """Mark a job started; False for a duplicate delivery, whose body must not run.
+
+        A job already finished is a duplicate. A job already *started* is one
+        too, unless ``may_restart``: a redelivery after its worker died, or a
+        Celery retry, legitimately runs it again. A job the store does not
+        know (not recorded here) may run.
+        """
+        startable = STARTABLE if may_restart else tuple(x for x in STARTABLE if x != STARTED)
+        return self.store.claim_start(job_id, startable) is not False
+
+    def retried(self, job_id: str, reason: Any) -> None:
+        self.store.mark_retrying(job_id, error_text(reason))
+
+    def succeeded(self, job_id: str, operation_id: str | None = None) -> None:
+        self.finish(job_id, SUCCEEDED, operation_id=operation_id)
+
+    def failed(self, job_id: str, error: Any, state: str = FAILED) -> None:
+        self.finish(job_id, state, error_text(error))
+
+    def start_many(self, starts: Sequence[tuple[str, Any]]) -> None:
+        """Mark jobs started at their own times (the write-behind's batch)."""
+        self.store.start_jobs(list(dict(starts).items()), STARTABLE)
+
+    def finish(self, job_id: str, state: str, error: str | None = None, operation_id: str | None = None) -> bool:
+        """Move a job to a final state once; the winner releases or cancels its dependents (returns True)."""
+        return bool(self.finish_many([Finish(job_id, state, error, utcnow())]))
+
+    def finish_many(self, finishes: Sequence[Finish]) -> dict[str, str | None]:
+        """Move jobs to final states, each once; returns ``{job id: operation id}`` of the jobs this call moved.
+
+        Then checks each touched operation for completion (see :meth:`finish_batch`).
+        """
+        finished = self.finish_batch(finishes)
+        for operation_id in finished.to_check:
+            self.check_completion(operation_id)
+        return finished.won
+
+    def check_completion(self, operation_id: str) -> None:
+        """Probe an operation (and the ones above it) for completion (the write-behind calls it when idle)."""
+        self.completion.check(operation_id)
+
+    def hold_release(self, job_id: str) -> HeldRelease | None:
+        """While ``job_id`` runs, read and lock what its success will release (see :meth:`finish_batch`).
+
+        None when it would release nothing, or where publishing ahead is
+        off; a database error is only logged (the finish does it the usual way).
+        """
+        if not self.store.dialect.reads_releases_ahead or not may_publish_ahead(self.app):
+            return None
+        conn = None
+        rows: list[dict] = []
+        try:
+            conn = self.store.transaction()
+            rows = self.store.released_by(conn, [job_id])
+        except Exception as exc:
+            logger.debug("could not read ahead what %s releases: %s", job_id, exc)
+        if conn is None or not rows:
+            if conn is not None:
+                _close_quietly(conn)
+            return None
+        return HeldRelease(job_id, conn, rows)
+
+    def finish_batch(self, finishes: Sequence[Finish], marks: Sequence[str] = (),
+                     defer_marks: bool = False, published: set[str] | None = None,
+                     held: HeldRelease | None = None) -> Finished:
+        """Finish jobs and publish what that releases (see :class:`Finished`).
+
+        One transaction: the jobs still unfinished change, their dependents
+        are released or cancelled. An operation that just released a child
+        of its own cannot be complete, so it is not among those to check.
+        ``marks`` (ids published earlier) are marked dispatched in the same
+        transaction; ``defer_marks`` leaves the marks of what this call
+        publishes to the caller (the write-behind writes them with its next
+        batch, so that a chain's next step does not wait for them).
+
+        Where the dialect reads releases ahead (PostgreSQL), a small batch of
+        successes publishes the dependents it releases first, then writes: a
+        dependency hop waits for one locked read, not for the write and its
+        commit. ``published`` collects the ids so published; a caller that
+        retries the same batch after an error passes the same set, so that a
+        retry marks them instead of publishing them again. ``held`` (see
+        :meth:`hold_release`) is used when this is its job's success alone,
+        and ended otherwise: then the read was done while the job ran.
+        """
+        first = list({f.job_id: f for f in reversed(finishes)}.values())  # a job's first finish counts
+        states = {f.job_id: f.state for f in first}
+        published = set() if published is None else published
+        ahead: list[dict] = []
+        if held is not None and states != {held.job_id: SUCCEEDED}:
+            held.abandon()
+            held = None
+        dialect = self.store.dialect
+        with (self.store.begun(held.take()) if held is not None else self.store.begin()) as conn:
+            if dialect.succeeds_in_one_statement(len(first), len(marks),
+                                                 all(state == SUCCEEDED for state in states.values())):
+                # the common case: one round trip, or two with the next steps published between them
+                if held is not None:
+                    ahead = self._publish_ahead([r for r in held.rows if r["id"] not in published], published)
+                elif len(first) <= PUBLISH_AHEAD and may_publish_ahead(self.app):
+                    ahead = self._publish_ahead(self.store.released_by(conn, list(states), sorted(published)),
+                                                published)
+                changed = self.store.succeed_and_release(conn, first, marks, self.grace, sorted(published))
+            else:
+                if marks:
+                    self.store.mark_dispatched_in(conn, marks)
+                changed = self.store.finish_and_release(conn, first, self.grace)
+        self.canceller.revoke_jobs(changed.to_revoke)
+        to_publish = changed.released
+        unmarked = self._publish(to_publish, mark=not defer_marks)
+        busy = {row["operation_id"] for row in (*to_publish, *ahead)}
+        return Finished(changed.won, [op for op in dict.fromkeys(changed.won.values()) if op and op not in busy],
+                        len(to_publish) + len(ahead), unmarked)
+
+    def _publish_ahead(self, rows: list[dict], published: set[str]) -> list[dict]:
+        """Publish dependents about to be released, inside the releasing transaction (their rows locked);
+        returns the rows published.
+
+        A broker error leaves them to be released and published the usual
+        way once the finishes are written.
+        """
+        if not rows:
+            return []
+        try:
+            ids = set(self.publisher.publish(rows))
+        except Exception as exc:
+            logger.debug("publishing %d released jobs ahead failed (%s); they follow the write", len(rows), exc)
+            return []
+        published.update(ids)
+        return [row for row in rows if row["id"] in ids]
+
+    def _publish(self, rows: list[dict], mark: bool = True) -> list[str]:
+        """Publish released rows; returns the ids published and left unmarked (``mark=False``)."""
+        if not rows:
+            return []
+        try:
+            ids = self.publisher.publish(rows)
+        except Exception as exc:  # the recovery sweep publishes pending rows later
+            logger.warning("publishing released jobs failed (%s); the recovery sweep will retry", exc)
+            for operation_id in {r["operation_id"] for r in rows if r.get("operation_id")}:
+                self.store.touch_operation(operation_id)
+            return []
+        if not mark:
+            return ids
+        self.store.mark_dispatched(ids)
+        return []
+
+    # ---- duplicates ------------------------------------------------------------------------
+    def skip_duplicate(self, task: Task) -> None:
+        """For a SpawnTask child: claim the start, or raise Ignore when it already finished."""
+        request = task.request
+        redelivered = bool((request.delivery_info or {}).get("redelivered"))
+        if redelivered and self._succeeded_before(task):
+            # Its worker died after Celery stored the result and before the store (or the broker's ack)
+            # heard of it: record the success the signal would have, and do not run the body again.
+            self.finish(request.id, SUCCEEDED)
+            logger.warning("skipping %s[%s]: redelivered after it had succeeded (the result backend says so)",
+                           task.name, request.id)
+            raise Ignore()
+        may_restart = redelivered or bool(request.retries)
+        if not self.claim_start(request.id, may_restart=may_restart):
+            logger.warning("skipping %s[%s]: another copy already ran or runs (duplicate delivery)",
+                           task.name, request.id)
+            raise Ignore()
+
+    @staticmethod
+    def _succeeded_before(task: Any) -> bool:
+        """Whether the result backend holds a success for this call (False when it cannot tell)."""
+        from celery import states
+
+        if task.ignore_result or not has_result_backend(task.app) or not task.backend.persistent:
+            return False  # (reading an rpc:// result would consume the reply meant for the caller)
+        try:
+            return task.backend.get_task_meta(task.request.id).get("status") == states.SUCCESS
+        except Exception as exc:  # an unreachable backend: run it again (at least once), as without the check
+            logger.warning("could not read the result of %s[%s]: %s", task.name, task.request.id, exc)
+            return False
+
+
+__all__ = ["Finished", "HeldRelease", "PUBLISH_AHEAD", "Tracker", "may_publish_ahead"]

@@ -1,0 +1,132 @@
+"""Celery's worker signals, turned into tracking events for the app's :class:`~celery_spawn.engine.tracker.Tracker`.
+
+Connected once, at import (``install()`` imports this module). Each receiver
+finds the task's app's spawn state without creating one, and never lets a
+store error reach the worker: tracking is logged and retried, the task's
+own outcome stands.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Callable
+
+from celery import signals as celery_signals
+
+from .engine.writebehind import FINISH, RETRY, START, Event, enable_in_this_process, flush_all, submit
+from .protocol import FAILED, HEADER_OPERATION, REVOKED, SUCCEEDED, error_text, request_header, request_headers
+from .state import peek_state
+
+if TYPE_CHECKING:
+    from celery import Task
+
+    from .engine.tracker import Tracker
+
+logger = logging.getLogger("celery_spawn.tracking")
+
+
+def is_spawned(task: Task) -> bool:
+    """Whether the running task was spawned: a header check, no database round trip."""
+    return bool(request_header(task.request, HEADER_OPERATION))
+
+
+def tracker_for(task: Any) -> Tracker | None:
+    """The tracker of the task's app, when spawning is in use there and tracks states."""
+    app = getattr(task, "app", None)
+    if app is None:
+        return None
+    state = peek_state(app)
+    if state is None or not state.settings.track_states:
+        return None
+    return state.tracker
+
+
+def _record(tracker: Tracker, action: str, event: Event, write_now: Callable[..., Any], *args: Any) -> None:
+    """Queue ``event`` for the write-behind inside a worker; elsewhere write it now."""
+    try:
+        submit(tracker, event, lambda: write_now(*args))
+    except Exception as exc:  # tracking must never take the worker down
+        logger.error("celery-spawn could not record %s: %s", action, exc)
+
+
+@celery_signals.task_prerun.connect(weak=False)
+def _on_prerun(sender=None, task_id=None, task=None, **_: Any) -> None:
+    from .engine.redelivery import claims_its_start
+
+    if task is None or claims_its_start(task) or not is_spawned(task):
+        return  # a SpawnTask claims its own start (and can skip a duplicate)
+    tracker = tracker_for(task)
+    if tracker is not None and tracker.settings.track_started:
+        _record(tracker, "a start", Event(START, task_id), tracker.claim_start, task_id)
+
+
+@celery_signals.task_success.connect(weak=False)
+def _on_success(sender=None, **_: Any) -> None:
+    if sender is None or not is_spawned(sender):
+        return
+    tracker = tracker_for(sender)
+    if tracker is not None:
+        job_id = sender.request.id
+        operation_id = request_headers(sender.request).get(HEADER_OPERATION) or getattr(
+            sender.request, HEADER_OPERATION, None)
+        _record(tracker, "a success", Event(FINISH, job_id, state=SUCCEEDED, operation_id=operation_id),
+                tracker.succeeded, job_id, operation_id)
+
+
+@celery_signals.task_failure.connect(weak=False)
+def _on_failure(sender=None, task_id=None, exception=None, **_: Any) -> None:
+    if sender is None or task_id is None:
+        return
+    # In the worker's main process (hard time limit, lost worker) the request is empty:
+    # then the id alone tells, with one primary-key update.
+    if getattr(sender.request, "id", None) == task_id and not is_spawned(sender):
+        return
+    tracker = tracker_for(sender)
+    if tracker is not None:
+        _record(tracker, "a failure", Event(FINISH, task_id, state=FAILED, error=error_text(exception)),
+                tracker.failed, task_id, exception)
+
+
+@celery_signals.task_retry.connect(weak=False)
+def _on_retry(sender=None, request=None, reason=None, **_: Any) -> None:
+    if sender is None or request is None or not request_headers(request).get(HEADER_OPERATION):
+        return
+    tracker = tracker_for(sender)
+    if tracker is not None:
+        _record(tracker, "a retry", Event(RETRY, request.id, error=error_text(reason)),
+                tracker.retried, request.id, reason)
+
+
+@celery_signals.task_revoked.connect(weak=False)
+def _on_revoked(sender=None, request=None, terminated=None, expired=None, **_: Any) -> None:
+    if sender is None or request is None or getattr(request, "id", None) is None:
+        return
+    tracker = tracker_for(sender)
+    if tracker is not None:
+        reason = "expired" if expired else ("terminated" if terminated else "revoked")
+        _record(tracker, "a revoke", Event(FINISH, request.id, state=REVOKED, error=reason),
+                tracker.failed, request.id, reason, REVOKED)
+
+
+@celery_signals.worker_init.connect(weak=False)
+def _worker_starts(sender=None, **_: Any) -> None:
+    # A prefork main process forks new pool processes at any time: a thread of ours writing
+    # to the store at that moment would leave locks held in the child. Its few events (revokes,
+    # lost workers, time limits) are written synchronously; the pool processes batch theirs.
+    if not _forks_pool_processes(sender):
+        enable_in_this_process()
+
+
+@celery_signals.worker_process_init.connect(weak=False)
+def _pool_process_starts(**_: Any) -> None:
+    enable_in_this_process()
+
+
+def _forks_pool_processes(worker: Any) -> bool:
+    pool_cls = getattr(worker, "pool_cls", None)
+    return getattr(pool_cls, "__module__", "").startswith("celery.concurrency.prefork")
+
+
+@celery_signals.worker_process_shutdown.connect(weak=False)
+@celery_signals.worker_shutdown.connect(weak=False)
+def _worker_stops(**_: Any) -> None:
+    flush_all()

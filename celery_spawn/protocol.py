@@ -1,0 +1,100 @@
+"""The words celery-spawn's parts share: job and operation states, message headers, option names.
+
+Pure constants and the few rules over them that every layer applies the
+same way (an operation's final state, what counts as final). Nothing here
+imports anything of the package.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+# ---- job states, in the order a job moves through them --------------------------------------
+PENDING = "pending"        # recorded, not yet published
+HELD = "held"              # recorded, waiting for dependencies
+DISPATCHED = "dispatched"  # published to the broker
+STARTED = "started"        # a worker runs it
+RETRYING = "retrying"      # failed and will be retried by Celery
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+REVOKED = "revoked"
+CANCELLED = "cancelled"    # never ran: a dependency failed, fail_fast, or cancel
+
+JOB_STATES = (PENDING, HELD, DISPATCHED, STARTED, RETRYING, SUCCEEDED, FAILED, REVOKED, CANCELLED)
+FINAL_JOB_STATES = frozenset({SUCCEEDED, FAILED, REVOKED, CANCELLED})
+UNDISPATCHED_JOB_STATES = frozenset({PENDING, HELD})
+#: Final states as a sorted tuple (for ``IN`` lists).
+FINAL = tuple(sorted(FINAL_JOB_STATES))
+NON_FINAL = tuple(state for state in JOB_STATES if state not in FINAL_JOB_STATES)
+#: States a job may be (re)started from: a redelivery after a crash restarts a started job.
+STARTABLE = (PENDING, HELD, DISPATCHED, STARTED, RETRYING)
+
+#: Per final job state, the column of the operations table that counts the children of a complete
+#: operation that ended in it (``children_succeeded``, ...).
+CHILD_COUNT_COLUMNS = {state: f"children_{state}" for state in sorted(FINAL_JOB_STATES)}
+
+# ---- operation states ------------------------------------------------------------------------
+OP_RUNNING = "running"
+OP_SUCCEEDED = "succeeded"
+OP_FAILED = "failed"
+OP_PARTIALLY_FAILED = "partially_failed"
+OP_CANCELLED = "cancelled"
+OPERATION_STATES = (OP_RUNNING, OP_SUCCEEDED, OP_FAILED, OP_PARTIALLY_FAILED, OP_CANCELLED)
+
+#: ``on_complete`` callback states: claimed but not yet published, published, unusable.
+CALLBACK_PENDING = "pending"
+CALLBACK_SENT = "sent"
+CALLBACK_FAILED = "failed"
+
+# ---- message headers and call options ---------------------------------------------------------
+#: Message headers every spawned child carries: its operation and its depth.
+HEADER_OPERATION = "spawn_operation"
+HEADER_DEPTH = "spawn_depth"
+#: The strictest ``max_depth`` of the spawns above a child: nested spawns may not lift it.
+HEADER_MAX_DEPTH = "spawn_max_depth"
+
+#: The task keyword argument that carries a call's spawn configuration.
+SPAWN_CONFIG_KWARG = "_spawn_config"
+#: Signature options ``depends_on`` sets (read by the spawn, never published).
+DEPENDS_ON_OPTION = "spawn_depends_on"
+IGNORE_FAILURE_OPTION = "spawn_ignore_failure_of"
+
+#: The deepest spawn nesting any configuration may allow (and the deepest tree walk).
+HARD_MAX_DEPTH = 1_000
+
+#: Longest error text stored on a job.
+MAX_ERROR_TEXT = 4000
+
+
+def operation_state(counts: Mapping[str, int]) -> str:
+    """The final state of an operation whose children ended with these counts per state."""
+    total = sum(counts.values())
+    ok = counts.get(SUCCEEDED, 0)
+    bad = counts.get(FAILED, 0)
+    stopped = counts.get(CANCELLED, 0) + counts.get(REVOKED, 0)
+    if ok == total:
+        return OP_SUCCEEDED
+    if bad == 0 and stopped:
+        return OP_CANCELLED if ok == 0 else OP_PARTIALLY_FAILED
+    return OP_FAILED if ok == 0 else OP_PARTIALLY_FAILED
+
+
+def error_text(error: object) -> str | None:
+    """An exception or reason as the one line stored with a job."""
+    if error is None:
+        return None
+    if isinstance(error, BaseException):
+        text = f"{type(error).__name__}: {error}"
+    else:
+        text = str(error)
+    return text[:MAX_ERROR_TEXT]
+
+
+def request_headers(request: object) -> dict:
+    """Custom message headers of a task request, in a worker and in eager mode alike."""
+    headers = getattr(request, "headers", None) or {}
+    return headers if isinstance(headers, dict) else {}
+
+
+def request_header(request: object, name: str) -> object:
+    """One spawn header of a request: in ``request.headers`` (eager) or as an attribute (worker)."""
+    return request_headers(request).get(name) or getattr(request, name, None)

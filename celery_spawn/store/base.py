@@ -1,0 +1,16 @@
+"""SpawnStore: the one way into the SQL tables, for the engine and the faces alike.
+
+What the store does is grouped by subject in the parts it is made of, each
+over the plumbing of :mod:`.connection`: spawn records, cancels, job
+transitions, completion and recovery. Every value reaches SQL as a bound
+parameter.
+"""
+from __future__ import annotations
+
+from .completion import Completions
+from .recovery import Recovery
+from .transitions import JobTransitions
+
+
+class SpawnStore(Completions, JobTransitions, Recovery):
+    """Reads and writes spawn operations, jobs and dependency edges."""

@@ -1,0 +1,123 @@
+"""What the recovery sweep reads and leases: operations with unpublished children, outcomes the store
+missed, callbacks never published, and dispatched children the broker lost.
+
+Mixed into :class:`~celery_spawn.store.SpawnStore`. Every lease is a
+refreshed timestamp taken under ``FOR UPDATE SKIP LOCKED`` where the database
+has it, so every worker may sweep at once.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+
+from . import schema as s
+from .connection import StoreBase
+from .schema import utcnow
+
+
+#: Children published again per operation and sweep at most.
+REDELIVERY_PAGE = 1000
+
+
+class Recovery(StoreBase):
+    """Stale rows for the recovery sweep, each leased to the caller that reads it."""
+
+    def stale_unfinished_jobs(self, grace_seconds: float, limit: int = 200) -> list[dict]:
+        """Dispatched, started or retrying jobs recorded more than ``grace_seconds`` ago (oldest first)."""
+        cutoff = utcnow() - timedelta(seconds=grace_seconds)
+        with self.read() as conn:
+            query = (
+                sa.select(s.jobs.c.id, s.jobs.c.operation_id, s.jobs.c.state)
+                .where(s.jobs.c.state.in_((s.DISPATCHED, s.STARTED, s.RETRYING)), s.jobs.c.created_at < cutoff,
+                       s.jobs.c.operation_id.is_not(None))
+                .order_by(s.jobs.c.created_at)
+                .limit(limit)
+            )
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def claim_stale_callbacks(self, grace_seconds: float, limit: int = 50) -> list[dict]:
+        """Completed operations whose ``on_complete`` was claimed but not published: leased to this caller."""
+        cutoff = utcnow() - timedelta(seconds=grace_seconds)
+        with self.begin() as conn:
+            stale = (
+                sa.select(s.operations)
+                .where(s.operations.c.callback_state == s.CALLBACK_PENDING, s.operations.c.updated_at < cutoff)
+                .order_by(s.operations.c.updated_at)
+                .limit(limit)
+            )
+            rows = [dict(r) for r in conn.execute(self.dialect.for_update(stale)).mappings()]
+            if rows:
+                conn.execute(s.operations.update().where(s.operations.c.id.in_([r["id"] for r in rows]))
+                             .values(updated_at=utcnow()))
+        return rows
+
+    def claim_stale_operations(self, grace_seconds: float, limit: int = 50) -> list[str]:
+        """Operations untouched for ``grace_seconds`` with children to publish: leased to this caller.
+
+        Children to publish are those after the publish watermark (the
+        spawner stopped before its end) and pending or held ones. The lease is
+        the refreshed ``updated_at``: another sweeper skips the operation
+        until the grace period passes again.
+        """
+        cutoff = utcnow() - timedelta(seconds=grace_seconds)
+        ops = s.operations
+        with self.begin() as conn:
+            stale = (
+                sa.select(ops.c.id)
+                .where(ops.c.state == s.OP_RUNNING, ops.c.updated_at < cutoff)
+                .where(sa.or_(ops.c.published_through < ops.c.total - 1,
+                              sa.exists().where(s.jobs.c.operation_id == ops.c.id,
+                                                s.jobs.c.state.in_(s.UNDISPATCHED_JOB_STATES))))
+                .order_by(s.operations.c.updated_at)
+                .limit(limit)
+            )
+            ids = list(conn.execute(self.dialect.for_update(stale)).scalars())
+            if ids:
+                conn.execute(s.operations.update().where(s.operations.c.id.in_(ids)).values(updated_at=utcnow()))
+        return ids
+
+    # ---- dispatched children the broker lost ----------------------------------------------
+    def stalled_operations(self, cutoff: datetime, limit: int) -> list[str]:
+        """Operations with children dispatched before ``cutoff`` and never started, and no child
+        activity (a start, a finish, a dispatch) since then."""
+        candidates = (
+            sa.select(s.jobs.c.operation_id).distinct()
+            .where(_never_started(cutoff), s.jobs.c.operation_id.is_not(None))
+            .limit(limit)
+        )
+        stalled = []
+        with self.read() as conn:
+            for operation_id in list(conn.execute(candidates).scalars()):
+                progressed = conn.execute(
+                    sa.select(s.jobs.c.id).where(
+                        s.jobs.c.operation_id == operation_id,
+                        sa.or_(s.jobs.c.started_at >= cutoff, s.jobs.c.finished_at >= cutoff,
+                               s.jobs.c.dispatched_at >= cutoff)).limit(1)
+                ).first()
+                if progressed is None:
+                    stalled.append(operation_id)
+        return stalled
+
+    def lease_lost_children(self, operation_id: str, cutoff: datetime, limit: int = REDELIVERY_PAGE) -> list[dict]:
+        """An operation's children dispatched before ``cutoff`` and never started, leased to the caller
+        (their ``dispatched_at`` refreshed: the next look at them is a whole cutoff away)."""
+        with self.begin() as conn:
+            lost = self.dialect.for_update(
+                sa.select(s.jobs.c.id, s.jobs.c.parent_id, s.jobs.c.root_id, s.jobs.c.message, s.jobs.c.operation_id,
+                          s.jobs.c.task_name)
+                .where(s.jobs.c.operation_id == operation_id, _never_started(cutoff))
+                .order_by(s.jobs.c.position).limit(limit)
+            )
+            rows = [dict(r) for r in conn.execute(lost).mappings()]
+            if rows:
+                conn.execute(s.jobs.update().where(s.jobs.c.id.in_([r["id"] for r in rows]),
+                                                   s.jobs.c.state == s.DISPATCHED)
+                             .values(dispatched_at=utcnow()))
+        return rows
+
+
+def _never_started(cutoff: datetime) -> sa.ColumnElement[bool]:
+    """Dispatched before ``cutoff`` and never claimed by a worker."""
+    return sa.and_(s.jobs.c.state == s.DISPATCHED, s.jobs.c.started_at.is_(None),
+                   s.jobs.c.created_at < cutoff, s.jobs.c.dispatched_at < cutoff)

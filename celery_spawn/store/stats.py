@@ -1,0 +1,329 @@
+"""Statistics and undispatched work over the lineage store (the read side of ``stats``, ``monitor``,
+``pending``); see :mod:`.queries` for the conventions every read follows.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from . import schema as s
+from .dialects import dialect_of
+from .rows import (_FINAL, _OP_FINISHED, _UNDISPATCHED, DEFAULT_JOBS_PER_OPERATION, DEFAULT_LIMIT, JOB_FIELDS,
+                   MAX_LIMIT, TOP_N, _as_utc, _jobs, _num, _ops, _positive, _ratio, _row, _utcnow, seconds_value)
+
+
+def seconds_between(conn: Connection, start: Any, end: Any) -> sa.ColumnElement:
+    """``end - start`` in seconds (float), in this connection's SQL dialect."""
+    return dialect_of(conn).seconds_between(start, end)
+
+
+def duration_aggregates(conn: Connection, start: Any, end: Any) -> tuple[sa.ColumnElement, ...]:
+    """Aggregates ``(count, sum, max)`` of ``end - start`` in seconds, over rows with both set."""
+    return dialect_of(conn).duration_aggregates(start, end)
+
+
+def _count_if(condition: sa.ColumnElement) -> sa.ColumnElement:
+    return sa.func.sum(sa.case((condition, 1), else_=0))
+
+
+# ---- statistics ---------------------------------------------------------------------------------
+def stats(conn: Connection, *, hours: float = 24, queue: str | None = None, detailed: bool = False,
+          now: datetime | None = None) -> dict:
+    """Spawn statistics over the operations created in the last ``hours``.
+
+    ``queue`` keeps operations whose parent ran on that queue. The result has
+    ``operations`` (count), ``operations_by_state``, ``children`` (their total),
+    ``children_by_state``, ``avg_children_per_spawn``, ``max_children_per_spawn``,
+    ``success_rate`` (succeeded / finished operations), ``child_success_rate``
+    (succeeded / finished children), ``durations`` (seconds: operations from
+    creation to completion, children from start to finish), ``by_queue`` and
+    ``by_handler`` (lists of dicts). ``detailed`` adds ``by_task`` (children per
+    task name), ``largest`` and ``slowest`` (top operations). Two statements,
+    five with ``detailed``. Without ``detailed`` the cost grows with the
+    operations in the window and the children of those still running, not with
+    all their children (see :func:`_children_query`).
+    """
+    if isinstance(hours, bool) or not isinstance(hours, (int, float)) or not hours > 0:
+        raise ValueError(f"hours must be a number above 0, not {hours!r}")
+    if hours > 24 * 366 * 100:
+        raise ValueError(f"hours must be at most {24 * 366 * 100}, not {hours!r}")
+    until = _as_utc(now) if now is not None else _utcnow()
+    since = until - timedelta(hours=hours)
+
+    window = [_ops.c.created_at >= since, _ops.c.created_at <= until]
+    if queue is not None:
+        window.append(_ops.c.queue == queue)
+
+    op_seconds = seconds_between(conn, _ops.c.created_at, _ops.c.finished_at)
+    op_timed, op_sum, op_max = duration_aggregates(conn, _ops.c.created_at, _ops.c.finished_at)
+    grouped = conn.execute(
+        sa.select(
+            _ops.c.queue, _ops.c.handler, _ops.c.state,
+            sa.func.count().label("n"),
+            sa.func.sum(_ops.c.total).label("children"),
+            sa.func.max(_ops.c.total).label("max_children"),
+            op_timed.label("timed"), op_sum.label("seconds"), op_max.label("max_seconds"),
+        ).where(*window).group_by(_ops.c.queue, _ops.c.handler, _ops.c.state)
+    ).all()
+
+    overall = _Tally()
+    by_queue: dict[Any, _Tally] = {}
+    by_handler: dict[Any, _Tally] = {}
+    by_state: dict[str, int] = {}
+    for row in grouped:
+        for tally in (overall, by_queue.setdefault(row.queue, _Tally()), by_handler.setdefault(row.handler, _Tally())):
+            tally.add(row)
+        by_state[row.state] = by_state.get(row.state, 0) + int(row.n)
+
+    children = _Children()
+    for row in conn.execute(_children_query(conn, window)):
+        if row.state is not None:
+            children.count({row.state: row.n}, row.timed, row.seconds, row.max_seconds)
+        else:
+            children.count({state: row._mapping[column] for state, column in s.CHILD_COUNT_COLUMNS.items()},
+                           row.timed, row.seconds, row.max_seconds)
+    children_by_state = children.by_state
+    finished_children = sum(n for state, n in children_by_state.items() if state in s.FINAL_JOB_STATES)
+
+    result: dict[str, Any] = {
+        "window": {"hours": hours, "since": since, "until": until},
+        "queue": queue,
+        **overall.summary(),
+        "operations_by_state": dict(sorted(by_state.items())),
+        "children_by_state": dict(sorted(children_by_state.items())),
+        "child_success_rate": _ratio(children_by_state.get(s.SUCCEEDED, 0), finished_children),
+        "by_queue": [{"queue": key, **tally.summary()} for key, tally in _sorted(by_queue)],
+        "by_handler": [{"handler": key, **tally.summary()} for key, tally in _sorted(by_handler)],
+    }
+    result["durations"] = {
+        "operation_avg_seconds": result.pop("avg_seconds"),
+        "operation_max_seconds": result.pop("max_seconds"),
+        "child_avg_seconds": children.average,
+        "child_max_seconds": children.max_seconds,
+    }
+    for group in result["by_queue"] + result["by_handler"]:
+        group["avg_duration_seconds"] = group.pop("avg_seconds")
+        group["max_duration_seconds"] = group.pop("max_seconds")
+    if detailed:
+        result.update(_detailed_stats(conn, window, queue is not None, since, until, op_seconds))
+    return result
+
+
+def _children_query(conn: Connection, window: list) -> sa.CompoundSelect:
+    """The children of the operations in ``window``: rows ``(state, n, <a count per final state>, timed,
+    seconds, max_seconds)``, per state for the children counted, one with ``state`` NULL for the rollups.
+
+    A child is recorded in its operation's transaction with the operation's
+    created_at: the children of the operations created in a window are all the
+    spawned jobs created in it. Most of them are counted already: a complete
+    operation carries their rollup (how many ended in each final state, how
+    many have both timestamps, the sum and maximum of their durations), written
+    by the worker that completed it (``Tracker._try_complete``) from the same
+    aggregate as the first branch. A rollup is exact and stays so: it is written
+    only when every child is final, and a final job never changes again, since
+    every UPDATE of a job's state or times is guarded by a non-final (or a
+    precise earlier) state: finishes, starts and retries, cancel and fail_fast,
+    dependency cascades, publishing marks, redelivery, reconciling from the
+    result backend, the store-only cancel of the web API. The one exception,
+    spawning again over a failed operation, deletes its jobs together with the
+    operation's row and rollup. The children of operations without a rollup
+    (running, or completed without one: by a store-only cancel, or before
+    rollups existed) are counted: one range of ``ix_spawn_jobs_operation_state``
+    per operation. So the cost grows with the operations in the window and the
+    children of those still running, not with all the children.
+
+    Both branches are one statement, so they see the same snapshot: an operation
+    that completes meanwhile is counted once, from its rollup or from its children.
+    """
+    timed, seconds, longest = duration_aggregates(conn, _jobs.c.started_at, _jobs.c.finished_at)
+    counted = (
+        sa.select(_jobs.c.state, sa.func.count().label("n"),
+                  *(sa.null().label(column) for column in s.CHILD_COUNT_COLUMNS.values()),
+                  timed.label("timed"), seconds.label("seconds"), longest.label("max_seconds"))
+        .select_from(_ops.join(_jobs, _jobs.c.operation_id == _ops.c.id))
+        .where(*window, _ops.c.children_timed.is_(None)).group_by(_jobs.c.state)
+    )
+    rolled_up = (
+        sa.select(sa.null().label("state"), sa.null().label("n"),
+                  *(sa.func.sum(_ops.c[column]).label(column) for column in s.CHILD_COUNT_COLUMNS.values()),
+                  sa.func.sum(_ops.c.children_timed).label("timed"),
+                  sa.func.sum(_ops.c.children_seconds).label("seconds"),
+                  sa.func.max(_ops.c.children_max_seconds).label("max_seconds"))
+        .where(*window, _ops.c.children_timed.isnot(None))
+    )
+    return sa.union_all(counted, rolled_up)
+
+
+class Durations:
+    """The count, sum and maximum of durations in seconds, added up over aggregate rows."""
+
+    def __init__(self) -> None:
+        self.timed = 0
+        self.seconds = 0.0
+        self.max_seconds: float | None = None
+
+    def add(self, timed: Any, seconds: Any, max_seconds: Any) -> None:
+        self.timed += int(timed or 0)
+        self.seconds += seconds_value(seconds) or 0.0
+        if max_seconds is not None:
+            value = seconds_value(max_seconds)
+            self.max_seconds = value if self.max_seconds is None else max(self.max_seconds, value)
+
+    @property
+    def average(self) -> float | None:
+        return round(self.seconds / self.timed, 6) if self.timed else None
+
+
+class _Children(Durations):
+    """Children per state and their durations, summed from rollups and from counted children."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_state: dict[str, int] = {}
+
+    def count(self, by_state: dict[str, Any], timed: Any, seconds: Any, max_seconds: Any) -> None:
+        for state, n in by_state.items():
+            if n:
+                self.by_state[state] = self.by_state.get(state, 0) + int(n)
+        self.add(timed, seconds, max_seconds)
+
+
+class _Tally:
+    """Sums of the grouped operation rows for one bucket (all, a queue, a handler)."""
+
+    def __init__(self) -> None:
+        self.operations = self.children = self.finished = self.succeeded = 0
+        self.max_children: int | None = None
+        self.durations = Durations()
+
+    def add(self, row: Any) -> None:
+        n = int(row.n)
+        self.operations += n
+        self.children += int(row.children or 0)
+        if row.max_children is not None:
+            self.max_children = max(self.max_children or 0, int(row.max_children))
+        if row.state in _OP_FINISHED:
+            self.finished += n
+        if row.state == s.OP_SUCCEEDED:
+            self.succeeded += n
+        self.durations.add(row.timed, row.seconds, row.max_seconds)
+
+    def summary(self) -> dict:
+        return {
+            "operations": self.operations,
+            "children": self.children,
+            "avg_children_per_spawn": round(self.children / self.operations, 2) if self.operations else None,
+            "max_children_per_spawn": self.max_children,
+            "success_rate": _ratio(self.succeeded, self.finished),
+            "avg_seconds": self.durations.average,
+            "max_seconds": self.durations.max_seconds,
+        }
+
+
+def _sorted(buckets: dict[Any, _Tally]) -> list[tuple[Any, _Tally]]:
+    return sorted(buckets.items(), key=lambda item: (-item[1].operations, str(item[0])))
+
+
+def _detailed_stats(conn: Connection, window: list, join: bool, since: datetime, until: datetime,
+                   op_seconds: Any) -> dict:
+    # Children per task: the spawned jobs created in the window (the children of its operations, see
+    # _children_query), one range of ix_spawn_jobs_state_created (state, created_at, operation_id) and a
+    # row read per child for its task name and times; the IN list of every state makes that range usable
+    # by MySQL/MariaDB and PostgreSQL alike. With a queue (the operation's: the parent's) the jobs are
+    # joined to their operations.
+    job_window = [_jobs.c.state.in_(s.JOB_STATES), _jobs.c.created_at >= since, _jobs.c.created_at <= until,
+                  _jobs.c.operation_id.isnot(None)]
+    job_from: Any = _jobs
+    if join:
+        job_from = _jobs.join(_ops, _jobs.c.operation_id == _ops.c.id)
+        job_window += window
+    timed, total, longest = duration_aggregates(conn, _jobs.c.started_at, _jobs.c.finished_at)
+    by_task = conn.execute(
+        sa.select(
+            _jobs.c.task_name, sa.func.count().label("n"),
+            _count_if(_jobs.c.state == s.SUCCEEDED).label("succeeded"),
+            _count_if(_jobs.c.state == s.FAILED).label("failed"),
+            _count_if(_jobs.c.state.in_(_FINAL)).label("finished"),
+            timed.label("timed"), total.label("seconds"), longest.label("max_seconds"),
+        ).select_from(job_from)
+        .where(*job_window).group_by(_jobs.c.task_name)
+        .order_by(sa.func.count().desc(), _jobs.c.task_name).limit(MAX_LIMIT)
+    ).all()
+    summary_cols = [_ops.c.id, _ops.c.parent_id, _ops.c.handler, _ops.c.queue, _ops.c.state, _ops.c.total,
+                    _ops.c.created_at, _ops.c.finished_at]
+    largest = conn.execute(
+        sa.select(*summary_cols).where(*window).order_by(_ops.c.total.desc(), _ops.c.id).limit(TOP_N)
+    ).mappings().all()
+    slowest = conn.execute(
+        sa.select(*summary_cols, op_seconds.label("seconds")).where(*window, _ops.c.finished_at.isnot(None))
+        .order_by(op_seconds.desc(), _ops.c.id).limit(TOP_N)
+    ).mappings().all()
+    return {
+        "by_task": [{
+            "task_name": r.task_name, "jobs": int(r.n), "succeeded": int(r.succeeded or 0),
+            "failed": int(r.failed or 0), "success_rate": _ratio(int(r.succeeded or 0), int(r.finished or 0)),
+            "avg_seconds": seconds_value(float(r.seconds) / int(r.timed)) if r.timed else None,
+            "max_seconds": seconds_value(r.max_seconds),
+        } for r in by_task],
+        "largest": [{k: _num(v) for k, v in r.items()} for r in largest],
+        "slowest": [{**{k: _num(v) for k, v in r.items()}, "seconds": seconds_value(r["seconds"])} for r in slowest],
+    }
+
+
+# ---- undispatched work --------------------------------------------------------------------------
+def pending(conn: Connection, *, queue: str | None = None, limit: int = DEFAULT_LIMIT,
+            jobs_per_operation: int = DEFAULT_JOBS_PER_OPERATION) -> list[dict]:
+    """Operations with children recorded but not dispatched (pending) or waiting on dependencies (held).
+
+    Oldest waiting first, at most ``limit`` operations. ``queue`` keeps children
+    bound for that queue. Each dict has ``operation_id``, ``parent_id``,
+    ``handler``, ``operation_queue``, ``operation_state``, ``total``,
+    ``updated_at`` (the last touch: the recovery sweep waits for it to age),
+    ``pending``, ``held``, ``oldest`` (creation time of the oldest waiting
+    child) and ``jobs``: up to ``jobs_per_operation`` waiting children in spawn
+    order (:data:`JOB_FIELDS`). Two statements.
+    """
+    _positive("limit", limit, allow_none=False, maximum=MAX_LIMIT)
+    _positive("jobs_per_operation", jobs_per_operation, allow_none=False, maximum=MAX_LIMIT)
+    waiting = [_jobs.c.state.in_(_UNDISPATCHED), _jobs.c.operation_id.isnot(None)]
+    if queue is not None:
+        waiting.append(_jobs.c.queue == queue)
+    groups = (
+        sa.select(
+            _jobs.c.operation_id,
+            _count_if(_jobs.c.state == s.PENDING).label("pending"),
+            _count_if(_jobs.c.state == s.HELD).label("held"),
+            sa.func.min(_jobs.c.created_at).label("oldest"),
+        ).where(*waiting).group_by(_jobs.c.operation_id)
+        .order_by(sa.func.min(_jobs.c.created_at), _jobs.c.operation_id).limit(limit)
+    ).subquery("waiting")
+    rows = conn.execute(
+        sa.select(groups, _ops.c.parent_id, _ops.c.handler, _ops.c.queue.label("operation_queue"),
+                  _ops.c.state.label("operation_state"), _ops.c.total, _ops.c.updated_at)
+        .select_from(groups.outerjoin(_ops, _ops.c.id == groups.c.operation_id))
+        .order_by(groups.c.oldest, groups.c.operation_id)
+    ).mappings().all()
+    if not rows:
+        return []
+    result = [{
+        "operation_id": r["operation_id"], "parent_id": r["parent_id"], "handler": r["handler"],
+        "operation_queue": r["operation_queue"], "operation_state": r["operation_state"],
+        "total": _num(r["total"]), "updated_at": r["updated_at"], "pending": int(r["pending"] or 0),
+        "held": int(r["held"] or 0), "oldest": r["oldest"], "jobs": [],
+    } for r in rows]
+    by_id = {entry["operation_id"]: entry for entry in result}
+    # The first waiting children of those operations, numbered per operation by a window function.
+    rank = sa.func.row_number().over(partition_by=_jobs.c.operation_id,
+                                     order_by=(_jobs.c.position, _jobs.c.id)).label("rank")
+    ranked = (sa.select(*[_jobs.c[f] for f in JOB_FIELDS], rank)
+              .join(groups, _jobs.c.operation_id == groups.c.operation_id)
+              .where(*waiting)).subquery("ranked")
+    for row in conn.execute(
+        sa.select(*[ranked.c[f] for f in JOB_FIELDS]).where(ranked.c.rank <= jobs_per_operation)
+        .order_by(ranked.c.operation_id, ranked.c.position, ranked.c.id)
+    ).mappings():
+        by_id[row["operation_id"]]["jobs"].append(_row(row, JOB_FIELDS))
+    return result

@@ -1,0 +1,174 @@
+"""SpawnStore plumbing (transactions, errors, schema probes) and the read API of ``store.queries``."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from celery_spawn import StoreError
+from celery_spawn.store import SpawnStore, queries
+from celery_spawn.store import schema as s
+from celery_spawn.store.migrations import head_revision
+from tests.harness import StoreBuilder
+from tests.store.helpers import job_row, op_row, operation, seed
+
+
+# ---- transactions -------------------------------------------------------------------------------
+def test_transaction_and_begun_commit(store):
+    conn = store.transaction()
+    with store.begun(conn) as same:
+        assert same is conn and conn.in_transaction()
+        store.insert_operation(conn, op_row("op"))
+    assert conn.closed
+    assert operation(store, "op")["id"] == "op"
+
+
+def test_begun_rolls_back_on_an_error(store):
+    conn = store.transaction()
+    with pytest.raises(RuntimeError), store.begun(conn):
+        store.insert_operation(conn, op_row("op"))
+        raise RuntimeError("stop")
+    assert conn.closed and operation(store, "op") is None
+
+
+def test_database_errors_come_out_as_store_errors_without_sql(store):
+    seed(store, [op_row("op")])
+    conn = store.transaction()
+    with pytest.raises(StoreError) as raised, store.begun(conn):
+        store.insert_operation(conn, op_row("new"))
+        store.insert_operation(conn, op_row("op"))  # duplicate key
+    assert "spawn store" in str(raised.value) and "INSERT" not in str(raised.value)
+    assert operation(store, "new") is None
+    with pytest.raises(StoreError), store.begin() as conn:
+        store.insert_operation(conn, op_row("other"))
+        store.insert_operation(conn, op_row("other"))
+    assert operation(store, "other") is None
+
+
+def test_read_sees_committed_rows(store):
+    with store.read() as conn:
+        assert store.get_job(conn, "j") is None
+    seed(store, [], [job_row("j")])
+    with store.read() as conn:
+        assert store.get_job(conn, "j")["id"] == "j"
+
+
+# ---- schema probes ------------------------------------------------------------------------------
+def test_is_missing_file_has_tables_and_revision(store_url):
+    fresh = SpawnStore(store_url, auto_migrate=False)
+    try:
+        assert fresh.is_missing_file() is (fresh.backend == "sqlite")  # nothing created yet
+        assert fresh.revision() is None
+        assert fresh.has_tables() is False
+        assert fresh.migrate() == head_revision()
+        assert fresh.is_missing_file() is False
+        assert fresh.has_tables() is True
+        assert fresh.revision() == head_revision()
+    finally:
+        fresh.dispose()
+
+
+def test_has_tables_is_none_for_an_unreachable_store(store_url, tmp_path):
+    backend = sa.make_url(store_url).get_backend_name()
+    (tmp_path / "a-file").write_text("not a folder")
+    url = {"sqlite": f"sqlite:///{tmp_path / 'a-file' / 'x.sqlite3'}",
+           "postgresql": "postgresql+psycopg2://u:p@127.0.0.1:1/x",
+           "mysql": "mysql+mysqldb://u:p@127.0.0.1:1/x"}[backend]
+    unreachable = SpawnStore(url, auto_migrate=False, connect_timeout=2)
+    try:
+        assert unreachable.has_tables() is None
+        assert unreachable.is_missing_file() is (backend == "sqlite")
+    finally:
+        unreachable.dispose()
+
+
+# ---- the read API, on one small tree ------------------------------------------------------------
+@pytest.fixture
+def tree(store):
+    """root -> a, b (failed), c (pending, depends on b) in op-root; a -> a.0, a.1 in op-a (succeeded)."""
+    b = StoreBuilder(store)
+    b.job("root", task="tests.parent")
+    b.operation("op-root", "root", handler="fan", total=3, config='{"batch_size": 3}')
+    b.job("a", "root", operation="op-root", position=0)
+    b.job("b", "root", operation="op-root", position=1, state="failed", error="boom")
+    b.job("c", "root", operation="op-root", position=2, state="pending")
+    b.spawn("a", 2, operation="op-a", handler="nested", op_state="succeeded", finished=b.now + timedelta(seconds=4))
+    b.depends("c", "b")
+    return b.flush()
+
+
+def ids(rows):
+    return [r["id"] for r in rows]
+
+
+def test_list_operations_and_get_operation(store, tree):
+    with store.read() as conn:
+        listed = queries.list_operations(conn)
+        running = queries.list_operations(conn, state=s.OP_RUNNING)
+        one = queries.get_operation(conn, "op-root", children_limit=2)
+        assert queries.get_operation(conn, "nope") is None
+    assert sorted(ids(listed)) == ["op-a", "op-root"] and ids(running) == ["op-root"]
+    assert set(listed[0]) == set(queries.OPERATION_FIELDS) | {"counts", "progress"}
+    root = next(op for op in listed if op["id"] == "op-root")
+    assert root["counts"] == {"succeeded": 1, "failed": 1, "pending": 1}
+    assert root["progress"] == {"done": 2, "total": 3, "percent": 66.7}
+    assert set(one) == set(queries.OPERATION_FIELDS) | {"config", "on_complete", "counts", "progress", "children",
+                                                        "children_shown"}
+    assert one["config"] == {"batch_size": 3} and one["on_complete"] is None and one["completed"] is False
+    assert ids(one["children"]) == ["a", "b"] and one["children_shown"] == 2
+    assert set(one["children"][0]) == set(queries.JOB_FIELDS)
+
+
+def test_get_job_parent_and_find_kind(store, tree):
+    with store.read() as conn:
+        a, c = queries.get_job(conn, "a"), queries.get_job(conn, "c")
+        assert queries.get_job(conn, "nope") is None
+        assert queries.parent(conn, "a.1")["id"] == "a" and queries.parent(conn, "root") is None
+        assert set(queries.parent(conn, "a")) == set(queries.JOB_FIELDS)
+        kinds = [queries.find_kind(conn, i) for i in ("a.0", "op-a", "nope")]
+    assert kinds == ["job", "operation", None]
+    assert set(a) == set(queries.JOB_FIELDS) | {"children_count", "operations", "depends_on"}
+    assert a["children_count"] == 2 and [(o["id"], o["state"], o["total"]) for o in a["operations"]] == [
+        ("op-a", "succeeded", 2)]
+    assert c["depends_on"] == [{"id": "b", "satisfied": False, "ignore_failure": False}]
+
+
+def test_children_descendants_and_ancestors(store, tree):
+    with store.read() as conn:
+        kids = queries.children(conn, "root")
+        failed = queries.children(conn, "root", state="failed")
+        down = queries.descendants(conn, "root")
+        up = queries.ancestors(conn, "a.1")
+    assert ids(kids) == ["a", "b", "c"] and ids(failed) == ["b"]
+    assert ids(down) == ["a", "b", "c", "a.0", "a.1"] and [d["distance"] for d in down] == [1, 1, 1, 2, 2]
+    assert ids(up) == ["a", "root"] and [u["distance"] for u in up] == [1, 2]
+    assert set(down[0]) == set(queries.JOB_FIELDS) | {"distance"}
+
+
+def test_spawn_tree(store, tree):
+    with store.read() as conn:
+        whole = queries.spawn_tree(conn, "root")
+        cut = queries.spawn_tree(conn, "root", max_depth=1)
+        full = queries.spawn_tree(conn, "a.0", full=True)
+        assert queries.spawn_tree(conn, "nope") is None
+    assert whole["id"] == "root" and ids(whole["children"]) == ["a", "b", "c"]
+    assert ids(whole["children"][0]["children"]) == ["a.0", "a.1"]
+    assert set(whole) == set(queries.TREE_FIELDS) - {"parent_id"} | {"children"}
+    assert cut["children"][0]["children"] == [] and cut["children"][0]["hidden_children"] == 2
+    assert full == whole
+
+
+def test_stats_and_pending(store, tree):
+    with store.read() as conn:
+        result = queries.stats(conn, hours=1, now=tree.now + timedelta(minutes=1))
+        waiting = queries.pending(conn)
+    assert result["operations"] == 2 and result["operations_by_state"] == {"running": 1, "succeeded": 1}
+    assert result["children"] == 5 and result["children_by_state"] == {"failed": 1, "pending": 1, "succeeded": 3}
+    assert result["success_rate"] == 1.0 and result["child_success_rate"] == 0.75
+    assert result["durations"]["operation_max_seconds"] == pytest.approx(4.0, abs=0.01)
+    assert {g["handler"] for g in result["by_handler"]} == {"fan", "nested"}
+    assert [w["operation_id"] for w in waiting] == ["op-root"]
+    entry = waiting[0]
+    assert (entry["pending"], entry["held"], entry["total"], entry["handler"]) == (1, 0, 3, "fan")
+    assert ids(entry["jobs"]) == ["c"] and set(entry["jobs"][0]) == set(queries.JOB_FIELDS)
