@@ -9,7 +9,9 @@ from .state import get_state
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["cancel", "completion_task_id", "recover"]
+    from .engine.recovery import SweepReport
+
+__all__ = ["cancel", "completion_task_id", "recover", "sweep"]
 
 
 def cancel(app: Celery, job_or_operation_id: str, terminate: bool = False, *,
@@ -27,12 +29,21 @@ def cancel(app: Celery, job_or_operation_id: str, terminate: bool = False, *,
 
 def recover(app: Celery, grace_seconds: float | None = None, limit: int = 50,
             redeliver_after: float | None = None) -> int:
-    """Publish pending children (and claimed ``on_complete`` callbacks) left behind; returns how many.
+    """Publish pending children (and claimed ``on_complete`` callbacks) left behind; returns how many
+    things it did (see :func:`sweep` for each kind apart).
 
     Also publishes again dispatched children the broker lost
-    (``redeliver_after`` defaults to the app's ``spawn_redeliver_after``).
-    Safe to run from every worker at once: operations are leased with
-    ``FOR UPDATE SKIP LOCKED`` (PostgreSQL, MySQL/MariaDB) and a refreshed
-    timestamp, and a child that is published twice runs once.
+    (``redeliver_after`` defaults to the app's ``spawn_redeliver_after``), and
+    fills in outcomes the store missed from the result backend. Safe to run
+    from every worker at once: operations are leased with ``FOR UPDATE SKIP
+    LOCKED`` (PostgreSQL, MySQL/MariaDB) and a refreshed timestamp, and a child
+    that is published twice runs once.
     """
+    return sweep(app, grace_seconds, limit, redeliver_after).total
+
+
+def sweep(app: Celery, grace_seconds: float | None = None, limit: int = 50,
+          redeliver_after: float | None = None) -> SweepReport:
+    """One recovery sweep, as :func:`recover`, reporting each kind of work apart: children ``published``,
+    ``redelivered``, ``callbacks`` published, and outcomes ``filled_in`` from the result backend."""
     return get_state(app).sweeper.sweep(grace_seconds, limit, redeliver_after)

@@ -60,12 +60,14 @@ def _on_prerun(sender=None, task_id=None, task=None, **_: Any) -> None:
 
 
 @celery_signals.task_success.connect(weak=False)
-def _on_success(sender=None, **_: Any) -> None:
+def _on_success(sender=None, result=None, **_: Any) -> None:
     if sender is None or not is_spawned(sender):
         return
     tracker = tracker_for(sender)
     if tracker is not None:
         job_id = sender.request.id
+        if getattr(sender.request, "is_eager", False):  # no result is stored: the summary keeps it
+            tracker.completion.remember_result(job_id, result)
         operation_id = request_headers(sender.request).get(HEADER_OPERATION) or getattr(
             sender.request, HEADER_OPERATION, None)
         _record(tracker, "a success", Event(FINISH, job_id, state=SUCCEEDED, operation_id=operation_id),

@@ -58,6 +58,10 @@ class SpawnState:
                                      prepared_statements=self.settings.prepared_statements)
         return self._store
 
+    def _built(self, name: str) -> Any:
+        """A part already built over the current store, or None (the fast path: events ask per task)."""
+        return self._parts.get(name) if self._parts_store is self._store and self._store is not None else None
+
     def _part(self, name: str, build: Callable[[], T]) -> T:
         store = self.store
         if self._parts_store is not store:
@@ -71,18 +75,27 @@ class SpawnState:
     # ---- the engine's parts, each built with what it uses --------------------------------
     @property
     def publisher(self) -> Publisher:
+        built = self._built("publisher")
+        if built is not None:
+            return built
         from .engine.publisher import Publisher
 
         return self._part("publisher", lambda: Publisher(self.app))
 
     @property
     def completion(self) -> Completion:
+        built = self._built("completion")
+        if built is not None:
+            return built
         from .engine.completion import Completion
 
         return self._part("completion", lambda: Completion(self.store, self.publisher, self.app))
 
     @property
     def canceller(self) -> Canceller:
+        built = self._built("canceller")
+        if built is not None:
+            return built
         from .engine.cancel import Canceller
 
         def revoke(ids: list[str], **options: Any) -> Any:  # looked up at each call: tests and apps may swap it
@@ -92,12 +105,18 @@ class SpawnState:
 
     @property
     def outbox(self) -> Outbox:
+        built = self._built("outbox")
+        if built is not None:
+            return built
         from .engine.outbox import Outbox
 
         return self._part("outbox", lambda: Outbox(self.store, self.publisher))
 
     @property
     def spawner(self) -> Spawner:
+        built = self._built("spawner")
+        if built is not None:
+            return built
         from .engine.spawner import Spawner
 
         return self._part("spawner", lambda: Spawner(self.app, self.settings, self.manager, self.store,
@@ -105,6 +124,9 @@ class SpawnState:
 
     @property
     def tracker(self) -> Tracker:
+        built = self._built("tracker")
+        if built is not None:
+            return built
         from .engine.tracker import Tracker
 
         return self._part("tracker", lambda: Tracker(self.app, self.settings, self.store, self.publisher,
@@ -112,6 +134,9 @@ class SpawnState:
 
     @property
     def sweeper(self) -> Sweeper:
+        built = self._built("sweeper")
+        if built is not None:
+            return built
         from .engine.recovery import Sweeper
         from .engine.redelivery import Redeliverer
 

@@ -55,7 +55,7 @@ def recover(ctx: click.Context, grace: float | None, redeliver_after: float | No
 
     This is what every worker's recovery sweep does; it needs the app (-A) to publish.
     """
-    from ..control import recover as recover_stranded
+    from ..control import sweep
     from ..errors import StoreError
     from ..state import get_state
 
@@ -66,11 +66,18 @@ def recover(ctx: click.Context, grace: float | None, redeliver_after: float | No
     if database_url:
         state.reload(database_url=database_url)
     try:
-        published = recover_stranded(app, grace_seconds=grace, limit=limit, redeliver_after=redeliver_after)
+        report = sweep(app, grace_seconds=grace, limit=limit, redeliver_after=redeliver_after)
     except StoreError as exc:
         raise CommandError(explain(state.store, exc), RET_STORE) from None
-    emit(ctx, f"published {published} stranded child{'ren' if published != 1 else ''} "
-              f"from {state.store.safe_url}")
+    emit(ctx, f"published {_count(report.published, 'stranded child', 'stranded children')} "
+              f"from {state.store.safe_url}\n"
+              f"published again {_count(report.redelivered, 'child', 'children')} lost by the broker, "
+              f"{_count(report.callbacks, 'on_complete callback', 'on_complete callbacks')}; "
+              f"filled in {_count(report.filled_in, 'outcome', 'outcomes')} from the result backend")
+
+
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"
 
 
 @spawn.command(cls=CeleryCommand)

@@ -8,7 +8,7 @@ got wrong, naming the child.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from celery.canvas import Signature
 from kombu.utils.json import dumps
@@ -77,6 +77,26 @@ def inherited_max_depth(task: Task) -> int | None:
         return int(raw) if raw is not None else None
     except (TypeError, ValueError):
         return None
+
+
+def requested_handler(task: Task, call_config: Any) -> str:
+    """The handler a call asks for, read without validating the rest: the call's ``handler``, else the
+    task's, else the task's own name (how handlers are looked up). A refused spawn is recorded under it,
+    so that stats can say whose spawns were refused; a name that could not be stored (control
+    characters) gives way to the task's name."""
+    task_config = getattr(task, "spawn_config", None)
+    for source in (call_config, task_config):
+        name = source.get("handler") if isinstance(source, Mapping) else getattr(source, "handler", None)
+        if _storable_name(name):
+            return name[:255]
+    task_handler = getattr(task, "spawn_handler", None)
+    if _storable_name(task_handler):
+        return task_handler[:255]
+    return str(task.name)[:255]
+
+
+def _storable_name(name: Any) -> bool:
+    return isinstance(name, str) and bool(name) and name.isprintable()
 
 
 def effective_config(settings: SpawnSettings, task: Task, call_config: Any) -> SpawnConfig:
@@ -187,49 +207,51 @@ class ChildRows:
 
 
 def operation_row(parent: ParentJob, config: SpawnConfig | None, operation_id: str,
-                       handler_name: str | None, now: Any) -> dict:
-        return {
-            "id": operation_id,
-            "parent_id": parent.id,
-            "root_id": parent.root_id,
-            "parent_task": parent.name[:255],
-            "handler": (handler_name or "")[:255] or None,
-            "queue": parent.queue,
-            "depth": parent.depth,
-            "state": OP_RUNNING,
-            "total": 0,
-            "published_through": -1,
-            "config": dumps(config.to_dict()) if config is not None else None,
-            "error": None,
-            "on_complete": dumps(config.on_complete) if config is not None and config.on_complete else None,
-            "wait_for_descendants": bool(config and config.wait_for_descendants),
-            "fail_fast": bool(config and config.fail_fast),
-            "completed": False,
-            "created_at": now,
-            "updated_at": now,
-            "finished_at": None,
-        }
+                  handler_name: str | None, now: Any) -> dict:
+    """The operation row a spawn records (or, refused, records as failed)."""
+    return {
+        "id": operation_id,
+        "parent_id": parent.id,
+        "root_id": parent.root_id,
+        "parent_task": parent.name[:255],
+        "handler": (handler_name or "")[:255] or None,
+        "queue": parent.queue,
+        "depth": parent.depth,
+        "state": OP_RUNNING,
+        "total": 0,
+        "published_through": -1,
+        "config": dumps(config.to_dict()) if config is not None else None,
+        "error": None,
+        "on_complete": dumps(config.on_complete) if config is not None and config.on_complete else None,
+        "wait_for_descendants": bool(config and config.wait_for_descendants),
+        "fail_fast": bool(config and config.fail_fast),
+        "completed": False,
+        "created_at": now,
+        "updated_at": now,
+        "finished_at": None,
+    }
+
 
 def root_row(parent: ParentJob, now: Any) -> dict:
-        """The parent's own row, for a parent that was not itself spawned."""
-        return {
-            "id": parent.id,
-            "parent_id": None,
-            "root_id": parent.root_id,
-            "operation_id": None,
-            "position": 0,
-            "depth": parent.depth,
-            "task_name": parent.name[:255],
-            "queue": parent.queue,
-            "priority": parent.priority,
-            "state": SUCCEEDED,
-            "pending_deps": 0,
-            "retries": 0,
-            "message": None,
-            "created_at": now,
-            "started_at": now,
-            "finished_at": now,
-        }
+    """The parent's own row, for a parent that was not itself spawned."""
+    return {
+        "id": parent.id,
+        "parent_id": None,
+        "root_id": parent.root_id,
+        "operation_id": None,
+        "position": 0,
+        "depth": parent.depth,
+        "task_name": parent.name[:255],
+        "queue": parent.queue,
+        "priority": parent.priority,
+        "state": SUCCEEDED,
+        "pending_deps": 0,
+        "retries": 0,
+        "message": None,
+        "created_at": now,
+        "started_at": now,
+        "finished_at": now,
+    }
 
 
 class Recorded:

@@ -25,6 +25,8 @@ logger = logging.getLogger("celery_spawn.tracking")
 
 #: Results gathered into an ``on_complete`` summary at most (beyond that, only counts and failures).
 MAX_SUMMARY_RESULTS = 1000
+#: Return values of eager children kept for their operation's summary at most (the oldest go first).
+MAX_EAGER_RESULTS = 10_000
 
 
 def completion_task_id(operation_id: str) -> str:
@@ -63,6 +65,17 @@ class Completion:
         self.store = store
         self.publisher = publisher
         self.app = app
+        self._eager_results: dict[str, Any] = {}
+
+    def remember_result(self, job_id: str, value: Any) -> None:
+        """Keep an eager child's return value for its operation's summary.
+
+        In eager mode (``task_always_eager``) Celery stores no result, and
+        reading one only warns; the summary takes these instead.
+        """
+        self._eager_results[job_id] = value
+        while len(self._eager_results) > MAX_EAGER_RESULTS:
+            self._eager_results.pop(next(iter(self._eager_results)))
 
     def check(self, operation_id: str) -> list[str]:
         """Complete ``operation_id`` if it is done, then walk up to the operations of its ancestors.
@@ -133,7 +146,11 @@ class Completion:
             "counts": counts,
             "failed": failures,
         }
-        if self.app is not None and has_result_backend(self.app) and len(succeeded_ids) <= MAX_SUMMARY_RESULTS:
+        if self.app is None or len(succeeded_ids) > MAX_SUMMARY_RESULTS:
+            return summary
+        if _eager(self.app):
+            summary["results"] = {job_id: _jsonable(self._eager_results.pop(job_id, None)) for job_id in succeeded_ids}
+        elif has_result_backend(self.app):
             results = {}
             for job_id in succeeded_ids:
                 try:
@@ -142,6 +159,11 @@ class Completion:
                     results[job_id] = None
             summary["results"] = results
         return summary
+
+
+def _eager(app: Celery) -> bool:
+    """Whether children run in-process and Celery stores none of their results."""
+    return bool(app.conf.task_always_eager and not app.conf.task_store_eager_result)
 
 
 def _jsonable(value: Any) -> Any:

@@ -4,7 +4,7 @@ outcomes the store missed, publish callbacks never sent, and redeliver what the 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..protocol import FAILED, REVOKED, SUCCEEDED
 from .completion import has_result_backend
@@ -25,6 +25,24 @@ logger = logging.getLogger("celery_spawn.recovery")
 MAX_GRACE_SECONDS = 7 * 86_400
 
 
+class SweepReport(NamedTuple):
+    """What one sweep did, each kind counted apart."""
+
+    #: Children recorded and never published (stranded before dispatch), now published.
+    published: int = 0
+    #: Dispatched children the broker lost, published again.
+    redelivered: int = 0
+    #: ``on_complete`` callbacks claimed and never sent, now published.
+    callbacks: int = 0
+    #: Outcomes the store had missed, filled in from the result backend (nothing published).
+    filled_in: int = 0
+
+    @property
+    def total(self) -> int:
+        """Everything the sweep did (what :func:`celery_spawn.recover` returns)."""
+        return self.published + self.redelivered + self.callbacks + self.filled_in
+
+
 class Sweeper:
     """One recovery sweep over a store, safe to run from every worker at once."""
 
@@ -38,8 +56,9 @@ class Sweeper:
         self.redeliverer = redeliverer
         self.grace_seconds = grace_seconds
 
-    def sweep(self, grace_seconds: float | None = None, limit: int = 50, redeliver_after: float | None = None) -> int:
-        """Publish pending children (and claimed ``on_complete`` callbacks) left behind; returns how many.
+    def sweep(self, grace_seconds: float | None = None, limit: int = 50,
+              redeliver_after: float | None = None) -> SweepReport:
+        """Publish pending children (and claimed ``on_complete`` callbacks) left behind; says what it did.
 
         Also publishes again dispatched children the broker lost (see
         :mod:`celery_spawn.engine.redelivery`). Operations are leased with
@@ -49,22 +68,22 @@ class Sweeper:
         grace = self.grace_seconds if grace_seconds is None else grace_seconds
         if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace <= MAX_GRACE_SECONDS:
             raise ValueError(f"grace_seconds must be between 0 and {MAX_GRACE_SECONDS}, not {grace!r}")
-        published = 0
+        published = callbacks = 0
         for operation_id in self.store.claim_stale_operations(grace, limit):
             try:
                 published += self._recover_operation(operation_id)
             except Exception as exc:  # one bad operation must not strand the others
                 logger.error("recovery of operation %s failed: %s", operation_id, exc)
-        published += self.reconcile(grace)
-        published += self.redeliverer.redeliver(redeliver_after, limit)
+        filled_in = self.reconcile(grace)
+        redelivered = self.redeliverer.redeliver(redeliver_after, limit)
         for operation in self.store.claim_stale_callbacks(grace, limit):
             try:
                 if self.completion.apply_callback(operation):
                     logger.warning("recovery published the on_complete callback of operation %s", operation["id"])
-                    published += 1
+                    callbacks += 1
             except Exception as exc:
                 logger.error("recovery of the callback of operation %s failed: %s", operation["id"], exc)
-        return published
+        return SweepReport(published, redelivered, callbacks, filled_in)
 
     def reconcile(self, grace_seconds: float, limit: int = 200) -> int:
         """Apply outcomes the store missed, from the result backend; returns how many jobs changed.

@@ -31,7 +31,7 @@ from ..handlers import ParentJob, SpawnContext, SpawnHandler, SpawnResult, as_ha
 from ..protocol import OP_FAILED, OP_RUNNING, OP_SUCCEEDED
 from ..store import utcnow
 from .children import (EAGER_ID_LIMIT, ChildRows, Recorded, describe, effective_config, find_cycle,
-                       inherited_max_depth, operation_row, parent_from_task, root_row)
+                       inherited_max_depth, operation_row, parent_from_task, requested_handler, root_row)
 from .outbox import stored_batch_size
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ class Spawner:
         parent = parent_from_task(task, result)
         operation_id = default_operation_id(parent.id)
         config: SpawnConfig | None = None
-        handler_name: str | None = None
+        handler_name = requested_handler(task, call_config)
         try:
             config = effective_config(self.settings, task, call_config)
             operation_id = config.operation_id or operation_id
@@ -219,7 +219,7 @@ class Spawner:
         except Exception as exc:  # an observer hook: log and carry on
             logger.exception("on_spawn_complete of %r raised %s", handler, describe(exc))
 
-    def _refused(self, task: Task, parent: ParentJob, operation_id: str, handler_name: str | None,
+    def _refused(self, task: Task, parent: ParentJob, operation_id: str, handler_name: str,
                  config: SpawnConfig | None, call_config: Any, exc: SpawnError) -> None:
         logger.error("spawn of %s[%s] refused: %s", parent.name, parent.id, exc)
         now = utcnow()

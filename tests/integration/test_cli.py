@@ -287,7 +287,9 @@ def test_migrate_and_recover(backend, trees, client_app):
     builder.flush()
     # At once: the worker's own sweep leaves it alone for spawn_recovery_grace (5 s in tests.app).
     out = ok(backend, "recover", "--grace", "0")
-    assert re.fullmatch(r"published [1-9]\d* stranded child(ren)? from \S+\n", out), out
+    assert re.fullmatch(r"published [1-9]\d* stranded child(ren)? from \S+\n"
+                        r"published again \d+ child(ren)? lost by the broker, \d+ on_complete callbacks?; "
+                        r"filled in \d+ outcomes? from the result backend\n", out), out
     assert client_app.AsyncResult(child["id"]).get(timeout=TIMEOUT) == 49
     wait_for(lambda: job_state(store, child["id"]) == "succeeded", TIMEOUT, what="recovered child succeeded")
 

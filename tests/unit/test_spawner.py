@@ -33,6 +33,7 @@ from celery_spawn import (
     install,
     with_spawn_handler,
 )
+from celery_spawn.store import queries
 from celery_spawn.store import schema as s
 from celery_spawn.engine.publisher import Publisher
 from tests.unit.helpers import Rig
@@ -814,3 +815,18 @@ def test_bad_spawn_configs_are_refused_naming_the_key(rig, config, key):
     rig.manager.register_handler("two", lambda context: [rig.sig(1), rig.sig(2)])
     operation = rig.assert_refused(rig.spawn(config, value="v"), "v", SpawnConfigError, key)
     assert operation["config"]  # what was asked is kept for the post-mortem
+
+
+@pytest.mark.parametrize("config,handler", [
+    ({"handler": "data_processor", "max_spawn_count": "lots"}, "data_processor"),  # a bad value: its handler
+    ({"max_spawn_count": -1}, "unit.parent"),  # no handler asked for: the task's own name, as a lookup uses
+    ("not a dict", "unit.parent"),
+], ids=["named", "unnamed", "garbage"])
+def test_a_spawn_refused_for_its_config_is_recorded_under_the_handler_it_asked_for(sqlite_rig, config, handler):
+    rig = sqlite_rig
+    result = rig.spawn(config, value="kept")
+    operation = rig.assert_refused(result, "kept", SpawnConfigError)
+    assert operation["handler"] == handler
+    with rig.state.store.read() as conn:
+        stats = queries.stats(conn, hours=1, detailed=True)
+    assert handler in {row["handler"] for row in stats["by_handler"]}

@@ -89,6 +89,26 @@ def test_on_complete_gets_a_summary_once(eager):
     assert operation(app, result.id)["callback_state"] == "sent"
 
 
+@pytest.mark.parametrize("backend", [None, "cache+memory://"], ids=["no-backend", "backend"])
+def test_an_eager_summary_carries_the_children_results_without_warnings(store_url, backend, recwarn):
+    app, parent, _, _ = tracked_app(store_url, backend=backend)
+    app.conf.task_always_eager = True
+    calls = []
+
+    @app.task(name="t.done", shared=False)
+    def done(summary):
+        calls.append(summary)
+
+    try:
+        config = SpawnConfig(handler="kids").with_on_complete(done.s()).to_dict()
+        assert parent.apply(args=(3,), kwargs={"_spawn_config": config}).get() == 3
+    finally:
+        get_state(app).store.dispose()
+    [summary] = calls
+    assert sorted(summary["results"].values()) == [1, 2, 3]  # each child returned i + 1
+    assert [str(w.message) for w in recwarn if issubclass(w.category, RuntimeWarning)] == []
+
+
 def test_an_unpublished_callback_is_recovered(eager, monkeypatch):
     app, parent, done, calls = eager
     original = Signature.apply_async
