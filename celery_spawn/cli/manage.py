@@ -122,8 +122,11 @@ def cancel(ctx: click.Context, target: str, terminate: bool, store_only: bool, f
     text = (f"cancelled {result['cancelled']} waiting and revoked {result['revoked']} running "
             f"job{'s' if result['revoked'] != 1 else ''} below {target}"
             + (" (terminated)" if terminate and result["revoked"] else ""))
-    if result["still_running"]:
-        text += f"; {result['still_running']} dispatched or running left to their workers (store only)"
+    if result["cancel_requested"]:
+        text += f"; {result['cancel_requested']} running asked to stop (recorded as they end)"
+    left = result["still_running"] - result["cancel_requested"]
+    if left:
+        text += f"; {left} dispatched or running left to their workers (store only)"
     emit(ctx, text)
 
 

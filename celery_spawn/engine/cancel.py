@@ -1,11 +1,15 @@
 """The one cancel: stop the unfinished part of a tree, for the Python API, the CLI and the web alike.
 
 Children never dispatched (held, pending) are cancelled in the store.
-Children whose message is out (dispatched, started, retrying) are marked
-revoked and revoked through Celery's remote control (``terminate=True``
-kills those running). A store-only cancel, for a face with no broker, leaves
-those to their workers. Then every operation that lost children is probed
-for completion, as a finishing child would have done.
+Children dispatched and not started are marked revoked and revoked through
+Celery's remote control. Children running are revoked too, but keep their
+state, marked as asked to stop, until their real outcome arrives: revoking
+does not stop a running task, so the store does not pretend it did. Only
+``terminate=True`` kills them, and then they are recorded revoked. A
+store-only cancel, for a face with no broker, leaves every child whose
+message is out to its worker. Then every operation that lost children is
+probed for completion, as a finishing child would have done; one with a
+child still running completes when that child ends.
 """
 from __future__ import annotations
 
@@ -37,7 +41,9 @@ class Canceller:
         """Stop every unfinished descendant of a job, or of an operation's parent.
 
         Returns ``cancelled`` and ``revoked`` (counts), ``still_running``
-        (jobs a store-only cancel left to their workers), ``target``,
+        (jobs left running: asked to stop, or left to their workers by a
+        store-only cancel), ``cancel_requested`` (of those, the ones asked to
+        stop), ``target``,
         ``root``, ``operations`` (those that lost children) and
         ``completed`` (those the cancel completed). Raises
         :class:`~celery_spawn.errors.JobNotFound` for an unknown id.
@@ -53,18 +59,19 @@ class Canceller:
                 root = target_id
             else:
                 raise JobNotFound(f"no spawned job or operation has id {target_id!r}")
-            done = self.store.cancel_jobs(conn, jobs, reason, store_only=store_only)
+            done = self.store.cancel_jobs(conn, jobs, reason, store_only=store_only, terminate=terminate)
             left = set(done.still_running)
             touched = {j["operation_id"] for j in jobs if j["operation_id"] and j["id"] not in left}
             if operation is not None:
                 touched.add(target_id)
-        if done.revoked:
-            self.revoke_jobs(done.revoked, terminate=terminate)
+        if done.revoked or done.requested:
+            self.revoke_jobs([*done.revoked, *done.requested], terminate=terminate)
         completed: list[str] = []
         for operation_id in sorted(touched):
             completed.extend(self.completion.check(operation_id))
         return {"cancelled": len(done.cancelled), "revoked": len(done.revoked),
-                "still_running": len(done.still_running), "target": target_id, "root": root,
+                "still_running": len(done.still_running) + len(done.requested),
+                "cancel_requested": len(done.requested), "target": target_id, "root": root,
                 "operations": sorted(touched), "completed": sorted(set(completed))}
 
     def revoke_jobs(self, job_ids: list[str], terminate: bool = False) -> None:

@@ -90,7 +90,7 @@ class JobTransitions(Cancels):
             if won[job] and states[job] == s.FAILED and self._fails_fast(conn, won[job]):
                 stopped = self.cancel_jobs(conn, self.unfinished_jobs(conn, operation_id=won[job]),
                                            f"fail_fast: sibling {job} failed")
-                to_revoke.extend(stopped.revoked)
+                to_revoke.extend([*stopped.revoked, *stopped.requested])
         released = self.dialect.release(conn, succeeded, ended, grace_seconds) if won else []
         return Finished(won, released, to_revoke)
 

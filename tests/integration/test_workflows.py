@@ -104,6 +104,33 @@ def test_wait_for_descendants_completes_after_deepest_child(worker, client_app):
     assert json.loads(row["summary"])["counts"] == {"succeeded": 2}
 
 
+def test_a_cancel_without_terminate_records_the_real_outcome_of_running_children(worker, client_app):
+    """Revoking does not stop a running child: it keeps running, marked as asked to stop, its real outcome is
+    recorded, and the operation (with its on_complete) completes only after it."""
+    config = {"handler": "sleepers", **on_complete(client_app)}
+    parent = client_app.signature("tests.spawner", kwargs={"count": 4, "seconds": 3, "_spawn_config": config}).delay()
+    parent.get(timeout=TIMEOUT)
+    wait_children(client_app, parent.id, 4)
+    running = wait_for(lambda: [r["id"] for r in children_of(client_app, parent.id) if r["state"] == "started"],
+                       TIMEOUT, what="a started child")
+    operation_id = default_operation_id(parent.id)
+    result = cancel(client_app, operation_id)
+    assert result["cancelled"] == 3  # the three held behind the first
+    assert result["cancel_requested"] == len(running) and result["still_running"] == len(running)
+    rows = {r["id"]: r for r in children_of(client_app, parent.id)}
+    for job_id in running:  # still running, and the store says so
+        assert rows[job_id]["state"] == "started" and rows[job_id]["error"].startswith("cancel requested")
+    assert not operation_of(client_app, parent.id)["completed"]
+    [callback] = wait_for(lambda: callback_rows(client_app, operation_id), TIMEOUT, what="the callback")
+    rows = {r["id"]: r for r in children_of(client_app, parent.id)}
+    for job_id in running:
+        assert rows[job_id]["state"] == "succeeded"  # its real outcome, recorded when it came
+    # The summary was taken when the operation completed: it counts the running children's successes, so the
+    # callback came after them (today's revoke-at-once would count them revoked, and call back at once).
+    assert json.loads(callback["summary"])["counts"] == {"succeeded": len(running), "cancelled": 3}
+    assert operation_of(client_app, parent.id)["finished_at"] >= max(rows[j]["finished_at"] for j in running)
+
+
 def test_cancel_stops_a_running_tree(worker, client_app):
     parent = client_app.signature("tests.spawner", kwargs={
         "count": 12, "seconds": 5, "_spawn_config": {"handler": "sleepers"}}).delay()

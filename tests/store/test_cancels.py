@@ -51,20 +51,33 @@ def test_unfinished_jobs_below_a_job_leave_the_job_out(nested):
     assert unfinished(nested, below_job="nope") == []
 
 
-def test_cancel_jobs_cancels_waiting_jobs_and_revokes_dispatched_ones(nested):
+def test_cancel_jobs_cancels_waiting_jobs_revokes_dispatched_ones_and_asks_running_ones_to_stop(nested):
     store = nested
     with store.begin() as conn:
         done = store.cancel_jobs(conn, store.unfinished_jobs(conn, operation_id="op"), "cancelled by test")
     assert isinstance(done, Cancelled)
-    assert sorted(done.cancelled) == ["c", "d"] and sorted(done.revoked) == ["a", "a0", "a00"]
-    assert done.still_running == []
+    assert sorted(done.cancelled) == ["c", "d"] and done.revoked == ["a0"]
+    assert sorted(done.requested) == ["a", "a00"] and done.still_running == []
+    # a running job keeps its state until its real outcome arrives: a revoke does not stop it
     assert states(store, "a", "a0", "a00", "b", "c", "d", "a1", "z0") == {
-        "a": s.REVOKED, "a0": s.REVOKED, "a00": s.REVOKED, "c": s.CANCELLED, "d": s.CANCELLED,
+        "a": s.STARTED, "a0": s.REVOKED, "a00": s.RETRYING, "c": s.CANCELLED, "d": s.CANCELLED,
         "b": s.SUCCEEDED, "a1": s.FAILED, "z0": s.PENDING}
-    for job_id in ("a", "c"):
+    for job_id in ("a0", "c"):
         row = job(store, job_id)
         assert row["error"] == "cancelled by test" and row["finished_at"] is not None
+    for job_id in ("a", "a00"):
+        row = job(store, job_id)
+        assert row["error"] == "cancel requested: cancelled by test" and row["finished_at"] is None
     assert job(store, "b")["error"] is None
+
+
+def test_cancel_jobs_with_terminate_revokes_running_jobs_too(nested):
+    store = nested
+    with store.begin() as conn:
+        done = store.cancel_jobs(conn, store.unfinished_jobs(conn, operation_id="op"), "killed", terminate=True)
+    assert sorted(done.cancelled) == ["c", "d"] and sorted(done.revoked) == ["a", "a0", "a00"]
+    assert done.requested == [] and done.still_running == []
+    assert states(store, "a", "a0", "a00") == {"a": s.REVOKED, "a0": s.REVOKED, "a00": s.REVOKED}
 
 
 def test_cancel_jobs_store_only_leaves_running_jobs_to_their_workers(nested):

@@ -150,9 +150,10 @@ def test_a_failure_in_a_fail_fast_operation_stops_the_rest(store):
     assert done.won == {"a": "op", "c1": "calm"} and done.released == []
     assert sorted(done.to_revoke) == ["out", "run"]
     assert states(store, "run", "out", "wait", "held", "ok", "c2") == {
-        "run": s.REVOKED, "out": s.REVOKED, "wait": s.CANCELLED, "held": s.CANCELLED, "ok": s.SUCCEEDED,
-        "c2": s.DISPATCHED}
-    assert {job(store, j)["error"] for j in ("run", "out", "wait", "held")} == {"fail_fast: sibling a failed"}
+        "run": s.STARTED, "out": s.REVOKED, "wait": s.CANCELLED, "held": s.CANCELLED, "ok": s.SUCCEEDED,
+        "c2": s.DISPATCHED}  # the running sibling is asked to stop; its own outcome will be recorded
+    assert {job(store, j)["error"] for j in ("out", "wait", "held")} == {"fail_fast: sibling a failed"}
+    assert job(store, "run")["error"] == "cancel requested: fail_fast: sibling a failed"
 
 
 # ---- publishing ahead (PostgreSQL) --------------------------------------------------------------
