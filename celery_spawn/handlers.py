@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import uuid
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
@@ -30,7 +31,13 @@ def default_operation_id(parent_id: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ParentJob:
-    """The finished parent task, as a handler sees it."""
+    """The finished parent task, as a handler sees it.
+
+    ``args`` and ``kwargs`` are the call as it was made; ``arguments`` is the
+    same call bound to the task's parameter names, defaults included, so a
+    handler reads ``parent.arguments["dataset_id"]`` whether the caller passed
+    it by position or by name.
+    """
 
     id: str
     name: str
@@ -42,6 +49,28 @@ class ParentJob:
     root_id: str
     depth: int
     parent_id: str | None = None
+    arguments: dict = dataclasses.field(default_factory=dict)
+
+
+def bind_arguments(function: Any, args: tuple, kwargs: dict) -> dict:
+    """``args`` and ``kwargs`` bound to ``function``'s parameter names, defaults applied.
+
+    Keyword arguments gathered by a ``**kwargs`` parameter appear under their
+    own names. A call that does not fit the signature (or a function without
+    one) gives its keyword arguments alone.
+    """
+    try:
+        bound = inspect.signature(function).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    bound.apply_defaults()
+    arguments: dict = {}
+    for name, value in bound.arguments.items():
+        if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(value)
+        else:
+            arguments[name] = value
+    return arguments
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ from kombu.utils.json import dumps
 
 from ..config import SpawnConfig
 from ..errors import DependencyError, HandlerError, SpawnConfigError
-from ..handlers import ParentJob, SpawnContext
+from ..handlers import ParentJob, SpawnContext, bind_arguments
 from ..protocol import (DEPENDS_ON_OPTION, DISPATCHED, HEADER_DEPTH, HEADER_MAX_DEPTH, HEADER_OPERATION, HELD,
                         IGNORE_FAILURE_OPTION, PENDING, SPAWN_CONFIG_KWARG, SUCCEEDED, OP_RUNNING, request_header)
 
@@ -56,11 +56,13 @@ def parent_from_task(task: Task, result: Any) -> ParentJob:
         depth = int(request_header(request, HEADER_DEPTH) or 0)
     except (TypeError, ValueError):
         depth = 0
+    args = tuple(request.args or ())
     return ParentJob(
         id=request.id,
         name=task.name,
-        args=tuple(request.args or ()),
+        args=args,
         kwargs=kwargs,
+        arguments=bind_arguments(task.run, args, kwargs),
         result=result,
         priority=delivery.get("priority"),
         queue=queue_of_delivery(task.app, delivery),

@@ -74,3 +74,20 @@ def test_priority_is_inherited_when_the_broker_has_one(worker, client_app):
     assert {r["priority"] for r in rows} == {3}
     [operation] = store_rows(client_app, s.operations, id=default_operation_id(parent.id))
     assert operation["queue"] == worker.backend.queue
+
+
+def test_a_spawn_refused_for_its_config_is_counted_under_the_handler_it_asked_for(worker, client_app):
+    """A bad value refuses the spawn on a real worker; the parent's result stands, and stats name its handler."""
+    from celery_spawn import get_state
+    from celery_spawn.store import queries
+
+    parent = client_app.signature("tests.spawner", kwargs={
+        "_spawn_config": {"handler": "sleepers", "max_spawn_count": "lots"}}).delay()
+    assert parent.get(timeout=TIMEOUT) == "spawned"
+    [operation] = wait_for(lambda: store_rows(client_app, s.operations, id=default_operation_id(parent.id)),
+                           TIMEOUT, what="the refused operation")
+    assert operation["state"] == "failed" and operation["error"].startswith("SpawnConfigError")
+    assert operation["handler"] == "sleepers"
+    with get_state(client_app).store.read() as conn:
+        handlers = {group["handler"] for group in queries.stats(conn, hours=1)["by_handler"]}
+    assert "sleepers" in handlers and None not in handlers

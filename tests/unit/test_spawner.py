@@ -830,3 +830,35 @@ def test_a_spawn_refused_for_its_config_is_recorded_under_the_handler_it_asked_f
     with rig.state.store.read() as conn:
         stats = queries.stats(conn, hours=1, detailed=True)
     assert handler in {row["handler"] for row in stats["by_handler"]}
+
+
+def test_a_handler_reads_the_parents_arguments_by_name_however_they_were_passed(sqlite_rig):
+    rig = sqlite_rig
+    seen = []
+
+    @rig.app.task(name="unit.dataset", base=SpawnTask, shared=False, bind=True)
+    def dataset(self, dataset_id, records_count, chunk=1000, **extra):
+        return dataset_id
+
+    @rig.handler("by_name")
+    def by_name(context):
+        seen.append(dict(context.parent.arguments))
+        return [rig.sig(context.parent.arguments["dataset_id"])]
+
+    config = {"handler": "by_name"}
+    dataset.apply(args=("ds-1", 50), kwargs={"_spawn_config": config})
+    dataset.apply(kwargs={"dataset_id": "ds-2", "records_count": 7, "tag": "x", "_spawn_config": config})
+    assert seen == [{"dataset_id": "ds-1", "records_count": 50, "chunk": 1000},
+                    {"dataset_id": "ds-2", "records_count": 7, "chunk": 1000, "tag": "x"}]
+    assert sorted(args for _, args, _ in rig.runs) == [("ds-1",), ("ds-2",)]
+
+
+def test_arguments_that_do_not_fit_the_signature_fall_back_to_the_keyword_arguments():
+    from celery_spawn.handlers import bind_arguments
+
+    def f(a, b=2, *rest, **more):
+        return a
+
+    assert bind_arguments(f, (1,), {"c": 3}) == {"a": 1, "b": 2, "rest": (), "c": 3}
+    assert bind_arguments(f, (), {"b": 5}) == {"b": 5}  # a is missing: the call as given
+    assert bind_arguments(len, (), {"x": 1}) == {"x": 1}
