@@ -33,6 +33,18 @@ _STATE_ATTR = "_celery_spawn_state"
 _ALL_STATES: "weakref.WeakSet[SpawnState]" = weakref.WeakSet()
 
 
+class _Part:
+    """A part of the engine on :class:`SpawnState`, built by the builder of the same name below."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, state: SpawnState | None, owner: type) -> Any:
+        if state is None:
+            return self
+        return state.part(self.name, _BUILDERS[self.name])
+
+
 class SpawnState:
     """Everything celery-spawn keeps for one Celery app."""
 
@@ -58,94 +70,26 @@ class SpawnState:
                                      prepared_statements=self.settings.prepared_statements)
         return self._store
 
-    def _built(self, name: str) -> Any:
-        """A part already built over the current store, or None (the fast path: events ask per task)."""
-        return self._parts.get(name) if self._parts_store is self._store and self._store is not None else None
-
-    def _part(self, name: str, build: Callable[[], T]) -> T:
+    def part(self, name: str, build: Callable[[SpawnState], T]) -> T:
+        """The part ``name``, built once over the current store (and again after :meth:`reload`)."""
+        parts = self._parts
+        if self._parts_store is self._store and self._store is not None and name in parts:
+            return parts[name]  # the fast path: worker events ask for the tracker on every task
         store = self.store
         if self._parts_store is not store:
-            self._parts = {}
+            self._parts = parts = {}
             self._parts_store = store
-        part = self._parts.get(name)
-        if part is None:
-            part = self._parts[name] = build()
+        part = parts[name] = build(self)
         return part
 
-    # ---- the engine's parts, each built with what it uses --------------------------------
-    @property
-    def publisher(self) -> Publisher:
-        built = self._built("publisher")
-        if built is not None:
-            return built
-        from .engine.publisher import Publisher
-
-        return self._part("publisher", lambda: Publisher(self.app))
-
-    @property
-    def completion(self) -> Completion:
-        built = self._built("completion")
-        if built is not None:
-            return built
-        from .engine.completion import Completion
-
-        return self._part("completion", lambda: Completion(self.store, self.publisher, self.app))
-
-    @property
-    def canceller(self) -> Canceller:
-        built = self._built("canceller")
-        if built is not None:
-            return built
-        from .engine.cancel import Canceller
-
-        def revoke(ids: list[str], **options: Any) -> Any:  # looked up at each call: tests and apps may swap it
-            return self.app.control.revoke(ids, **options)
-
-        return self._part("canceller", lambda: Canceller(self.store, self.completion, revoke))
-
-    @property
-    def outbox(self) -> Outbox:
-        built = self._built("outbox")
-        if built is not None:
-            return built
-        from .engine.outbox import Outbox
-
-        return self._part("outbox", lambda: Outbox(self.store, self.publisher))
-
-    @property
-    def spawner(self) -> Spawner:
-        built = self._built("spawner")
-        if built is not None:
-            return built
-        from .engine.spawner import Spawner
-
-        return self._part("spawner", lambda: Spawner(self.app, self.settings, self.manager, self.store,
-                                                     self.outbox, self.completion))
-
-    @property
-    def tracker(self) -> Tracker:
-        built = self._built("tracker")
-        if built is not None:
-            return built
-        from .engine.tracker import Tracker
-
-        return self._part("tracker", lambda: Tracker(self.app, self.settings, self.store, self.publisher,
-                                                     self.completion, self.canceller))
-
-    @property
-    def sweeper(self) -> Sweeper:
-        built = self._built("sweeper")
-        if built is not None:
-            return built
-        from .engine.recovery import Sweeper
-        from .engine.redelivery import Redeliverer
-
-        def build() -> Sweeper:
-            redeliverer = Redeliverer(self.app, self.store, self.publisher, self.settings.redeliver_after)
-            return Sweeper(self.app, self.store, self.outbox, self.tracker, self.completion, redeliverer,
-                           self.settings.recovery_grace)
-
-        return self._part("sweeper", build)
+    # ---- the engine's parts, each built with what it uses (see the builders below) --------
+    publisher: Publisher = _Part()  # type: ignore[assignment]
+    completion: Completion = _Part()  # type: ignore[assignment]
+    canceller: Canceller = _Part()  # type: ignore[assignment]
+    outbox: Outbox = _Part()  # type: ignore[assignment]
+    spawner: Spawner = _Part()  # type: ignore[assignment]
+    tracker: Tracker = _Part()  # type: ignore[assignment]
+    sweeper: Sweeper = _Part()  # type: ignore[assignment]
 
     def reload(self, **explicit: Any) -> None:
         """Read the settings again (with these explicit ones on top) and rebuild the parts."""
@@ -156,6 +100,61 @@ class SpawnState:
             self._store = None
         self.settings = settings
         self._parts = {}
+
+
+# ---- builders: each part with what it uses (imported here, not at start: the CLI stays light) -----
+def _publisher(state: SpawnState) -> Publisher:
+    from .engine.publisher import Publisher
+
+    return Publisher(state.app)
+
+
+def _completion(state: SpawnState) -> Completion:
+    from .engine.completion import Completion
+
+    return Completion(state.store, state.publisher, state.app)
+
+
+def _canceller(state: SpawnState) -> Canceller:
+    from .engine.cancel import Canceller
+
+    def revoke(ids: list[str], **options: Any) -> Any:  # looked up at each call: tests and apps may swap it
+        return state.app.control.revoke(ids, **options)
+
+    return Canceller(state.store, state.completion, revoke)
+
+
+def _outbox(state: SpawnState) -> Outbox:
+    from .engine.outbox import Outbox
+
+    return Outbox(state.store, state.publisher)
+
+
+def _spawner(state: SpawnState) -> Spawner:
+    from .engine.spawner import Spawner
+
+    return Spawner(state.app, state.settings, state.manager, state.store, state.outbox, state.completion)
+
+
+def _tracker(state: SpawnState) -> Tracker:
+    from .engine.tracker import Tracker
+
+    return Tracker(state.app, state.settings, state.store, state.publisher, state.completion, state.canceller)
+
+
+def _sweeper(state: SpawnState) -> Sweeper:
+    from .engine.recovery import Sweeper
+    from .engine.redelivery import Redeliverer
+
+    redeliverer = Redeliverer(state.app, state.store, state.publisher, state.settings.redeliver_after)
+    return Sweeper(state.app, state.store, state.outbox, state.tracker, state.completion, redeliverer,
+                   state.settings.recovery_grace)
+
+
+_BUILDERS: dict[str, Callable[[SpawnState], Any]] = {
+    "publisher": _publisher, "completion": _completion, "canceller": _canceller, "outbox": _outbox,
+    "spawner": _spawner, "tracker": _tracker, "sweeper": _sweeper,
+}
 
 
 def peek_state(app: Celery) -> SpawnState | None:

@@ -210,7 +210,7 @@ class Dialect:
     def succeed_and_release(self, conn: Connection, finishes: Sequence[Finish], marks: Sequence[str],
                             grace_seconds: float, published: Sequence[str]
                             ) -> tuple[dict[str, str | None], list[dict]]:
-        raise NotImplementedError(f"{self.name} finishes and releases in several statements")
+        raise RuntimeError(f"{self.name} finishes and releases in several statements: use finish_and_release")
 
 
 
