@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from celery import signals as celery_signals
 
+from .engine.redelivery import claims_its_start
 from .engine.writebehind import FINISH, RETRY, START, Event, enable_in_this_process, flush_all, submit
 from .protocol import FAILED, HEADER_OPERATION, REVOKED, SUCCEEDED, error_text, request_header, request_headers
 from .state import peek_state
@@ -50,8 +51,6 @@ def _record(tracker: Tracker, action: str, event: Event, write_now: Callable[...
 
 @celery_signals.task_prerun.connect(weak=False)
 def _on_prerun(sender=None, task_id=None, task=None, **_: Any) -> None:
-    from .engine.redelivery import claims_its_start
-
     if task is None or claims_its_start(task) or not is_spawned(task):
         return  # a SpawnTask claims its own start (and can skip a duplicate)
     tracker = tracker_for(task)
