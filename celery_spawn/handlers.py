@@ -29,6 +29,16 @@ def default_operation_id(parent_id: str) -> str:
     return str(uuid.uuid5(CHILD_ID_NAMESPACE, f"op/{parent_id}"))
 
 
+def labelled_operation_id(label: str, parent_id: str) -> str:
+    """The id of a parent's spawn under a label another parent's spawn already holds.
+
+    ``label~hash``: still readable as the label, unique per parent, and the
+    same on every redelivery of that parent (at most 64 characters).
+    """
+    digest = uuid.uuid5(CHILD_ID_NAMESPACE, f"op/{label}/{parent_id}").hex[:8]
+    return f"{label[:55]}~{digest}"
+
+
 @dataclasses.dataclass(frozen=True)
 class ParentJob:
     """The finished parent task, as a handler sees it.

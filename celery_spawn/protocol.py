@@ -11,6 +11,7 @@ from typing import Mapping
 # ---- job states, in the order a job moves through them --------------------------------------
 PENDING = "pending"        # recorded, not yet published
 HELD = "held"              # recorded, waiting for dependencies
+SCHEDULED = "scheduled"    # recorded, published by a worker once its not_before time comes (spawn_delay)
 DISPATCHED = "dispatched"  # published to the broker
 STARTED = "started"        # a worker runs it
 RETRYING = "retrying"      # failed and will be retried by Celery
@@ -19,14 +20,14 @@ FAILED = "failed"
 REVOKED = "revoked"
 CANCELLED = "cancelled"    # never ran: a dependency failed, fail_fast, or cancel
 
-JOB_STATES = (PENDING, HELD, DISPATCHED, STARTED, RETRYING, SUCCEEDED, FAILED, REVOKED, CANCELLED)
+JOB_STATES = (PENDING, HELD, SCHEDULED, DISPATCHED, STARTED, RETRYING, SUCCEEDED, FAILED, REVOKED, CANCELLED)
 FINAL_JOB_STATES = frozenset({SUCCEEDED, FAILED, REVOKED, CANCELLED})
-UNDISPATCHED_JOB_STATES = frozenset({PENDING, HELD})
+UNDISPATCHED_JOB_STATES = frozenset({PENDING, HELD, SCHEDULED})
 #: Final states as a sorted tuple (for ``IN`` lists).
 FINAL = tuple(sorted(FINAL_JOB_STATES))
 NON_FINAL = tuple(state for state in JOB_STATES if state not in FINAL_JOB_STATES)
 #: States a job may be (re)started from: a redelivery after a crash restarts a started job.
-STARTABLE = (PENDING, HELD, DISPATCHED, STARTED, RETRYING)
+STARTABLE = (PENDING, HELD, SCHEDULED, DISPATCHED, STARTED, RETRYING)
 
 #: Per final job state, the column of the operations table that counts the children of a complete
 #: operation that ended in it (``children_succeeded``, ...).

@@ -213,6 +213,7 @@ def operation_row(parent: ParentJob, config: SpawnConfig | None, operation_id: s
     """The operation row a spawn records (or, refused, records as failed)."""
     return {
         "id": operation_id,
+        "label": config.operation_id if config is not None else None,
         "parent_id": parent.id,
         "root_id": parent.root_id,
         "parent_task": parent.name[:255],

@@ -27,7 +27,8 @@ from ..errors import (
     SpawnValidationError,
     StoreError,
 )
-from ..handlers import ParentJob, SpawnContext, SpawnHandler, SpawnResult, as_handler, default_operation_id
+from ..handlers import (ParentJob, SpawnContext, SpawnHandler, SpawnResult, as_handler, default_operation_id,
+                        labelled_operation_id)
 from ..protocol import OP_FAILED, OP_RUNNING, OP_SUCCEEDED
 from ..store import utcnow
 from .children import (EAGER_ID_LIMIT, ChildRows, Recorded, describe, effective_config, find_cycle,
@@ -73,19 +74,33 @@ class Spawner:
         handler_name = requested_handler(task, call_config)
         try:
             config = effective_config(self.settings, task, call_config)
-            operation_id = config.operation_id or operation_id
+            if config.operation_id:
+                operation_id = self._id_for_label(config.operation_id, parent.id)
             handler_name = config.handler or task.name
             handler = self._resolve_handler(task, handler_name)
             max_depth = min(config.max_depth, inherited_max_depth(task) or config.max_depth)
             if parent.depth + 1 > max_depth:
                 raise SpawnDepthExceeded(
                     f"spawning from {parent.name} at depth {parent.depth} would exceed max_depth={max_depth}")
-            return self._run(task, handler, parent, config, operation_id, handler_name)
+            try:
+                return self._run(task, handler, parent, config, operation_id, handler_name)
+            except _IdTaken as taken:  # another parent's spawn took the label between our reads
+                fallback = labelled_operation_id(config.operation_id, parent.id) if config.operation_id else None
+                if fallback is None or fallback == operation_id:
+                    raise OperationConflict(str(taken)) from None
+                operation_id = fallback
+                return self._run(task, handler, parent, config, operation_id, handler_name)
         except SpawnError as exc:
             if isinstance(exc, StoreError):  # the parent must fail or retry visibly
                 raise
             self._refused(task, parent, operation_id, handler_name, config, call_config, exc)
             return None
+
+    def _id_for_label(self, label: str, parent_id: str) -> str:
+        """The label itself while it is free (or already ours), else this parent's ``label~hash`` id."""
+        with self.store.read() as conn:
+            owner = self.store.operation_owner(conn, label)
+        return label if owner is None or owner == parent_id else labelled_operation_id(label, parent_id)
 
     def _resolve_handler(self, task: Task, name: str) -> SpawnHandler:
         task_handler = getattr(task, "spawn_handler", None)
@@ -99,8 +114,7 @@ class Spawner:
         with self.store.read() as conn:
             existing = self.store.get_operation(conn, operation_id)
         if existing is not None and existing["parent_id"] != parent.id:
-            raise OperationConflict(
-                f"operation_id {operation_id!r} already belongs to the spawn of job {existing['parent_id']}")
+            raise _IdTaken(f"operation_id {operation_id!r} already belongs to the spawn of job {existing['parent_id']}")
         if existing is not None and existing["state"] != OP_FAILED:
             logger.info("spawn %s of %s already recorded; publishing what is pending", operation_id, parent.id)
             return self._replay(handler, existing)
@@ -118,7 +132,9 @@ class Spawner:
         with self.store.begin() as conn:
             if existing is not None:
                 self.store.delete_operation(conn, operation_id)
-            self.store.insert_operation(conn, operation_row(parent, config, operation_id, handler_name, now))
+            if not self.store.insert_operation(conn, operation_row(parent, config, operation_id, handler_name,
+                                                                   now)):
+                raise _IdTaken(f"operation_id {operation_id!r} was taken by another parent's spawn")
             self.store.ensure_job(conn, root_row(parent, now))
             total, edge_count, recorded = self._record_children(conn, handler, handler_name, context, now)
             if edge_count:  # without edges there is nothing to check or settle
@@ -240,6 +256,10 @@ class Spawner:
         cycle = find_cycle(self.store.internal_edges(conn, operation_id))
         if cycle:
             raise DependencyError(f"dependency cycle among spawned jobs: {' -> '.join(cycle)}")
+
+
+class _IdTaken(Exception):
+    """The operation id was free when read and taken when inserted (rolls the spawn back)."""
 
 
 class StoredChildIds(Sequence[str]):

@@ -25,8 +25,14 @@ class SpawnRecords(Cancels):
         row = conn.execute(sa.select(s.operations).where(s.operations.c.id == operation_id)).mappings().first()
         return dict(row) if row else None
 
-    def insert_operation(self, conn: Connection, row: dict) -> None:
-        conn.execute(s.operations.insert(), [row])
+    def insert_operation(self, conn: Connection, row: dict) -> bool:
+        """Insert an operation; False (and nothing written) when its id is taken."""
+        return conn.execute(self.dialect.insert_ignore(s.operations), [row]).rowcount == 1
+
+    def operation_owner(self, conn: Connection, operation_id: str) -> str | None:
+        """The parent whose spawn holds ``operation_id``, if any."""
+        return conn.execute(sa.select(s.operations.c.parent_id)
+                            .where(s.operations.c.id == operation_id)).scalar()
 
     def delete_operation(self, conn: Connection, operation_id: str) -> None:
         job_ids = sa.select(s.jobs.c.id).where(s.jobs.c.operation_id == operation_id)

@@ -37,6 +37,9 @@ operations = sa.Table(
     "spawn_operations",
     metadata,
     sa.Column("id", ID, primary_key=True),
+    # The caller's ``operation_id``: a label that several spawns may share (a periodic task's fixed
+    # name). The first spawn with a label gets it as its id; later ones get ``label~hash`` ids.
+    sa.Column("label", ID, nullable=True),
     sa.Column("parent_id", ID, nullable=False),
     sa.Column("root_id", ID, nullable=False),
     sa.Column("parent_task", NAME, nullable=True),
@@ -72,6 +75,8 @@ operations = sa.Table(
     sa.Index("ix_spawn_operations_queue_created", "queue", "created_at"),
     sa.Index("ix_spawn_operations_state_updated", "state", "updated_at"),
     sa.Index("ix_spawn_operations_callback", "callback_state", "updated_at"),
+    # the operations of a label, newest first (tree/cancel/list --operation LABEL)
+    sa.Index("ix_spawn_operations_label_created", "label", "created_at"),
 )
 
 jobs = sa.Table(
@@ -95,6 +100,8 @@ jobs = sa.Table(
     sa.Column("dispatched_at", TIMESTAMP, nullable=True),
     sa.Column("started_at", TIMESTAMP, nullable=True),
     sa.Column("finished_at", TIMESTAMP, nullable=True),
+    # A ``scheduled`` child's due time (``spawn_delay``): the store holds it until then, not a worker.
+    sa.Column("not_before", TIMESTAMP, nullable=True),
     # Every index here is paid for by each spawned row (and each state change), so each one serves a query:
     # children by parent and the recursive walks below a job
     sa.Index("ix_spawn_jobs_parent", "parent_id"),
@@ -109,6 +116,10 @@ jobs = sa.Table(
     # jobs by state and age (pending, the recovery sweep, detailed stats per task) and, covering, the
     # undispatched children per operation (queries.pending)
     sa.Index("ix_spawn_jobs_state_created", "state", "created_at", "operation_id"),
+    # scheduled children by due time, for the worker that publishes them; where the database can, only
+    # scheduled rows are in it, so other rows pay nothing for it
+    sa.Index("ix_spawn_jobs_scheduled_due", "state", "not_before",
+             postgresql_where=sa.text("state = 'scheduled'"), sqlite_where=sa.text("state = 'scheduled'")),
 )
 
 dependencies = sa.Table(

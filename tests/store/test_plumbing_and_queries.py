@@ -37,13 +37,23 @@ def test_database_errors_come_out_as_store_errors_without_sql(store):
     conn = store.transaction()
     with pytest.raises(StoreError) as raised, store.begun(conn):
         store.insert_operation(conn, op_row("new"))
-        store.insert_operation(conn, op_row("op"))  # duplicate key
+        conn.execute(s.operations.insert(), [op_row("op")])  # duplicate key
     assert "spawn store" in str(raised.value) and "INSERT" not in str(raised.value)
     assert operation(store, "new") is None
     with pytest.raises(StoreError), store.begin() as conn:
         store.insert_operation(conn, op_row("other"))
-        store.insert_operation(conn, op_row("other"))
+        conn.execute(s.operations.insert(), [op_row("other")])
     assert operation(store, "other") is None
+
+
+def test_insert_operation_says_when_its_id_is_taken(store):
+    seed(store, [op_row("op")])
+    with store.begin() as conn:
+        assert store.insert_operation(conn, op_row("fresh")) is True
+        assert store.insert_operation(conn, {**op_row("op"), "parent_id": "someone-else"}) is False
+        assert store.operation_owner(conn, "fresh") == op_row("fresh")["parent_id"]
+        assert store.operation_owner(conn, "missing") is None
+    assert operation(store, "op")["parent_id"] == op_row("op")["parent_id"]
 
 
 def test_read_sees_committed_rows(store):
@@ -52,6 +62,38 @@ def test_read_sees_committed_rows(store):
     seed(store, [], [job_row("j")])
     with store.read() as conn:
         assert store.get_job(conn, "j")["id"] == "j"
+
+
+# ---- migrations ---------------------------------------------------------------------------------
+def test_upgrading_a_0001_store_keeps_its_rows_and_labels_explicit_ids(store_url):
+    from celery_spawn.store import migrations
+
+    engine = sa.create_engine(store_url)
+    try:
+        assert migrations.upgrade(engine, "0001") == "0001"
+        columns = {c["name"] for c in sa.inspect(engine).get_columns("spawn_operations")}
+        assert "label" not in columns
+        base = {"parent_id": "p", "root_id": "p", "depth": 0, "state": "running", "total": 1,
+                "wait_for_descendants": False, "fail_fast": False, "completed": False}
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "INSERT INTO spawn_operations (id, parent_id, root_id, depth, state, total, config,"
+                " wait_for_descendants, fail_fast, completed, created_at, updated_at) VALUES"
+                " (:id, :parent_id, :root_id, :depth, :state, :total, :config, :wait_for_descendants,"
+                " :fail_fast, :completed, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"),
+                [{**base, "id": "nightly", "config": '{"operation_id": "nightly", "handler": "h"}'},
+                 {**base, "id": "0b6f3c1e-uuid", "parent_id": "q", "config": '{"handler": "h"}'}])
+        assert migrations.upgrade(engine) == migrations.head_revision()
+        inspector = sa.inspect(engine)
+        assert "label" in {c["name"] for c in inspector.get_columns("spawn_operations")}
+        assert "not_before" in {c["name"] for c in inspector.get_columns("spawn_jobs")}
+        assert "ix_spawn_operations_label_created" in {i["name"] for i in inspector.get_indexes("spawn_operations")}
+        assert "ix_spawn_jobs_scheduled_due" in {i["name"] for i in inspector.get_indexes("spawn_jobs")}
+        with engine.connect() as conn:
+            labels = dict(conn.execute(sa.text("SELECT id, label FROM spawn_operations")).all())
+        assert labels == {"nightly": "nightly", "0b6f3c1e-uuid": None}
+    finally:
+        engine.dispose()
 
 
 # ---- schema probes ------------------------------------------------------------------------------
@@ -172,3 +214,12 @@ def test_stats_and_pending(store, tree):
     entry = waiting[0]
     assert (entry["pending"], entry["held"], entry["total"], entry["handler"]) == (1, 0, 3, "fan")
     assert ids(entry["jobs"]) == ["c"] and set(entry["jobs"][0]) == set(queries.JOB_FIELDS)
+
+
+def test_the_migrations_build_exactly_the_schema_the_code_declares(store):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), s.metadata)
+    assert [change for change in diff if "alembic_version" not in str(change)] == []

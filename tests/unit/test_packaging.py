@@ -25,6 +25,7 @@ DATA_FILES = (
     "celery_spawn/store/migrations/env.py",
     "celery_spawn/store/migrations/script.py.mako",
     "celery_spawn/store/migrations/versions/0001_initial.py",
+    "celery_spawn/store/migrations/versions/0002_labels_and_schedules.py",
     "celery_spawn/web/static/index.html",
 )
 

@@ -13,14 +13,13 @@ import uuid
 
 import pytest
 
-from celery_spawn.handlers import default_operation_id
+from celery_spawn.handlers import labelled_operation_id
 from celery import chain, chord, group
 
 from celery_spawn import (
     DependencyError,
     HandlerError,
     HandlerNotFound,
-    OperationConflict,
     SpawnConfig,
     SpawnConfigError,
     SpawnDepthExceeded,
@@ -512,21 +511,43 @@ def test_an_explicit_operation_id_names_the_operation(sqlite_rig):
     assert [job["id"] for job in rig.jobs("op-dataset-123")] == [child_id("op-dataset-123", i) for i in range(2)]
 
 
-def test_an_operation_id_owned_by_another_parent_is_refused(sqlite_rig):
+def test_a_label_used_by_another_parent_still_spawns_under_a_derived_id(sqlite_rig):
     rig = sqlite_rig
     rig.manager.register_handler("two", lambda context: [rig.sig(1), rig.sig(2)])
     first = rig.spawn({"handler": "two", "operation_id": "shared-op"}, value=1)
     rig.runs.clear()
     second = rig.spawn({"handler": "two", "operation_id": "shared-op"}, value=2)
     assert second.state == "SUCCESS" and second.get() == 2
-    assert rig.runs == []
-    assert isinstance(rig.failures[-1][1], OperationConflict)
+    assert sorted(run[1] for run in rig.runs) == [(1,), (2,)] and rig.failures == []
     operations = {op["parent_id"]: op for op in rig.operations()}
-    assert operations[first.id]["id"] == "shared-op" and operations[first.id]["state"] == s.OP_SUCCEEDED
-    refused = operations[second.id]  # recorded under the second parent's own default id
-    assert refused["id"] == default_operation_id(second.id)
-    assert refused["state"] == s.OP_FAILED and "OperationConflict" in refused["error"]
-    assert len(rig.jobs("shared-op")) == 2
+    assert operations[first.id]["id"] == "shared-op"
+    derived = operations[second.id]
+    assert derived["id"] == labelled_operation_id("shared-op", second.id) and derived["id"].startswith("shared-op~")
+    assert {op["label"] for op in operations.values()} == {"shared-op"}
+    assert all(op["state"] == s.OP_SUCCEEDED for op in operations.values())
+    assert len(rig.jobs("shared-op")) == 2 and len(rig.jobs(derived["id"])) == 2
+
+
+def test_a_redelivered_parent_with_a_shared_label_spawns_once(sqlite_rig):
+    rig = sqlite_rig
+    rig.manager.register_handler("two", lambda context: [rig.sig(1), rig.sig(2)])
+    rig.spawn({"handler": "two", "operation_id": "shared-op"}, value=1)
+    second = rig.spawn({"handler": "two", "operation_id": "shared-op"}, value=2, task_id="second-parent")
+    again = rig.spawn({"handler": "two", "operation_id": "shared-op"}, value=2, task_id="second-parent")
+    assert second.state == again.state == "SUCCESS"
+    assert len(rig.operations()) == 2
+    assert len(rig.jobs(labelled_operation_id("shared-op", "second-parent"))) == 2
+
+
+def test_a_label_taken_between_read_and_insert_falls_back_to_the_derived_id(sqlite_rig, monkeypatch):
+    rig = sqlite_rig
+    rig.manager.register_handler("two", lambda context: [rig.sig(1), rig.sig(2)])
+    rig.spawn({"handler": "two", "operation_id": "raced"}, value=1)
+    monkeypatch.setattr(type(rig.state.store), "operation_owner", lambda self, conn, operation_id: None)
+    second = rig.spawn({"handler": "two", "operation_id": "raced"}, value=2, task_id="late-parent")
+    assert second.state == "SUCCESS" and rig.failures == []
+    assert rig.operation("late-parent")["id"] == labelled_operation_id("raced", "late-parent")
+    assert len(rig.jobs("raced")) == 2 and len(rig.jobs(labelled_operation_id("raced", "late-parent"))) == 2
 
 
 def test_freeze_gives_the_id_a_sibling_can_depend_on(rig):

@@ -42,16 +42,16 @@ def head_revision() -> str:
     return head
 
 
-def upgrade(engine: sa.Engine) -> str:
-    """Upgrade to head; safe when several processes race to create the tables."""
+def upgrade(engine: sa.Engine, revision: str | None = None) -> str:
+    """Upgrade to ``revision`` (default: head); safe when several processes race to create the tables."""
     from alembic import command
 
-    head = head_revision()
+    head = revision or head_revision()
     if current_revision(engine) == head:
         return head
     try:
         with engine.begin() as conn:
-            command.upgrade(_config(conn), "head")
+            command.upgrade(_config(conn), head)
     except sa.exc.DatabaseError:
         # Another process may have created the tables between our check and our DDL.
         if current_revision(engine) != head:
