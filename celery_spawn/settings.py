@@ -35,6 +35,9 @@ class SpawnSettings:
     default_max_spawn_count: int = DEFAULT_MAX_SPAWN_COUNT
     #: Seconds between recovery sweeps in each worker; 0 turns the sweep off.
     recovery_interval: float = 30.0
+    #: Seconds between a worker's looks for scheduled children that are due (how late a delayed child may
+    #: start at most); 0 turns publishing them off in that worker.
+    schedule_interval: float = 0.5
     #: Seconds an operation may sit untouched with undispatched children before the sweep publishes them.
     recovery_grace: float = 60.0
     #: Seconds a dispatched SpawnTask child may go unstarted, while its operation makes no progress,
@@ -176,6 +179,7 @@ _VALIDATORS = {
     "default_max_spawn_count": _integer(0, HARD_MAX_SPAWN_COUNT),
     "recovery_interval": _seconds(86_400),
     "recovery_grace": _seconds(7 * 86_400),
+    "schedule_interval": _seconds(3_600),
     "redeliver_after": _seconds(7 * 86_400),
     "auto_migrate": _boolean,
     "track_states": _boolean,

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .engine.outbox import Outbox
     from .engine.publisher import Publisher
     from .engine.recovery import Sweeper
+    from .engine.schedule import Scheduler
     from .engine.spawner import Spawner
     from .engine.tracker import Tracker
     from .store import SpawnStore
@@ -90,6 +91,7 @@ class SpawnState:
     spawner: Spawner = _Part()  # type: ignore[assignment]
     tracker: Tracker = _Part()  # type: ignore[assignment]
     sweeper: Sweeper = _Part()  # type: ignore[assignment]
+    scheduler: Scheduler = _Part()  # type: ignore[assignment]
 
     def reload(self, **explicit: Any) -> None:
         """Read the settings again (with these explicit ones on top) and rebuild the parts."""
@@ -151,9 +153,15 @@ def _sweeper(state: SpawnState) -> Sweeper:
                    state.settings.recovery_grace)
 
 
+def _scheduler(state: SpawnState) -> Scheduler:
+    from .engine.schedule import Scheduler
+
+    return Scheduler(state.store, state.publisher)
+
+
 _BUILDERS: dict[str, Callable[[SpawnState], Any]] = {
     "publisher": _publisher, "completion": _completion, "canceller": _canceller, "outbox": _outbox,
-    "spawner": _spawner, "tracker": _tracker, "sweeper": _sweeper,
+    "spawner": _spawner, "tracker": _tracker, "sweeper": _sweeper, "scheduler": _scheduler,
 }
 
 

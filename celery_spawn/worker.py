@@ -1,4 +1,4 @@
-"""Worker integration: schema check at start, and the periodic recovery sweep."""
+"""Worker integration: schema check at start, the periodic recovery sweep, and publishing due scheduled children."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +10,8 @@ from celery import bootsteps
 
 if TYPE_CHECKING:
     from celery import Celery
+
+    from .state import SpawnState
 
 logger = logging.getLogger("celery_spawn.worker")
 
@@ -25,19 +27,69 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
                         after_in_child=_fork_guard.release)
 
 
-class RecoveryStep(bootsteps.StartStopStep):
-    """Every ``spawn_recovery_interval`` seconds, publish children stranded before dispatch.
+class _PeriodicStep(bootsteps.StartStopStep):
+    """Runs :meth:`work` every :meth:`interval` seconds (0: never).
 
-    The timer ticks in the worker's main event loop, so the sweep itself runs
-    in a short-lived thread and a slow database never stalls the consumer.
+    The timer ticks in the worker's main event loop, so the work itself runs
+    in a short-lived thread, one at a time, and a slow database never stalls
+    the consumer. The thread holds the fork guard while it works.
     """
 
     requires = {"celery.worker.components:Timer"}
+    #: The worker timer's priority of this step's ticks.
+    priority = 10
+    #: The name of the step's threads, and what its failure log says it was doing.
+    thread_name = action = ""
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
         self.tref = None
         self._running = threading.Lock()
+
+    def interval(self, state: SpawnState) -> float:
+        raise NotImplementedError
+
+    def work(self, state: SpawnState) -> None:
+        raise NotImplementedError
+
+    def start(self, worker: Any) -> None:
+        from .state import get_state
+
+        interval = self.interval(get_state(worker.app))
+        if interval > 0:
+            self.tref = worker.timer.call_repeatedly(interval, self.tick, (worker,), priority=self.priority)
+
+    def stop(self, worker: Any) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+            self.tref = None
+
+    def tick(self, worker: Any) -> None:
+        if self._running.locked():
+            return
+        threading.Thread(target=self._run, args=(worker.app,), name=self.thread_name, daemon=True).start()
+
+    def _run(self, app: Celery) -> None:
+        from .state import get_state
+
+        with self._running, _fork_guard:
+            try:
+                self.work(get_state(app))
+            except Exception as exc:
+                logger.error("celery-spawn %s failed: %s", self.action, exc)
+
+
+class RecoveryStep(_PeriodicStep):
+    """Every ``spawn_recovery_interval`` seconds, publish children stranded before dispatch."""
+
+    thread_name, action = "celery-spawn-recovery", "recovery sweep"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        from .state import get_state
+
+        # Before any pool process forks (steps are made before any starts): they inherit the driver imported.
+        get_state(worker.app).store.load_driver()
 
     def start(self, worker: Any) -> None:
         from .state import get_state
@@ -48,32 +100,30 @@ class RecoveryStep(bootsteps.StartStopStep):
             _ = state.store.engine  # create or upgrade the schema once, before the pool forks
         except Exception as exc:
             logger.error("celery-spawn store is not usable: %s", exc)
-        interval = state.settings.recovery_interval
-        if interval > 0:
-            self.tref = worker.timer.call_repeatedly(interval, self.tick, (worker,), priority=10)
+        super().start(worker)
 
-    def stop(self, worker: Any) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
-            self.tref = None
+    def interval(self, state: SpawnState) -> float:
+        return state.settings.recovery_interval
 
-    def tick(self, worker: Any) -> None:
-        if self._running.locked():
-            return
-        threading.Thread(target=self._sweep, args=(worker.app,), name="celery-spawn-recovery",
-                         daemon=True).start()
+    def work(self, state: SpawnState) -> None:
+        state.sweeper.sweep()
 
-    def _sweep(self, app: Celery) -> None:
-        from .state import get_state
 
-        with self._running, _fork_guard:
-            try:
-                get_state(app).sweeper.sweep()
-            except Exception as exc:
-                logger.error("celery-spawn recovery sweep failed: %s", exc)
+class ScheduleStep(_PeriodicStep):
+    """Every ``spawn_schedule_interval`` seconds, publish the scheduled children that are due."""
+
+    priority = 5
+    thread_name, action = "celery-spawn-schedule", "publishing of due scheduled children"
+
+    def interval(self, state: SpawnState) -> float:
+        return state.settings.schedule_interval
+
+    def work(self, state: SpawnState) -> None:
+        state.scheduler.publish_due()
 
 
 def install_worker_hooks(app: Celery) -> None:
-    """Add the recovery bootstep to ``app``'s workers (once)."""
-    if RecoveryStep not in app.steps["worker"]:
-        app.steps["worker"].add(RecoveryStep)
+    """Add the recovery and schedule bootsteps to ``app``'s workers (once)."""
+    for step in (RecoveryStep, ScheduleStep):
+        if step not in app.steps["worker"]:
+            app.steps["worker"].add(step)

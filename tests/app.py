@@ -23,6 +23,12 @@ callbacks = sa.Table(
     sa.Column("operation_id", sa.String(64)), sa.Column("summary", sa.Text), sa.Column("at", sa.Float),
 )
 
+#: One row per run of ``tests.record_run``, so a test can prove each child ran exactly once.
+runs = sa.Table(
+    "test_runs", sa.MetaData(),
+    sa.Column("key", sa.String(64)), sa.Column("job_id", sa.String(64)), sa.Column("at", sa.Float),
+)
+
 WORKFLOWS = {
     "etl_pipeline": [("extract", {"source": "database"}), ("transform", {"rules": "business_rules.json"}),
                      ("load", {"target": "data_warehouse"})],
@@ -152,7 +158,8 @@ def make_app(broker: str, backend: str | None, database_url: str, queue: str = "
     if fs_folder:
         app.conf.broker_transport_options = folder_options(fs_folder)
     if broker.startswith("redis"):
-        app.conf.broker_transport_options = {"visibility_timeout": 30}
+        app.conf.broker_transport_options = {
+            "visibility_timeout": float(os.environ.get("SPAWN_TEST_VISIBILITY_TIMEOUT") or 30)}
 
     manager = SpawnManager()
     manager.register_handler("dataset_processor", DatasetProcessor)
@@ -172,6 +179,12 @@ def make_app(broker: str, backend: str | None, database_url: str, queue: str = "
     def counters(context):
         """Children that are SpawnTasks themselves (duplicate deliveries are skipped)."""
         return [context.app.signature("tests.count", args=(i,)) for i in range(context.parent.result)]
+
+    @manager.handler("recorded_runs")
+    def recorded_runs(context):
+        """``count`` plain children that each record their run under ``key``."""
+        key, count = context.parent.kwargs["key"], context.parent.kwargs["count"]
+        return [context.app.signature("tests.record_run", args=(key,)) for _ in range(count)]
 
     @manager.handler("flaky")
     def flaky_children(context):
@@ -262,6 +275,13 @@ def make_app(broker: str, backend: str | None, database_url: str, queue: str = "
     @app.task(shared=False, name="tests.spawner", base=SpawnTask)
     def spawner(**kwargs):
         return "spawned"
+
+    @app.task(shared=False, name="tests.record_run", bind=True)
+    def record_run(self, key):
+        """A plain task (no claim of its start) that writes a row per run."""
+        with get_state(app).store.begin() as conn:
+            conn.execute(runs.insert(), [{"key": key, "job_id": self.request.id, "at": time.time()}])
+        return key
 
     @app.task(shared=False, name="tests.record_callback")
     def record_callback(summary):

@@ -118,8 +118,10 @@ class Worker:
     """A real ``celery worker`` subprocess, stopped (or killed) by the test."""
 
     def __init__(self, backend: Backend, log_path: Path, concurrency: int = 2, pool: str = "prefork",
-                 extra_args: tuple[str, ...] = (), hostname: str | None = None) -> None:
+                 extra_args: tuple[str, ...] = (), hostname: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.backend = backend
+        self.env = {**backend.env(), **(env or {})}
         self.log_path = log_path
         self.hostname = hostname or f"w{uuid.uuid4().hex[:6]}@%h"
         self.args = [sys.executable, "-m", "celery", "-A", "tests.app", "worker", "-P", pool,
@@ -129,7 +131,7 @@ class Worker:
 
     def start(self, timeout: float = 60) -> Worker:
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.backend.env(), stdout=self._log,
+        self.proc = subprocess.Popen(self.args, cwd=ROOT, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

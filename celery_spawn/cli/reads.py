@@ -197,7 +197,7 @@ def _snapshot(store: SpawnStore, *, queue: str | None, limit: int, interval: flo
                 "pending_operations": 0, "error": str(exc)}
     snapshot["pending_operations"] = len(waiting)
     snapshot["pending_more"] = len(waiting) >= 100
-    snapshot["pending_children"] = sum(e["pending"] + e["held"] for e in waiting)
+    snapshot["pending_children"] = sum(e["pending"] + e["held"] + e.get("scheduled", 0) for e in waiting)
     return snapshot
 
 
@@ -260,7 +260,7 @@ def lineage(ctx: click.Context, job_id: str, depth: int | None, only_ancestors: 
 @click.pass_context
 @usage_errors
 def pending(ctx: click.Context, queue: str | None, limit: int, fmt: str, database_url: str | None) -> None:
-    """Children not yet dispatched, or held on dependencies."""
+    """Children not yet dispatched: pending, held on dependencies, or scheduled for later."""
     from .. import render
     from ..store import queries
 

@@ -8,6 +8,7 @@ got wrong, naming the child.
 from __future__ import annotations
 
 from collections import defaultdict
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Mapping
 
 from celery.canvas import Signature
@@ -17,7 +18,8 @@ from ..config import SpawnConfig
 from ..errors import DependencyError, HandlerError, SpawnConfigError
 from ..handlers import ParentJob, SpawnContext, bind_arguments
 from ..protocol import (DEPENDS_ON_OPTION, DISPATCHED, HEADER_DEPTH, HEADER_MAX_DEPTH, HEADER_OPERATION, HELD,
-                        IGNORE_FAILURE_OPTION, PENDING, SPAWN_CONFIG_KWARG, SUCCEEDED, OP_RUNNING, request_header)
+                        IGNORE_FAILURE_OPTION, OP_RUNNING, PENDING, SCHEDULED, SPAWN_CONFIG_KWARG, SUCCEEDED,
+                        request_header)
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -157,8 +159,11 @@ class ChildRows:
             publish["priority"] = parent.priority
         if config.inherit_queue and parent.queue and not publish.get("queue"):
             publish["queue"] = parent.queue
-        if config.spawn_delay_ms and "countdown" not in publish and "eta" not in publish:
-            publish["countdown"] = position * config.spawn_delay_ms / 1000.0
+        try:
+            eager = self.app.conf.task_always_eager
+            not_before = None if depends or eager else due_time(publish, position, config, now)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise HandlerError(f"{where} ({name}) has an unusable countdown or eta: {exc}") from None
         headers = dict(publish.get("headers") or {})
         headers[HEADER_OPERATION] = context.operation_id
         headers[HEADER_DEPTH] = parent.depth + 1
@@ -183,12 +188,13 @@ class ChildRows:
             "priority": publish.get("priority"),
             # Without dependency edges a child is recorded as dispatched: the operation's
             # publish watermark, not a per-row update, says whether its message went out.
-            "state": HELD if pending_deps else (PENDING if depends else DISPATCHED),
+            "state": HELD if pending_deps else (PENDING if depends else SCHEDULED if not_before else DISPATCHED),
             "pending_deps": pending_deps,
             "retries": 0,
             "message": message,
             "created_at": now,
-            "dispatched_at": None if depends else now,
+            "dispatched_at": None if depends or not_before else now,
+            "not_before": not_before,
         }
         edges = [{"job_id": job_id, "depends_on_id": dep, "ignore_failure": dep in ignored,
                   "satisfied": dep == parent.id} for dep in depends]
@@ -206,6 +212,38 @@ class ChildRows:
             except Exception:
                 self._route_cache[task_name] = self.app.conf.task_default_queue
         return self._route_cache[task_name]
+
+
+def due_time(publish: dict, position: int, config: SpawnConfig, now: datetime) -> datetime | None:
+    """When a child without dependencies may start, if later than now; takes its delay out of ``publish``.
+
+    A delay the store holds (the child is recorded ``scheduled`` and a worker
+    publishes it when due) survives worker restarts and never waits, unacknowledged,
+    past a broker's visibility timeout. It is the child's own ``countdown`` or
+    ``eta`` if it has one, else ``spawn_delay`` times its position. In eager
+    mode nothing waits: the options stay as Celery would ignore them.
+    """
+    if "countdown" in publish or "eta" in publish:
+        countdown, eta = publish.pop("countdown", None), publish.pop("eta", None)
+        due = _eta_time(eta) if eta is not None else None
+        if countdown is not None:
+            due = now + timedelta(seconds=float(countdown))
+    elif config.spawn_delay_ms and position:
+        due = now + timedelta(milliseconds=position * config.spawn_delay_ms)
+    else:
+        return None
+    return due if due is not None and due > now else None
+
+
+def _eta_time(eta: Any) -> datetime | None:
+    """An ``eta`` option (a datetime, or its ISO form) as naive UTC, like the store's timestamps."""
+    if isinstance(eta, str):
+        eta = datetime.fromisoformat(eta)
+    if not isinstance(eta, datetime):
+        raise TypeError(f"eta must be a datetime or an ISO 8601 string, not {type(eta).__name__}")
+    if eta.tzinfo is not None:
+        eta = eta.astimezone(timezone.utc).replace(tzinfo=None)
+    return eta
 
 
 def operation_row(parent: ParentJob, config: SpawnConfig | None, operation_id: str,

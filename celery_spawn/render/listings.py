@@ -157,24 +157,35 @@ def pending_text(entries: list[dict], *, color: bool = False) -> str:
     """Operations with undispatched children, each followed by its first waiting children."""
     if not entries:
         return "Nothing pending: every recorded child has been dispatched."
-    headers = ["OPERATION", "PARENT JOB", "HANDLER", "PENDING", "HELD", "OLDEST (UTC)", "LAST TOUCH (UTC)"]
+    headers = ["OPERATION", "PARENT JOB", "HANDLER", "PENDING", "HELD", "SCHEDULED", "OLDEST (UTC)",
+               "LAST TOUCH (UTC)"]
     rows = [[e["operation_id"], e.get("parent_id") or "-", _clip(e.get("handler"), 30), str(e["pending"]),
-             str(e["held"]), _when(e.get("oldest")), _when(e.get("updated_at"))] for e in entries]
+             str(e["held"]), str(e.get("scheduled", 0)), _when(e.get("oldest")), _when(e.get("updated_at"))]
+            for e in entries]
     table = _table(headers, rows, color)
     lines = [table[0]]
     for line, entry in zip(table[1:], entries):
         lines.append(line)
         jobs = entry.get("jobs") or []
+        waiting = entry["pending"] + entry["held"] + entry.get("scheduled", 0)
         for index, job in enumerate(jobs):
-            last = index == len(jobs) - 1 and len(jobs) >= entry["pending"] + entry["held"]
-            deps = job.get("pending_deps") if job.get("state") == "held" else 0
-            waits = f", waits on {deps}" if deps else ""
+            last = index == len(jobs) - 1 and len(jobs) >= waiting
             lines.append(f"  {'└──' if last else '├──'} #{job['position']} {job['id']}  {job['task_name']}  "
-                         f"{state_word(job['state'], color)}{waits}  queue={job.get('queue') or '-'}")
-        rest = entry["pending"] + entry["held"] - len(jobs)
+                         f"{state_word(job['state'], color)}{_waits(job)}  queue={job.get('queue') or '-'}")
+        rest = waiting - len(jobs)
         if rest > 0:
             lines.append(f"  └── … {rest} more")
     return "\n".join(lines)
+
+
+def _waits(job: dict) -> str:
+    """What a waiting child waits for: its dependencies, or its time."""
+    deps = job.get("pending_deps") if job.get("state") == "held" else 0
+    if deps:
+        return f", waits on {deps}"
+    if job.get("state") == "scheduled" and job.get("not_before") is not None:
+        return f", due {_when(job['not_before'])}"
+    return ""
 
 
 def monitor_text(snapshot: dict, *, color: bool = False) -> str:

@@ -70,6 +70,10 @@ class StoreBase:
     def after_fork(self) -> None:
         self.holder.after_fork()
 
+    def load_driver(self) -> None:
+        """Import the database driver (no connection); see :meth:`EngineHolder.load_driver`."""
+        self.holder.load_driver()
+
     def dispose(self) -> None:
         self.holder.dispose()
 

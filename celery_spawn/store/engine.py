@@ -63,10 +63,27 @@ class EngineHolder:
         return self._engine
 
     def after_fork(self) -> None:
-        """Forget connections inherited from the parent process (``worker_process_init``)."""
+        """Forget connections inherited from the parent process (``worker_process_init``).
+
+        Then make this process's engine at once, in the pool process's main
+        thread: its database driver is imported before a task and the
+        write-behind thread can both import it (psycopg2's first import in
+        two threads at once can fail with a module-lock deadlock).
+        """
         if self._engine is not None and self._pid != os.getpid():
             self._engine.dispose(close=False)
             self._engine = None
+        try:
+            self.get()
+        except Exception:  # the first use reports it, with the store's name
+            pass
+
+    def load_driver(self) -> None:
+        """Import the database driver now (in a worker's main process, before the pool forks)."""
+        try:
+            self.url.get_dialect().import_dbapi()
+        except Exception:  # a missing driver is reported when the store is first used
+            pass
 
     def dispose(self) -> None:
         if self._engine is not None:

@@ -5,6 +5,7 @@ transaction: those taking ``conn`` run in the caller's, the others in their own.
 """
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Iterable, Sequence
 
 import sqlalchemy as sa
@@ -136,6 +137,36 @@ class SpawnRecords(Cancels):
             )
             changed += result.rowcount or 0
         return changed
+
+    # ---- scheduled children (spawn_delay, countdown, eta) ---------------------------------
+    def due_scheduled(self, conn: Connection, now: datetime, limit: int) -> list[dict]:
+        """Scheduled children due by ``now``, soonest first, locked in the caller's transaction.
+
+        Rows another caller holds are skipped where the database can
+        (``SKIP LOCKED``); SQLite's write transaction serialises callers.
+        """
+        query = (
+            sa.select(s.jobs.c.id, s.jobs.c.position, s.jobs.c.message, s.jobs.c.parent_id, s.jobs.c.root_id,
+                      s.jobs.c.operation_id)
+            .where(s.jobs.c.state == s.SCHEDULED, s.jobs.c.not_before <= now)
+            .order_by(s.jobs.c.not_before)
+            .limit(limit)
+        )
+        return [dict(r) for r in conn.execute(self.dialect.for_update(query)).mappings()]
+
+    def mark_scheduled_dispatched(self, conn: Connection, ids: Sequence[str], now: datetime) -> int:
+        """Mark published scheduled children dispatched, in the caller's transaction."""
+        changed = 0
+        for chunk in chunked(list(ids)):
+            changed += conn.execute(
+                s.jobs.update().where(s.jobs.c.id.in_(chunk), s.jobs.c.state == s.SCHEDULED)
+                .values(state=s.DISPATCHED, dispatched_at=now)
+            ).rowcount or 0
+        return changed
+
+    def next_due(self, conn: Connection) -> datetime | None:
+        """The soonest due time of a scheduled child, if any."""
+        return conn.execute(sa.select(sa.func.min(s.jobs.c.not_before)).where(s.jobs.c.state == s.SCHEDULED)).scalar()
 
     def unpublished_page(self, conn: Connection, operation_id: str, after_position: int, limit: int) -> list[dict]:
         """The next children recorded ``dispatched`` whose message may not be in the broker yet, by position.

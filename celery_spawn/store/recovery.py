@@ -56,7 +56,8 @@ class Recovery(StoreBase):
         """Operations untouched for ``grace_seconds`` with children to publish: leased to this caller.
 
         Children to publish are those after the publish watermark (the
-        spawner stopped before its end) and pending or held ones. The lease is
+        spawner stopped before its end) and pending or held ones (scheduled
+        ones are the scheduler's, when they are due). The lease is
         the refreshed ``updated_at``: another sweeper skips the operation
         until the grace period passes again.
         """
@@ -68,7 +69,7 @@ class Recovery(StoreBase):
                 .where(ops.c.state == s.OP_RUNNING, ops.c.updated_at < cutoff)
                 .where(sa.or_(ops.c.published_through < ops.c.total - 1,
                               sa.exists().where(s.jobs.c.operation_id == ops.c.id,
-                                                s.jobs.c.state.in_(s.UNDISPATCHED_JOB_STATES))))
+                                                s.jobs.c.state.in_((s.PENDING, s.HELD)))))
                 .order_by(s.operations.c.updated_at)
                 .limit(limit)
             )

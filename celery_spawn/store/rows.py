@@ -32,7 +32,7 @@ TOP_N = 10
 #: Columns of a job as the queries return it (``message``, which holds the payload, is left out).
 JOB_FIELDS = ("id", "parent_id", "root_id", "operation_id", "position", "depth", "task_name", "queue",
               "priority", "state", "pending_deps", "retries", "error", "created_at", "dispatched_at",
-              "started_at", "finished_at")
+              "started_at", "finished_at", "not_before")
 #: Columns of an operation in listings (``config`` and ``on_complete`` are in :func:`get_operation`).
 OPERATION_FIELDS = ("id", "parent_id", "root_id", "parent_task", "handler", "queue", "depth", "state",
                     "total", "error", "wait_for_descendants", "fail_fast", "completed", "created_at",
@@ -42,7 +42,7 @@ OPERATION_FIELDS = ("id", "parent_id", "root_id", "parent_task", "handler", "que
 TREE_FIELDS = ("id", "parent_id", "task_name", "state", "depth", "queue", "operation_id", "position")
 
 _FINAL = tuple(sorted(s.FINAL_JOB_STATES))
-_UNDISPATCHED = (s.PENDING, s.HELD)
+_UNDISPATCHED = (s.PENDING, s.HELD, s.SCHEDULED)
 _OP_FINISHED = tuple(state for state in s.OPERATION_STATES if state != s.OP_RUNNING)
 
 _jobs = s.jobs

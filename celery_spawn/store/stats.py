@@ -282,7 +282,7 @@ def pending(conn: Connection, *, queue: str | None = None, limit: int = DEFAULT_
     bound for that queue. Each dict has ``operation_id``, ``parent_id``,
     ``handler``, ``operation_queue``, ``operation_state``, ``total``,
     ``updated_at`` (the last touch: the recovery sweep waits for it to age),
-    ``pending``, ``held``, ``oldest`` (creation time of the oldest waiting
+    ``pending``, ``held``, ``scheduled``, ``oldest`` (creation time of the oldest waiting
     child) and ``jobs``: up to ``jobs_per_operation`` waiting children in spawn
     order (:data:`JOB_FIELDS`). Two statements.
     """
@@ -296,6 +296,7 @@ def pending(conn: Connection, *, queue: str | None = None, limit: int = DEFAULT_
             _jobs.c.operation_id,
             _count_if(_jobs.c.state == s.PENDING).label("pending"),
             _count_if(_jobs.c.state == s.HELD).label("held"),
+            _count_if(_jobs.c.state == s.SCHEDULED).label("scheduled"),
             sa.func.min(_jobs.c.created_at).label("oldest"),
         ).where(*waiting).group_by(_jobs.c.operation_id)
         .order_by(sa.func.min(_jobs.c.created_at), _jobs.c.operation_id).limit(limit)
@@ -312,7 +313,7 @@ def pending(conn: Connection, *, queue: str | None = None, limit: int = DEFAULT_
         "operation_id": r["operation_id"], "parent_id": r["parent_id"], "handler": r["handler"],
         "operation_queue": r["operation_queue"], "operation_state": r["operation_state"],
         "total": _num(r["total"]), "updated_at": r["updated_at"], "pending": int(r["pending"] or 0),
-        "held": int(r["held"] or 0), "oldest": r["oldest"], "jobs": [],
+        "held": int(r["held"] or 0), "scheduled": int(r["scheduled"] or 0), "oldest": r["oldest"], "jobs": [],
     } for r in rows]
     by_id = {entry["operation_id"]: entry for entry in result}
     # The first waiting children of those operations, numbered per operation by a window function.

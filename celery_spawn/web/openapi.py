@@ -45,7 +45,7 @@ FIELD_TYPES: dict[str, dict[str, dict]] = {
         "position": _INT, "depth": _INT, "task_name": _STR, "queue": _nullable(_STR), "priority": _nullable(_INT),
         "state": _JOB_STATE, "pending_deps": _INT, "retries": _INT, "error": _nullable(_STR),
         "created_at": _TIME, "dispatched_at": _nullable(_TIME), "started_at": _nullable(_TIME),
-        "finished_at": _nullable(_TIME),
+        "finished_at": _nullable(_TIME), "not_before": _nullable(_TIME),
     },
     "operation": {
         "id": _ANY_ID, "parent_id": _ANY_ID, "root_id": _ANY_ID, "parent_task": _nullable(_STR),

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 import threading
-import types
 import time
+import types
+
+import pytest
 
 from celery_spawn import worker
 
@@ -33,11 +35,13 @@ def test_fork_waits_for_a_running_sweep_and_the_child_starts_free():
     assert not worker._fork_guard.locked()
 
 
-def test_a_sweep_runs_under_the_guard(monkeypatch):
+@pytest.mark.parametrize("step_class, part, method", [
+    (worker.RecoveryStep, "sweeper", "sweep"), (worker.ScheduleStep, "scheduler", "publish_due")])
+def test_periodic_work_runs_under_the_guard(monkeypatch, step_class, part, method):
     seen = []
-    sweeper = types.SimpleNamespace(sweep=lambda: seen.append(worker._fork_guard.locked()))
-    monkeypatch.setattr("celery_spawn.state.get_state", lambda app: types.SimpleNamespace(sweeper=sweeper))
-    step = worker.RecoveryStep.__new__(worker.RecoveryStep)
+    engine_part = types.SimpleNamespace(**{method: lambda: seen.append(worker._fork_guard.locked())})
+    monkeypatch.setattr("celery_spawn.state.get_state", lambda app: types.SimpleNamespace(**{part: engine_part}))
+    step = step_class.__new__(step_class)
     step._running = threading.Lock()
-    step._sweep(object())
+    step._run(object())
     assert seen == [True] and not worker._fork_guard.locked()

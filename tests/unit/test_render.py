@@ -209,12 +209,16 @@ def test_stats_text():
 def test_pending_and_jobs_text():
     job = {"id": "p.1", "position": 1, "task_name": "tests.child", "state": "held", "pending_deps": 2,
            "queue": "q", "started_at": None, "finished_at": None}
-    entries = [{"operation_id": "op", "parent_id": "p", "handler": "h", "pending": 1, "held": 2,
-                "oldest": datetime(2026, 1, 1), "updated_at": datetime(2026, 1, 1, 0, 1), "jobs": [job]}]
+    later = {"id": "p.2", "position": 2, "task_name": "tests.child", "state": "scheduled", "pending_deps": 0,
+             "queue": "q", "not_before": datetime(2026, 1, 1, 0, 5)}
+    entries = [{"operation_id": "op", "parent_id": "p", "handler": "h", "pending": 1, "held": 2, "scheduled": 1,
+                "oldest": datetime(2026, 1, 1), "updated_at": datetime(2026, 1, 1, 0, 1), "jobs": [job, later]}]
     lines = render.pending_text(entries).splitlines()
-    assert lines[1].split() == ["op", "p", "h", "1", "2", "2026-01-01", "00:00:00", "2026-01-01", "00:01:00"]
+    assert lines[0].split()[4:7] == ["PENDING", "HELD", "SCHEDULED"]
+    assert lines[1].split() == ["op", "p", "h", "1", "2", "1", "2026-01-01", "00:00:00", "2026-01-01", "00:01:00"]
     assert lines[2] == "  ├── #1 p.1  tests.child  held, waits on 2  queue=q"
-    assert lines[3] == "  └── … 2 more"
+    assert lines[3] == "  ├── #2 p.2  tests.child  scheduled, due 2026-01-01 00:05:00  queue=q"
+    assert lines[4] == "  └── … 2 more"
     assert render.pending_text([]).startswith("Nothing pending")
     table = render.jobs_text([job]).splitlines()
     assert table[1].split() == ["1", "p.1", "tests.child", "held", "q", "-", "-"]

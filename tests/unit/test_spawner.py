@@ -462,19 +462,6 @@ def test_inherit_queue_follows_a_queue_bound_through_a_named_exchange(broker_rig
     assert len(rig.drain(images.name)) == 2 and stray == []
 
 
-def test_spawn_delay_spaces_the_dispatches_without_sleeping(broker_rig):
-    rig = broker_rig
-    rig.manager.register_handler("three", lambda context: [rig.sig(i) for i in range(3)])
-    rig.spawn(SpawnConfig(handler="three").with_spawn_delay(2).to_dict(), value=1)
-    etas = [message.headers.get("eta") for message in rig.drain()]
-    assert etas[0] is None or isinstance(etas[0], str)
-    from datetime import datetime
-
-    later = [datetime.fromisoformat(eta) for eta in etas[1:]]
-    assert len(later) == 2 and later[1] > later[0]
-    assert 1.5 < (later[1] - later[0]).total_seconds() < 2.5
-
-
 # ---- deterministic ids and freeze ----------------------------------------------------------------
 def test_child_ids_are_deterministic_for_a_parent_and_position(rig, tmp_path):
     rig.manager.register_handler("three", lambda context: [rig.sig(i) for i in range(3)])

@@ -10,7 +10,7 @@
 
 (function () {
   const FINAL = new Set(["succeeded", "failed", "revoked", "cancelled"]);
-  const JOB_STATES = ["pending", "held", "dispatched", "started", "retrying", "succeeded", "failed", "revoked",
+  const JOB_STATES = ["pending", "held", "scheduled", "dispatched", "started", "retrying", "succeeded", "failed", "revoked",
                       "cancelled"];
   const ID_PATTERN = /^[A-Za-z0-9._:-]{1,64}$/;
   const TREE_REFRESH_MS = 2000;
