@@ -77,3 +77,10 @@ def test_the_repository_documents_are_read():
     examples, _ = collect(ROOT)
     documents = {example.blocks[0].document for example in examples}
     assert {"README.md", "docs/cli.md", "docs/web.md"} <= documents
+
+
+def test_every_block_of_the_repository_documents_compiles():
+    examples, _ = collect(ROOT)
+    for example in examples:  # skipped ones too: a skip excuses running, not a syntax error
+        for block in example.blocks:
+            compile(block.code, f"{block.document}:{block.line}", "exec")
