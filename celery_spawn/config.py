@@ -77,7 +77,8 @@ class SpawnConfig:
         return self._with(inherit_queue=inherit)
 
     def with_spawn_delay(self, delay: timedelta | float | int) -> SpawnConfig:
-        """Space child dispatches by ``delay`` (a timedelta, or seconds)."""
+        """Space child dispatches by ``delay``: a ``timedelta``, or a bare number of **seconds** (as Celery's
+        ``countdown``). The payload holds milliseconds (``spawn_delay_ms``); :meth:`with_spawn_delay_ms` takes them."""
         if isinstance(delay, timedelta):
             seconds = delay.total_seconds()
         elif isinstance(delay, (int, float)) and not isinstance(delay, bool):
@@ -87,6 +88,12 @@ class SpawnConfig:
         if not math.isfinite(seconds):
             raise SpawnConfigError(f"spawn_delay_ms must be a finite number of milliseconds, got {seconds!r} s")
         return self._with(spawn_delay_ms=round(seconds * 1000))
+
+    def with_spawn_delay_ms(self, milliseconds: int) -> SpawnConfig:
+        """Space child dispatches by a whole number of **milliseconds** (the seed's ``Duration::from_millis``)."""
+        if isinstance(milliseconds, bool) or not isinstance(milliseconds, int):
+            raise SpawnConfigError(f"spawn_delay_ms must be a whole number of milliseconds, not {milliseconds!r}")
+        return self.with_spawn_delay(timedelta(milliseconds=milliseconds))
 
     def with_operation_id(self, operation_id: str) -> SpawnConfig:
         return self._with(operation_id=operation_id)

@@ -257,3 +257,13 @@ def test_unknown_keys_are_refused_with_their_name(key):
 def test_an_unknown_key_is_refused_even_beside_valid_ones():
     with pytest.raises(SpawnConfigError, match="'max_spawn'"):
         SpawnConfig.from_dict({"handler": "h", "max_spawn": 3})
+
+
+def test_with_spawn_delay_ms_takes_whole_milliseconds():
+    assert SpawnConfig().with_spawn_delay_ms(250).to_dict() == {"spawn_delay_ms": 250}
+    assert SpawnConfig().with_spawn_delay_ms(250) == SpawnConfig().with_spawn_delay(timedelta(milliseconds=250))
+    for bad in (0.5, "250", True):
+        with pytest.raises(SpawnConfigError, match="milliseconds"):
+            SpawnConfig().with_spawn_delay_ms(bad)
+    with pytest.raises(SpawnConfigError, match="spawn_delay_ms"):
+        SpawnConfig().with_spawn_delay_ms(-1)
