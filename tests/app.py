@@ -158,8 +158,10 @@ def make_app(broker: str, backend: str | None, database_url: str, queue: str = "
     if fs_folder:
         app.conf.broker_transport_options = folder_options(fs_folder)
     if broker.startswith("redis"):
-        app.conf.broker_transport_options = {
-            "visibility_timeout": float(os.environ.get("SPAWN_TEST_VISIBILITY_TIMEOUT") or 30)}
+        short = os.environ.get("SPAWN_TEST_VISIBILITY_TIMEOUT")
+        app.conf.broker_transport_options = {"visibility_timeout": 30} if not short else {
+            # kombu puts unacknowledged messages back every interval × throttle seconds (100 by default)
+            "visibility_timeout": float(short), "unacked_restore_interval": 1, "unacked_restore_throttle": 1}
 
     manager = SpawnManager()
     manager.register_handler("dataset_processor", DatasetProcessor)
