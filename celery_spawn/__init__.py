@@ -15,7 +15,7 @@ _EXPORTS = {
     "SpawnTask": "task", "SpawnHandler": "handlers", "SpawnContext": "handlers", "SpawnManager": "handlers",
     "SpawnConfig": "config", "SpawnResult": "handlers", "ParentJob": "handlers", "child_id": "handlers",
     "install": "app", "get_state": "app", "recover": "control", "cancel": "control",
-    "completion_task_id": "control",
+    "completion_task_id": "control", "resolve_operation": "control",
     # signatures
     "with_spawn_handler": "signatures", "with_spawn_config": "signatures", "depends_on": "signatures",
     # errors
@@ -55,7 +55,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     # ruff: noqa: F401
     from .app import get_state, install
     from .config import SpawnConfig
-    from .control import cancel, completion_task_id, recover
+    from .control import cancel, completion_task_id, recover, resolve_operation
     from .errors import (
         DependencyError,
         HandlerError,

@@ -1,4 +1,5 @@
-"""Controlling spawn trees from code: cancel a tree, run a recovery sweep, find an operation's callback."""
+"""Controlling spawn trees from code: cancel a tree, run a recovery sweep, find an operation by its label,
+find an operation's callback."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -11,7 +12,7 @@ if TYPE_CHECKING:
 
     from .engine.recovery import SweepReport
 
-__all__ = ["cancel", "completion_task_id", "recover", "sweep"]
+__all__ = ["cancel", "completion_task_id", "recover", "resolve_operation", "sweep"]
 
 
 def cancel(app: Celery, job_or_operation_id: str, terminate: bool = False, *,
@@ -22,9 +23,30 @@ def cancel(app: Celery, job_or_operation_id: str, terminate: bool = False, *,
     ones are revoked (terminated with ``terminate=True``); finished ones stay
     as they are. ``store_only=True`` (for a place with no broker) only
     cancels the children never dispatched and leaves the others to their
-    workers. Raises :class:`~celery_spawn.errors.JobNotFound` for an unknown id.
+    workers. ``job_or_operation_id`` may be a label (the ``operation_id`` a
+    spawn config gave): it names the newest operation with that label, and
+    the result says which (``operation_id``) and how many ``others`` it left
+    alone; an older one is cancelled by its own id or its parent job's id.
+    Raises :class:`~celery_spawn.errors.JobNotFound` for an unknown id.
     """
     return get_state(app).canceller.cancel(job_or_operation_id, terminate=terminate, store_only=store_only)
+
+
+def resolve_operation(app: Celery, label_or_id: str) -> dict[str, Any] | None:
+    """The operation a label or an operation id names in the app's store, or None.
+
+    A label (the ``operation_id`` a spawn config gave, which the spawns of
+    several parents may share) names the newest of its operations. The dict
+    has the operation's columns as ``celery spawn list --format json`` shows
+    them (``id``, ``label``, ``parent_id``, ``state``, ...) and ``others``:
+    how many older operations share the label. Its ``id`` is what the helpers
+    that derive ids need, e.g. ``completion_task_id(resolve_operation(app,
+    "nightly")["id"])``.
+    """
+    store = get_state(app).store
+    with store.read() as conn:
+        operation, others = store.resolve_operation(conn, label_or_id)
+    return None if operation is None else {**operation, "others": others}
 
 
 def recover(app: Celery, grace_seconds: float | None = None, limit: int = 50,

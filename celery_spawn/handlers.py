@@ -20,7 +20,11 @@ CHILD_ID_NAMESPACE = uuid.UUID("6f1c2b8e-5a43-4d0e-9a57-2f1d6c3b9e10")
 
 
 def child_id(operation_id: str, sequence: int) -> str:
-    """The deterministic task id of the ``sequence``-th child of an operation."""
+    """The deterministic task id of the ``sequence``-th child of an operation.
+
+    Derived from the operation id, not its label (a later parent's spawn with
+    a label runs as ``label~hash``): see :func:`celery_spawn.resolve_operation`.
+    """
     return str(uuid.uuid5(CHILD_ID_NAMESPACE, f"{operation_id}/{sequence}"))
 
 

@@ -33,8 +33,9 @@ RET_NOT_FOUND = 1     # no job or operation has the given id
 RET_USAGE = 2         # click's usage error: a malformed id, a negative limit, ...
 RET_STORE = 3         # the store could not be reached, or has no tables
 
-#: What a job or operation id may look like: Celery's uuids and any other id the store can hold.
-JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+#: What a job or operation id (or a label) may look like: Celery's uuids, the ``label~hash`` ids of
+#: labelled operations, and any other id the store can hold.
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9._:~-]{1,64}")
 #: Seconds to wait for a database server before saying it is unreachable.
 CONNECT_TIMEOUT = 10
 #: Operations per ``list`` when --limit is not given, and the most any listing returns.
@@ -49,14 +50,14 @@ LIST_FORMATS = ("text", "json")
 
 
 class JobIdType(click.ParamType):
-    """A job or operation id: 1 to 64 characters of ``[A-Za-z0-9._:-]``."""
+    """A job or operation id, or a label: 1 to 64 characters of ``[A-Za-z0-9._:~-]``."""
 
     name = "JOB_ID"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         text = str(value)
         if not JOB_ID_PATTERN.fullmatch(text):
-            self.fail(f"{text[:80]!r} is not a job id (1 to 64 characters of A-Z a-z 0-9 . _ : -)", param, ctx)
+            self.fail(f"{text[:80]!r} is not a job id (1 to 64 characters of A-Z a-z 0-9 . _ : ~ -)", param, ctx)
         return text
 
 
@@ -189,6 +190,14 @@ def use_colour(ctx: click.Context) -> bool:
 
 def emit(ctx: click.Context, text: str) -> None:
     click.echo(text, color=use_colour(ctx))
+
+
+def note_label(token: str, operation_id: str, others: int, doing: str = "showing") -> None:
+    """On stderr (stdout may be JSON): which operation a label named, when it names more than one."""
+    if not others:
+        return
+    click.echo(f"label {token!r} names {others + 1} operations; {doing} the newest ({operation_id}), "
+               f"{others} other{'s' if others != 1 else ''}: celery spawn list --operation {token}", err=True)
 
 
 def fail_not_found(what: str, some_id: str, hint: str = "") -> None:

@@ -218,11 +218,11 @@ class StoreBuilder:
 
     def operation(self, operation_id: str, parent: str, *, handler: str | None = "handler", queue: str | None = "q",
                   state: str = "running", total: int = 0, created=None, finished=None, error: str | None = None,
-                  config: str | None = None) -> dict:
+                  config: str | None = None, label: str | None = None) -> dict:
         created = created or self.now
         parent_row = self.jobs[parent]
         row = {
-            "id": operation_id, "parent_id": parent, "root_id": parent_row["root_id"],
+            "id": operation_id, "label": label, "parent_id": parent, "root_id": parent_row["root_id"],
             "parent_task": parent_row["task_name"], "handler": handler, "queue": queue,
             "depth": parent_row["depth"], "state": state, "total": total, "config": config, "error": error,
             "on_complete": None, "wait_for_descendants": False, "fail_fast": False,
@@ -234,11 +234,11 @@ class StoreBuilder:
 
     def spawn(self, parent: str, count: int, *, operation: str | None = None, states=None, task: str = "tests.child",
               queue: str | None = "q", handler: str | None = "handler", op_state: str = "running", created=None,
-              finished=None, prefix: str | None = None) -> list[str]:
+              finished=None, prefix: str | None = None, label: str | None = None) -> list[str]:
         """One operation of ``count`` children under ``parent``; returns their ids in spawn order."""
         operation = operation or f"op-{parent}"
         self.operation(operation, parent, handler=handler, queue=queue, state=op_state, total=count,
-                       created=created, finished=finished)
+                       created=created, finished=finished, label=label)
         ids = []
         for position in range(count):
             state = states[position % len(states)] if states else "succeeded"

@@ -19,6 +19,7 @@ from ..options import (
     explain,
     format_option,
     limit_option,
+    note_label,
     open_store,
     store_options,
     user_app,
@@ -96,7 +97,9 @@ def cancel(ctx: click.Context, target: str, terminate: bool, store_only: bool, f
 
     Held and pending children are marked cancelled, dispatched and running ones
     are revoked; finished ones stay as they are. Needs the app (-A) to revoke,
-    unless --store-only.
+    unless --store-only. A label (the operation_id a spawn config gave) names
+    the newest operation with that label; cancel an older one by its own id
+    or its parent job's id (`celery spawn list --operation LABEL` shows both).
     """
     from .. import render
     from ..errors import JobNotFound, StoreError
@@ -116,11 +119,15 @@ def cancel(ctx: click.Context, target: str, terminate: bool, store_only: bool, f
             raise CommandError(f"no spawned job or operation has id {target}", RET_NOT_FOUND) from None
         except StoreError as exc:
             raise CommandError(explain(store, exc), RET_STORE) from None
+    operation_id = result.get("operation_id")
+    if operation_id is not None and result.get("label") == target:
+        note_label(target, operation_id, result.get("others", 0), doing="cancelling")
     if fmt == "json":
         emit(ctx, render.to_json(result))
         return
+    below = target if operation_id in (None, target) else f"{operation_id} (label {target})"
     text = (f"cancelled {result['cancelled']} waiting and revoked {result['revoked']} running "
-            f"job{'s' if result['revoked'] != 1 else ''} below {target}"
+            f"job{'s' if result['revoked'] != 1 else ''} below {below}"
             + (" (terminated)" if terminate and result["revoked"] else ""))
     if result["cancel_requested"]:
         text += f"; {result['cancel_requested']} running asked to stop (recorded as they end)"

@@ -21,6 +21,7 @@ from ..options import (
     fail_not_found,
     format_option,
     limit_option,
+    note_label,
     open_store,
     queue_option,
     store_options,
@@ -39,14 +40,20 @@ if TYPE_CHECKING:
 @queue_option("Only operations whose parent ran on this queue.")
 @click.option("--state", "-s", default=None, metavar="STATE",
               help="Only operations in this state (running, succeeded, failed, partially_failed, cancelled).")
+@click.option("--operation", "-o", "operation", default=None, metavar="LABEL",
+              help="Only the operations with this label (every parent's spawn that gave it as its operation_id), "
+                   "or with this operation id.")
 @click.option("--detailed", "-d", is_flag=True, help="Show counts per state, timing and errors.")
 @format_option(LIST_FORMATS)
 @store_options
 @click.pass_context
 @usage_errors
 def list_command(ctx: click.Context, recent: bool, limit: int, queue: str | None, state: str | None,
-                 detailed: bool, fmt: str, database_url: str | None) -> None:
-    """Spawn operations: parent, handler, state and progress."""
+                 operation: str | None, detailed: bool, fmt: str, database_url: str | None) -> None:
+    """Spawn operations: parent, handler, state and progress.
+
+    A LABEL column appears when an operation shown has a label.
+    """
     from datetime import datetime, timedelta, timezone
 
     from .. import render
@@ -56,7 +63,8 @@ def list_command(ctx: click.Context, recent: bool, limit: int, queue: str | None
     if recent:
         since = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=RECENT_HOURS)
     with open_store(ctx, database_url) as store, store.read() as conn:
-        operations = queries.list_operations(conn, limit=limit, queue=queue, state=state, since=since)
+        operations = queries.list_operations(conn, limit=limit, queue=queue, state=state, since=since,
+                                             operation=operation)
     if fmt == "json":
         emit(ctx, render.to_json(operations))
     else:
@@ -77,33 +85,45 @@ def tree(ctx: click.Context, job_id: str, fmt: str, max_depth: int | None, full:
          database_url: str | None) -> None:
     """The spawn tree below JOB_ID.
 
-    With --full, the whole tree JOB_ID belongs to, from its root, with JOB_ID
+    JOB_ID may also be a label (the operation_id a spawn config gave): the
+    tree below the parent job of the newest operation with that label. With
+    --full, the whole tree the job belongs to, from its root, with the job
     marked ◀.
     """
     from .. import render
     from ..store import queries
 
+    def read(conn: Any, job: str) -> tuple[Any, list]:
+        if not children_only:
+            return queries.spawn_tree(conn, job, max_depth=max_depth, full=full), []
+        start = job
+        if full:
+            found = queries.spawn_tree(conn, job, max_depth=0, full=True)
+            start = found["id"] if found else job
+        data = queries.spawn_tree(conn, start, max_depth=1)
+        return data, queries.children(conn, start) if data is not None and fmt in ("text", "json") else []
+
+    shown, labelled = job_id, None
     with open_store(ctx, database_url) as store, store.read() as conn:
-        if children_only:
-            start = job_id
-            if full:
-                found = queries.spawn_tree(conn, job_id, max_depth=0, full=True)
-                start = found["id"] if found else job_id
-            data: Any = queries.spawn_tree(conn, start, max_depth=1)
-            rows = queries.children(conn, start) if data is not None and fmt in ("text", "json") else []
-        else:
-            data = queries.spawn_tree(conn, job_id, max_depth=max_depth, full=full)
+        data, rows = read(conn, job_id)
+        if data is None:
+            operation, others = queries.resolve_operation(conn, job_id)
+            if operation is not None and operation["label"] == job_id:
+                labelled, shown = (operation, others), operation["parent_id"]
+                data, rows = read(conn, shown)
         kind = None if data is not None else queries.find_kind(conn, job_id)
     if data is None:
         hint = (" (that is an operation id: `celery spawn list` shows its parent job)"
                 if kind == "operation" else "")
         fail_not_found("job", job_id, hint)
+    if labelled is not None:
+        note_label(job_id, labelled[0]["id"], labelled[1])
     if children_only and fmt == "json":
         emit(ctx, render.to_json(rows))
     elif children_only and fmt == "text":
         emit(ctx, render.jobs_text(rows, color=use_colour(ctx)))
     else:
-        emit(ctx, render.render_tree(data, fmt, color=use_colour(ctx), highlight=job_id if full else None))
+        emit(ctx, render.render_tree(data, fmt, color=use_colour(ctx), highlight=shown if full else None))
 
 
 @spawn.command(cls=CeleryCommand)

@@ -40,19 +40,22 @@ class Canceller:
                store_only: bool = False) -> dict[str, Any]:
         """Stop every unfinished descendant of a job, or of an operation's parent.
 
-        Returns ``cancelled`` and ``revoked`` (counts), ``still_running``
-        (jobs left running: asked to stop, or left to their workers by a
-        store-only cancel), ``cancel_requested`` (of those, the ones asked to
-        stop), ``target``,
-        ``root``, ``operations`` (those that lost children) and
-        ``completed`` (those the cancel completed). Raises
+        ``target_id`` is an operation's label (its newest operation), an
+        operation id or a job id, tried in that order. Returns ``cancelled``
+        and ``revoked`` (counts), ``still_running`` (jobs left running: asked
+        to stop, or left to their workers by a store-only cancel),
+        ``cancel_requested`` (of those, the ones asked to stop), ``target``,
+        ``operation_id`` (the operation cancelled; None for a job),
+        ``label`` (its label, or None), ``others`` (other operations with
+        that label, left alone), ``root``, ``operations`` (those that lost
+        children) and ``completed`` (those the cancel completed). Raises
         :class:`~celery_spawn.errors.JobNotFound` for an unknown id.
         """
         store_only = store_only or self.revoke is None
         with self.store.begin() as conn:
-            operation = self.store.get_operation(conn, target_id)
+            operation, others = self.store.resolve_operation(conn, target_id)
             if operation is not None:
-                jobs = self.store.unfinished_jobs(conn, operation_id=target_id)
+                jobs = self.store.unfinished_jobs(conn, operation_id=operation["id"])
                 root = operation["parent_id"]
             elif self.store.get_job(conn, target_id) is not None:
                 jobs = self.store.unfinished_jobs(conn, below_job=target_id)
@@ -63,7 +66,7 @@ class Canceller:
             left = set(done.still_running)
             touched = {j["operation_id"] for j in jobs if j["operation_id"] and j["id"] not in left}
             if operation is not None:
-                touched.add(target_id)
+                touched.add(operation["id"])
         if done.revoked or done.requested:
             self.revoke_jobs([*done.revoked, *done.requested], terminate=terminate)
         completed: list[str] = []
@@ -71,7 +74,9 @@ class Canceller:
             completed.extend(self.completion.check(operation_id))
         return {"cancelled": len(done.cancelled), "revoked": len(done.revoked),
                 "still_running": len(done.still_running) + len(done.requested),
-                "cancel_requested": len(done.requested), "target": target_id, "root": root,
+                "cancel_requested": len(done.requested), "target": target_id,
+                "operation_id": operation["id"] if operation is not None else None,
+                "label": operation["label"] if operation is not None else None, "others": others, "root": root,
                 "operations": sorted(touched), "completed": sorted(set(completed))}
 
     def revoke_jobs(self, job_ids: list[str], terminate: bool = False) -> None:

@@ -30,7 +30,15 @@ MAX_EAGER_RESULTS = 10_000
 
 
 def completion_task_id(operation_id: str) -> str:
-    """The deterministic task id of an operation's ``on_complete`` callback."""
+    """The deterministic task id of an operation's ``on_complete`` callback.
+
+    It is derived from the operation id itself, so it needs that id, not a
+    label: a spawn with the label ``nightly`` may run as ``nightly~1a2b3c4d``.
+    Take the id from ``SpawnResult.operation_id``, from
+    :func:`celery_spawn.resolve_operation` (``resolve_operation(app,
+    "nightly")["id"]``: the newest operation of the label) or from
+    ``celery spawn list --operation nightly``.
+    """
     return child_id(operation_id, -1)
 
 

@@ -65,13 +65,19 @@ def _counts(counts: dict[str, int], color: bool) -> str:
 
 
 def operations_text(operations: list[dict], *, detailed: bool = False, color: bool = False) -> str:
-    """Spawn operations as a table, newest first; ``detailed`` adds a line of counts, timing and error each."""
+    """Spawn operations as a table, newest first; ``detailed`` adds a line of counts, timing and error each.
+
+    A LABEL column follows OPERATION when any operation shown has a label.
+    """
     if not operations:
         return "No spawn operations."
-    headers = ["CREATED (UTC)", "OPERATION", "PARENT JOB", "HANDLER", "QUEUE", "STATE", "PROGRESS"]
-    rows = [[_when(op["created_at"]), op["id"], op["parent_id"], _clip(op.get("handler"), 30),
-             _clip(op.get("queue"), 30), op["state"], _progress(op.get("progress"))] for op in operations]
-    lines = _table(headers, rows, color, state_column=5)
+    labelled = any(op.get("label") is not None for op in operations)
+    headers = ["CREATED (UTC)", "OPERATION", *(["LABEL"] if labelled else []), "PARENT JOB", "HANDLER", "QUEUE",
+               "STATE", "PROGRESS"]
+    rows = [[_when(op["created_at"]), op["id"], *([_clip(op.get("label"), 64)] if labelled else []), op["parent_id"],
+             _clip(op.get("handler"), 30), _clip(op.get("queue"), 30), op["state"], _progress(op.get("progress"))]
+            for op in operations]
+    lines = _table(headers, rows, color, state_column=headers.index("STATE"))
     if not detailed:
         return "\n".join(lines)
     out = [lines[0]]

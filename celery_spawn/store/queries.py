@@ -32,6 +32,7 @@ from sqlalchemy.engine import Connection
 from . import schema as s
 from . import trees
 from .dialects import dialect_of
+from .labels import matches, resolve_operation
 from .rows import (  # noqa: F401  (re-exported: the faces read these limits from here)
     _FINAL, _OP_FINISHED, _UNDISPATCHED, DEFAULT_CHILDREN_LIMIT, DEFAULT_JOBS_PER_OPERATION, DEFAULT_LIMIT,
     JOB_FIELDS, MAX_LEVELS, MAX_LIMIT, OPERATION_FIELDS, TOP_N, TREE_FIELDS, _as_utc, _bool_fields, _jobs,
@@ -41,7 +42,7 @@ from .stats import Durations, duration_aggregates, pending, seconds_between, sta
 
 __all__ = [
     "DEFAULT_LIMIT", "MAX_LIMIT", "MAX_LEVELS", "JOB_FIELDS", "OPERATION_FIELDS",
-    "list_operations", "get_operation", "get_job", "parent", "spawn_tree", "children", "ancestors",
+    "list_operations", "resolve_operation", "get_operation", "get_job", "parent", "spawn_tree", "children", "ancestors",
     "descendants", "stats", "pending", "find_kind", "progress",
 ]
 
@@ -73,17 +74,22 @@ def _jobs_out(rows: Iterable[Any]) -> list[dict]:
 
 # ---- operations ---------------------------------------------------------------------------------
 def list_operations(conn: Connection, *, limit: int = DEFAULT_LIMIT, queue: str | None = None,
-                    state: str | Iterable[str] | None = None, since: datetime | None = None) -> list[dict]:
+                    state: str | Iterable[str] | None = None, since: datetime | None = None,
+                    operation: str | None = None) -> list[dict]:
     """The newest spawn operations, newest first, with child counts per state and progress.
 
     ``queue`` is the queue the parent ran on; ``state`` one or more operation
-    states; ``since`` keeps operations created at or after it. Each dict has
-    the :data:`OPERATION_FIELDS`, ``counts`` (``{job state: n}``) and
+    states; ``since`` keeps operations created at or after it; ``operation``
+    keeps those a label or an operation id names (every operation with that
+    label, and the one with that id). Each dict has the
+    :data:`OPERATION_FIELDS`, ``counts`` (``{job state: n}``) and
     ``progress`` (``{"done", "total", "percent"}``). Two statements.
     """
     _positive("limit", limit, allow_none=False, maximum=MAX_LIMIT)
     states = _states(state, s.OPERATION_STATES, "operation")
     query = sa.select(*[_ops.c[f] for f in OPERATION_FIELDS])
+    if operation is not None:
+        query = query.where(matches(operation))
     if queue is not None:
         query = query.where(_ops.c.queue == queue)
     if states is not None:

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from . import labels
 from . import schema as s
 from .cancels import Cancels
 from .dialects import chunked
@@ -34,6 +35,10 @@ class SpawnRecords(Cancels):
         """The parent whose spawn holds ``operation_id``, if any."""
         return conn.execute(sa.select(s.operations.c.parent_id)
                             .where(s.operations.c.id == operation_id)).scalar()
+
+    def resolve_operation(self, conn: Connection, token: str) -> tuple[dict | None, int]:
+        """The operation a label (its newest) or an operation id names, and how many others share the label."""
+        return labels.resolve_operation(conn, token)
 
     def delete_operation(self, conn: Connection, operation_id: str) -> None:
         job_ids = sa.select(s.jobs.c.id).where(s.jobs.c.operation_id == operation_id)

@@ -34,7 +34,7 @@ JOB_FIELDS = ("id", "parent_id", "root_id", "operation_id", "position", "depth",
               "priority", "state", "pending_deps", "retries", "error", "created_at", "dispatched_at",
               "started_at", "finished_at", "not_before")
 #: Columns of an operation in listings (``config`` and ``on_complete`` are in :func:`get_operation`).
-OPERATION_FIELDS = ("id", "parent_id", "root_id", "parent_task", "handler", "queue", "depth", "state",
+OPERATION_FIELDS = ("id", "label", "parent_id", "root_id", "parent_task", "handler", "queue", "depth", "state",
                     "total", "error", "wait_for_descendants", "fail_fast", "completed", "created_at",
                     "updated_at", "finished_at")
 #: Columns read for each node of :func:`spawn_tree`; a node carries all of them but ``parent_id``

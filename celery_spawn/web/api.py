@@ -2,9 +2,9 @@
 
 Endpoints (all JSON; see ``/api/openapi.json`` and ``docs/web.md``)::
 
-    GET  /api/spawn/operations?limit=&queue=&state=
-    GET  /api/spawn/operations/<operation_id>
-    POST /api/spawn/operations/<operation_id>/cancel?terminate=
+    GET  /api/spawn/operations?limit=&queue=&state=&operation=
+    GET  /api/spawn/operations/<operation_id or label>
+    POST /api/spawn/operations/<operation_id or label>/cancel?terminate=
     GET  /api/spawn/stats?queue=&hours=
     GET  /api/jobs/<job_id>/spawn-tree?format=json|mermaid&max_depth=
     GET  /api/jobs/<job_id>/children?state=&depth=&limit=
@@ -17,6 +17,11 @@ the token rules (:mod:`celery_spawn.web.auth`), 404 for an unknown id, 503
 when the store cannot be reached, and a bare 500 for anything else: no stack
 trace, SQL or database URL ever reaches a client. Reads go through
 :mod:`celery_spawn.store.queries`, where every value is a bound parameter.
+
+An operation's label (the ``operation_id`` a spawn config gave, which the
+spawns of several parents may share) is taken wherever an operation id is:
+it names the newest operation with that label, and the answer's ``others``
+says how many older ones share it (``?operation=LABEL`` lists them all).
 """
 from __future__ import annotations
 
@@ -37,8 +42,8 @@ from ..store import SpawnStore, queries
 from ..store import schema as s
 from . import auth
 from .cancel import cancel_operation
-from .params import (DEFAULT_CHILDREN_LIMIT, DEFAULT_HOURS, DEFAULT_OPERATIONS_LIMIT, DEFAULT_TREE_DEPTH, MAX_DEPTH,
-                     MAX_HOURS, MAX_LIMIT, ParameterError, Query, check_id)
+from .params import (DEFAULT_CHILDREN_LIMIT, DEFAULT_HOURS, DEFAULT_OPERATIONS_LIMIT, DEFAULT_TREE_DEPTH,
+                     ID_MAX_LENGTH, MAX_DEPTH, MAX_HOURS, MAX_LIMIT, ParameterError, Query, check_id)
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -210,28 +215,32 @@ def _api_blueprint() -> flask.Blueprint:
 
     @api.get("/spawn/operations")
     def operations() -> flask.Response:
-        query = Query(flask.request.args, ("limit", "queue", "state"))
+        query = Query(flask.request.args, ("limit", "queue", "state", "operation"))
         limit = query.integer("limit", default=DEFAULT_OPERATIONS_LIMIT, low=1, high=MAX_LIMIT)
         queue = query.text("queue")
         state = query.choice("state", s.OPERATION_STATES)
-        found = _read(queries.list_operations, limit=limit, queue=queue, state=state)
+        operation = query.text("operation", max_length=ID_MAX_LENGTH)
+        found = _read(queries.list_operations, limit=limit, queue=queue, state=state, operation=operation)
         return reply({"operations": found, "count": len(found), "limit": limit})
 
     @api.get("/spawn/operations/<operation_id>")
     def operation(operation_id: str) -> flask.Response:
         check_id(operation_id, "operation")
         Query(flask.request.args, ())
-        found = _read(queries.get_operation, operation_id)
+        with web_state().store.read() as conn:
+            named, others = queries.resolve_operation(conn, operation_id)
+            found = queries.get_operation(conn, named["id"]) if named is not None else None
         if found is None:
             raise NotFound(_unknown("operation", operation_id))
-        return reply(found)
+        return reply({**found, "others": others})
 
     @api.post("/spawn/operations/<operation_id>/cancel")
     def cancel(operation_id: str) -> flask.Response:
         check_id(operation_id, "operation")
         terminate = Query(flask.request.args, ("terminate",)).boolean("terminate", default=False)
         state = web_state()
-        if _read(queries.find_kind, operation_id) != "operation":
+        named, _ = _read(queries.resolve_operation, operation_id)
+        if named is None:
             raise NotFound(_unknown("operation", operation_id))
         try:
             result = cancel_operation(state.store, state.celery_app, operation_id, terminate=terminate)

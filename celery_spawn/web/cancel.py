@@ -27,7 +27,11 @@ REASON = "cancelled from the web API"
 
 def cancel_operation(store: SpawnStore, celery_app: Celery | None, operation_id: str, *,
                      terminate: bool = False) -> dict[str, Any]:
-    """Cancel an operation (it must exist) through Celery when possible, else in the store only."""
+    """Cancel an operation (it must exist) through Celery when possible, else in the store only.
+
+    ``operation_id`` may be a label: the newest operation with that label is
+    cancelled, and the answer names it and counts the ``others``.
+    """
     if celery_app is not None:
         from ..control import cancel
 
@@ -39,6 +43,7 @@ def cancel_operation(store: SpawnStore, celery_app: Celery | None, operation_id:
 
         result = Canceller(store, Completion(store)).cancel(operation_id, reason=REASON, store_only=True)
         mode, note, terminate = "store", STORE_ONLY_NOTE, False
-    return {"operation_id": operation_id, "mode": mode, "cancelled": result["cancelled"],
+    return {"operation_id": result.get("operation_id") or operation_id, "label": result.get("label"),
+            "others": result.get("others", 0), "mode": mode, "cancelled": result["cancelled"],
             "revoked": result["revoked"], "still_running": result["still_running"], "terminate": terminate,
             "operations": result["operations"], "completed": result["completed"], "note": note}

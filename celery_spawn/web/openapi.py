@@ -35,6 +35,8 @@ _ID = {"type": "string", "pattern": f"^{ID_PATTERN.pattern}$", "maxLength": ID_M
 _ANY_ID = {"type": "string"}  # ids already in the store, whatever wrote them
 _JOB_STATE = {"type": "string", "enum": list(s.JOB_STATES)}
 _OPERATION_STATE = {"type": "string", "enum": list(s.OPERATION_STATES)}
+_OTHERS = {"type": "integer", "minimum": 0,
+           "description": "Other operations with the label the path named (the newest is this one); 0 for an id."}
 _COUNTS = {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0},
            "description": "Children per job state."}
 
@@ -48,7 +50,8 @@ FIELD_TYPES: dict[str, dict[str, dict]] = {
         "finished_at": _nullable(_TIME), "not_before": _nullable(_TIME),
     },
     "operation": {
-        "id": _ANY_ID, "parent_id": _ANY_ID, "root_id": _ANY_ID, "parent_task": _nullable(_STR),
+        "id": _ANY_ID, "label": _nullable(_STR), "parent_id": _ANY_ID, "root_id": _ANY_ID,
+        "parent_task": _nullable(_STR),
         "handler": _nullable(_STR), "queue": _nullable(_STR), "depth": _INT, "state": _OPERATION_STATE,
         "total": _INT, "error": _nullable(_STR), "wait_for_descendants": _BOOL, "fail_fast": _BOOL,
         "completed": _BOOL, "created_at": _TIME, "updated_at": _TIME, "finished_at": _nullable(_TIME),
@@ -97,7 +100,7 @@ def _schemas() -> dict[str, dict]:
                       "on_complete": {"nullable": True, "description": "The on_complete callback signature."},
                       "counts": _COUNTS, "progress": _ref("Progress"),
                       "children": {"type": "array", "items": _ref("Job")},
-                      "children_shown": {"type": "integer", "minimum": 0}},
+                      "children_shown": {"type": "integer", "minimum": 0}, "others": _OTHERS},
                      description="A spawn operation with its children in spawn order (at most 1,000 shown).")
     node = _object({**_columns("tree"), "children": {"type": "array", "items": _ref("TreeNode")},
                     "hidden_children": {"type": "integer", "minimum": 1,
@@ -146,7 +149,7 @@ def _schemas() -> dict[str, dict]:
                                                           "description": "None for a root job."}}),
         "Stats": stats,
         "CancelResult": _object({
-            "operation_id": _ANY_ID,
+            "operation_id": _ANY_ID, "label": _nullable(_STR), "others": _OTHERS,
             "mode": {"type": "string", "enum": ["celery", "store"],
                      "description": "celery: through the Celery app (revokes running children); "
                                     "store: the store only (no Celery app)."},
@@ -164,7 +167,8 @@ def _parameter(name: str, where: str, schema: dict, description: str, required: 
 
 
 _JOB_ID = _parameter("job_id", "path", _ID, "A job id (a Celery task id).")
-_OPERATION_ID = _parameter("operation_id", "path", _ID, "A spawn operation id.")
+_OPERATION_ID = _parameter("operation_id", "path", _ID,
+                           "A spawn operation id, or a label: the newest operation with that label.")
 _QUEUE = {"type": "string", "minLength": 1, "maxLength": TEXT_MAX_LENGTH,
           "pattern": "^[^\\u0000-\\u001f\\u007f]+$"}
 
@@ -208,7 +212,9 @@ def document(*, token_required: bool) -> dict:
             [_parameter("limit", "query", {"type": "integer", "minimum": 1, "maximum": limit,
                                            "default": params.DEFAULT_OPERATIONS_LIMIT}, "Operations to return."),
              _parameter("queue", "query", _QUEUE, "Only operations whose parent ran on this queue."),
-             _parameter("state", "query", _OPERATION_STATE, "Only operations in this state.")],
+             _parameter("state", "query", _OPERATION_STATE, "Only operations in this state."),
+             _parameter("operation", "query", {**_QUEUE, "maxLength": ID_MAX_LENGTH},
+                        "Only the operations with this label, or with this operation id.")],
             "OperationList", "The newest operations.", operation_id="listOperations"),
         "/api/spawn/operations/{operation_id}": get(
             "One operation: config, counts, progress and children", [_OPERATION_ID], "OperationDetail",

@@ -57,7 +57,8 @@ def check_id(value: str, what: str = "job") -> str:
     """``value`` if it looks like a job or operation id, else :class:`ParameterError`."""
     if not ID_PATTERN.fullmatch(value):
         shown = value[:80] + ("…" if len(value) > 80 else "")
-        raise ParameterError(f"{shown!r} is not a {what} id (1 to {ID_MAX_LENGTH} characters of A-Z a-z 0-9 . _ : -)")
+        raise ParameterError(f"{shown!r} is not a {what} id (1 to {ID_MAX_LENGTH} characters of "
+                             "A-Z a-z 0-9 . _ : ~ -)")
     return value
 
 

@@ -12,9 +12,8 @@ sys.path.insert(0, str(HERE))
 
 from app import DEMO, app, report  # noqa: E402
 
-from celery_spawn import SpawnConfig, completion_task_id, get_state, with_spawn_config  # noqa: E402
+from celery_spawn import SpawnConfig, completion_task_id, resolve_operation, with_spawn_config  # noqa: E402
 from celery_spawn.transport.spawnfs import folder_options  # noqa: E402
-from celery_spawn.store import queries  # noqa: E402
 
 
 def main() -> int:
@@ -30,16 +29,19 @@ def main() -> int:
         with_spawn_config(parent, SpawnConfig().with_operation_id("op-dataset-123").with_on_complete(report.s()))
         result = parent.apply_async()
         print("parent result:", result.get(timeout=60))
-        store = get_state(app).store
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # until every chunk is done and recorded
-            with store.read() as conn:
-                operation = queries.get_operation(conn, "op-dataset-123")
-            if operation is not None and operation["completed"]:
+            # "op-dataset-123" is a label: it names the newest operation of the parents that gave it
+            operation = resolve_operation(app, "op-dataset-123")
+            if operation is not None and operation["parent_id"] == result.id and operation["completed"]:
                 break
             time.sleep(0.3)
+        if operation is None:
+            print("the spawn was not recorded: see", DEMO / "worker.log")
+            return 1
         subprocess.run([sys.executable, "-m", "celery", "-A", "app", "spawn", "tree", result.id], cwd=HERE, check=False)
-        print("on_complete:", app.AsyncResult(completion_task_id("op-dataset-123")).get(timeout=30))
+        # the callback's task id derives from the operation's id, which the label resolved to
+        print("on_complete:", app.AsyncResult(completion_task_id(operation["id"])).get(timeout=30))
         return 0
     finally:
         worker.terminate()

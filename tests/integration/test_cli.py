@@ -26,6 +26,7 @@ from celery_spawn import get_state
 from celery_spawn.cli import RET_NOT_FOUND, RET_OK, RET_STORE, RET_USAGE, spawn
 from celery_spawn.handlers import child_id
 from celery_spawn.store import SpawnStore, queries
+from celery_spawn.store.migrations import head_revision
 from tests.harness import ROOT, StoreBuilder, wait_for
 from tests.integration.helpers import fails, ok, run
 from tests.sample_trees import make_sample_trees
@@ -273,7 +274,7 @@ def test_colours_only_on_a_terminal(backend, trees):
 
 
 def test_migrate_and_recover(backend, trees, client_app):
-    assert ok(backend, "migrate").strip().endswith("is up to date (revision 0001)")
+    assert ok(backend, "migrate").strip().endswith(f"is up to date (revision {head_revision()})")
     store = get_state(client_app).store
     # A child recorded but never published, as after a crash between commit and publish.
     operation = f"stranded-{uuid.uuid4().hex[:8]}"
@@ -389,7 +390,8 @@ def test_without_dash_a_the_default_app_is_not_taken_for_yours(tmp_path):
     assert not (tmp_path / "celery_spawn.sqlite3").exists()
     migrated = run(plain_env(), "migrate", app=None, cwd=tmp_path)
     assert migrated.returncode == RET_OK
-    assert migrated.stdout == "spawn store sqlite:///celery_spawn.sqlite3 migrated from nothing to revision 0001\n"
+    assert migrated.stdout == ("spawn store sqlite:///celery_spawn.sqlite3 migrated from nothing to revision "
+                               f"{head_revision()}\n")
     assert run(plain_env(), "list", app=None, cwd=tmp_path).stdout == "No spawn operations.\n"
     usage = fails(plain_env(), RET_USAGE, "recover", app=None, cwd=tmp_path)
     assert "give it with `celery -A proj spawn recover`" in usage
@@ -484,6 +486,31 @@ def test_runner_errors(built):
     assert bad.exit_code == RET_USAGE
     negative = CliRunner().invoke(spawn, ["stats", "--hours", "-1", "-u", built.url])
     assert negative.exit_code == RET_USAGE
+
+
+def test_runner_labels(built):
+    """``list --operation LABEL`` shows every operation of a label; ``tree LABEL`` the newest, noting the others."""
+    store = SpawnStore(built.url)
+    builder = StoreBuilder(store, now=built.now)
+    for parent, operation, seconds in (("night-1", "nightly", 20), ("night-2", "nightly~0a1b2c3d", 10)):
+        builder.job(parent, task="tests.parent", queue="q")
+        builder.spawn(parent, 1, operation=operation, label="nightly", handler="fan",
+                      created=built.now - timedelta(seconds=seconds))
+    builder.flush()
+    store.dispose()
+    listed = invoke("list", "--operation", "nightly", "-u", built.url)
+    assert [line.split()[2:5] for line in listed.stdout.splitlines()] == [
+        ["OPERATION", "LABEL", "PARENT"], ["nightly~0a1b2c3d", "nightly", "night-2"], ["nightly", "nightly", "night-1"]]
+    everything = invoke("list", "-u", built.url, "-f", "json").stdout
+    assert {op["id"]: op["label"] for op in json.loads(everything)}["op-root"] is None
+    tree = invoke("tree", "nightly", "-u", built.url)
+    assert tree.exit_code == RET_OK and tree.stdout.splitlines()[0] == "tests.parent  succeeded  night-2  queue=q"
+    assert tree.stderr == ("label 'nightly' names 2 operations; showing the newest (nightly~0a1b2c3d), 1 other: "
+                           "celery spawn list --operation nightly\n")
+    by_job = invoke("tree", "night-1", "-u", built.url)
+    assert by_job.stdout.splitlines()[1] == "└── tests.child  succeeded  night-1.0" and by_job.stderr == ""
+    unknown = CliRunner().invoke(spawn, ["tree", "nightly~ffffffff", "-u", built.url])
+    assert unknown.exit_code == RET_NOT_FOUND  # '~' is in the id grammar: not found, not a usage error
 
 
 def test_runner_uses_the_app_in_the_celery_context(built):

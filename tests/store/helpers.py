@@ -24,9 +24,9 @@ def op_row(op_id: str, parent: str = "root", *, state: str = s.OP_RUNNING, total
     """A whole ``spawn_operations`` row."""
     now = created or utcnow()
     row = {
-        "id": op_id, "parent_id": parent, "root_id": parent, "parent_task": "tests.parent", "handler": "h",
-        "queue": "q", "depth": 0, "state": state, "total": total, "published_through": -1, "config": None,
-        "error": None, "on_complete": None, "wait_for_descendants": False, "fail_fast": False,
+        "id": op_id, "label": None, "parent_id": parent, "root_id": parent, "parent_task": "tests.parent",
+        "handler": "h", "queue": "q", "depth": 0, "state": state, "total": total, "published_through": -1,
+        "config": None, "error": None, "on_complete": None, "wait_for_descendants": False, "fail_fast": False,
         "completed": state != s.OP_RUNNING, "callback_state": None, "created_at": now, "updated_at": now,
         "finished_at": None,
     }

@@ -265,6 +265,48 @@ def test_cancel_in_the_store_only(client_app, backend):
         web_state(flask_app).store.dispose()
 
 
+# ---- labels -------------------------------------------------------------------------------------
+def test_a_label_names_its_newest_operation(sqlite_url):
+    """Two parents' spawns labelled ``nightly``: the operation endpoints take the label and count the others."""
+    from datetime import timedelta
+
+    from celery_spawn.store import SpawnStore
+
+    store = SpawnStore(sqlite_url)
+    builder = StoreBuilder(store)
+    for parent, operation, minutes in (("p1", "nightly", 10), ("p2", "nightly~0a1b2c3d", 5)):
+        builder.job(parent, task="tests.parent")
+        builder.spawn(parent, 2, operation=operation, label="nightly", states=["pending", "held"],
+                      created=builder.now - timedelta(minutes=minutes))
+    builder.job("p3", task="tests.parent")
+    builder.spawn("p3", 1, operation="plain-op")
+    builder.flush()
+    store.dispose()
+    flask_app = create_app(database_url=sqlite_url, token=TOKEN)
+    client = flask_app.test_client()
+    try:
+        listed = ok(client, "/api/spawn/operations?operation=nightly")["operations"]
+        assert [(op["id"], op["label"]) for op in listed] == [("nightly~0a1b2c3d", "nightly"), ("nightly", "nightly")]
+        assert [op["label"] for op in ok(client, "/api/spawn/operations?operation=plain-op")["operations"]] == [None]
+        detail = ok(client, "/api/spawn/operations/nightly")
+        assert (detail["id"], detail["label"], detail["others"], detail["parent_id"]) == (
+            "nightly~0a1b2c3d", "nightly", 1, "p2")
+        assert ok(client, "/api/spawn/operations/nightly~0a1b2c3d")["others"] == 0
+        assert ok(client, "/api/spawn/operations/plain-op")["label"] is None
+        result = ok(client, "/api/spawn/operations/nightly/cancel", method="POST")
+        assert (result["operation_id"], result["label"], result["others"]) == ("nightly~0a1b2c3d", "nightly", 1)
+        assert result["mode"] == "store" and result["cancelled"] == 2
+        assert ok(client, "/api/spawn/operations/nightly~0a1b2c3d")["counts"] == {"cancelled": 2}
+        counts = {op["id"]: op["counts"] for op in ok(client, "/api/spawn/operations?operation=nightly")["operations"]}
+        assert counts == {"nightly~0a1b2c3d": {"cancelled": 2}, "nightly": {"pending": 1, "held": 1}}
+        status, body = call(client, "/api/spawn/operations/p1/cancel", "POST")
+        assert status == 404 and "p1" in body["error"]  # a job id is not an operation here
+        status, body = call(client, "/api/spawn/operations?operation=" + "x" * 65)
+        assert status == 400 and "operation" in body["error"]
+    finally:
+        web_state(flask_app).store.dispose()
+
+
 # ---- what never reaches a client ----------------------------------------------------------------
 def test_store_down_answers_503_without_the_url(tmp_path):
     flask_app = create_app(database_url="postgresql+psycopg2://spawn:hunter2@127.0.0.1:9/spawn_db", token=None)

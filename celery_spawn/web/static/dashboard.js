@@ -12,7 +12,7 @@
   const FINAL = new Set(["succeeded", "failed", "revoked", "cancelled"]);
   const JOB_STATES = ["pending", "held", "scheduled", "dispatched", "started", "retrying", "succeeded", "failed", "revoked",
                       "cancelled"];
-  const ID_PATTERN = /^[A-Za-z0-9._:-]{1,64}$/;
+  const ID_PATTERN = /^[A-Za-z0-9._:~-]{1,64}$/;
   const TREE_REFRESH_MS = 2000;
   const LIST_REFRESH_MS = 5000;
   const TREE_DEPTH = 10;          // levels fetched per tree (deeper ones: "… N more", click to open)
@@ -168,6 +168,7 @@
   async function loadOperations() {
     const answer = await api("spawn/operations", {
       limit: $("filter-limit").value, state: $("filter-state").value, queue: $("filter-queue").value.trim(),
+      operation: $("filter-operation").value.trim(),
     });
     const body = $("operations").tBodies[0];
     if (!answer.operations.length) {
@@ -187,7 +188,8 @@
                       "data-operation-id": op.id, "data-state": op.state, onclick: open,
                       title: op.error ? "error: " + op.error : null },
       el("td", { text: when(op.created_at) }),
-      el("td", { class: "id", title: op.id, text: shortId(op.id) }),
+      el("td", { class: "id", title: op.label ? op.id + " (label " + op.label + ")" : op.id,
+                 text: op.label || shortId(op.id) }),
       el("td", {}, el("button", { class: "link id", type: "button", title: "Show the tree of " + op.parent_id,
                                   text: shortId(op.parent_id), onclick: (e) => { e.stopPropagation(); open(); } })),
       el("td", { text: op.handler || "–" }),
