@@ -7,12 +7,15 @@ own outcome stands.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
 from celery import signals as celery_signals
 
+from .engine import copies
 from .engine.redelivery import claims_its_start
+from .errors import StoreError
 from .engine.writebehind import FINISH, RETRY, START, Event, enable_in_this_process, flush_all, submit
 from .protocol import FAILED, HEADER_OPERATION, REVOKED, SUCCEEDED, error_text, request_header, request_headers
 from .state import peek_state
@@ -23,6 +26,9 @@ if TYPE_CHECKING:
     from .engine.tracker import Tracker
 
 logger = logging.getLogger("celery_spawn.tracking")
+
+#: Seconds before a spawned child whose start could not be claimed (store down) runs again.
+STORE_RETRY_DELAY = 5.0
 
 
 def is_spawned(task: Task) -> bool:
@@ -51,11 +57,56 @@ def _record(tracker: Tracker, action: str, event: Event, write_now: Callable[...
 
 @celery_signals.task_prerun.connect(weak=False)
 def _on_prerun(sender=None, task_id=None, task=None, **_: Any) -> None:
-    if task is None or claims_its_start(task) or not is_spawned(task):
-        return  # a SpawnTask claims its own start (and can skip a duplicate)
+    if task is None or not is_spawned(task):
+        return
+    copies.entered(task_id)
+    if claims_its_start(task) or copies.is_copy(task.request):
+        return  # it claims its start itself, before its body runs (and can skip a duplicate)
     tracker = tracker_for(task)
     if tracker is not None and tracker.settings.track_started:
+        tracker.worker = copies.worker_identity(task.request.hostname) or tracker.worker
         _record(tracker, "a start", Event(START, task_id), tracker.claim_start, task_id)
+
+
+@celery_signals.task_postrun.connect(weak=False)
+def _on_postrun(sender=None, task_id=None, task=None, **_: Any) -> None:
+    if task is not None and task_id is not None and is_spawned(task):
+        copies.left(task_id)
+
+
+def guard_copies(app: Any) -> None:
+    """Give every task of ``app`` that does not claim its own start the claim a copy of a child needs.
+
+    Called in a worker's main process before its pool starts: the tracers the
+    pool builds call the guarded ``run``. A first delivery runs as before
+    (its start is tracked in the background); a delivery that may be a copy
+    (see :mod:`celery_spawn.engine.copies`) claims the start in the store
+    first, and is skipped when the job already succeeded or still runs.
+    """
+    for task in list(app.tasks.values()):
+        if claims_its_start(task) or task.name.startswith("celery.") or getattr(task.run, GUARDED, False):
+            continue
+        task.run = _guarded(task, task.run)
+
+
+GUARDED = "__spawn_guarded__"
+
+
+def _guarded(task: Task, run: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(run)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        if copies.is_copy(task.request) and is_spawned(task):
+            tracker = tracker_for(task)
+            if tracker is not None:
+                try:
+                    tracker.skip_duplicate(task)
+                except StoreError as exc:  # without the store a copy cannot be told: run later, not twice
+                    logger.warning("%s[%s] waits for the spawn store: %s", task.name, task.request.id, exc)
+                    raise task.retry(exc=exc, countdown=STORE_RETRY_DELAY, max_retries=None) from exc
+        return run(*args, **kwargs)
+
+    setattr(guarded, GUARDED, True)
+    return guarded
 
 
 @celery_signals.task_success.connect(weak=False)

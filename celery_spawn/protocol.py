@@ -19,9 +19,10 @@ SUCCEEDED = "succeeded"
 FAILED = "failed"
 REVOKED = "revoked"
 CANCELLED = "cancelled"    # never ran: a dependency failed, fail_fast, or cancel
+LOST = "lost"              # its message was lost and could not be sent again (counts as a failure)
 
-JOB_STATES = (PENDING, HELD, SCHEDULED, DISPATCHED, STARTED, RETRYING, SUCCEEDED, FAILED, REVOKED, CANCELLED)
-FINAL_JOB_STATES = frozenset({SUCCEEDED, FAILED, REVOKED, CANCELLED})
+JOB_STATES = (PENDING, HELD, SCHEDULED, DISPATCHED, STARTED, RETRYING, SUCCEEDED, FAILED, REVOKED, CANCELLED, LOST)
+FINAL_JOB_STATES = frozenset({SUCCEEDED, FAILED, REVOKED, CANCELLED, LOST})
 UNDISPATCHED_JOB_STATES = frozenset({PENDING, HELD, SCHEDULED})
 #: Final states as a sorted tuple (for ``IN`` lists).
 FINAL = tuple(sorted(FINAL_JOB_STATES))
@@ -52,6 +53,9 @@ HEADER_OPERATION = "spawn_operation"
 HEADER_DEPTH = "spawn_depth"
 #: The strictest ``max_depth`` of the spawns above a child: nested spawns may not lift it.
 HEADER_MAX_DEPTH = "spawn_max_depth"
+#: Set on a message the recovery sweep sends (again): it may be a copy, so the child claims its start
+#: in the store before its body runs, whatever its task class.
+HEADER_RECOVERED = "spawn_recovered"
 
 #: The task keyword argument that carries a call's spawn configuration.
 SPAWN_CONFIG_KWARG = "_spawn_config"
@@ -70,7 +74,7 @@ def operation_state(counts: Mapping[str, int]) -> str:
     """The final state of an operation whose children ended with these counts per state."""
     total = sum(counts.values())
     ok = counts.get(SUCCEEDED, 0)
-    bad = counts.get(FAILED, 0)
+    bad = counts.get(FAILED, 0) + counts.get(LOST, 0)
     stopped = counts.get(CANCELLED, 0) + counts.get(REVOKED, 0)
     if ok == total:
         return OP_SUCCEEDED

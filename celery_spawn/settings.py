@@ -43,6 +43,8 @@ class SpawnSettings:
     #: Seconds a dispatched SpawnTask child may go unstarted, while its operation makes no progress,
     #: before the sweep publishes it again (a message the broker lost); 0 turns that off.
     redeliver_after: float = 3600.0
+    #: Times the sweep publishes again a child that never starts before it records the child ``lost``.
+    redeliver_limit: int = 3
     #: Create or upgrade the store's tables on first use.
     auto_migrate: bool = True
     #: Track the state of spawned children from worker signals.
@@ -181,6 +183,7 @@ _VALIDATORS = {
     "recovery_grace": _seconds(7 * 86_400),
     "schedule_interval": _seconds(3_600),
     "redeliver_after": _seconds(7 * 86_400),
+    "redeliver_limit": _integer(0, 1_000),
     "auto_migrate": _boolean,
     "track_states": _boolean,
     "track_started": _boolean,

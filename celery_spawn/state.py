@@ -148,7 +148,8 @@ def _sweeper(state: SpawnState) -> Sweeper:
     from .engine.recovery import Sweeper
     from .engine.redelivery import Redeliverer
 
-    redeliverer = Redeliverer(state.app, state.store, state.publisher, state.settings.redeliver_after)
+    redeliverer = Redeliverer(state.app, state.store, state.publisher, state.settings.redeliver_after,
+                              state.tracker, state.settings.redeliver_limit)
     return Sweeper(state.app, state.store, state.outbox, state.tracker, state.completion, redeliverer,
                    state.settings.recovery_grace)
 

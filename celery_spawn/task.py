@@ -9,15 +9,12 @@ from celery import Task
 from .config import SpawnConfig
 from .errors import StoreError
 from .handlers import SpawnHandler, SpawnResult
-from .hooks import is_spawned, tracker_for
+from .hooks import STORE_RETRY_DELAY, is_spawned, tracker_for
 from .protocol import SPAWN_CONFIG_KWARG
 from .state import get_state
 
 
 logger = logging.getLogger("celery_spawn.task")
-
-#: Seconds before a spawned SpawnTask child whose start could not be claimed (store down) runs again.
-STORE_RETRY_DELAY = 5.0
 
 
 class SpawnTask(Task):

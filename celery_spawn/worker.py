@@ -86,10 +86,13 @@ class RecoveryStep(_PeriodicStep):
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
+        from .hooks import guard_copies
         from .state import get_state
 
-        # Before any pool process forks (steps are made before any starts): they inherit the driver imported.
+        # Before any pool process forks (steps are made before any starts): they inherit the driver
+        # imported, and every task's guard against running a copy of a child twice.
         get_state(worker.app).store.load_driver()
+        guard_copies(worker.app)
 
     def start(self, worker: Any) -> None:
         from .state import get_state

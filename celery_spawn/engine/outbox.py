@@ -43,7 +43,7 @@ class Outbox:
         self.publisher = publisher
 
     def publish_pending(self, operation_id: str, page_size: int, operation: dict | None = None,
-                        pending: bool = True, recorded: list[dict] | None = None) -> int:
+                        pending: bool = True, recorded: list[dict] | None = None, recovered: bool = False) -> int:
         """Publish every child of an operation that has not reached the broker, a page at a time.
 
         First the children recorded ``dispatched`` after the operation's
@@ -52,8 +52,10 @@ class Outbox:
         dependencies, or put back after a broker failure), marked one by one.
         ``operation`` (a row, or the id, watermark and total of one) saves
         reading it, and ``recorded`` (every child recorded ``dispatched``, by
-        position, as the spawn just wrote them) reading them back. Returns how
-        many children were published.
+        position, as the spawn just wrote them) reading them back. The
+        recovery sweep sends ``recovered`` messages: a child may have gone out
+        before, so it claims its start when it comes. Returns how many
+        children were published.
         """
         page_size = max(page_size, MIN_PUBLISH_PAGE)
         if operation is None:
@@ -64,16 +66,16 @@ class Outbox:
         watermark, total = operation.get("published_through"), operation["total"]
         published = 0
         if watermark is not None and watermark < total - 1:
-            count, complete = self._publish_recorded(operation_id, watermark, total, page_size, recorded)
+            count, complete = self._publish_recorded(operation_id, watermark, total, page_size, recorded, recovered)
             published += count
             if not complete:
                 return published
         if pending:
-            published += self._publish_pending_rows(operation_id, page_size)
+            published += self._publish_pending_rows(operation_id, page_size, recovered)
         return published
 
     def _publish_recorded(self, operation_id: str, watermark: int, total: int, page_size: int,
-                          recorded: list[dict] | None = None) -> tuple[int, bool]:
+                          recorded: list[dict] | None = None, recovered: bool = False) -> tuple[int, bool]:
         """Publish the children recorded ``dispatched`` after ``watermark``; returns (count, finished)."""
         if recorded is not None:
             pages: Iterable[list[dict]] = (recorded[i:i + page_size] for i in range(0, len(recorded), page_size))
@@ -84,7 +86,7 @@ class Outbox:
         for page in pages:
             if page:
                 try:
-                    self.publisher.publish(page)
+                    self.publisher.publish(_marked(page, recovered))
                 except Exception as exc:  # broker trouble: back to pending, for the recovery sweep
                     logger.warning("publishing children of %s failed (%s); the recovery sweep will retry",
                                    operation_id, describe(exc))
@@ -113,7 +115,7 @@ class Outbox:
         except StoreError as exc:  # the watermark still tells the sweep where publishing stopped
             logger.warning("could not mark the unpublished children of %s pending: %s", operation_id, exc)
 
-    def _publish_pending_rows(self, operation_id: str, page_size: int) -> int:
+    def _publish_pending_rows(self, operation_id: str, page_size: int, recovered: bool = False) -> int:
         """Publish pending (not held) children, marking each published one dispatched."""
         published = 0
         after = -1
@@ -124,7 +126,7 @@ class Outbox:
                 return published
             after = page[-1]["position"]
             try:
-                ids = self.publisher.publish(page)
+                ids = self.publisher.publish(_marked(page, recovered))
             except Exception as exc:  # broker trouble: the recovery sweep publishes them later
                 logger.warning("publishing children of %s failed (%s); the recovery sweep will retry",
                                operation_id, describe(exc))
@@ -134,6 +136,14 @@ class Outbox:
             published += len(ids)
 
     # ---- reporting ---------------------------------------------------------------------
+
+
+def _marked(page: list[dict], recovered: bool) -> list[dict]:
+    """The page's rows, each marked ``recovered`` when the recovery sweep sends them."""
+    if recovered:
+        for row in page:
+            row["recovered"] = True
+    return page
 
 
 def _loads(raw: str | None) -> Any:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from kombu.utils.json import loads
 
+from ..protocol import HEADER_RECOVERED
 from .messages import PLAIN_OPTIONS, MessageBuilder, Plan
 
 if TYPE_CHECKING:
@@ -33,6 +34,10 @@ logger = logging.getLogger(__name__)
 
 def decode_message(raw: str) -> dict[str, Any]:
     return loads(raw)
+
+
+#: The header a message sent again by the recovery sweep carries (it may be a copy).
+_RECOVERED = {HEADER_RECOVERED: 1}
 
 
 class Publisher:
@@ -59,9 +64,10 @@ class Publisher:
         return self._publish_messages(children)
 
     def headers(self, child: dict) -> dict | None:
-        """Headers added to a row's message as it leaves (none by default: the stored message carries the
-        spawn headers). The one place to add per-message headers, on every path."""
-        return None
+        """Headers added to a row's message as it leaves: the stored message carries the spawn headers, and
+        a row the recovery sweep sends (``recovered``) says so, so that the child claims its start before
+        it runs. The one place to add per-message headers, on every path."""
+        return _RECOVERED if child.get("recovered") else None
 
     def publish_callback(self, signature: Any, task_id: str, parent_id: str | None, root_id: str | None) -> None:
         """Publish an ``on_complete`` callback (already given its summary) under its deterministic id."""

@@ -127,7 +127,8 @@ class Sweeper:
                 return 0
             # Held children whose dependencies ended while the spawn was being recorded.
             self.store.settle_dependencies(conn, operation_id, self.grace_seconds)
-        count = self.outbox.publish_pending(operation_id, stored_batch_size(operation), operation=operation)
+        count = self.outbox.publish_pending(operation_id, stored_batch_size(operation), operation=operation,
+                                            recovered=True)
         if count:
             logger.warning("recovery published %d stranded children of operation %s", count, operation_id)
         return count

@@ -7,9 +7,13 @@ and the operation never completes. Nothing tells such a child from one that
 waits behind a long queue except time, so the rule is conservative: a
 dispatched child is published again only when no worker started it within
 ``spawn_redeliver_after`` seconds *and* its operation made no progress in
-that time (no sibling started or finished), and only when its task claims
-its start in the store (a :class:`~celery_spawn.SpawnTask`), so that the
-claim drops the copy if the original turns up after all.
+that time (no sibling started or finished). The message goes out marked as
+recovered, so the child claims its start in the store before it runs,
+whatever its task class (see :mod:`celery_spawn.engine.copies`): should the
+original turn up after all, only one of them runs. A child sent again
+``spawn_redeliver_limit`` times without ever starting, or with no stored
+message to send, ends ``lost``: its operation completes, and ``on_complete``
+counts it.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import math
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from ..protocol import LOST
 from ..store import utcnow
 
 if TYPE_CHECKING:
@@ -25,6 +30,7 @@ if TYPE_CHECKING:
 
     from ..store import SpawnStore
     from .publisher import Publisher
+    from .tracker import Tracker
 
 logger = logging.getLogger("celery_spawn.redelivery")
 
@@ -40,11 +46,14 @@ def claims_its_start(task: object) -> bool:
 class Redeliverer:
     """Finds and publishes again the lost dispatched children of one store's stalled operations."""
 
-    def __init__(self, app: Celery, store: SpawnStore, publisher: Publisher, after_seconds: float) -> None:
+    def __init__(self, app: Celery, store: SpawnStore, publisher: Publisher, after_seconds: float,
+                 tracker: Tracker, limit: int = 3) -> None:
         self.app = app
         self.store = store
         self.publisher = publisher
         self.after_seconds = after_seconds
+        self.tracker = tracker
+        self.limit = limit
 
     def redeliver(self, after_seconds: float | None = None, limit: int = 50) -> int:
         """Publish again the lost children of up to ``limit`` stalled operations; returns how many.
@@ -70,15 +79,16 @@ class Redeliverer:
 
     def _redeliver_operation(self, operation_id: str, cutoff) -> int:
         rows = self.store.lease_lost_children(operation_id, cutoff)
-        safe = [r for r in rows if claims_its_start(self.app.tasks.get(r["task_name"])) and r["message"]]
-        unsafe = len(rows) - len(safe)
-        if unsafe:
-            logger.error("%d dispatched children of operation %s never started; they are not SpawnTasks (or not "
-                         "registered here), so publishing them again could run them twice: left alone",
-                         unsafe, operation_id)
-        if not safe:
+        again = [{**r, "recovered": True} for r in rows if r["message"] and r["redeliveries"] <= self.limit]
+        for row in rows:
+            if not row["message"] or row["redeliveries"] > self.limit:
+                reason = (f"lost: its message was sent again {self.limit} times and never started"
+                          if row["message"] else "lost: the broker lost its message and none is stored to send again")
+                self.tracker.finish(row["id"], LOST, reason, operation_id=row["operation_id"])
+                logger.error("child %s of operation %s is %s", row["id"], operation_id, reason)
+        if not again:
             return 0
-        self.publisher.publish(safe)
+        self.publisher.publish(again)
         logger.warning("published again %d children of operation %s that no worker started (lost by the broker?)",
-                       len(safe), operation_id)
-        return len(safe)
+                       len(again), operation_id)
+        return len(again)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 from celery.exceptions import Ignore
 
 from ..protocol import FAILED, STARTABLE, STARTED, SUCCEEDED, error_text
+from .copies import Liveness, is_copy, worker_identity
 from ..store import Finish, utcnow
 from .completion import has_result_backend
 
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from .publisher import Publisher
 
 logger = logging.getLogger("celery_spawn.tracking")
+
+#: The states a first delivery may start from (a job already started is claimed by another delivery).
+_NOT_STARTED = tuple(state for state in STARTABLE if state != STARTED)
 
 #: Successes written together at most for which the dependents they release are published ahead of the write.
 PUBLISH_AHEAD = 8
@@ -118,18 +122,20 @@ class Tracker:
         self.canceller = canceller
         #: The recovery sweep's grace (seconds): how fresh a released child's operation lease must stay.
         self.grace = settings.recovery_grace
+        #: ``nodename/pid`` of this process once it has run a spawned task (what its claims record).
+        self.worker: str | None = None
+        self.liveness = Liveness(app)
 
     # ---- job transitions -------------------------------------------------------------------
     def claim_start(self, job_id: str, may_restart: bool = True) -> bool:
         """Mark a job started; False for a duplicate delivery, whose body must not run.
 
         A job already finished is a duplicate. A job already *started* is one
-        too, unless ``may_restart``: a redelivery after its worker died, or a
-        Celery retry, legitimately runs it again. A job the store does not
-        know (not recorded here) may run.
+        too, unless ``may_restart`` (a Celery retry: the attempt before it has
+        ended). A job the store does not know (not recorded here) may run.
         """
-        startable = STARTABLE if may_restart else tuple(x for x in STARTABLE if x != STARTED)
-        return self.store.claim_start(job_id, startable) is not False
+        startable = STARTABLE if may_restart else _NOT_STARTED
+        return self.store.claim_start(job_id, startable, self.worker) is not False
 
     def retried(self, job_id: str, reason: Any) -> None:
         self.store.mark_retrying(job_id, error_text(reason))
@@ -142,7 +148,7 @@ class Tracker:
 
     def start_many(self, starts: Sequence[tuple[str, Any]]) -> None:
         """Mark jobs started at their own times (the write-behind's batch)."""
-        self.store.start_jobs(list(dict(starts).items()), STARTABLE)
+        self.store.start_jobs(list(dict(starts).items()), STARTABLE, self.worker)
 
     def finish(self, job_id: str, state: str, error: str | None = None, operation_id: str | None = None) -> bool:
         """Move a job to a final state once; the winner releases or cancels its dependents (returns True)."""
@@ -269,8 +275,16 @@ class Tracker:
 
     # ---- duplicates ------------------------------------------------------------------------
     def skip_duplicate(self, task: Task) -> None:
-        """For a SpawnTask child: claim the start, or raise Ignore when it already finished."""
+        """Claim a spawned child's start before its body runs, or raise Ignore for a copy that must not run.
+
+        Every SpawnTask child claims; any other child claims when its message
+        may be a copy (see :mod:`~celery_spawn.engine.copies`). A job already
+        final is never run again. A job already started is run again by a
+        copy only when the run that claimed it is gone (a crash), and by a
+        Celery retry of it.
+        """
         request = task.request
+        self.worker = worker_identity(request.hostname) or self.worker
         redelivered = bool((request.delivery_info or {}).get("redelivered"))
         if redelivered and self._succeeded_before(task):
             # Its worker died after Celery stored the result and before the store (or the broker's ack)
@@ -279,11 +293,23 @@ class Tracker:
             logger.warning("skipping %s[%s]: redelivered after it had succeeded (the result backend says so)",
                            task.name, request.id)
             raise Ignore()
-        may_restart = redelivered or bool(request.retries)
-        if not self.claim_start(request.id, may_restart=may_restart):
-            logger.warning("skipping %s[%s]: another copy already ran or runs (duplicate delivery)",
-                           task.name, request.id)
-            raise Ignore()
+        copy = is_copy(request)
+        if self.claim_start(request.id, may_restart=bool(request.retries) and not copy):
+            return
+        if copy:
+            state, claimed_by = self.store.claim_of(request.id)
+            if state == STARTED and not self.liveness.still_runs(claimed_by, request.id, request.hostname):
+                if self.store.claim_start(request.id, (STARTED,), self.worker, taking_over=claimed_by):
+                    logger.warning("%s[%s] runs again: the run that claimed it (%s) is gone", task.name,
+                                   request.id, claimed_by)
+                    return
+            if state == STARTED:
+                logger.warning("skipping %s[%s]: a copy of a child that still runs (on %s)", task.name,
+                               request.id, claimed_by)
+                raise Ignore()
+        logger.warning("skipping %s[%s]: another copy already ran or runs (duplicate delivery)",
+                       task.name, request.id)
+        raise Ignore()
 
     @staticmethod
     def _succeeded_before(task: Any) -> bool:

@@ -13,13 +13,13 @@ TREE_FORMATS = ("text", "json", "mermaid", "dot")
 STATE_COLOURS = {
     "pending": "yellow", "held": "yellow", "scheduled": "yellow", "dispatched": "blue", "started": "cyan",
     "retrying": "magenta",
-    "succeeded": "green", "failed": "red", "revoked": "bright_black", "cancelled": "bright_black",
+    "succeeded": "green", "failed": "red", "revoked": "bright_black", "cancelled": "bright_black", "lost": "red",
     "running": "cyan", "partially_failed": "yellow",
 }
 #: Fill colours of diagram nodes (light, readable with black text).
 DIAGRAM_FILLS = {
     "pending": "#fff3cd", "held": "#ffe8a1", "scheduled": "#fff3cd", "dispatched": "#cfe2ff", "started": "#cff4fc",
-    "retrying": "#f3d9fa", "succeeded": "#d1e7dd", "failed": "#f8d7da", "revoked": "#e2e3e5",
+    "retrying": "#f3d9fa", "succeeded": "#d1e7dd", "failed": "#f8d7da", "revoked": "#e2e3e5", "lost": "#f8d7da",
     "cancelled": "#e2e3e5",
 }
 #: Diagram labels show ids shortened to this many characters (the full id is in JSON).

@@ -106,14 +106,16 @@ class Dialect:
         return _timed(start, end), sa.func.sum(diff), sa.func.max(diff)
 
     # ---- job transitions ---------------------------------------------------------------------
-    def start_jobs(self, conn: Connection, starts: Sequence[tuple[str, datetime]], startable: Sequence[str]) -> None:
-        """Mark jobs started at their own times, where their state is one of ``startable``."""
+    def start_jobs(self, conn: Connection, starts: Sequence[tuple[str, datetime]], startable: Sequence[str],
+                   worker: str | None = None) -> None:
+        """Mark jobs started at their own times by ``worker``, where their state is one of ``startable``."""
         for chunk in chunked(starts):
             conn.execute(
                 s.jobs.update().where(s.jobs.c.id == sa.bindparam("b_id"),
                                       sa.or_(*(s.jobs.c.state == state for state in startable)))
-                .values(state=s.STARTED, started_at=sa.bindparam("b_started", type_=s.TIMESTAMP)),
-                [{"b_id": job, "b_started": at} for job, at in chunk],
+                .values(state=s.STARTED, started_at=sa.bindparam("b_started", type_=s.TIMESTAMP),
+                        worker=sa.bindparam("b_worker", type_=s.NAME)),
+                [{"b_id": job, "b_started": at, "b_worker": worker} for job, at in chunk],
             )
 
     def finish_jobs(self, conn: Connection, finishes: Sequence[Finish]) -> dict[str, str | None]:
@@ -271,10 +273,11 @@ class PostgresDialect(Dialect):
         else:
             super().insert_jobs(conn, rows)
 
-    def start_jobs(self, conn: Connection, starts: Sequence[tuple[str, datetime]], startable: Sequence[str]) -> None:
+    def start_jobs(self, conn: Connection, starts: Sequence[tuple[str, datetime]], startable: Sequence[str],
+                   worker: str | None = None) -> None:
         for chunk in chunked(starts):
             conn.execute(PG_START, {"ids": [job for job, _ in chunk], "started": [at for _, at in chunk],
-                                     "startable": list(startable)})
+                                     "startable": list(startable), "worker": worker})
 
     def finish_jobs(self, conn: Connection, finishes: Sequence[Finish]) -> dict[str, str | None]:
         won: dict[str, str | None] = {}

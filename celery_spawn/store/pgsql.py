@@ -30,7 +30,7 @@ PG_FINISH = sa.text(f"""
 
 PG_START = sa.text(f"""
     UPDATE {s.jobs.name} AS j
-       SET state = '{s.STARTED}', started_at = v.started_at
+       SET state = '{s.STARTED}', started_at = v.started_at, worker = CAST(:worker AS varchar)
       FROM unnest(CAST(:ids AS varchar[]), CAST(:started AS timestamp[])) AS v(id, started_at)
      WHERE j.id = v.id AND j.state IN :startable
 """).bindparams(sa.bindparam("startable", expanding=True))

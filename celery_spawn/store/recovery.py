@@ -102,11 +102,12 @@ class Recovery(StoreBase):
 
     def lease_lost_children(self, operation_id: str, cutoff: datetime, limit: int = REDELIVERY_PAGE) -> list[dict]:
         """An operation's children dispatched before ``cutoff`` and never started, leased to the caller
-        (their ``dispatched_at`` refreshed: the next look at them is a whole cutoff away)."""
+        (their ``dispatched_at`` refreshed: the next look at them is a whole cutoff away, and their
+        ``redeliveries`` counted: each row says how many times it was sent again, this time included)."""
         with self.begin() as conn:
             lost = self.dialect.for_update(
                 sa.select(s.jobs.c.id, s.jobs.c.parent_id, s.jobs.c.root_id, s.jobs.c.message, s.jobs.c.operation_id,
-                          s.jobs.c.task_name)
+                          s.jobs.c.task_name, s.jobs.c.redeliveries)
                 .where(s.jobs.c.operation_id == operation_id, _never_started(cutoff))
                 .order_by(s.jobs.c.position).limit(limit)
             )
@@ -114,7 +115,9 @@ class Recovery(StoreBase):
             if rows:
                 conn.execute(s.jobs.update().where(s.jobs.c.id.in_([r["id"] for r in rows]),
                                                    s.jobs.c.state == s.DISPATCHED)
-                             .values(dispatched_at=utcnow()))
+                             .values(dispatched_at=utcnow(), redeliveries=s.jobs.c.redeliveries + 1))
+            for row in rows:
+                row["redeliveries"] = (row["redeliveries"] or 0) + 1
         return rows
 
 

@@ -13,7 +13,7 @@ from sqlalchemy.dialects import mysql
 
 # The states live in the protocol module; re-exported here for the store's own code.
 from ..protocol import (  # noqa: F401
-    CALLBACK_FAILED, CALLBACK_PENDING, CALLBACK_SENT, CANCELLED, CHILD_COUNT_COLUMNS, DISPATCHED, FAILED,
+    CALLBACK_FAILED, CALLBACK_PENDING, CALLBACK_SENT, CANCELLED, CHILD_COUNT_COLUMNS, DISPATCHED, FAILED, LOST,
     FINAL_JOB_STATES, HELD, JOB_STATES, OP_CANCELLED, OP_FAILED, OP_PARTIALLY_FAILED, OP_RUNNING, OP_SUCCEEDED,
     OPERATION_STATES, PENDING, RETRYING, REVOKED, SCHEDULED, STARTED, SUCCEEDED, UNDISPATCHED_JOB_STATES,
 )
@@ -102,6 +102,10 @@ jobs = sa.Table(
     sa.Column("finished_at", TIMESTAMP, nullable=True),
     # A ``scheduled`` child's due time (``spawn_delay``): the store holds it until then, not a worker.
     sa.Column("not_before", TIMESTAMP, nullable=True),
+    # Who claimed its start (``hostname/pid``), so a copy of its message can tell whether it still runs.
+    sa.Column("worker", NAME, nullable=True),
+    # How many times the recovery sweep sent it again (a message the broker lost); past a limit: ``lost``.
+    sa.Column("redeliveries", sa.Integer, nullable=False, default=0, server_default="0"),
     # Every index here is paid for by each spawned row (and each state change), so each one serves a query:
     # children by parent and the recursive walks below a job
     sa.Index("ix_spawn_jobs_parent", "parent_id"),

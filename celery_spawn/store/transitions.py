@@ -38,21 +38,30 @@ class Finished(NamedTuple):
 class JobTransitions(Cancels):
     """Starts, retries, finishes and the dependency releases that follow them."""
 
-    def claim_start(self, job_id: str, startable: Sequence[str]) -> bool | None:
-        """Mark a job started if its state is one of ``startable``.
+    def claim_start(self, job_id: str, startable: Sequence[str], worker: str | None = None,
+                    taking_over: str | None = None) -> bool | None:
+        """Mark a job started by ``worker`` if its state is one of ``startable``.
 
-        True when it changed; otherwise False for a job the store has in
-        another state, None for a job it does not know.
+        With ``taking_over``, only while the claim it holds is that one (a
+        copy running again a job whose run is gone). True when it changed;
+        otherwise False for a job the store has in another state, None for a
+        job it does not know.
         """
         with self.begin() as conn:
-            changed = conn.execute(
-                s.jobs.update().where(s.jobs.c.id == job_id, s.jobs.c.state.in_(tuple(startable)))
-                .values(state=s.STARTED, started_at=utcnow())
-            ).rowcount
+            update = s.jobs.update().where(s.jobs.c.id == job_id, s.jobs.c.state.in_(tuple(startable)))
+            if taking_over is not None:
+                update = update.where(s.jobs.c.worker == taking_over)
+            changed = conn.execute(update.values(state=s.STARTED, started_at=utcnow(), worker=worker)).rowcount
             if changed:
                 return True
             state = conn.execute(sa.select(s.jobs.c.state).where(s.jobs.c.id == job_id)).scalar()
         return None if state is None else False
+
+    def claim_of(self, job_id: str) -> tuple[str | None, str | None]:
+        """A job's state and who claimed its start (``nodename/pid``), or ``(None, None)``."""
+        with self.read() as conn:
+            row = conn.execute(sa.select(s.jobs.c.state, s.jobs.c.worker).where(s.jobs.c.id == job_id)).first()
+        return (row.state, row.worker) if row else (None, None)
 
     def job_state(self, job_id: str) -> str | None:
         with self.read() as conn:
@@ -66,12 +75,13 @@ class JobTransitions(Cancels):
                 .values(state=s.RETRYING, retries=s.jobs.c.retries + 1, error=error)
             )
 
-    def start_jobs(self, starts: Sequence[tuple[str, Any]], startable: Sequence[str]) -> None:
-        """Mark jobs started at their own times (a batch). The commit does not wait for the disk:
-        a start lost in a database crash only shows the job ``dispatched`` until it finishes."""
+    def start_jobs(self, starts: Sequence[tuple[str, Any]], startable: Sequence[str],
+                   worker: str | None = None) -> None:
+        """Mark jobs started at their own times by one ``worker`` (a batch). The commit does not wait for
+        the disk: a start lost in a database crash only shows the job ``dispatched`` until it finishes."""
         with self.begin() as conn:
             self.dialect.relax_commit(conn)
-            self.dialect.start_jobs(conn, list(starts), startable)
+            self.dialect.start_jobs(conn, list(starts), startable, worker)
 
     def finish_and_release(self, conn: Connection, finishes: Sequence[Finish], grace_seconds: float) -> Finished:
         """Move jobs to final states, each once, and act on what that ends, in the caller's transaction.

@@ -8,7 +8,8 @@ Run by real workers as ``celery -A tests.reliability.app worker``. On top of
   and with a log line halfway, so that a test can break something mid-spawn;
 * ``rel.unit``, a SpawnTask child that appends one line per execution of its
   body to a file (``SPAWN_TEST_RUNS_DIR``): the proof of "ran exactly once"
-  that does not depend on the store or the broker under test;
+  that does not depend on the store or the broker under test
+  (``rel.plain_unit``: the same as a plain task, ``fanout(plain=True)``);
 * ``rel.broken``, a parent whose handler raises (``rel_halfway``) or hangs
   (``rel_hang``) after yielding some children.
 
@@ -118,6 +119,7 @@ def make_reliability_app(broker: str, backend: str | None, database_url: str, qu
         kwargs = context.parent.kwargs
         pause, marker_at = kwargs.get("pause") or 0, kwargs.get("marker_at")
         child_pause, stall_at = kwargs.get("child_pause") or 0, kwargs.get("stall_at")
+        unit = "rel.plain_unit" if kwargs.get("plain") else "rel.unit"
         for index in range(kwargs["count"]):
             if index == marker_at:
                 logger.warning("%s %s", HALFWAY, context.parent.id)
@@ -126,7 +128,7 @@ def make_reliability_app(broker: str, backend: str | None, database_url: str, qu
             if index == stall_at:
                 yield context.app.signature("rel.stall", args=(index,))
             else:
-                yield context.app.signature("rel.unit", args=(index,), kwargs={"pause": child_pause})
+                yield context.app.signature(unit, args=(index,), kwargs={"pause": child_pause})
 
     @manager.handler("rel_halfway")
     def halfway(context):
@@ -151,7 +153,7 @@ def make_reliability_app(broker: str, backend: str | None, database_url: str, qu
     @app.task(shared=False, name="rel.fanout", base=SpawnTask, bind=True, spawn_handler="rel_many",
               spawn_config=SpawnConfig(max_spawn_count=MAX_CHILDREN, batch_size=50),
               autoretry_for=(StoreError,), retry_kwargs={"max_retries": 60, "countdown": 1})
-    def fanout(self, count, pause=0, marker_at=None, child_pause=0, stall_at=None):
+    def fanout(self, count, pause=0, marker_at=None, child_pause=0, stall_at=None, plain=False):
         return count
 
     @app.task(shared=False, name="rel.stall", base=StallAfterResult, bind=True)
@@ -161,6 +163,14 @@ def make_reliability_app(broker: str, backend: str | None, database_url: str, qu
 
     @app.task(shared=False, name="rel.unit", base=SpawnTask, bind=True)
     def unit(self, index, pause=0):
+        record_run(self.request.id)
+        if pause:
+            time.sleep(pause)
+        return index
+
+    @app.task(shared=False, name="rel.plain_unit", bind=True)
+    def plain_unit(self, index, pause=0):
+        """``rel.unit`` as a plain task: no claim of its own, the worker's guard claims for its copies."""
         record_run(self.request.id)
         if pause:
             time.sleep(pause)

@@ -237,9 +237,10 @@ def drop_message(broker_url: str, queue: str, task_id: str) -> bool:
         client.close()
 
 
-def test_a_child_message_lost_by_the_broker_is_published_again(crash_rig, start_worker):
+@pytest.mark.parametrize("plain", [False, True], ids=["spawntask", "plain"])
+def test_a_child_message_lost_by_the_broker_is_published_again(crash_rig, start_worker, plain):
     backend, app, runs = crash_rig
-    parent = app.tasks["rel.fanout"].apply(kwargs={"count": 5})  # spawns here: five messages wait in Redis
+    parent = app.tasks["rel.fanout"].apply(kwargs={"count": 5, "plain": plain})  # five messages wait in Redis
     assert parent.get() == 5
     lost = children(app, parent.id)[2]
     assert lost["state"] == s.DISPATCHED
@@ -252,3 +253,23 @@ def test_a_child_message_lost_by_the_broker_is_published_again(crash_rig, start_
     assert (operation(app, parent.id) or {}).get("completed"), stuck_children(app, parent.id, [worker])
     assert len(body_runs(runs)[lost["id"]]) == 1
     assert "published again 1 children" in worker.log()
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["spawntask", "plain"])
+def test_a_copy_of_a_running_child_never_runs_beside_it(crash_rig, start_worker, plain):
+    """Children run longer than the broker's visibility timeout (5 s): Redis hands each message out again
+    while the first delivery runs. The copy finds the claim of a live process and is dropped."""
+    backend, app, runs = crash_rig
+    worker = start_worker(backend, "copies", concurrency=4)
+    parent = app.signature("rel.fanout", kwargs={"count": 3, "child_pause": 9, "plain": plain}).delay()
+    assert parent.get(timeout=60) == 3
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not (operation(app, parent.id) or {}).get("completed"):
+        time.sleep(1)
+    assert (operation(app, parent.id) or {}).get("completed"), stuck_children(app, parent.id, [worker])
+    time.sleep(7)  # any copy still in the broker is delivered and dropped meanwhile
+    ran = body_runs(runs)
+    ids = [child["id"] for child in children(app, parent.id)]
+    assert {job: len(ran[job]) for job in ids} == {job: 1 for job in ids}
+    assert all(child["state"] == s.SUCCEEDED for child in children(app, parent.id))
+    assert "a copy of a child that still runs" in worker.log()  # the copies came, and were dropped

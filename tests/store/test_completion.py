@@ -28,7 +28,7 @@ def finished_op(store):
 
 
 ROLLUP = {"children_cancelled": 1, "children_failed": 1, "children_revoked": 0, "children_succeeded": 2,
-          "children_timed": 3}
+          "children_lost": 0, "children_timed": 3}
 
 
 def test_completion_candidate_of_a_finished_operation(finished_op):

@@ -120,7 +120,8 @@ def test_lease_lost_children(store):
     first = store.lease_lost_children("op", cutoff, limit=2)
     assert [r["id"] for r in first] == ["a", "b"]
     assert first[0] == {"id": "a", "parent_id": "root", "root_id": "root", "message": '{"id": "a"}',
-                        "operation_id": "op", "task_name": "tests.child"}
+                        "operation_id": "op", "task_name": "tests.child", "redeliveries": 1}
+    assert job(store, "a")["redeliveries"] == 1 and job(store, "c")["redeliveries"] == 0
     assert job(store, "a")["dispatched_at"] > cutoff and job(store, "c")["dispatched_at"] < cutoff
     assert [r["id"] for r in store.lease_lost_children("op", cutoff)] == ["c"]
     assert store.lease_lost_children("op", cutoff) == []  # leased: a whole cutoff away

@@ -138,3 +138,26 @@ def fail_publishing(monkeypatch) -> None:
         raise ConnectionError("broker unreachable")
 
     monkeypatch.setattr(Publisher, "publish", broker_down)
+
+
+def tracked_app(store_url: str, backend: str | None = None, spawned_children: bool = False):
+    """An app on ``store_url`` whose ``t.parent`` spawns ``t.child`` n times (handler ``kids``)."""
+    app = Celery("tracking", broker="memory://", backend=backend, set_as_current=False)
+    manager = SpawnManager()
+    install(app, manager, database_url=store_url)
+    runs = []
+
+    @app.task(name="t.parent", base=SpawnTask, shared=False)
+    def parent(n):
+        return n
+
+    @app.task(name="t.child", base=SpawnTask if spawned_children else app.Task, shared=False)
+    def child(i):
+        runs.append(i)
+        return i + 1
+
+    @manager.handler("kids")
+    def kids(context):
+        return [child.s(i) for i in range(context.parent.result)]
+
+    return app, parent, child, runs

@@ -348,6 +348,7 @@ def test_stats_from_rollups_equal_stats_from_the_children(store, tracker):
 
     written = rollups(store)
     assert written["op-p1"] == {"children_cancelled": 1, "children_failed": 1, "children_revoked": 1,
+                                "children_lost": 0,
                                 "children_succeeded": 2, "children_timed": 4,
                                 "children_seconds": pytest.approx(12.375, abs=1e-3),
                                 "children_max_seconds": pytest.approx(7.125, abs=1e-3)}

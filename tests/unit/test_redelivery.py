@@ -10,6 +10,7 @@ from celery import Celery
 
 from celery_spawn import SpawnManager, SpawnTask, get_state, install, recover
 from celery_spawn.handlers import default_operation_id
+from celery_spawn.protocol import HEADER_RECOVERED
 from celery_spawn.store import schema as s
 from celery_spawn.store import utcnow
 
@@ -70,19 +71,24 @@ def jobs(app, operation_id: str) -> list[dict]:
             sa.select(s.jobs).where(s.jobs.c.operation_id == operation_id).order_by(s.jobs.c.position)).mappings()]
 
 
-def queued(app) -> list[str]:
-    """Ids of the task messages waiting in the in-memory queue (drains it)."""
-    ids = []
+def queued_messages(app) -> list:
+    """The task messages waiting in the in-memory queue (drains it)."""
+    messages = []
     with app.connection_for_read() as conn:
         queue = conn.SimpleQueue(QUEUE, no_ack=True)
         try:
             while True:
-                ids.append(queue.get(timeout=0.05).headers["id"])
+                messages.append(queue.get(timeout=0.05))
         except queue.Empty:
             pass
         finally:
             queue.close()
-    return ids
+    return messages
+
+
+def queued(app) -> list[str]:
+    """Ids of the task messages waiting in the in-memory queue (drains it)."""
+    return [message.headers["id"] for message in queued_messages(app)]
 
 
 def test_children_idle_past_the_limit_are_published_again_once(rig):
@@ -125,15 +131,35 @@ def test_young_children_are_not_lost(rig):
     assert redeliver(app, after_seconds=60) == 0
 
 
-def test_plain_task_children_are_never_published_twice(rig, caplog):
+def test_plain_task_children_are_published_again_marked_recovered(rig):
     app, parent = rig
     operation_id = spawn(app, parent, 2, plain=True)
+    first = queued(app)
+    age(app, operation_id, 120)
+    assert redeliver(app, after_seconds=60) == 2
+    again = queued_messages(app)
+    assert sorted(m.headers["id"] for m in again) == sorted(first)
+    assert all(m.headers.get(HEADER_RECOVERED) == 1 for m in again)  # the copy claims its start
+
+
+def test_a_child_sent_again_too_often_ends_lost_and_its_operation_completes(rig, caplog):
+    app, parent = rig
+    get_state(app).reload(redeliver_limit=2)
+    operation_id = spawn(app, parent, 1)
     queued(app)
+    for _ in range(2):
+        age(app, operation_id, 120)
+        assert redeliver(app, after_seconds=60) == 1
+        queued(app)
     age(app, operation_id, 120)
     with caplog.at_level(logging.ERROR, logger="celery_spawn.redelivery"):
         assert redeliver(app, after_seconds=60) == 0
-    assert "not SpawnTasks" in caplog.text and operation_id in caplog.text
     assert queued(app) == []
+    [row] = jobs(app, operation_id)
+    assert row["state"] == s.LOST and "sent again 2 times" in row["error"] and row["redeliveries"] == 3
+    with get_state(app).store.read() as conn:
+        operation = get_state(app).store.get_operation(conn, operation_id)
+    assert operation["completed"] and operation["state"] == s.OP_FAILED and operation["children_lost"] == 1
 
 
 def test_zero_turns_redelivery_off_and_recover_uses_the_setting(rig):

@@ -13,9 +13,9 @@ from celery_spawn.config import DEFAULT_MAX_SPAWN_COUNT, HARD_MAX_SPAWN_COUNT
 from celery_spawn.settings import DEFAULT_DATABASE_URL, SpawnSettings
 
 SETTING_NAMES = {"database_url", "max_spawn_count_ceiling", "default_max_spawn_count", "recovery_interval",
-                 "schedule_interval", "recovery_grace", "redeliver_after", "auto_migrate", "track_states",
-                 "track_started", "batch_tracking", "synchronous_commit", "prepared_statements", "api_token",
-                 "engine_options"}
+                 "schedule_interval", "recovery_grace", "redeliver_after", "redeliver_limit", "auto_migrate",
+                 "track_states", "track_started", "batch_tracking", "synchronous_commit", "prepared_statements",
+                 "api_token", "engine_options"}
 
 
 def make_app(**conf) -> Celery:

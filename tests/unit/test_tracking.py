@@ -10,29 +10,7 @@ from celery_spawn import SpawnConfig, SpawnManager, SpawnTask, get_state, instal
 from celery_spawn.handlers import default_operation_id
 from celery_spawn.store import schema as s
 from celery_spawn.protocol import operation_state as _operation_state
-
-
-def tracked_app(store_url: str, backend: str | None = None, spawned_children: bool = False):
-    """An app on ``store_url`` whose ``t.parent`` spawns ``t.child`` n times (handler ``kids``)."""
-    app = Celery("tracking", broker="memory://", backend=backend, set_as_current=False)
-    manager = SpawnManager()
-    install(app, manager, database_url=store_url)
-    runs = []
-
-    @app.task(name="t.parent", base=SpawnTask, shared=False)
-    def parent(n):
-        return n
-
-    @app.task(name="t.child", base=SpawnTask if spawned_children else app.Task, shared=False)
-    def child(i):
-        runs.append(i)
-        return i + 1
-
-    @manager.handler("kids")
-    def kids(context):
-        return [child.s(i) for i in range(context.parent.result)]
-
-    return app, parent, child, runs
+from tests.unit.helpers import tracked_app
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@
 "use strict";
 
 (function () {
-  const FINAL = new Set(["succeeded", "failed", "revoked", "cancelled"]);
+  const FINAL = new Set(["succeeded", "failed", "revoked", "cancelled", "lost"]);
   const JOB_STATES = ["pending", "held", "scheduled", "dispatched", "started", "retrying", "succeeded", "failed", "revoked",
-                      "cancelled"];
+                      "cancelled", "lost"];
   const ID_PATTERN = /^[A-Za-z0-9._:~-]{1,64}$/;
   const TREE_REFRESH_MS = 2000;
   const LIST_REFRESH_MS = 5000;

@@ -1,10 +1,13 @@
-"""Operation labels and scheduled children.
+"""Operation labels, scheduled children, and what recovery needs to send any child again.
 
 Revision ID: 0002
 Revises: 0001
 
 ``spawn_operations.label`` holds the caller's ``operation_id``, which several
-spawns may now share; ``spawn_jobs.not_before`` holds a delayed child's due time.
+spawns may now share; ``spawn_jobs.not_before`` holds a delayed child's due time;
+``spawn_jobs.worker`` who claimed a start, ``spawn_jobs.redeliveries`` how often the
+sweep sent a child again, and ``spawn_operations.children_lost`` the rollup of the
+new ``lost`` state.
 """
 import sqlalchemy as sa
 from alembic import op
@@ -27,11 +30,19 @@ def upgrade() -> None:
                        "WHERE config IS NOT NULL AND config LIKE '%\"operation_id\": \"%'"))
     op.create_index("ix_spawn_operations_label_created", "spawn_operations", ["label", "created_at"])
     op.add_column("spawn_jobs", sa.Column("not_before", TIMESTAMP, nullable=True))
+    op.add_column("spawn_jobs", sa.Column("worker", sa.String(255), nullable=True))
+    op.add_column("spawn_jobs", sa.Column("redeliveries", sa.Integer, nullable=False, server_default="0"))
+    op.add_column("spawn_operations", sa.Column("children_lost", sa.Integer, nullable=True))
+    # Operations completed with a rollup count no lost child.
+    op.execute(sa.text("UPDATE spawn_operations SET children_lost = 0 WHERE children_succeeded IS NOT NULL"))
     op.create_index("ix_spawn_jobs_scheduled_due", "spawn_jobs", ["state", "not_before"],
                     postgresql_where=SCHEDULED_ONLY, sqlite_where=SCHEDULED_ONLY)
 
 
 def downgrade() -> None:
+    op.drop_column("spawn_operations", "children_lost")
+    op.drop_column("spawn_jobs", "redeliveries")
+    op.drop_column("spawn_jobs", "worker")
     op.drop_index("ix_spawn_jobs_scheduled_due", table_name="spawn_jobs")
     op.drop_column("spawn_jobs", "not_before")
     op.drop_index("ix_spawn_operations_label_created", table_name="spawn_operations")

@@ -1,0 +1,106 @@
+"""Copies of a child's message: telling whether the run that claimed the job still goes on.
+
+A broker can hand out a child's message again while the first delivery runs
+(Redis puts an unacknowledged message back once its visibility timeout has
+passed; RabbitMQ after a lost connection), and the recovery sweep sends again
+a message it believes the broker lost. Such a copy claims the job's start in
+the store before its body runs, whatever the task's class. A job already
+started there is run again only when the run that claimed it is gone (its
+worker process exited, or its worker answers no ping); otherwise the copy is
+dropped, so no body ever runs twice at once.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..protocol import HEADER_RECOVERED, request_header
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+logger = logging.getLogger("celery_spawn.copies")
+
+#: Seconds a worker's answer (or silence) to a ping is trusted, per process.
+LIVENESS_TTL = 5.0
+
+#: How many runs of each job id this process is inside right now (a threads pool runs several at once).
+_running_here: collections.Counter[str] = collections.Counter()
+_running_lock = threading.Lock()
+
+
+def entered(job_id: str) -> None:
+    with _running_lock:
+        _running_here[job_id] += 1
+
+
+def left(job_id: str) -> None:
+    with _running_lock:
+        if _running_here[job_id] <= 1:
+            _running_here.pop(job_id, None)
+        else:
+            _running_here[job_id] -= 1
+
+
+def worker_identity(nodename: str | None) -> str | None:
+    """``nodename/pid`` of the process running a task (what a claim records)."""
+    return f"{nodename}/{os.getpid()}" if nodename else None
+
+
+def is_copy(request: Any) -> bool:
+    """Whether this delivery may be a second copy: redelivered by the broker, or sent again by recovery."""
+    return bool((request.delivery_info or {}).get("redelivered")) or bool(request_header(request, HEADER_RECOVERED))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+class Liveness:
+    """Answers "does the run that claimed this job still go on?" for one app's copies."""
+
+    def __init__(self, app: Celery, ping_timeout: float = 1.0) -> None:
+        self.app = app
+        self.ping_timeout = ping_timeout
+        self._nodes: dict[str, tuple[bool, float]] = {}
+
+    def still_runs(self, claimed_by: str | None, job_id: str, nodename: str | None) -> bool:
+        """Whether the run recorded as ``claimed_by`` (``nodename/pid``) may still go on.
+
+        A start recorded without a worker (by an older version, or outside a
+        worker) tells nothing: the copy runs, as a redelivery always did.
+        """
+        if not claimed_by or "/" not in claimed_by:
+            return False
+        node, _, pid_text = claimed_by.rpartition("/")
+        try:
+            pid = int(pid_text)
+        except ValueError:
+            return False
+        if node == nodename:  # this worker: its processes are on this machine
+            if pid == os.getpid():
+                return _running_here.get(job_id, 0) > 1  # the copy itself is one of them
+            return _pid_alive(pid)
+        return self.node_alive(node)
+
+    def node_alive(self, node: str) -> bool:
+        known = self._nodes.get(node)
+        if known is not None and time.monotonic() - known[1] < LIVENESS_TTL:
+            return known[0]
+        try:
+            alive = bool(self.app.control.ping(destination=[node], timeout=self.ping_timeout))
+        except Exception as exc:  # the broker is unreachable: cannot tell, so do not run a second copy
+            logger.warning("could not ping worker %s: %s", node, exc)
+            alive = True
+        self._nodes[node] = (alive, time.monotonic())
+        return alive

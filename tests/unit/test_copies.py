@@ -1,0 +1,133 @@
+"""A copy of a child's message claims the start, whatever the task class, and never runs beside the first."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import sqlalchemy as sa
+from celery.exceptions import Ignore
+
+from celery_spawn import get_state
+from celery_spawn.engine import copies
+from celery_spawn.handlers import default_operation_id
+from celery_spawn.hooks import guard_copies
+from celery_spawn.protocol import HEADER_OPERATION, HEADER_RECOVERED
+from celery_spawn.store import schema as s
+from tests.unit.helpers import tracked_app
+
+NODE = "w1@host"
+
+
+@pytest.fixture(params=[False, True], ids=["plain", "spawntask"])
+def guarded(request, store_url):
+    app, parent, child, runs = tracked_app(store_url, spawned_children=request.param)
+    guard_copies(app)
+    yield app, parent, child, runs
+    get_state(app).store.dispose()
+
+
+def deliver(child, job, *, redelivered=False, recovered=False, node=NODE):
+    """Run ``child``'s call path for one delivery of ``job``, as the worker's tracer would."""
+    headers = {HEADER_OPERATION: job["operation_id"], **({HEADER_RECOVERED: 1} if recovered else {})}
+    child.push_request(id=job["id"], called_directly=False, delivery_info={"redelivered": redelivered},
+                       headers=headers, hostname=node, retries=0)
+    copies.entered(job["id"])
+    try:
+        return child(job["position"])
+    except Ignore:
+        return "ignored"
+    finally:
+        copies.left(job["id"])
+        child.pop_request()
+
+
+def spawned(app, parent, n=1):
+    result = parent.apply(args=(n,), kwargs={"_spawn_config": {"handler": "kids"}})
+    with get_state(app).store.read() as conn:
+        return [dict(r) for r in conn.execute(sa.select(s.jobs).where(
+            s.jobs.c.operation_id == default_operation_id(result.id)).order_by(s.jobs.c.position)).mappings()]
+
+
+def set_claim(app, job_id, state, worker):
+    with get_state(app).store.begin() as conn:
+        conn.execute(s.jobs.update().where(s.jobs.c.id == job_id).values(state=state, worker=worker))
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_copy_of_a_succeeded_child_never_runs(guarded):
+    app, parent, child, runs = guarded
+    [job] = spawned(app, parent)
+    set_claim(app, job["id"], s.SUCCEEDED, f"{NODE}/1")
+    assert deliver(child, job, redelivered=True) == "ignored"
+    assert deliver(child, job, recovered=True) == "ignored"
+    assert runs == []
+
+
+def test_a_copy_of_a_child_running_in_a_live_process_is_dropped(guarded):
+    app, parent, child, runs = guarded
+    [job] = spawned(app, parent)
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        set_claim(app, job["id"], s.STARTED, f"{NODE}/{sibling.pid}")
+        assert deliver(child, job, redelivered=True) == "ignored"
+    finally:
+        sibling.kill()
+        sibling.wait()
+    assert runs == []
+
+
+def test_a_copy_runs_again_a_child_whose_claiming_process_is_gone(guarded):
+    app, parent, child, runs = guarded
+    [job] = spawned(app, parent)
+    set_claim(app, job["id"], s.STARTED, f"{NODE}/{dead_pid()}")
+    assert deliver(child, job, redelivered=True) == 1
+    assert runs == [0]
+    assert get_state(app).store.claim_of(job["id"]) == (s.STARTED, f"{NODE}/{os.getpid()}")
+
+
+def test_a_copy_of_a_child_claimed_on_another_worker_asks_that_worker(guarded, monkeypatch):
+    app, parent, child, runs = guarded
+    [job] = spawned(app, parent)
+    set_claim(app, job["id"], s.STARTED, "w2@elsewhere/123")
+    answers = {"w2@elsewhere": [{"w2@elsewhere": {"ok": "pong"}}]}
+    monkeypatch.setattr(app.control, "ping", lambda destination, timeout: answers.get(destination[0], []))
+    assert deliver(child, job, recovered=True) == "ignored"  # it answers: the first still runs
+    get_state(app).tracker.liveness._nodes.clear()
+    answers.clear()
+    assert deliver(child, job, recovered=True) == 1  # silence: that worker is gone, run it here
+    assert runs == [0]
+
+
+def test_first_deliveries_do_not_claim_in_the_task_path(store_url):
+    app, parent, child, runs = tracked_app(store_url)
+    guard_copies(app)
+    [job] = spawned(app, parent)
+    set_claim(app, job["id"], s.SUCCEEDED, None)  # a first delivery is not checked: no round trip
+    assert deliver(child, job) == 1
+    assert getattr(child.run, "__spawn_guarded__", False)
+    guard_copies(app)  # idempotent: wrapped once
+    assert not getattr(child.run.__wrapped__, "__spawn_guarded__", False)
+    get_state(app).store.dispose()
+
+
+def test_the_same_process_tells_a_second_run_of_a_job_from_the_copy_itself():
+    liveness = copies.Liveness(app=None)
+    me = f"{NODE}/{os.getpid()}"
+    copies.entered("j")
+    try:
+        assert liveness.still_runs(me, "j", NODE) is False  # only the copy itself runs here
+        copies.entered("j")
+        assert liveness.still_runs(me, "j", NODE) is True  # a threads pool: the first runs beside it
+    finally:
+        copies.left("j")
+        copies.left("j")
+    assert copies._running_here == {}
+    assert liveness.still_runs(None, "j", NODE) is False  # no claim recorded: it tells nothing
+    assert liveness.still_runs("garbage", "j", NODE) is False
