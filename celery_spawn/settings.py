@@ -20,10 +20,6 @@ from .config import (DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_PAYLOAD_DEPTH, DEFAU
 DEFAULT_DATABASE_URL = "sqlite:///celery_spawn.sqlite3"
 ENV_PREFIX = "CELERY_SPAWN_"
 CONF_PREFIX = "spawn_"
-#: The lowest payload limits an app may set: a child's message nests its headers two levels deep and
-#: takes a few hundred bytes before any argument.
-MIN_PAYLOAD_DEPTH = 4
-MIN_PAYLOAD_BYTES = 1024
 #: What SQLAlchemy's ``make_url`` accepts as the start of a URL: ``name[+driver]://``.
 _URL_FORM = re.compile(r"^[\w+]+://")
 
@@ -187,8 +183,8 @@ _VALIDATORS = {
     "database_url": _database_url,
     "max_spawn_count_ceiling": _integer(1, HARD_MAX_SPAWN_COUNT),
     "default_max_spawn_count": _integer(0, HARD_MAX_SPAWN_COUNT),
-    "max_payload_depth": _integer(MIN_PAYLOAD_DEPTH, HARD_MAX_PAYLOAD_DEPTH),
-    "max_payload_bytes": _integer(MIN_PAYLOAD_BYTES, HARD_MAX_PAYLOAD_BYTES),
+    "max_payload_depth": _integer(1, HARD_MAX_PAYLOAD_DEPTH),
+    "max_payload_bytes": _integer(1, HARD_MAX_PAYLOAD_BYTES),
     "recovery_interval": _seconds(86_400),
     "recovery_grace": _seconds(7 * 86_400),
     "schedule_interval": _seconds(3_600),

@@ -228,3 +228,19 @@ def test_a_recursion_error_anywhere_in_a_spawn_is_a_refused_spawn(sqlite_rig, mo
     monkeypatch.setattr(ChildRows, "child_row", overflow)
     result = sqlite_rig.spawn({"handler": "plain"}, value="stands")
     sqlite_rig.assert_refused(result, "stands", PayloadTooLarge, "RecursionError")
+
+
+def test_the_depth_counts_only_what_the_caller_and_the_handler_gave(sqlite_url):
+    rig = Rig(sqlite_url, eager=False, max_payload_depth=1)
+    try:
+        rig.manager.register_handler("kwargs", lambda context: [rig.sig(1, payload=context.parent.result)])
+        flat = rig.spawn({"handler": "kwargs"}, value="flat")  # the spawn's own headers are not counted
+        assert rig.operation(flat.id)["state"] == s.OP_RUNNING
+        listed = rig.spawn({"handler": "kwargs"}, value=[1])
+        assert "child #0 (unit.child) kwargs" in rig.operation(listed.id)["error"]
+        metadata = rig.spawn({"handler": "kwargs", "metadata": {"a": 1}}, value="flat")
+        assert "_spawn_config['metadata']" in rig.operation(metadata.id)["error"]
+        assert len(rig.drain()) == 1
+    finally:
+        rig.drain()
+        rig.close()

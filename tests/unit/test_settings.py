@@ -11,7 +11,7 @@ from celery.exceptions import ImproperlyConfigured
 from celery_spawn import get_state, install
 from celery_spawn.config import (DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_PAYLOAD_DEPTH, DEFAULT_MAX_SPAWN_COUNT,
                                  HARD_MAX_PAYLOAD_BYTES, HARD_MAX_PAYLOAD_DEPTH, HARD_MAX_SPAWN_COUNT)
-from celery_spawn.settings import DEFAULT_DATABASE_URL, MIN_PAYLOAD_BYTES, MIN_PAYLOAD_DEPTH, SpawnSettings
+from celery_spawn.settings import DEFAULT_DATABASE_URL, SpawnSettings
 
 SETTING_NAMES = {"database_url", "max_spawn_count_ceiling", "default_max_spawn_count", "max_payload_depth",
                  "max_payload_bytes", "recovery_interval", "schedule_interval", "recovery_grace",
@@ -233,10 +233,10 @@ def test_payload_limits_are_read_from_conf_and_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("name, value", [
-    ("max_payload_depth", 0), ("max_payload_depth", MIN_PAYLOAD_DEPTH - 1), ("max_payload_depth", -1),
+    ("max_payload_depth", 0), ("max_payload_depth", -1),
     ("max_payload_depth", HARD_MAX_PAYLOAD_DEPTH + 1), ("max_payload_depth", 480), ("max_payload_depth", 5000),
     ("max_payload_depth", True), ("max_payload_depth", 64.5), ("max_payload_depth", "deep"),
-    ("max_payload_bytes", 0), ("max_payload_bytes", MIN_PAYLOAD_BYTES - 1), ("max_payload_bytes", -1),
+    ("max_payload_bytes", 0), ("max_payload_bytes", -1),
     ("max_payload_bytes", HARD_MAX_PAYLOAD_BYTES + 1), ("max_payload_bytes", False), ("max_payload_bytes", "1MB"),
 ])
 def test_payload_limits_out_of_range_raise_improperly_configured(name, value):
