@@ -219,6 +219,7 @@ def check_depth(what: str, value: Any, limit: int, setting: str | None = "spawn_
 
 
 def too_deep(what: str, limit: int, setting: str | None = "spawn_max_payload_depth") -> PayloadTooLarge:
+    """The error of a payload nested past ``limit``, naming the setting that bounds it."""
     bound = f"{setting}={limit}" if setting else "the most any payload may nest"
     return PayloadTooLarge(f"{what}: nested more than {limit} levels of lists and dicts deep ({bound})")
 
