@@ -20,7 +20,7 @@ _EXPORTS = {
     "with_spawn_handler": "signatures", "with_spawn_config": "signatures", "depends_on": "signatures",
     # errors
     "SpawnError": "errors", "SpawnConfigError": "errors", "SpawnLimitExceeded": "errors",
-    "SpawnDepthExceeded": "errors", "HandlerNotFound": "errors", "HandlerError": "errors",
+    "SpawnDepthExceeded": "errors", "PayloadTooLarge": "errors", "HandlerNotFound": "errors", "HandlerError": "errors",
     "SpawnValidationError": "errors", "DependencyError": "errors", "OperationConflict": "errors",
     "StoreError": "errors", "JobNotFound": "errors",
 }
@@ -62,6 +62,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         HandlerNotFound,
         JobNotFound,
         OperationConflict,
+        PayloadTooLarge,
         SpawnConfigError,
         SpawnDepthExceeded,
         SpawnError,

@@ -12,7 +12,7 @@ import math
 from datetime import timedelta
 from typing import Any, Mapping
 
-from .errors import SpawnConfigError
+from .errors import PayloadTooLarge, SpawnConfigError
 from .protocol import HARD_MAX_DEPTH
 
 DEFAULT_MAX_SPAWN_COUNT = 100
@@ -23,6 +23,15 @@ HARD_MAX_SPAWN_COUNT = 10_000_000
 HARD_MAX_BATCH_SIZE = 100_000
 HARD_MAX_SPAWN_DELAY_MS = 24 * 3600 * 1000
 MAX_OPERATION_ID_LENGTH = 64
+#: Levels of lists and dicts a payload may nest by default (``spawn_max_payload_depth``).
+DEFAULT_MAX_PAYLOAD_DEPTH = 64
+#: No setting lifts the depth above this: Celery's prefork pool fails to pickle a message whose
+#: arguments nest about 480 levels, and JSON stops near 1,000.
+HARD_MAX_PAYLOAD_DEPTH = 256
+#: Bytes a payload may take encoded by default (``spawn_max_payload_bytes``): a spawn's config, each child's message.
+DEFAULT_MAX_PAYLOAD_BYTES = 1 << 20
+#: No setting lifts the size above RabbitMQ's default largest message.
+HARD_MAX_PAYLOAD_BYTES = 128 << 20
 MAX_HANDLER_NAME_LENGTH = 255
 
 
@@ -164,9 +173,10 @@ class SpawnConfig:
         for name in ("metadata", "on_complete"):
             value = getattr(self, name)
             if value is not None:
+                check_depth(name, value, HARD_MAX_PAYLOAD_DEPTH, setting=None)
                 try:
                     json.dumps(value)
-                except (TypeError, ValueError) as exc:
+                except (TypeError, ValueError, RecursionError) as exc:
                     raise SpawnConfigError(f"{name} must be JSON-serialisable: {exc}") from None
         if self.on_complete is not None:
             if not isinstance(self.on_complete, dict) or not isinstance(self.on_complete.get("task"), str):
@@ -175,6 +185,49 @@ class SpawnConfig:
 
 _FIELDS = [f for f in dataclasses.fields(SpawnConfig) if not f.name.startswith("_")]
 CONFIG_KEYS = frozenset(f.name for f in _FIELDS)
+
+
+_CONTAINERS = (Mapping, list, tuple, set, frozenset)
+
+
+def nesting_depth(value: Any, limit: int = HARD_MAX_PAYLOAD_DEPTH) -> int:
+    """How many lists, tuples, sets and dicts ``value`` nests on its deepest path (a scalar: 0, ``{"a": 1}``: 1).
+
+    Walks without recursion and stops past ``limit`` (returning ``limit + 1``), so no nesting, not even
+    a list that holds itself, can exhaust the stack or take long.
+    """
+    if not isinstance(value, _CONTAINERS):
+        return 0
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                return limit + 1
+        for inner in (item.values() if isinstance(item, Mapping) else item):
+            if isinstance(inner, _CONTAINERS):
+                stack.append((inner, depth + 1))
+    return deepest
+
+
+def check_depth(what: str, value: Any, limit: int, setting: str | None = "spawn_max_payload_depth") -> None:
+    """Refuse ``value`` with :class:`PayloadTooLarge` when it nests more than ``limit`` levels."""
+    if nesting_depth(value, limit) > limit:
+        raise too_deep(what, limit, setting)
+
+
+def too_deep(what: str, limit: int, setting: str | None = "spawn_max_payload_depth") -> PayloadTooLarge:
+    """The error of a payload nested past ``limit``, naming the setting that bounds it."""
+    bound = f"{setting}={limit}" if setting else "the most any payload may nest"
+    return PayloadTooLarge(f"{what}: nested more than {limit} levels of lists and dicts deep ({bound})")
+
+
+def check_size(what: str, encoded: str | bytes | None, limit: int) -> None:
+    """Refuse an encoded payload with :class:`PayloadTooLarge` when it is longer than ``limit`` bytes."""
+    if encoded is not None and len(encoded) > limit:
+        raise PayloadTooLarge(f"{what}: {len(encoded)} bytes encoded, more than spawn_max_payload_bytes={limit}")
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:

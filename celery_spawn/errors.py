@@ -33,6 +33,10 @@ class SpawnDepthExceeded(SpawnError):
     """Spawning would nest the tree deeper than ``max_depth``."""
 
 
+class PayloadTooLarge(SpawnError, ValueError):
+    """A payload nests deeper than ``spawn_max_payload_depth`` or encodes larger than ``spawn_max_payload_bytes``."""
+
+
 class DependencyError(SpawnError):
     """A dependency is a cycle, a self-dependency, or names an unknown job."""
 

@@ -14,7 +14,8 @@ from typing import Any, Mapping
 
 from celery.exceptions import ImproperlyConfigured
 
-from .config import DEFAULT_MAX_SPAWN_COUNT, HARD_MAX_SPAWN_COUNT
+from .config import (DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_PAYLOAD_DEPTH, DEFAULT_MAX_SPAWN_COUNT,
+                     HARD_MAX_PAYLOAD_BYTES, HARD_MAX_PAYLOAD_DEPTH, HARD_MAX_SPAWN_COUNT)
 
 DEFAULT_DATABASE_URL = "sqlite:///celery_spawn.sqlite3"
 ENV_PREFIX = "CELERY_SPAWN_"
@@ -33,6 +34,11 @@ class SpawnSettings:
     max_spawn_count_ceiling: int = HARD_MAX_SPAWN_COUNT
     #: ``max_spawn_count`` when neither the task nor the call sets one.
     default_max_spawn_count: int = DEFAULT_MAX_SPAWN_COUNT
+    #: Levels of lists and dicts a ``_spawn_config`` (its ``metadata`` included) and each child's arguments
+    #: and options may nest; a deeper one refuses the spawn before anything is recorded or published.
+    max_payload_depth: int = DEFAULT_MAX_PAYLOAD_DEPTH
+    #: Bytes a spawn's config and each child's message may take encoded (JSON); a larger one refuses the spawn.
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     #: Seconds between recovery sweeps in each worker; 0 turns the sweep off.
     recovery_interval: float = 30.0
     #: Seconds between a worker's looks for scheduled children that are due (how late a delayed child may
@@ -179,6 +185,8 @@ _VALIDATORS = {
     "database_url": _database_url,
     "max_spawn_count_ceiling": _integer(1, HARD_MAX_SPAWN_COUNT),
     "default_max_spawn_count": _integer(0, HARD_MAX_SPAWN_COUNT),
+    "max_payload_depth": _integer(1, HARD_MAX_PAYLOAD_DEPTH),
+    "max_payload_bytes": _integer(1, HARD_MAX_PAYLOAD_BYTES),
     "recovery_interval": _seconds(86_400),
     "recovery_grace": _seconds(7 * 86_400),
     "schedule_interval": _seconds(3_600),

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 from celery.canvas import Signature
 from kombu.utils.json import dumps
 
-from ..config import SpawnConfig
-from ..errors import DependencyError, HandlerError, SpawnConfigError
+from ..config import (DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_PAYLOAD_DEPTH, SpawnConfig, check_depth, check_size,
+                      nesting_depth, too_deep)
+from ..errors import DependencyError, HandlerError, PayloadTooLarge, SpawnConfigError
 from ..handlers import ParentJob, SpawnContext, bind_arguments
 from ..protocol import (DEPENDS_ON_OPTION, DISPATCHED, HEADER_DEPTH, HEADER_MAX_DEPTH, HEADER_OPERATION, HELD,
                         IGNORE_FAILURE_OPTION, OP_RUNNING, PENDING, SCHEDULED, SPAWN_CONFIG_KWARG, SUCCEEDED,
@@ -104,10 +105,15 @@ def _storable_name(name: Any) -> bool:
 
 
 def effective_config(settings: SpawnSettings, task: Task, call_config: Any) -> SpawnConfig:
-    """Named defaults, then the task's ``spawn_config``/``spawn_handler``, then the call's ``_spawn_config``."""
+    """Named defaults, then the task's ``spawn_config``/``spawn_handler``, then the call's ``_spawn_config``.
+
+    Each source's nesting is measured before it is parsed, so that none can exhaust the stack.
+    """
     ceiling = settings.max_spawn_count_ceiling
     config = SpawnConfig(max_spawn_count=min(settings.default_max_spawn_count, ceiling))
     task_config = getattr(task, "spawn_config", None)
+    check_config_depth(f"spawn_config of {task.name}", task_config, settings.max_payload_depth)
+    check_config_depth("_spawn_config", call_config, settings.max_payload_depth)
     if task_config is not None:
         config = config.merged(task_config)
     task_handler = getattr(task, "spawn_handler", None)
@@ -122,11 +128,27 @@ def effective_config(settings: SpawnSettings, task: Task, call_config: Any) -> S
     return config
 
 
+def check_config_depth(what: str, source: Any, limit: int) -> None:
+    """Refuse a config (a SpawnConfig or its payload) nesting more than ``limit`` levels, naming the deepest key."""
+    values = source.to_dict() if isinstance(source, SpawnConfig) else source
+    if nesting_depth(values, limit) <= limit:
+        return
+    if isinstance(values, Mapping):
+        for key, value in values.items():
+            if isinstance(key, str) and key.isidentifier() and nesting_depth(value, limit) >= limit:
+                what = f"{what}[{key!r}]"
+                break
+    raise too_deep(what, limit)
+
+
 class ChildRows:
     """Builds the rows of one app's spawns (and remembers how its tasks route)."""
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, max_payload_depth: int = DEFAULT_MAX_PAYLOAD_DEPTH,
+                 max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES) -> None:
         self.app = app
+        self.max_payload_depth = max_payload_depth
+        self.max_payload_bytes = max_payload_bytes
         self._route_cache: dict[str, str | None] = {}
 
     def child_row(self, sig: Any, position: int, context: SpawnContext, seen: set[str],
@@ -138,6 +160,8 @@ class ChildRows:
         name = sig.task
         if not isinstance(name, str) or not name or not name.isprintable():
             raise HandlerError(f"{where} has no valid task name: {name!r}")
+        for part, value in (("args", sig.args), ("kwargs", sig.kwargs), ("options", sig.options)):
+            check_depth(f"{where} ({name}) {part}", value, self.max_payload_depth)
         options = dict(sig.options)
         user_chosen = bool(options.get("task_id")) and not context.generated(options["task_id"])
         job_id = options.get("task_id") or context.next_child_id()
@@ -174,6 +198,9 @@ class ChildRows:
                              "options": publish})
         except (TypeError, ValueError) as exc:
             raise HandlerError(f"{where} ({name}) cannot be serialised to JSON: {exc}") from None
+        except RecursionError:
+            raise PayloadTooLarge(f"{where} ({name}) nests too deeply to be serialised to JSON") from None
+        check_size(f"{where} ({name}) message", message, self.max_payload_bytes)
 
         pending_deps = sum(1 for d in depends if d != parent.id)
         row = {

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import itertools
 import logging
+import reprlib
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from celery.canvas import Signature
 from kombu.utils.json import dumps
 
 from .. import signals
-from ..config import SpawnConfig
+from ..config import HARD_MAX_PAYLOAD_DEPTH, SpawnConfig, check_size, nesting_depth
 from ..errors import (
     DependencyError,
     HandlerError,
     OperationConflict,
+    PayloadTooLarge,
     SpawnDepthExceeded,
     SpawnError,
     SpawnLimitExceeded,
@@ -58,7 +60,7 @@ class Spawner:
         self.store = store
         self.outbox = outbox
         self.completion = completion
-        self.rows = ChildRows(app)
+        self.rows = ChildRows(app, settings.max_payload_depth, settings.max_payload_bytes)
 
     # ---- entry point -------------------------------------------------------------------
     def spawn(self, task: Task, result: Any, call_config: Any) -> SpawnResult | None:
@@ -95,6 +97,10 @@ class Spawner:
                 raise
             self._refused(task, parent, operation_id, handler_name, config, call_config, exc)
             return None
+        except RecursionError:  # a payload no limit measured: refused all the same, the parent's result stands
+            exc = PayloadTooLarge("a payload nested too deeply to be handled (RecursionError)")
+            self._refused(task, parent, operation_id, handler_name, config, call_config, exc)
+            return None
 
     def _id_for_label(self, label: str, parent_id: str) -> str:
         """The label itself while it is free (or already ours), else this parent's ``label~hash`` id."""
@@ -129,11 +135,12 @@ class Spawner:
         context = SpawnContext(parent, config, self.app, operation_id)
         context.inherited_max_depth = inherited_max_depth(task)
         now = utcnow()
+        record = operation_row(parent, config, operation_id, handler_name, now)
+        check_size("spawn config", record["config"], self.settings.max_payload_bytes)
         with self.store.begin() as conn:
             if existing is not None:
                 self.store.delete_operation(conn, operation_id)
-            if not self.store.insert_operation(conn, operation_row(parent, config, operation_id, handler_name,
-                                                                   now)):
+            if not self.store.insert_operation(conn, record):
                 raise _IdTaken(f"operation_id {operation_id!r} was taken by another parent's spawn")
             self.store.ensure_job(conn, root_row(parent, now))
             total, edge_count, recorded = self._record_children(conn, handler, handler_name, context, now)
@@ -181,6 +188,8 @@ class Spawner:
                         "children; nothing was dispatched")
                 try:
                     row, child_edges, user_chosen = self.rows.child_row(sig, total, context, seen, now)
+                except SpawnError:
+                    raise
                 except (TypeError, ValueError, AttributeError) as exc:
                     raise HandlerError(f"child #{total} has malformed options: {describe(exc)}") from None
                 if user_chosen:
@@ -239,10 +248,11 @@ class Spawner:
                  config: SpawnConfig | None, call_config: Any, exc: SpawnError) -> None:
         logger.error("spawn of %s[%s] refused: %s", parent.name, parent.id, exc)
         now = utcnow()
-        raw_config = config.to_dict() if config is not None else _safe_config_text(call_config)
+        config_text = dumps(config.to_dict()) if config is not None else _safe_config_text(call_config)
+        if len(config_text) > self.settings.max_payload_bytes:
+            config_text = config_text[:REFUSED_CONFIG_CHARS]
         row = operation_row(parent, config, operation_id, handler_name, now)
-        row.update(state=OP_FAILED, error=f"{type(exc).__name__}: {exc}"[:10000],
-                   config=raw_config if isinstance(raw_config, str) else dumps(raw_config), finished_at=now)
+        row.update(state=OP_FAILED, error=f"{type(exc).__name__}: {exc}"[:10000], config=config_text, finished_at=now)
         if isinstance(exc, OperationConflict):
             row["id"] = default_operation_id(parent.id)  # the explicit id belongs to another parent
         self.store.record_failed_operation(row, fallback_id=default_operation_id(parent.id))
@@ -301,11 +311,18 @@ class StoredChildIds(Sequence[str]):
         return f"<{len(self)} child ids of operation {self._operation_id}>"
 
 
+#: How much of a refused config too large to keep whole is kept with its failed operation.
+REFUSED_CONFIG_CHARS = 2000
+
+
 def _safe_config_text(raw: Any) -> str:
+    """A refused call config as text: its JSON, else its repr; a short repr when it nests too deeply for either."""
+    if nesting_depth(raw, HARD_MAX_PAYLOAD_DEPTH) > HARD_MAX_PAYLOAD_DEPTH:
+        return reprlib.repr(raw)
     try:
         return dumps(raw)
     except Exception:
-        return repr(raw)[:2000]
+        return repr(raw)[:REFUSED_CONFIG_CHARS]
 
 
 def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

@@ -90,6 +90,24 @@ def junk_output(app: Celery, kind: str):
     return outputs[kind]()
 
 
+def register_fuzz_targets(app: Celery) -> None:
+    """The tasks and handlers the fuzz tests' real-worker variants name (see :mod:`tests.fuzzing`)."""
+    from tests.fuzzing import FUZZ_CHILD, FUZZ_PARENT, fuzz_handlers, unpack_output
+
+    manager = get_state(app).manager
+    for name, handler in fuzz_handlers(lambda *args: app.signature(FUZZ_CHILD, args=args), FUZZ_PARENT).items():
+        manager.register_handler(name, handler)
+    manager.register_handler("fz.out", lambda context: unpack_output(context.parent.kwargs["output"]))
+
+    @app.task(shared=False, name=FUZZ_PARENT, base=SpawnTask)
+    def fuzz_parent(value, **_):
+        return value
+
+    @app.task(shared=False, name=FUZZ_CHILD)
+    def fuzz_child(*args, **kwargs):
+        return len(args)
+
+
 def _raising(items):
     yield from items
     raise LookupError("the catalogue is gone")
@@ -149,6 +167,16 @@ def make_reliability_app(broker: str, backend: str | None, database_url: str, qu
     def junk(context):
         """What a buggy handler returns, by ``kind`` (see JUNK)."""
         return junk_output(context.app, context.parent.kwargs["kind"])
+
+    @manager.handler("rel_deep")
+    def deep(context):
+        """One rel.unit child whose kwargs nest ``levels`` dicts deep (built here: no message could carry it)."""
+        payload: object = "leaf"
+        for _ in range(context.parent.kwargs["levels"]):
+            payload = {"k": payload}
+        return [context.app.signature("rel.unit", args=(0,), kwargs={"payload": payload})]
+
+    register_fuzz_targets(app)
 
     @app.task(shared=False, name="rel.fanout", base=SpawnTask, bind=True, spawn_handler="rel_many",
               spawn_config=SpawnConfig(max_spawn_count=MAX_CHILDREN, batch_size=50),

@@ -215,6 +215,14 @@ def wait_completed(app, parent_id: str, timeout: float = TIMEOUT) -> dict:
                                        f"(children: {state_counts(app, parent_id)})")
 
 
+def assert_worker_still_works(app, worker) -> None:
+    """The worker process lives, and a new spawn of three children runs to completion."""
+    assert worker.proc.poll() is None, "the worker died"
+    parent = app.signature("rel.fanout", kwargs={"count": 3}).delay()
+    assert parent.get(timeout=TIMEOUT) == 3
+    assert wait_completed(app, parent.id)["state"] == s.OP_SUCCEEDED
+
+
 def ensure_callback_table(app) -> None:
     with get_state(app).store.begin() as conn:
         callbacks.create(conn, checkfirst=True)

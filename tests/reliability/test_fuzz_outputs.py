@@ -1,7 +1,7 @@
 """Arbitrary handler outputs and ``_spawn_config`` values at a spawn, in eager mode on a real store.
 
 Hypothesis builds what a handler returns: lists, tuples and generators
-(which may raise halfway) mixing signatures (with odd options, non-JSON
+(which may raise halfway) mixing signatures (with odd options, non-JSON or deeply nested
 arguments, unknown task names), their dict form, groups, chains, chords,
 None, strings and numbers, or a single one of those instead of an iterable.
 The parent runs with ``task_always_eager`` (children run in-process too) on
@@ -15,34 +15,21 @@ SQLite and PostgreSQL. Whatever comes out:
 """
 from __future__ import annotations
 
-import datetime
-import decimal
 import itertools
 import uuid
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from celery import Celery, chain, chord, group
+from celery import Celery
 from celery.canvas import Signature
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from celery_spawn import SpawnError, SpawnManager, SpawnTask, install, signals
 from celery_spawn.signatures import DEPENDS_ON_OPTION, IGNORE_FAILURE_OPTION
 from celery_spawn.store import schema as s
+from tests.fuzzing import SPAWN_ERROR_NAMES, Output, output_configs, outputs
 from tests.harness import throwaway_database
-
-
-def _subclasses(cls: type) -> set[type]:
-    found = set()
-    for sub in cls.__subclasses__():
-        found |= {sub} | _subclasses(sub)
-    return found
-
-
-#: The documented error names a failed operation's error may start with.
-DOCUMENTED = {cls.__name__ for cls in _subclasses(SpawnError)} | {"SpawnError"}
 
 
 class EagerRig:
@@ -89,131 +76,6 @@ class EagerRig:
             return [dict(r) for r in conn.execute(query).mappings()]
 
 
-# ---- strategies ---------------------------------------------------------------------------------
-json_scalars = st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.floats() | st.text(max_size=8)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3)
-                           | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=6)
-odd_values = (st.builds(object) | st.binary(max_size=4) | st.sets(st.integers(), max_size=2)
-              | st.complex_numbers(allow_nan=False) | st.just(datetime.datetime(2020, 1, 1))
-              | st.just(decimal.Decimal("1.5")) | st.just(uuid.UUID(int=1)) | st.just(lambda: None))
-any_values = json_values | odd_values
-ids = st.none() | st.text(max_size=70) | st.sampled_from(["", " ", "dup-id", "x" * 65, "a\nb", "\x00"])
-id_lists = (st.none() | st.lists(st.text(max_size=6) | st.integers(), max_size=3) | st.integers()
-            | st.text(max_size=4) | st.builds(object))
-
-#: Signature options a handler may set, with odd values among the plausible ones.
-OPTION_VALUES = {
-    "queue": st.none() | st.text(max_size=10) | st.integers() | st.just(""),
-    "priority": st.none() | st.integers(-10, 300) | st.text(max_size=3),
-    "countdown": st.none() | st.floats() | st.text(max_size=3),
-    "expires": st.none() | st.integers(-5, 5) | st.text(max_size=3),
-    "headers": st.none() | st.dictionaries(st.text(max_size=5), json_values, max_size=2) | st.text(max_size=3)
-    | st.lists(st.integers(), max_size=2) | st.integers() | st.dictionaries(st.integers(), st.integers(), max_size=1),
-    "task_id": ids,
-    "routing_key": st.none() | st.text(max_size=5),
-    "exchange": st.none() | st.text(max_size=5),
-    DEPENDS_ON_OPTION: id_lists,
-    IGNORE_FAILURE_OPTION: id_lists,
-    "retry": st.booleans(),
-    "link": st.none() | st.just(Signature("fz.child")),
-    "time_limit": st.none() | st.integers(-1, 5) | st.text(max_size=2),
-}
-options = st.lists(st.sampled_from(sorted(OPTION_VALUES)), max_size=2, unique=True).flatmap(
-    lambda keys: st.fixed_dictionaries({key: OPTION_VALUES[key] for key in keys}))
-
-
-@st.composite
-def odd_signatures(draw) -> Signature:
-    """A signature with one or two odd traits: options, non-JSON arguments, a strange task name."""
-    name = draw(st.sampled_from(["fz.child"] * 8 + ["no.such.task", "fz.parent"]) | st.text(max_size=6)
-                | st.none() | st.integers())
-    args = draw(st.lists(any_values if draw(st.booleans()) else json_values, max_size=3))
-    kwargs = draw(st.dictionaries(st.text(max_size=4) | st.integers(), json_values, max_size=2))
-    sig = Signature("fz.child", args=args, kwargs=kwargs, options=draw(options))
-    sig["task"] = name  # any name, also one that is not a string
-    return sig
-
-
-def _canvas(draw_sigs: list[Signature], kind: str) -> Any:
-    if kind == "group":
-        return group(draw_sigs)
-    if kind == "chain":
-        return chain(*draw_sigs) if draw_sigs else chain()
-    return chord(draw_sigs, Signature("fz.child"))
-
-
-good = st.builds(lambda args: Signature("fz.child", args=args), st.lists(json_values, max_size=2))
-junk = st.one_of(
-    st.builds(lambda sig: dict(sig), good),  # a signature's dict form is not a signature
-    st.none(), st.text(max_size=5), st.integers(), st.floats(), st.booleans(), st.binary(max_size=3),
-    st.builds(_canvas, st.lists(good, max_size=3), st.sampled_from(["group", "chain", "chord"])),
-    st.lists(good, max_size=2),
-)
-#: Mostly good signatures, often odd ones, sometimes junk.
-items = st.one_of(good, good, good, good, odd_signatures(), odd_signatures(), junk)
-errors = st.sampled_from([RuntimeError("source went away"), ValueError("bad row"), KeyError("missing"),
-                          TypeError("odd"), ZeroDivisionError(), StopIteration(), UnicodeDecodeError(
-                              "utf-8", b"\xff", 0, 1, "invalid"), RecursionError()])
-
-
-class Output:
-    """What the handler returns, and the items it holds (a generator cannot be looked at twice)."""
-
-    def __init__(self, value: Any, items: list) -> None:
-        self.value = value
-        self.items = items
-
-    def __repr__(self) -> str:
-        return f"Output({type(self.value).__name__}: {self.items!r})"
-
-
-def _generator(produced: list, error: BaseException | None) -> Iterator[Any]:
-    yield from produced
-    if error is not None:
-        raise error
-
-
-@st.composite
-def outputs(draw) -> Output:
-    produced = draw(st.lists(items, max_size=8))
-    form = draw(st.sampled_from(["list"] * 4 + ["tuple", "generator", "generator", "single", "none", "scalar",
-                                                "dict", "string", "group"]))
-    if form == "list":
-        return Output(produced, produced)
-    if form == "tuple":
-        return Output(tuple(produced), produced)
-    if form == "generator":
-        return Output(_generator(produced, draw(st.none() | errors)), produced)
-    if form == "single":
-        item = draw(items)
-        return Output(item, [item])
-    if form == "none":
-        return Output(None, [])
-    if form == "scalar":
-        return Output(draw(st.integers() | st.floats() | st.booleans() | st.builds(object)), [])
-    if form == "dict":
-        return Output({str(i): item for i, item in enumerate(produced)}, [])
-    if form == "string":
-        return Output(draw(st.text(max_size=6)), [])
-    sigs = [p for p in produced if isinstance(p, Signature)]
-    return Output(group(sigs), sigs)
-
-
-configs = st.fixed_dictionaries({"handler": st.just("fz.out")}, optional={
-    "max_spawn_count": st.integers(0, 12),
-    "batch_size": st.integers(1, 3),
-    "max_depth": st.integers(1, 3) | st.just(0),
-    "operation_id": st.none() | st.text(min_size=1, max_size=70) | st.sampled_from(["op-shared", "op-shared-2"]),
-    "inherit_queue": st.booleans(),
-    "inherit_priority": st.booleans(),
-    "spawn_delay_ms": st.integers(0, 3),
-    "fail_fast": st.booleans(),
-    "metadata": st.dictionaries(st.text(max_size=4), json_values, max_size=2),
-    "on_complete": st.just({"task": "fz.child"}),
-    "wait_for_descendants": st.booleans(),
-})
-
-
 # ---- the checks -----------------------------------------------------------------------------------
 def check(rig: EagerRig, output: Output, config: dict) -> None:
     before = len(rig.failures)
@@ -230,7 +92,7 @@ def check(rig: EagerRig, output: Output, config: dict) -> None:
         rows = counts.get(op["id"], 0)
         if op["state"] == s.OP_FAILED and not op["total"]:
             assert rows == 0, f"a failed operation kept {rows} child rows: {op}"
-            assert op["error"] and op["error"].split(":", 1)[0] in DOCUMENTED, op["error"]
+            assert op["error"] and op["error"].split(":", 1)[0] in SPAWN_ERROR_NAMES, op["error"]
         else:
             assert rows == op["total"], f"half-written operation: {rows} rows, total {op['total']}: {op}"
     assert set(counts) <= {op["id"] for op in operations}, "child rows without an operation"
@@ -257,20 +119,20 @@ def postgres_fuzz_rig():
 
 
 @settings(FUZZ, max_examples=300)
-@given(output=outputs(), config=configs)
+@given(output=outputs(), config=output_configs())
 def test_handler_outputs_on_sqlite(sqlite_fuzz_rig, output, config):
     check(sqlite_fuzz_rig, output, config)
 
 
 @settings(FUZZ, max_examples=80)
-@given(output=outputs(), config=configs)
+@given(output=outputs(), config=output_configs())
 def test_handler_outputs_on_postgresql(postgres_fuzz_rig, output, config):
     check(postgres_fuzz_rig, output, config)
 
 
 @pytest.mark.slow
 @settings(FUZZ, max_examples=3000)
-@given(output=outputs(), config=configs)
+@given(output=outputs(), config=output_configs())
 def test_handler_outputs_on_sqlite_long(sqlite_fuzz_rig, output, config):
     check(sqlite_fuzz_rig, output, config)
 

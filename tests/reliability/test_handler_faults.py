@@ -18,13 +18,13 @@ from tests.reliability.helpers import (
     TIMEOUT,
     RelBackend,
     RelWorker,
+    assert_worker_still_works,
     body_runs,
     children,
     new_queue,
     operation,
     operations_of,
     rows,
-    wait_completed,
 )
 
 
@@ -56,13 +56,6 @@ def assert_failed_without_children(app, parent_id: str, runs, generated: int, *e
     assert not set(ids) & set(body_runs(runs)), "children generated before the failure ran"
     assert len(operations_of(app, parent_id)) == 1
     return op
-
-
-def assert_worker_still_works(app, worker) -> None:
-    assert worker.proc.poll() is None, "the worker died"
-    parent = app.signature("rel.fanout", kwargs={"count": 3}).delay()
-    assert parent.get(timeout=TIMEOUT) == 3
-    assert wait_completed(app, parent.id)["state"] == s.OP_SUCCEEDED
 
 
 def test_handler_raising_halfway_records_a_failed_operation_and_no_child(faults):

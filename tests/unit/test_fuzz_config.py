@@ -7,84 +7,22 @@ operation has exactly ``total`` child rows, and a refused one has none.
 from __future__ import annotations
 
 import itertools
-import types
 import uuid
 
 import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from celery_spawn import SpawnConfig, SpawnError
-from celery_spawn.config import CONFIG_KEYS
+from celery_spawn import SpawnError
 from celery_spawn.store import schema as s
+from tests.fuzzing import SPAWN_ERROR_NAMES, configs, fuzz_handlers, json_values, python_values
 from tests.unit.helpers import Rig
-
-HANDLERS = ["fan", "stream", "halfway", "unit.parent"]
-
-
-def _all_subclasses(cls: type) -> set[type]:
-    found = set()
-    for sub in cls.__subclasses__():
-        found |= {sub} | _all_subclasses(sub)
-    return found
-
-
-SPAWN_ERROR_NAMES = {cls.__name__ for cls in _all_subclasses(SpawnError)} | {"SpawnError"}
-
-json_scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
-                | st.sampled_from([0, -1, 1, 2 ** 31, 2 ** 63, 10 ** 30, "", " ", "\x00", "fan"]))
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=3)
-                           | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
-python_values = (json_values | st.binary(max_size=4) | st.sets(st.integers(), max_size=2)
-                 | st.tuples(st.integers()) | st.complex_numbers() | st.builds(object)
-                 | st.builds(lambda: types.SimpleNamespace(handler="fan")))
-
-PLAUSIBLE = {
-    "handler": st.sampled_from(HANDLERS + ["missing"]) | st.text(max_size=8),
-    "max_spawn_count": st.integers(-2, 6) | st.sampled_from([10 ** 7, 10 ** 7 + 1, 2 ** 64]),
-    "operation_id": st.none() | st.text(max_size=70),
-    "inherit_priority": st.booleans(),
-    "inherit_queue": st.booleans(),
-    "spawn_delay_ms": st.integers(-1, 20),
-    "batch_size": st.integers(-1, 4),
-    "metadata": st.none() | st.dictionaries(st.text(max_size=5), json_values, max_size=3),
-    "max_depth": st.integers(-1, 3),
-    "on_complete": st.none() | st.fixed_dictionaries({"task": st.sampled_from(["unit.child", "missing.task"])}),
-    "wait_for_descendants": st.booleans(),
-    "fail_fast": st.booleans(),
-}
-assert set(PLAUSIBLE) == set(CONFIG_KEYS), "a new SpawnConfig key needs a strategy here"
-
-
-def configs(values: st.SearchStrategy) -> st.SearchStrategy:
-    """Mostly dicts of known keys (plausible or junk values) plus stray keys; sometimes not a dict at all."""
-    plausible = st.fixed_dictionaries({}, optional={key: PLAUSIBLE[key] for key in sorted(CONFIG_KEYS)})
-    junk = st.fixed_dictionaries({}, optional={key: PLAUSIBLE[key] | values for key in sorted(CONFIG_KEYS)})
-    stray = st.dictionaries(st.text(max_size=8) | st.integers() | st.none(), values, min_size=1, max_size=2)
-    mixed = st.builds(lambda a, b: {**a, **b}, plausible, stray)
-    wrapped = plausible.map(types.MappingProxyType)
-    configs_ = st.builds(lambda handler, count: SpawnConfig(handler=handler, max_spawn_count=count),
-                         st.sampled_from(HANDLERS), st.integers(0, 5))
-    return st.one_of(plausible, plausible, plausible, junk, mixed, wrapped, configs_, values)
 
 
 def arm(rig: Rig) -> None:
     """The handlers the fuzzed configs may name (the parent's own name included)."""
-    rig.manager.register_handler("fan", lambda context: [rig.sig(i) for i in range(3)])
-
-    @rig.handler("stream")
-    def stream(context):
-        for i in range(4):
-            yield rig.sig(i)
-
-    @rig.handler("halfway")
-    def halfway(context):
-        yield rig.sig(0)
-        yield rig.sig(1)
-        raise RuntimeError("source went away")
-
-    rig.manager.register_handler("unit.parent", lambda context: [rig.sig("own")])
+    for name, handler in fuzz_handlers(rig.sig, "unit.parent").items():
+        rig.manager.register_handler(name, handler)
 
 
 def check_invariants(rig: Rig) -> None:

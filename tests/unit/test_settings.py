@@ -9,13 +9,14 @@ from celery import Celery
 from celery.exceptions import ImproperlyConfigured
 
 from celery_spawn import get_state, install
-from celery_spawn.config import DEFAULT_MAX_SPAWN_COUNT, HARD_MAX_SPAWN_COUNT
+from celery_spawn.config import (DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_PAYLOAD_DEPTH, DEFAULT_MAX_SPAWN_COUNT,
+                                 HARD_MAX_PAYLOAD_BYTES, HARD_MAX_PAYLOAD_DEPTH, HARD_MAX_SPAWN_COUNT)
 from celery_spawn.settings import DEFAULT_DATABASE_URL, SpawnSettings
 
-SETTING_NAMES = {"database_url", "max_spawn_count_ceiling", "default_max_spawn_count", "recovery_interval",
-                 "schedule_interval", "recovery_grace", "redeliver_after", "redeliver_limit", "auto_migrate",
-                 "track_states", "track_started", "batch_tracking", "synchronous_commit", "prepared_statements",
-                 "api_token", "engine_options"}
+SETTING_NAMES = {"database_url", "max_spawn_count_ceiling", "default_max_spawn_count", "max_payload_depth",
+                 "max_payload_bytes", "recovery_interval", "schedule_interval", "recovery_grace",
+                 "redeliver_after", "redeliver_limit", "auto_migrate", "track_states", "track_started",
+                 "batch_tracking", "synchronous_commit", "prepared_statements", "api_token", "engine_options"}
 
 
 def make_app(**conf) -> Celery:
@@ -213,3 +214,38 @@ def test_speed_settings_reach_the_engine(store_url):
 def test_prepared_statements_can_be_turned_off_from_the_environment():
     settings = SpawnSettings.load({}, environ={"CELERY_SPAWN_PREPARED_STATEMENTS": "off"})
     assert settings.prepared_statements is False
+
+
+def test_payload_limits_default_well_below_where_celery_breaks():
+    settings = SpawnSettings()
+    assert settings.max_payload_depth == DEFAULT_MAX_PAYLOAD_DEPTH == 64
+    assert settings.max_payload_bytes == DEFAULT_MAX_PAYLOAD_BYTES == 1 << 20
+    assert DEFAULT_MAX_PAYLOAD_DEPTH < HARD_MAX_PAYLOAD_DEPTH < 480  # the prefork pool fails to pickle ~480
+
+
+def test_payload_limits_are_read_from_conf_and_environment(monkeypatch):
+    settings = install(make_app(spawn_max_payload_depth=20, spawn_max_payload_bytes=4096)).settings
+    assert (settings.max_payload_depth, settings.max_payload_bytes) == (20, 4096)
+    monkeypatch.setenv("CELERY_SPAWN_MAX_PAYLOAD_DEPTH", "32")
+    monkeypatch.setenv("CELERY_SPAWN_MAX_PAYLOAD_BYTES", "65536")
+    settings = install(make_app(spawn_max_payload_depth=20)).settings
+    assert (settings.max_payload_depth, settings.max_payload_bytes) == (32, 65536)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("max_payload_depth", 0), ("max_payload_depth", -1),
+    ("max_payload_depth", HARD_MAX_PAYLOAD_DEPTH + 1), ("max_payload_depth", 480), ("max_payload_depth", 5000),
+    ("max_payload_depth", True), ("max_payload_depth", 64.5), ("max_payload_depth", "deep"),
+    ("max_payload_bytes", 0), ("max_payload_bytes", -1),
+    ("max_payload_bytes", HARD_MAX_PAYLOAD_BYTES + 1), ("max_payload_bytes", False), ("max_payload_bytes", "1MB"),
+])
+def test_payload_limits_out_of_range_raise_improperly_configured(name, value):
+    with pytest.raises(ImproperlyConfigured, match=f"spawn_{name}"):
+        install(make_app(**{f"spawn_{name}": value}))
+
+
+@pytest.mark.parametrize("name, text", [("max_payload_depth", "1000"), ("max_payload_bytes", "lots")])
+def test_payload_limits_out_of_range_in_the_environment(monkeypatch, name, text):
+    monkeypatch.setenv(f"CELERY_SPAWN_{name.upper()}", text)
+    with pytest.raises(ImproperlyConfigured, match=f"CELERY_SPAWN_{name.upper()}"):
+        install(make_app())
