@@ -201,7 +201,9 @@ def note_label(token: str, operation_id: str, others: int, doing: str = "showing
     """On stderr (stdout may be JSON): which operation a label named, when it names more than one."""
     if not others:
         return
-    click.echo(f"label {token!r} names {others + 1} operations; {doing} the newest ({operation_id}), "
+    from .render.escape import printable
+
+    click.echo(f"label {token!r} names {others + 1} operations; {doing} the newest ({printable(operation_id)}), "
                f"{others} other{'s' if others != 1 else ''}: celery spawn list --operation {token}", err=True)
 
 

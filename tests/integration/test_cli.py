@@ -560,7 +560,7 @@ def hostile_store(sqlite_url):
     builder = StoreBuilder(store)
     builder.job("hostile-root", task="tests." + HOSTILE, queue=HOSTILE)
     builder.spawn("hostile-root", 3, operation="op" + HOSTILE, states=["held", "pending", "failed"],
-                  task=HOSTILE, queue=HOSTILE, handler=HOSTILE, prefix="kid" + HOSTILE)
+                  task=HOSTILE, queue=HOSTILE, handler=HOSTILE, prefix="kid" + HOSTILE, label=HOSTILE)
     builder.operations["op" + HOSTILE]["error"] = HOSTILE
     builder.job("other-root", task="tests.parent", queue="q")
     builder.operation("op-failed", "other-root", handler=HOSTILE, queue=HOSTILE, state="failed", error=HOSTILE,

@@ -293,7 +293,7 @@ def test_json_escapes_control_characters_itself(hostile_tree):
 
 
 def hostile_operation(**extra):
-    return {**OPERATION, "id": "op" + HOSTILE, "parent_id": "p" + HOSTILE, "root_id": HOSTILE,
+    return {**OPERATION, "id": "op" + HOSTILE, "label": HOSTILE, "parent_id": "p" + HOSTILE, "root_id": HOSTILE,
             "parent_task": HOSTILE, "handler": HOSTILE, "queue": HOSTILE, "state": HOSTILE, "error": HOSTILE,
             "counts": {HOSTILE: 1, "failed": 2}, "progress": {"done": 1, "total": 3, "percent": 33.3}, **extra}
 
