@@ -75,10 +75,15 @@ class FiniteFloatRange(click.FloatRange):
 
 
 class CommandError(click.ClickException):
-    """A one-line error with its own exit code (``Error: ...`` on stderr, no traceback)."""
+    """A one-line error with its own exit code (``Error: ...`` on stderr, no traceback).
+
+    The message may quote the store (a driver's error, a URL): its control characters are written as escapes.
+    """
 
     def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
+        from .render.escape import printable
+
+        super().__init__(printable(message))
         self.exit_code = exit_code
 
 
@@ -196,7 +201,9 @@ def note_label(token: str, operation_id: str, others: int, doing: str = "showing
     """On stderr (stdout may be JSON): which operation a label named, when it names more than one."""
     if not others:
         return
-    click.echo(f"label {token!r} names {others + 1} operations; {doing} the newest ({operation_id}), "
+    from .render.escape import printable
+
+    click.echo(f"label {token!r} names {others + 1} operations; {doing} the newest ({printable(operation_id)}), "
                f"{others} other{'s' if others != 1 else ''}: celery spawn list --operation {token}", err=True)
 
 
@@ -212,6 +219,8 @@ def usage_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except ValueError as exc:
-            raise click.UsageError(str(exc)) from None
+            from .render.escape import printable
+
+            raise click.UsageError(printable(exc)) from None
 
     return wrapper

@@ -6,13 +6,14 @@ from datetime import datetime
 from typing import Any
 
 
+from .escape import has_control, printable
 from .style import state_word, style
 
 
 def _when(value: Any) -> str:
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S")
-    return "-" if value is None else str(value)
+    return "-" if value is None else printable(value)
 
 
 def _seconds(value: float | None) -> str:
@@ -32,12 +33,16 @@ def _percent(value: float | None) -> str:
 
 
 def _clip(value: Any, width: int = 40) -> str:
-    text = "-" if value is None else str(value).replace("\n", " ")
+    text = "-" if value is None else printable(value)
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def _table(headers: list[str], rows: list[list[str]], color: bool, state_column: int | None = None) -> list[str]:
-    """Left-aligned columns; the state column is coloured after padding (ANSI codes have no width)."""
+    """Left-aligned columns; the state column is coloured after padding (ANSI codes have no width).
+
+    Every cell is written :func:`printable` first: a control character never reaches the terminal.
+    """
+    rows = [[printable(cell) for cell in row] if has_control("".join(row)) else row for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         for index, cell in enumerate(row):
@@ -86,7 +91,8 @@ def operations_text(operations: list[dict], *, detailed: bool = False, color: bo
         duration = None
         if op.get("finished_at") and op.get("created_at"):
             duration = (op["finished_at"] - op["created_at"]).total_seconds()
-        out.append(f"    task {op.get('parent_task') or '-'}, depth {op.get('depth')}, root {op.get('root_id')}")
+        out.append(f"    task {printable(op.get('parent_task') or '-')}, depth {op.get('depth')}, "
+                   f"root {printable(op.get('root_id'))}")
         out.append(f"    children: {_counts(op.get('counts') or {}, color)}; "
                    f"finished {_when(op.get('finished_at'))} ({_seconds(duration)})")
         if op.get("error"):
@@ -108,7 +114,7 @@ def jobs_text(jobs: list[dict], *, color: bool = False) -> str:
 def stats_text(stats: dict, *, color: bool = False) -> str:
     """The stats of :func:`celery_spawn.store.queries.stats` for people."""
     window = stats["window"]
-    scope = f"queue {stats['queue']}" if stats.get("queue") is not None else "all queues"
+    scope = f"queue {printable(stats['queue'])}" if stats.get("queue") is not None else "all queues"
     bold = functools.partial(style, color=color, bold=True)
     durations = stats["durations"]
     lines = [
@@ -146,8 +152,8 @@ def stats_text(stats: dict, *, color: bool = False) -> str:
                                   ("Slowest operations", "slowest", lambda o: _seconds(o["seconds"]))):
             if stats.get(key):
                 lines += ["", bold(title)]
-                lines += [f"  {o['id']}  parent {o['parent_id']}  {_clip(o.get('handler'), 30)}  {value(o)}"
-                          for o in stats[key]]
+                lines += [f"  {printable(o['id'])}  parent {printable(o['parent_id'])}  "
+                          f"{_clip(o.get('handler'), 30)}  {value(o)}" for o in stats[key]]
     return "\n".join(lines)
 
 
@@ -176,8 +182,9 @@ def pending_text(entries: list[dict], *, color: bool = False) -> str:
         waiting = entry["pending"] + entry["held"] + entry.get("scheduled", 0)
         for index, job in enumerate(jobs):
             last = index == len(jobs) - 1 and len(jobs) >= waiting
-            lines.append(f"  {'└──' if last else '├──'} #{job['position']} {job['id']}  {job['task_name']}  "
-                         f"{state_word(job['state'], color)}{_waits(job)}  queue={job.get('queue') or '-'}")
+            lines.append(f"  {'└──' if last else '├──'} #{job['position']} {printable(job['id'])}  "
+                         f"{printable(job['task_name'])}  {state_word(job['state'], color)}{_waits(job)}  "
+                         f"queue={printable(job.get('queue') or '-')}")
         rest = waiting - len(jobs)
         if rest > 0:
             lines.append(f"  └── … {rest} more")
@@ -198,9 +205,9 @@ def monitor_text(snapshot: dict, *, color: bool = False) -> str:
     """One frame of ``celery spawn monitor``: running operations with progress bars, last hour's stats."""
     bold = functools.partial(style, color=color, bold=True)
     stats = snapshot["stats"]
-    scope = f"queue {snapshot['queue']}" if snapshot.get("queue") is not None else "all queues"
+    scope = f"queue {printable(snapshot['queue'])}" if snapshot.get("queue") is not None else "all queues"
     lines = [
-        (bold(f"celery spawn monitor: {snapshot['store']}, {scope}")
+        (bold(f"celery spawn monitor: {printable(snapshot['store'])}, {scope}")
          + f"  ({_when(snapshot['at'])} UTC, every {snapshot['interval']:g}s, Ctrl-C to quit)"),
         "",
         (f"last hour: {stats['operations']} operations ({_counts(stats['operations_by_state'], color)}), "
@@ -222,8 +229,8 @@ def monitor_text(snapshot: dict, *, color: bool = False) -> str:
         width = 24
         filled = int(width * done / total) if total else 0
         bar = style("█" * filled, color, fg="green") + "░" * (width - filled)
-        lines.append(f"  {op['id']}  {_clip(op.get('handler'), 24):24}  {bar} {done}/{total}  "
-                     f"parent {op['parent_id']}")
+        lines.append(f"  {printable(op['id'])}  {_clip(op.get('handler'), 24):24}  {bar} {done}/{total}  "
+                     f"parent {printable(op['parent_id'])}")
     if snapshot.get("error"):
-        lines += ["", style(f"store error: {snapshot['error']}", color, fg="red")]
+        lines += ["", style(f"store error: {printable(snapshot['error'])}", color, fg="red")]
     return "\n".join(lines)

@@ -5,6 +5,8 @@ from typing import Any
 
 import click
 
+from .escape import printable
+
 #: Output formats of listings, and of trees.
 FORMATS = ("text", "json")
 TREE_FORMATS = ("text", "json", "mermaid", "dot")
@@ -31,7 +33,7 @@ def style(text: str, color: bool, **style: Any) -> str:
 
 
 def state_word(state: str | None, color: bool, width: int = 0) -> str:
-    text = (state or "-").ljust(width)
+    text = printable(state or "-").ljust(width)
     colour = STATE_COLOURS.get(state or "")
     if not colour:
         return text

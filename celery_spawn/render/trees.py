@@ -5,6 +5,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 
+from .escape import printable
 from .jsonout import tree_json
 from .style import DIAGRAM_FILLS, SHORT_ID, TREE_FORMATS, state_word, style
 
@@ -64,15 +65,15 @@ def tree_text(tree: dict, *, color: bool = False, highlight: str | None = None, 
         depth = node.get("depth") or 0
         if depth > deepest:
             deepest = depth
-        name = node.get("task_name") or "?"
+        name = printable(node.get("task_name") or "?")
         if color:
             parts = [style(name, color, bold=True) if parent_queue is _TOP else name, state_word(state, color),
-                     style(node["id"], color, dim=True)]
+                     style(printable(node["id"]), color, dim=True)]
         else:
-            parts = [name, state or "-", node["id"]]
+            parts = [name, printable(state or "-"), printable(node["id"])]
         queue = node.get("queue")
         if queue and queue != parent_queue:
-            parts.append(f"queue={queue}")
+            parts.append(f"queue={printable(queue)}")
         line = lead + "  ".join(parts)
         if highlight is not None and node["id"] == highlight:
             line += "  " + style("◀", color, bold=True)
@@ -88,7 +89,8 @@ def tree_text(tree: dict, *, color: bool = False, highlight: str | None = None, 
                 mid, deeper = kid_prefix + "├── ", kid_prefix + "│   "
                 extend([(kid, mid, deeper, queue) for kid in kids[-2::-1]])
     if summary:
-        counts = ", ".join(f"{state} {n}" for state, n in sorted(states.items(), key=lambda kv: str(kv[0])))
+        ordered = sorted(states.items(), key=lambda kv: str(kv[0]))
+        counts = ", ".join(f"{printable(state)} {n}" for state, n in ordered)
         more = f", {hidden_total} more below" if hidden_total else ""
         lines.append("")
         lines.append(f"{jobs} jobs, {deepest - top + 1} levels{more} ({counts})")
@@ -96,10 +98,10 @@ def tree_text(tree: dict, *, color: bool = False, highlight: str | None = None, 
 
 
 def _mermaid_text(value: Any) -> str:
-    text = str(value)
+    text = printable(str(value).replace("\n", " "))
     for raw, entity in (("&", "#amp;"), ('"', "#quot;"), ("<", "#lt;"), (">", "#gt;")):
         text = text.replace(raw, entity)
-    return text.replace("\n", " ")
+    return text
 
 
 def tree_mermaid(tree: dict) -> str:
@@ -137,7 +139,7 @@ def tree_mermaid(tree: dict) -> str:
 
 
 def _dot_text(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return printable(value, keep="\n").replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def tree_dot(tree: dict) -> str:

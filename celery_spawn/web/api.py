@@ -99,8 +99,9 @@ def create_app(app: Celery | None = None, *, database_url: str | None = None, to
     ``spawn_api_token``, ``spawn_engine_options``) apply and through which
     cancel revokes running children. ``database_url`` and ``token`` win over
     the settings; without an app, the ``CELERY_SPAWN_*`` environment and then
-    the defaults apply. The store is only read (its tables are never created
-    here), except by cancel.
+    the defaults apply. The store is only read, except by cancel: its tables are
+    never created or migrated here, and a SQLite file that does not exist is
+    answered 503, never created.
 
     Mount it in another WSGI application with, e.g., werkzeug's
     ``DispatcherMiddleware`` (see ``docs/web.md``).
@@ -201,10 +202,19 @@ def _authorize() -> flask.Response | None:
     return None
 
 
+def _store_file_exists() -> flask.Response | None:
+    """A SQLite store whose file does not exist is unavailable: a read must not create an empty file."""
+    if flask.request.endpoint == "api.openapi" or not web_state().store.is_missing_file():
+        return None
+    logger.warning("celery-spawn web: no spawn store at %s: the file does not exist", web_state().safe_url)
+    return error("the spawn store is unavailable", 503)
+
+
 # ---- endpoints ----------------------------------------------------------------------------------
 def _api_blueprint() -> flask.Blueprint:
     api = flask.Blueprint("api", __name__, url_prefix="/api")
     api.before_request(_authorize)
+    api.before_request(_store_file_exists)
 
     @api.get("/openapi.json")
     def openapi() -> flask.Response:

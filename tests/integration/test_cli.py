@@ -545,3 +545,64 @@ def test_commands_can_be_added_to_the_group(built):
         assert result.output == f"root in {built.url}\n"
     finally:
         spawn.commands.pop("echo-id")
+
+
+# ---- control characters in stored names never reach the terminal raw -------------------------------
+#: A terminal retitle (OSC ... BEL), a clear screen (CSI 2J), a one-byte C1 CSI and a forged line.
+HOSTILE = "x\x1b]0;pwned\x07\x1b[2J\x9b2J\r\nforged"
+
+
+@pytest.fixture
+def hostile_store(sqlite_url):
+    """A store whose task names, queues, handlers, child ids and error texts hold terminal escapes."""
+    store = SpawnStore(sqlite_url)
+    store.migrate()
+    builder = StoreBuilder(store)
+    builder.job("hostile-root", task="tests." + HOSTILE, queue=HOSTILE)
+    builder.spawn("hostile-root", 3, operation="op" + HOSTILE, states=["held", "pending", "failed"],
+                  task=HOSTILE, queue=HOSTILE, handler=HOSTILE, prefix="kid" + HOSTILE, label=HOSTILE)
+    builder.operations["op" + HOSTILE]["error"] = HOSTILE
+    builder.job("other-root", task="tests.parent", queue="q")
+    builder.operation("op-failed", "other-root", handler=HOSTILE, queue=HOSTILE, state="failed", error=HOSTILE,
+                      finished=builder.now)
+    builder.flush()
+    store.dispose()
+    return sqlite_url
+
+
+@pytest.mark.parametrize("args", [
+    ["tree", "hostile-root"], ["tree", "hostile-root", "-f", "mermaid"], ["tree", "hostile-root", "-f", "dot"],
+    ["tree", "hostile-root", "--children-only"], ["lineage", "hostile-root"],
+    ["list"], ["list", "--detailed"], ["stats"], ["stats", "--detailed"], ["stats", "--queue", HOSTILE],
+    ["monitor", "--iterations", "1"], ["monitor", "--iterations", "1", "--queue", HOSTILE], ["pending"],
+    ["list", "--state", HOSTILE],
+], ids=lambda args: "-".join(a if a.isprintable() else "HOSTILE" for a in args))
+def test_no_command_writes_a_control_character_from_the_store(hostile_store, args):
+    command = [sys.executable, "-m", "celery", "spawn", *args, "-u", hostile_store]
+    done = subprocess.run(command, cwd=ROOT, env=plain_env(), capture_output=True, timeout=60)  # piped: bytes
+    assert "Traceback".encode() not in done.stderr, done.stderr
+    for stream in (done.stdout, done.stderr):
+        for raw in (b"\x1b", b"\x07", b"\r", "\x9b".encode()):
+            assert raw not in stream, (args, stream)
+    output = (done.stdout + done.stderr).decode()
+    assert "\\x1b]0;pwned\\x07" in output or "\\\\x1b]0;pwned\\\\x07" in output, output  # written, not dropped
+    assert not any(line.startswith("forged") for line in output.splitlines()), output
+
+
+def test_json_output_escapes_control_characters_itself(hostile_store):
+    for args in (["tree", "hostile-root", "-f", "json"], ["list", "-f", "json"], ["stats", "-f", "json"],
+                 ["pending", "-f", "json"]):
+        done = subprocess.run([sys.executable, "-m", "celery", "spawn", *args, "-u", hostile_store], cwd=ROOT,
+                              env=plain_env(), capture_output=True, timeout=60)
+        assert done.returncode == RET_OK, done.stderr
+        assert b"\x1b" not in done.stdout and b"\x07" not in done.stdout and b"\r" not in done.stdout
+        found, stack = [], [json.loads(done.stdout)]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, dict):
+                stack.extend([*value.keys(), *value.values()])
+            elif isinstance(value, list):
+                stack.extend(value)
+            elif isinstance(value, str) and HOSTILE in value:
+                found.append(value)
+        assert found, args  # the data comes back whole

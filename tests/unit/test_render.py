@@ -222,3 +222,146 @@ def test_pending_and_jobs_text():
     assert render.pending_text([]).startswith("Nothing pending")
     table = render.jobs_text([job]).splitlines()
     assert table[1].split() == ["1", "p.1", "tests.child", "held", "q", "-", "-"]
+
+
+# ---- control characters from the store never reach a terminal raw ---------------------------------
+#: A retitle (OSC ... BEL), a clear screen (CSI 2J), a one-byte C1 CSI, DEL, a carriage return, a newline,
+#: a tab and a right-to-left override: every one of them must come out written as an escape.
+HOSTILE = "evil\x1b]0;pwned\x07\x1b[2J\x9b31m\x7f\r\nline2\t\u202e"
+WRITTEN = "evil\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\x7f\\r\\nline2\\t\\u202e"
+RAW = re.compile(f"[{render.escape.UNSAFE}]")
+
+
+def assert_clean(text: str, lines: int | None = None) -> None:
+    """No control character but our own colour codes and the line breaks between lines."""
+    for line in ANSI.sub("", text).split("\n"):
+        assert not RAW.search(line), repr(line)
+    if lines is not None:
+        assert len(text.split("\n")) == lines, text
+
+
+def test_printable_writes_control_characters_as_escapes():
+    assert render.printable(HOSTILE) == WRITTEN
+    assert render.printable(WRITTEN) == WRITTEN  # already written: unchanged, so applying it twice is harmless
+    for plain in ("tests.child", "q'; DROP TABLE spawn_jobs; --", "émoji 🌳 \\ back\\slash", ""):
+        assert render.printable(plain) == plain
+    assert render.printable("\x00\x1f\x80\x9f\u2028\u2029\u2066") == "\\x00\\x1f\\x80\\x9f\\u2028\\u2029\\u2066"
+    assert render.printable(None) == "None" and render.printable(7) == "7"
+    assert render.printable("a\nb\x1b", keep="\n") == "a\nb\\x1b"
+
+
+@pytest.fixture
+def hostile_tree():
+    return node(HOSTILE + "root", task=HOSTILE, queue=HOSTILE, depth=0, children=[
+        node("a" + HOSTILE, task=HOSTILE, state=HOSTILE, queue="plain", hidden_children=2),
+        node("b", state="failed", queue=HOSTILE),
+    ])
+
+
+def test_text_tree_escapes_control_characters(hostile_tree):
+    plain = render.tree_text(hostile_tree, highlight="b")
+    assert_clean(plain, lines=6)
+    assert plain.splitlines()[0] == f"{WRITTEN}  succeeded  {WRITTEN}root  queue={WRITTEN}"
+    assert f"├── {WRITTEN}  {WRITTEN}  a{WRITTEN}  queue=plain" in plain
+    assert f"({WRITTEN} 1, failed 1, succeeded 1)" in plain
+    coloured = render.tree_text(hostile_tree, color=True, highlight="b")
+    assert_clean(coloured, lines=6)
+    assert click.style(WRITTEN, bold=True) in coloured and click.style("failed", fg="red", bold=True) in coloured
+    assert ANSI.sub("", coloured) == plain
+
+
+def test_diagrams_escape_control_characters(hostile_tree):
+    mermaid = render.tree_mermaid(hostile_tree)
+    assert_clean(mermaid)
+    assert mermaid.count("\n") == render.tree_mermaid(node("r", depth=0, children=[
+        node("a", hidden_children=2), node("b", state="failed")])).count("\n")  # no line was forged
+    assert "evil\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\x7f\\r line2\\t\\u202e" in mermaid  # a newline is a space there
+    dot = render.tree_dot(hostile_tree)
+    assert_clean(dot)
+    # Written, then quoted for DOT (its backslashes doubled); the newline is a DOT line break.
+    assert "evil\\\\x1b]0;pwned\\\\x07\\\\x1b[2J\\\\x9b31m\\\\x7f\\\\r\\nline2\\\\t\\\\u202e" in dot
+    assert all(line.startswith(("    ", "digraph", "}")) for line in dot.splitlines())
+
+
+def test_json_escapes_control_characters_itself(hostile_tree):
+    for text in (render.tree_json(hostile_tree), render.to_json({"queue": HOSTILE, "ops": [OPERATION]}),
+                 render.render_tree(hostile_tree, "json")):
+        assert not RAW.search(text.replace("\n", "")), text
+        assert "\\u001b]0;pwned\\u0007" in text
+    assert json.loads(render.tree_json(hostile_tree)) == hostile_tree
+    assert json.loads(render.to_json({"queue": HOSTILE}))["queue"] == HOSTILE
+
+
+def hostile_operation(**extra):
+    return {**OPERATION, "id": "op" + HOSTILE, "label": HOSTILE, "parent_id": "p" + HOSTILE, "root_id": HOSTILE,
+            "parent_task": HOSTILE, "handler": HOSTILE, "queue": HOSTILE, "state": HOSTILE, "error": HOSTILE,
+            "counts": {HOSTILE: 1, "failed": 2}, "progress": {"done": 1, "total": 3, "percent": 33.3}, **extra}
+
+
+@pytest.mark.parametrize("color", [False, True])
+def test_operations_and_jobs_tables_escape_control_characters(color):
+    text = render.operations_text([hostile_operation(), OPERATION], color=color)
+    assert_clean(text, lines=3)
+    assert "op" + WRITTEN in text and WRITTEN[:29] + "…" in text  # the handler clipped after it was written
+    detailed = render.operations_text([hostile_operation()], detailed=True, color=color)
+    assert_clean(detailed, lines=5)
+    assert f"    task {WRITTEN}, depth 0, root {WRITTEN}" in ANSI.sub("", detailed)
+    assert f"    error: {WRITTEN}" in ANSI.sub("", detailed)
+    job = {"id": HOSTILE, "position": 0, "task_name": HOSTILE, "state": HOSTILE, "queue": HOSTILE,
+           "started_at": HOSTILE, "finished_at": None}
+    jobs = render.jobs_text([job], color=color)
+    assert_clean(jobs, lines=2)
+    assert WRITTEN in jobs
+
+
+def hostile_stats():
+    group = {"operations": 1, "children": 2, "avg_children_per_spawn": 2.0, "max_children_per_spawn": 2,
+             "success_rate": 1.0, "avg_duration_seconds": 1.0, "max_duration_seconds": 1.0}
+    return {
+        "window": {"hours": 24, "since": datetime(2026, 1, 1), "until": datetime(2026, 1, 2)}, "queue": HOSTILE,
+        "operations": 1, "children": 2, "avg_children_per_spawn": 2.0, "max_children_per_spawn": 2,
+        "success_rate": 1.0, "operations_by_state": {HOSTILE: 1}, "children_by_state": {"succeeded": 2},
+        "child_success_rate": 1.0,
+        "durations": {"operation_avg_seconds": 1.0, "operation_max_seconds": 1.0, "child_avg_seconds": 0.5,
+                      "child_max_seconds": 0.5},
+        "by_queue": [{"queue": HOSTILE, **group}], "by_handler": [{"handler": HOSTILE, **group}],
+        "by_task": [{"task_name": HOSTILE, "jobs": 2, "succeeded": 2, "failed": 0, "success_rate": 1.0,
+                     "avg_seconds": 0.5, "max_seconds": 0.5}],
+        "largest": [{"id": HOSTILE, "parent_id": HOSTILE, "handler": HOSTILE, "total": 2}],
+        "slowest": [{"id": HOSTILE, "parent_id": HOSTILE, "handler": HOSTILE, "seconds": 1.0}],
+    }
+
+
+@pytest.mark.parametrize("color", [False, True])
+def test_stats_text_escapes_control_characters(color):
+    text = render.stats_text(hostile_stats(), color=color)
+    assert_clean(text, lines=25)
+    plain = ANSI.sub("", text)
+    assert "all queues" not in plain and f"queue {WRITTEN}" in plain
+    assert f"({WRITTEN} 1)" in plain
+    assert f"  {WRITTEN}  parent {WRITTEN}  " in plain
+
+
+@pytest.mark.parametrize("color", [False, True])
+def test_pending_text_escapes_control_characters(color):
+    job = {"id": HOSTILE, "position": 0, "task_name": HOSTILE, "state": HOSTILE, "pending_deps": 0,
+           "queue": HOSTILE}
+    entries = [{"operation_id": HOSTILE, "parent_id": HOSTILE, "handler": HOSTILE, "pending": 1, "held": 0,
+                "scheduled": 0, "oldest": HOSTILE, "updated_at": datetime(2026, 1, 1), "jobs": [job]}]
+    text = render.pending_text(entries, color=color)
+    assert_clean(text, lines=3)
+    assert f"  └── #0 {WRITTEN}  {WRITTEN}  " in ANSI.sub("", text)
+
+
+@pytest.mark.parametrize("color", [False, True])
+def test_monitor_text_escapes_control_characters(color):
+    snapshot = {"store": "sqlite:///" + HOSTILE, "queue": HOSTILE, "at": datetime(2026, 1, 1), "interval": 2.0,
+                "stats": {**hostile_stats(), "children_by_state": {HOSTILE: 2}},
+                "pending_children": 1, "pending_operations": 1,
+                "running": [{**hostile_operation(), "state": "running"}], "error": HOSTILE}
+    text = render.monitor_text(snapshot, color=color)
+    assert_clean(text, lines=10)
+    plain = ANSI.sub("", text)
+    assert f"celery spawn monitor: sqlite:///{WRITTEN}, queue {WRITTEN}" in plain
+    assert f"  op{WRITTEN}  " in plain and f"parent p{WRITTEN}" in plain
+    assert f"store error: {WRITTEN}" in plain

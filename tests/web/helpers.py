@@ -25,6 +25,14 @@ CELERY = [sys.executable, "-m", "celery"]
 _SERVING = re.compile(r"serving .* on (http://\S+?)/ ")
 
 
+def clean_env(**extra: str) -> dict:
+    """This process's environment without any ``CELERY_SPAWN_*`` setting, able to import ``tests``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_SPAWN_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
 def stop_main_process(worker, timeout: float = 30) -> None:
     """Warm-stop a worker with SIGTERM to its main process alone, before the harness stops it.
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hmac
 import http.client
 import json
-import os
 import subprocess
 import sys
 
@@ -20,7 +19,7 @@ from celery_spawn.store import SpawnStore
 from celery_spawn.web import auth, create_app
 from celery_spawn.web.api import web_state
 from tests.harness import ROOT, StoreBuilder
-from tests.web.helpers import CELERY, get_json, served
+from tests.web.helpers import CELERY, clean_env, get_json, served
 
 TOKEN = "correct horse battery staple"
 
@@ -53,13 +52,6 @@ def make_client():
 
 def bearer(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
-
-
-def clean_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_SPAWN_")}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env.update(extra)
-    return env
 
 
 # ---- with a token ---------------------------------------------------------------------------------
