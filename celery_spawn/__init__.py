@@ -22,7 +22,7 @@ _EXPORTS = {
     "SpawnError": "errors", "SpawnConfigError": "errors", "SpawnLimitExceeded": "errors",
     "SpawnDepthExceeded": "errors", "PayloadTooLarge": "errors", "HandlerNotFound": "errors", "HandlerError": "errors",
     "SpawnValidationError": "errors", "DependencyError": "errors", "OperationConflict": "errors",
-    "StoreError": "errors", "JobNotFound": "errors",
+    "InvalidJobId": "errors", "StoreError": "errors", "JobNotFound": "errors",
 }
 
 __all__ = list(_EXPORTS)
@@ -60,6 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         DependencyError,
         HandlerError,
         HandlerNotFound,
+        InvalidJobId,
         JobNotFound,
         OperationConflict,
         PayloadTooLarge,

@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any, Mapping
 
 from .errors import PayloadTooLarge, SpawnConfigError
-from .protocol import HARD_MAX_DEPTH
+from .protocol import HARD_MAX_DEPTH, ID_RULE, is_valid_id
 
 DEFAULT_MAX_SPAWN_COUNT = 100
 DEFAULT_BATCH_SIZE = 500
@@ -161,6 +161,9 @@ class SpawnConfig:
     def validate(self) -> None:
         _check_optional_str("handler", self.handler, MAX_HANDLER_NAME_LENGTH)
         _check_optional_str("operation_id", self.operation_id, MAX_OPERATION_ID_LENGTH)
+        if self.operation_id is not None and not is_valid_id(self.operation_id):
+            raise SpawnConfigError(f"operation_id {self.operation_id!r} must be {ID_RULE}: the label every tool "
+                                   f"takes (celery spawn list --operation, tree, cancel, the web API)")
         _check_int("max_spawn_count", self.max_spawn_count, 0, HARD_MAX_SPAWN_COUNT)
         _check_int("spawn_delay_ms", self.spawn_delay_ms, 0, HARD_MAX_SPAWN_DELAY_MS)
         _check_int("batch_size", self.batch_size, 1, HARD_MAX_BATCH_SIZE)

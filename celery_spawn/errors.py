@@ -45,6 +45,10 @@ class OperationConflict(SpawnError):
     """An explicit ``operation_id`` is already used by another parent."""
 
 
+class InvalidJobId(SpawnError, ValueError):
+    """A parent's id that the tools could not take (outside the one id grammar, ``protocol.ID_PATTERN``)."""
+
+
 class StoreError(SpawnError):
     """The lineage store could not be reached or written.
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import click
+
+from .protocol import ID_PATTERN, ID_RULE
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -33,9 +34,8 @@ RET_NOT_FOUND = 1     # no job or operation has the given id
 RET_USAGE = 2         # click's usage error: a malformed id, a negative limit, ...
 RET_STORE = 3         # the store could not be reached, or has no tables
 
-#: What a job or operation id (or a label) may look like: Celery's uuids, the ``label~hash`` ids of
-#: labelled operations, and any other id the store can hold.
-JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9._:~-]{1,64}")
+#: What a job or operation id (or a label) may look like: the one grammar a spawn checks (protocol.ID_PATTERN).
+JOB_ID_PATTERN = ID_PATTERN
 #: Seconds to wait for a database server before saying it is unreachable.
 CONNECT_TIMEOUT = 10
 #: Operations per ``list`` when --limit is not given, and the most any listing returns.
@@ -57,7 +57,7 @@ class JobIdType(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         text = str(value)
         if not JOB_ID_PATTERN.fullmatch(text):
-            self.fail(f"{text[:80]!r} is not a job id (1 to 64 characters of A-Z a-z 0-9 . _ : ~ -)", param, ctx)
+            self.fail(f"{text[:80]!r} is not a job id ({ID_RULE})", param, ctx)
         return text
 
 

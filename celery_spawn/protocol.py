@@ -6,6 +6,7 @@ imports anything of the package.
 """
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 # ---- job states, in the order a job moves through them --------------------------------------
@@ -62,6 +63,18 @@ SPAWN_CONFIG_KWARG = "_spawn_config"
 #: Signature options ``depends_on`` sets (read by the spawn, never published).
 DEPENDS_ON_OPTION = "spawn_depends_on"
 IGNORE_FAILURE_OPTION = "spawn_ignore_failure_of"
+
+#: The one grammar of the ids celery-spawn records and its tools accept (jobs, operations, labels): Celery's
+#: uuids, ``label~hash`` operation ids, and whatever else fits in a URL path segment and a terminal as is.
+ID_PATTERN = re.compile(r"[A-Za-z0-9._:~-]{1,64}")
+#: The same, in words, for error messages.
+ID_RULE = "1 to 64 characters of A-Z a-z 0-9 . _ : ~ -"
+
+
+def is_valid_id(value: object) -> bool:
+    """Whether ``value`` is an id of the one grammar (:data:`ID_PATTERN`)."""
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
+
 
 #: The deepest spawn nesting any configuration may allow (and the deepest tree walk).
 HARD_MAX_DEPTH = 1_000

@@ -20,7 +20,7 @@ from ..errors import DependencyError, HandlerError, PayloadTooLarge, SpawnConfig
 from ..handlers import ParentJob, SpawnContext, bind_arguments
 from ..protocol import (DEPENDS_ON_OPTION, DISPATCHED, HEADER_DEPTH, HEADER_MAX_DEPTH, HEADER_OPERATION, HELD,
                         IGNORE_FAILURE_OPTION, OP_RUNNING, PENDING, SCHEDULED, SPAWN_CONFIG_KWARG, SUCCEEDED,
-                        request_header)
+                        ID_RULE, is_valid_id, request_header)
 
 if TYPE_CHECKING:
     from celery import Celery, Task
@@ -165,8 +165,8 @@ class ChildRows:
         options = dict(sig.options)
         user_chosen = bool(options.get("task_id")) and not context.generated(options["task_id"])
         job_id = options.get("task_id") or context.next_child_id()
-        if not isinstance(job_id, str) or not job_id or len(job_id) > 64 or not job_id.isprintable():
-            raise HandlerError(f"{where} has an invalid task_id {job_id!r}")
+        if not is_valid_id(job_id):
+            raise HandlerError(f"{where} has an invalid task_id {job_id!r}: a spawned child's id must be {ID_RULE}")
         if options.get("task_id"):  # ids generated here are unique by construction: remember only the others
             if job_id in seen:
                 raise HandlerError(f"{where} repeats task id {job_id}")

@@ -21,6 +21,7 @@ from ..config import HARD_MAX_PAYLOAD_DEPTH, SpawnConfig, check_size, nesting_de
 from ..errors import (
     DependencyError,
     HandlerError,
+    InvalidJobId,
     OperationConflict,
     PayloadTooLarge,
     SpawnDepthExceeded,
@@ -31,7 +32,7 @@ from ..errors import (
 )
 from ..handlers import (ParentJob, SpawnContext, SpawnHandler, SpawnResult, as_handler, default_operation_id,
                         labelled_operation_id)
-from ..protocol import OP_FAILED, OP_RUNNING, OP_SUCCEEDED
+from ..protocol import ID_RULE, OP_FAILED, OP_RUNNING, OP_SUCCEEDED, is_valid_id
 from ..store import utcnow
 from .children import (EAGER_ID_LIMIT, ChildRows, Recorded, describe, effective_config, find_cycle,
                        inherited_max_depth, operation_row, parent_from_task, requested_handler, root_row)
@@ -80,6 +81,10 @@ class Spawner:
                 operation_id = self._id_for_label(config.operation_id, parent.id)
             handler_name = config.handler or task.name
             handler = self._resolve_handler(task, handler_name)
+            for what, value in (("task id", parent.id), ("root id", parent.root_id)):
+                if not is_valid_id(value):
+                    raise InvalidJobId(f"the parent's {what} {value!r} must be {ID_RULE}, or no tool could reach "
+                                       "its tree: give the parent a task_id that is")
             max_depth = min(config.max_depth, inherited_max_depth(task) or config.max_depth)
             if parent.depth + 1 > max_depth:
                 raise SpawnDepthExceeded(

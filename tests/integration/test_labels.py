@@ -149,3 +149,17 @@ def test_cancel_of_the_label_stops_the_newest_operation(runs, backend, client_ap
     assert [op["state"] for op in labelled(client_app, runs.label)[:2]] == ["succeeded", "succeeded"]
     assert all(r["state"] == "succeeded" for r in children_of(client_app, runs.first) + children_of(
         client_app, runs.second))
+
+
+def test_a_label_no_tool_could_take_is_refused_and_the_refusal_is_listed(worker, backend, client_app):
+    """One id grammar: a label outside it would be recorded and never shown or cancelled; it is refused at
+    spawn time instead, the parent's result stands, and the refused operation is reachable."""
+    parent = client_app.signature("tests.spawner", kwargs={
+        "count": 2, "_spawn_config": {"handler": "sleepers", "operation_id": "tenant/42 report"}}).delay()
+    assert parent.get(timeout=TIMEOUT) == "spawned"
+    [operation] = wait_for(lambda: store_rows(client_app, s.operations, parent_id=parent.id), TIMEOUT,
+                           what="the refused operation")
+    assert operation["state"] == "failed" and "A-Z a-z 0-9" in operation["error"]
+    assert store_rows(client_app, s.jobs, parent_id=parent.id) == []
+    listed = json.loads(ok(backend, "list", "--format", "json", "--limit", "200"))
+    assert operation["id"] in json.dumps(listed)
