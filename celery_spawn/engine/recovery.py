@@ -4,6 +4,7 @@ outcomes the store missed, publish callbacks never sent, and redeliver what the 
 from __future__ import annotations
 
 import logging
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..protocol import FAILED, REVOKED, SUCCEEDED
@@ -92,22 +93,27 @@ class Sweeper:
         lost (the store was down, or the pool process died right after Celery
         stored the result), the job stays dispatched/started and its operation
         never completes. The result backend still knows: this reads it for old
-        unfinished jobs and finishes them as the signal would have. Without a
-        result backend nothing can be learnt, and nothing changes.
+        unfinished jobs and finishes them as the signal would have. An outcome
+        stored less than ``grace_seconds`` ago is left alone: the worker's own
+        write of it may still be on its way (it is not missed, only late).
+        Without a result backend nothing can be learnt, and nothing changes.
         """
         from celery import states
 
         if not has_result_backend(self.app):
             return 0
         changed = 0
+        settled_before = datetime.now(timezone.utc) - timedelta(seconds=grace_seconds)
         for job in self.store.stale_unfinished_jobs(grace_seconds, limit):
             try:
-                result = self.app.AsyncResult(job["id"])
-                outcome = result.state
+                meta = self.app.backend.get_task_meta(job["id"])
+                outcome = meta.get("status")
+                if outcome not in states.READY_STATES or not _done_before(meta.get("date_done"), settled_before):
+                    continue
                 if outcome == states.SUCCESS:
                     done = self.tracker.finish(job["id"], SUCCEEDED, operation_id=job["operation_id"])
                 elif outcome == states.FAILURE:
-                    done = self.tracker.finish(job["id"], FAILED, f"{result.result!r}"[:4000],
+                    done = self.tracker.finish(job["id"], FAILED, f"{meta.get('result')!r}"[:4000],
                                                operation_id=job["operation_id"])
                 elif outcome == states.REVOKED:
                     done = self.tracker.finish(job["id"], REVOKED, "revoked", operation_id=job["operation_id"])
@@ -132,3 +138,20 @@ class Sweeper:
         if count:
             logger.warning("recovery published %d stranded children of operation %s", count, operation_id)
         return count
+
+
+def _done_before(date_done: object, moment: datetime) -> bool:
+    """Whether a result's ``date_done`` (a datetime, or its ISO text; naive means UTC) lies before ``moment``.
+
+    A result without a readable time is taken as old (older backends, or results stored by hand).
+    """
+    if isinstance(date_done, str):
+        try:
+            date_done = datetime.fromisoformat(date_done)
+        except ValueError:
+            return True
+    if not isinstance(date_done, datetime):
+        return True
+    if date_done.tzinfo is None:
+        date_done = date_done.replace(tzinfo=timezone.utc)
+    return date_done < moment

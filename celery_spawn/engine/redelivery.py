@@ -4,10 +4,12 @@ A broker can lose a message it already handed out: kombu's Redis transport
 drops one when the consumer dies between taking it off the list and
 recording it as unacknowledged. The store then says ``dispatched`` forever
 and the operation never completes. Nothing tells such a child from one that
-waits behind a long queue except time, so the rule is conservative: a
-dispatched child is published again only when no worker started it within
-``spawn_redeliver_after`` seconds *and* its operation made no progress in
-that time (no sibling started or finished). The message goes out marked as
+waits behind a long queue except time and the queue itself, so the rule is
+conservative: a dispatched child is published again only when no worker
+started it within ``spawn_redeliver_after`` seconds, its operation made no
+progress in that time (no sibling started or finished), *and* it is not
+waiting in its queue: the broker holds no ready message there, or a job sent
+after it to that queue has started. The message goes out marked as
 recovered, so the child claims its start in the store before it runs,
 whatever its task class (see :mod:`celery_spawn.engine.copies`): should the
 original turn up after all, only one of them runs. A child sent again
@@ -70,15 +72,32 @@ class Redeliverer:
             return 0
         cutoff = utcnow() - timedelta(seconds=after)
         published = 0
+        idle: dict[str | None, bool] = {}  # queue -> holds no ready message (asked once per sweep)
         for operation_id in self.store.stalled_operations(cutoff, limit):
             try:
-                published += self._redeliver_operation(operation_id, cutoff)
+                published += self._redeliver_operation(operation_id, cutoff, idle)
             except Exception as exc:  # one bad operation must not strand the others
                 logger.error("redelivery for operation %s failed: %s", operation_id, exc)
         return published
 
-    def _redeliver_operation(self, operation_id: str, cutoff) -> int:
-        rows = self.store.lease_lost_children(operation_id, cutoff)
+    def queue_is_idle(self, queue: str | None) -> bool:
+        """Whether the broker holds no message ready in ``queue`` (None: the default queue); False when
+        it cannot tell. A child that waits there behind others is not lost, however long it waits."""
+        name = queue or self.app.conf.task_default_queue
+        try:
+            with self.app.connection_for_read() as conn:
+                ok = conn.default_channel.queue_declare(queue=name, passive=True)
+        except Exception as exc:  # no such queue, or no broker: it cannot tell
+            logger.debug("could not size queue %s: %s", name, exc)
+            return False
+        return not getattr(ok, "message_count", 1)
+
+    def _redeliver_operation(self, operation_id: str, cutoff, idle: dict[str | None, bool]) -> int:
+        for queue in self.store.waiting_queues(operation_id, cutoff):
+            if queue not in idle:
+                idle[queue] = self.queue_is_idle(queue)
+        rows = self.store.lease_lost_children(operation_id, cutoff,
+                                              idle_queues=[queue for queue, empty in idle.items() if empty])
         again = [{**r, "recovered": True} for r in rows if r["message"] and r["redeliveries"] <= self.limit]
         for row in rows:
             if not row["message"] or row["redeliveries"] > self.limit:

@@ -8,6 +8,7 @@ has it, so every worker may sweep at once.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Iterable
 
 import sqlalchemy as sa
 
@@ -100,15 +101,33 @@ class Recovery(StoreBase):
                     stalled.append(operation_id)
         return stalled
 
-    def lease_lost_children(self, operation_id: str, cutoff: datetime, limit: int = REDELIVERY_PAGE) -> list[dict]:
-        """An operation's children dispatched before ``cutoff`` and never started, leased to the caller
-        (their ``dispatched_at`` refreshed: the next look at them is a whole cutoff away, and their
-        ``redeliveries`` counted: each row says how many times it was sent again, this time included)."""
+    def waiting_queues(self, operation_id: str, cutoff: datetime) -> set[str | None]:
+        """The queues of an operation's children dispatched before ``cutoff`` and never started."""
+        with self.read() as conn:
+            return set(conn.execute(sa.select(s.jobs.c.queue).distinct()
+                                    .where(s.jobs.c.operation_id == operation_id, _never_started(cutoff))).scalars())
+
+    def lease_lost_children(self, operation_id: str, cutoff: datetime, limit: int = REDELIVERY_PAGE,
+                            idle_queues: Iterable[str | None] = ()) -> list[dict]:
+        """An operation's children dispatched before ``cutoff``, never started, and not merely waiting in
+        their queue, leased to the caller (their ``dispatched_at`` refreshed: the next look at them is a
+        whole cutoff away, and their ``redeliveries`` counted: each row says how many times it was sent
+        again, this time included).
+
+        Not waiting: their queue is one of ``idle_queues`` (it holds no message ready to deliver), or the
+        queue has moved past them (a job recorded and dispatched after them there has started).
+        """
+        idle = list(idle_queues)
+        not_waiting = [_overtaken()]
+        if any(q is not None for q in idle):
+            not_waiting.append(s.jobs.c.queue.in_([q for q in idle if q is not None]))
+        if None in idle:
+            not_waiting.append(s.jobs.c.queue.is_(None))
         with self.begin() as conn:
             lost = self.dialect.for_update(
                 sa.select(s.jobs.c.id, s.jobs.c.parent_id, s.jobs.c.root_id, s.jobs.c.message, s.jobs.c.operation_id,
                           s.jobs.c.task_name, s.jobs.c.redeliveries)
-                .where(s.jobs.c.operation_id == operation_id, _never_started(cutoff))
+                .where(s.jobs.c.operation_id == operation_id, _never_started(cutoff), sa.or_(*not_waiting))
                 .order_by(s.jobs.c.position).limit(limit)
             )
             rows = [dict(r) for r in conn.execute(lost).mappings()]
@@ -119,6 +138,24 @@ class Recovery(StoreBase):
             for row in rows:
                 row["redeliveries"] = (row["redeliveries"] or 0) + 1
         return rows
+
+
+def _overtaken() -> sa.ColumnElement[bool]:
+    """A job recorded and dispatched after this one, bound for the same queue, has started: the queue moved
+    past it. A child that merely waits behind a long queue has not been overtaken, whatever its age."""
+    later = s.jobs.alias("later")
+    behind = sa.or_(
+        sa.and_(later.c.created_at > s.jobs.c.created_at, later.c.dispatched_at > s.jobs.c.dispatched_at),
+        # a sibling of the same spawn: published after it in the same page
+        sa.and_(later.c.operation_id == s.jobs.c.operation_id, later.c.position > s.jobs.c.position,
+                later.c.dispatched_at >= s.jobs.c.dispatched_at),
+    )
+    return sa.exists().where(
+        later.c.state.in_((s.STARTED, s.RETRYING, s.SUCCEEDED, s.FAILED)),
+        later.c.started_at.is_not(None),
+        later.c.queue.is_not_distinct_from(s.jobs.c.queue),
+        behind,
+    )
 
 
 def _never_started(cutoff: datetime) -> sa.ColumnElement[bool]:

@@ -117,14 +117,30 @@ def test_lease_lost_children(store):
           lost("started", "op", 3, started_at=ago(HOUR)), lost("fresh", "op", 4, dispatched_ago=5),
           lost("x", "other")])
     cutoff = ago(60)
-    first = store.lease_lost_children("op", cutoff, limit=2)
+    first = store.lease_lost_children("op", cutoff, limit=2, idle_queues=["q"])
     assert [r["id"] for r in first] == ["a", "b"]
     assert first[0] == {"id": "a", "parent_id": "root", "root_id": "root", "message": '{"id": "a"}',
                         "operation_id": "op", "task_name": "tests.child", "redeliveries": 1}
     assert job(store, "a")["redeliveries"] == 1 and job(store, "c")["redeliveries"] == 0
     assert job(store, "a")["dispatched_at"] > cutoff and job(store, "c")["dispatched_at"] < cutoff
-    assert [r["id"] for r in store.lease_lost_children("op", cutoff)] == ["c"]
-    assert store.lease_lost_children("op", cutoff) == []  # leased: a whole cutoff away
+    assert [r["id"] for r in store.lease_lost_children("op", cutoff, idle_queues=["q"])] == ["c"]
+    assert store.lease_lost_children("op", cutoff, idle_queues=["q"]) == []  # leased: a whole cutoff away
     assert job(store, "a")["state"] == s.DISPATCHED and job(store, "x")["dispatched_at"] < cutoff
     set_job(store, "a", dispatched_at=ago(HOUR))
+    assert [r["id"] for r in store.lease_lost_children("op", cutoff, idle_queues=["q"])] == ["a"]
+
+
+def test_a_child_waiting_in_a_busy_queue_is_not_leased_until_the_queue_moves_past_it(store):
+    seed(store, [op_row("op", total=2, created=ago(2 * HOUR)), op_row("later", total=1)],
+         [lost("a", "op", 0), lost("b", "op", 1), lost("n", "op", 2, queue=None)])
+    cutoff = ago(60)
+    assert store.waiting_queues("op", cutoff) == {"q", None}
+    assert store.lease_lost_children("op", cutoff) == []  # the queue holds messages: a's may be among them
+    assert store.lease_lost_children("op", cutoff, idle_queues=["other"]) == []
+    # a sibling published after it has started: the queue moved past it
+    set_job(store, "b", state=s.STARTED, started_at=ago(HOUR - 1))
     assert [r["id"] for r in store.lease_lost_children("op", cutoff)] == ["a"]
+    # a job of another spawn, recorded and sent after the default-queue child, started there
+    seed(store, [], [job_row("z", "later", state=s.SUCCEEDED, queue=None, created=ago(HOUR - 10),
+                             dispatched_at=ago(HOUR - 10), started_at=ago(HOUR - 20))])
+    assert [r["id"] for r in store.lease_lost_children("op", cutoff)] == ["n"]

@@ -174,6 +174,8 @@ def test_zero_turns_redelivery_off_and_recover_uses_the_setting(rig):
     app.conf.spawn_redeliver_after = 30
     get_state(app).reload()
     age(app, operation_id, 120)
+    assert redeliver(app) == 0  # the copies recover() sent wait in the queue: nothing is lost
+    queued(app)
     assert redeliver(app) == 2
 
 
@@ -182,3 +184,15 @@ def test_bad_limits_are_refused(rig, bad):
     app, _ = rig
     with pytest.raises(ValueError, match="after_seconds"):
         redeliver(app, after_seconds=bad)
+
+
+def test_children_waiting_behind_a_busy_queue_are_not_lost_however_long_they_wait(rig):
+    """A healthy backlog: the children sit in the broker's queue. Nothing is published again."""
+    app, parent = rig
+    queued(app)  # the in-memory queue is the process's: start empty
+    operation_id = spawn(app, parent, 3)  # their messages stay queued
+    age(app, operation_id, 120)
+    assert redeliver(app, after_seconds=60) == 0
+    assert len(queued(app)) == 3  # the originals, and no copy
+    age(app, operation_id, 120)
+    assert redeliver(app, after_seconds=60) == 3  # drained, and still never started: lost

@@ -1,12 +1,14 @@
 """Tracking in eager mode on real stores: signals, completion state, callback recovery."""
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 import sqlalchemy as sa
 from celery import Celery
 from celery.canvas import Signature
 
-from celery_spawn import SpawnConfig, SpawnManager, SpawnTask, get_state, install, recover, signals
+from celery_spawn import SpawnConfig, SpawnManager, SpawnTask, control, get_state, install, recover, signals
 from celery_spawn.handlers import default_operation_id
 from celery_spawn.store import schema as s
 from celery_spawn.protocol import operation_state as _operation_state
@@ -153,6 +155,12 @@ def test_recovery_applies_outcomes_the_store_missed(store_url):
     with state.store.begin() as conn:  # as if both success writes had been lost
         conn.execute(s.jobs.update().where(s.jobs.c.operation_id == op_id).values(state="started"))
         conn.execute(s.operations.update().where(s.operations.c.id == op_id).values(completed=False, state="running"))
+    with state.store.begin() as conn:  # recorded long ago, so only the results' own age holds them back
+        conn.execute(s.jobs.update().where(s.jobs.c.operation_id == op_id)
+                     .values(created_at=s.utcnow() - timedelta(hours=1)))
+    # Stored a moment ago: the workers' own writes may still come, so nothing is "missed" yet.
+    assert control.sweep(app, grace_seconds=60).filled_in == 0
+    assert operation(app, result.id)["state"] == "running"
     assert recover(app, grace_seconds=0) == 2
     assert operation(app, result.id)["completed"] and operation(app, result.id)["state"] == "succeeded"
     assert recover(app, grace_seconds=0) == 0
