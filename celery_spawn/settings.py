@@ -51,6 +51,10 @@ class SpawnSettings:
     redeliver_after: float = 3600.0
     #: Times the sweep publishes again a child that never starts before it records the child ``lost``.
     redeliver_limit: int = 3
+    #: Seconds a store call may wait to connect, for one statement, and for a row lock (0: no limit).
+    connect_timeout: float = 10.0
+    statement_timeout: float = 60.0
+    lock_timeout: float = 30.0
     #: Create or upgrade the store's tables on first use.
     auto_migrate: bool = True
     #: Track the state of spawned children from worker signals.
@@ -190,6 +194,9 @@ _VALIDATORS = {
     "recovery_interval": _seconds(86_400),
     "recovery_grace": _seconds(7 * 86_400),
     "schedule_interval": _seconds(3_600),
+    "connect_timeout": _seconds(3_600),
+    "statement_timeout": _seconds(86_400),
+    "lock_timeout": _seconds(3_600),
     "redeliver_after": _seconds(7 * 86_400),
     "redeliver_limit": _integer(0, 1_000),
     "auto_migrate": _boolean,

@@ -63,12 +63,15 @@ class SpawnState:
     @property
     def store(self) -> SpawnStore:
         if self._store is None:
-            from .store import SpawnStore
+            from .store import SpawnStore, Timeouts
 
-            self._store = SpawnStore(self.settings.database_url, self.settings.engine_options,
-                                     auto_migrate=self.settings.auto_migrate,
-                                     synchronous_commit=self.settings.synchronous_commit,
-                                     prepared_statements=self.settings.prepared_statements)
+            settings = self.settings
+            self._store = SpawnStore(settings.database_url, settings.engine_options,
+                                     auto_migrate=settings.auto_migrate,
+                                     synchronous_commit=settings.synchronous_commit,
+                                     prepared_statements=settings.prepared_statements,
+                                     timeouts=Timeouts(settings.connect_timeout, settings.statement_timeout,
+                                                       settings.lock_timeout))
         return self._store
 
     def part(self, name: str, build: Callable[[SpawnState], T]) -> T:

@@ -1,9 +1,24 @@
-"""Worker integration: schema check at start, the periodic recovery sweep, and publishing due scheduled children."""
+"""Worker integration: celery-spawn's background work runs in a process of its own.
+
+The recovery sweep and the publishing of due scheduled children wait on the
+store and the broker. Run in a thread of the worker's main process, a hung
+store would hold whatever that thread holds when the main process forks a
+pool process (a SQLite connection's mutex, a connection pool's lock), and the
+new pool process would hang on it; run in the event loop, it would stall the
+worker. So a prefork worker's main process does none of it: at start it forks
+one background process (before the pool, while no thread of ours runs), which
+checks the schema, then publishes due children every
+``spawn_schedule_interval`` seconds and sweeps every
+``spawn_recovery_interval`` seconds. A store that hangs or is down there is
+logged and retried, and touches nothing else: tasks that need no store run
+normally, and pool processes are replaced as always.
+"""
 from __future__ import annotations
 
 import logging
 import os
-import threading
+import signal
+import time
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
@@ -11,78 +26,20 @@ from celery import bootsteps
 if TYPE_CHECKING:
     from celery import Celery
 
-    from .state import SpawnState
-
 logger = logging.getLogger("celery_spawn.worker")
 
-#: Held by a recovery sweep while it runs, and by ``os.fork()`` while it forks. A prefork worker's
-#: main process forks a new pool process whenever one exits (a terminated task, a lost process,
-#: max tasks per child); forked mid-sweep, the child would inherit locks the sweep thread held and
-#: hang on them: a SQLite connection's mutex (held through a busy wait of up to 30 s), which the
-#: child takes when it drops the inherited connection, the store's or the producers' pool locks.
-#: The fork waits for the sweep in progress instead.
-_fork_guard = threading.Lock()
-if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
-    os.register_at_fork(before=_fork_guard.acquire, after_in_parent=_fork_guard.release,
-                        after_in_child=_fork_guard.release)
+#: Seconds between two looks when neither the schedule nor the sweep asks for more often.
+IDLE_WAIT = 1.0
+#: Seconds the worker waits for its background process to stop before killing it.
+STOP_TIMEOUT = 10.0
+#: Seconds between the worker's checks that its background process lives (a new one if it died).
+WATCH_INTERVAL = 5.0
 
 
-class _PeriodicStep(bootsteps.StartStopStep):
-    """Runs :meth:`work` every :meth:`interval` seconds (0: never).
-
-    The timer ticks in the worker's main event loop, so the work itself runs
-    in a short-lived thread, one at a time, and a slow database never stalls
-    the consumer. The thread holds the fork guard while it works.
-    """
+class RecoveryStep(bootsteps.StartStopStep):
+    """Starts (and stops) the worker's celery-spawn background process."""
 
     requires = {"celery.worker.components:Timer"}
-    #: The worker timer's priority of this step's ticks.
-    priority = 10
-    #: The name of the step's threads, and what its failure log says it was doing.
-    thread_name = action = ""
-
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        super().__init__(worker, **kwargs)
-        self.tref = None
-        self._running = threading.Lock()
-
-    def interval(self, state: SpawnState) -> float:
-        raise NotImplementedError
-
-    def work(self, state: SpawnState) -> None:
-        raise NotImplementedError
-
-    def start(self, worker: Any) -> None:
-        from .state import get_state
-
-        interval = self.interval(get_state(worker.app))
-        if interval > 0:
-            self.tref = worker.timer.call_repeatedly(interval, self.tick, (worker,), priority=self.priority)
-
-    def stop(self, worker: Any) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
-            self.tref = None
-
-    def tick(self, worker: Any) -> None:
-        if self._running.locked():
-            return
-        threading.Thread(target=self._run, args=(worker.app,), name=self.thread_name, daemon=True).start()
-
-    def _run(self, app: Celery) -> None:
-        from .state import get_state
-
-        with self._running, _fork_guard:
-            try:
-                self.work(get_state(app))
-            except Exception as exc:
-                logger.error("celery-spawn %s failed: %s", self.action, exc)
-
-
-class RecoveryStep(_PeriodicStep):
-    """Every ``spawn_recovery_interval`` seconds, publish children stranded before dispatch."""
-
-    thread_name, action = "celery-spawn-recovery", "recovery sweep"
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)
@@ -93,40 +50,90 @@ class RecoveryStep(_PeriodicStep):
         # imported, and every task's guard against running a copy of a child twice.
         get_state(worker.app).store.load_driver()
         guard_copies(worker.app)
+        self.process: Any = None
+        self._stop: Any = None
+        self._watch: Any = None
 
     def start(self, worker: Any) -> None:
         from .state import get_state
 
         state = get_state(worker.app)
         logger.info("celery-spawn store: %s", state.store.safe_url)
-        try:
-            _ = state.store.engine  # create or upgrade the schema once, before the pool forks
-        except Exception as exc:
-            logger.error("celery-spawn store is not usable: %s", exc)
-        super().start(worker)
+        if state.settings.recovery_interval <= 0 and state.settings.schedule_interval <= 0:
+            return
+        self._spawn(worker.app)
+        self._watch = worker.timer.call_repeatedly(WATCH_INTERVAL, self._keep_alive, (worker.app,), priority=10)
 
-    def interval(self, state: SpawnState) -> float:
-        return state.settings.recovery_interval
+    def _spawn(self, app: Celery) -> None:
+        from billiard import get_context
 
-    def work(self, state: SpawnState) -> None:
-        state.sweeper.sweep()
+        context = get_context("fork")
+        self._stop = context.Event()
+        self.process = context.Process(target=run_background, args=(app, self._stop, os.getpid()),
+                                       name="celery-spawn", daemon=True)
+        self.process.start()
+
+    def _keep_alive(self, app: Celery) -> None:
+        if self.process is not None and not self.process.is_alive():
+            logger.error("the celery-spawn background process exited (%s): starting another",
+                         self.process.exitcode)
+            self._spawn(app)
+
+    def stop(self, worker: Any) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        if self.process is None:
+            return
+        self._stop.set()
+        self.process.join(STOP_TIMEOUT)
+        if self.process.is_alive():  # stuck on a hung store: nothing of its work is lost by a kill
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.join(STOP_TIMEOUT)
+        self.process = None
 
 
-class ScheduleStep(_PeriodicStep):
-    """Every ``spawn_schedule_interval`` seconds, publish the scheduled children that are due."""
+def run_background(app: Celery, stop: Any, parent_pid: int) -> None:
+    """The background process: schema check, then due children and sweeps until the worker stops."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker's Ctrl-C is the worker's: it stops us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    from .state import get_state
 
-    priority = 5
-    thread_name, action = "celery-spawn-schedule", "publishing of due scheduled children"
+    state = get_state(app)
+    settings = state.settings
+    schedule, recovery = settings.schedule_interval, settings.recovery_interval
+    wait = min(x for x in (schedule, recovery, IDLE_WAIT) if x > 0)
+    ready = False
+    next_sweep = time.monotonic() + recovery
+    while True:
+        if not ready:
+            ready = _schema_ready(state)
+        if ready and schedule > 0:
+            _attempt("publishing of due scheduled children", state.scheduler.publish_due)
+        if ready and recovery > 0 and time.monotonic() >= next_sweep:
+            _attempt("recovery sweep", state.sweeper.sweep)
+            next_sweep = time.monotonic() + recovery
+        if stop.wait(wait) or os.getppid() != parent_pid:  # stopped, or the worker died
+            return
 
-    def interval(self, state: SpawnState) -> float:
-        return state.settings.schedule_interval
 
-    def work(self, state: SpawnState) -> None:
-        state.scheduler.publish_due()
+def _schema_ready(state: Any) -> bool:
+    try:
+        _ = state.store.engine  # creates or upgrades the schema on first use
+    except Exception as exc:
+        logger.error("celery-spawn store is not usable (retrying): %s", exc)
+        return False
+    return True
+
+
+def _attempt(action: str, work: Any) -> None:
+    try:
+        work()
+    except Exception as exc:
+        logger.error("celery-spawn %s failed: %s", action, exc)
 
 
 def install_worker_hooks(app: Celery) -> None:
-    """Add the recovery and schedule bootsteps to ``app``'s workers (once)."""
-    for step in (RecoveryStep, ScheduleStep):
-        if step not in app.steps["worker"]:
-            app.steps["worker"].add(step)
+    """Add the celery-spawn bootstep to ``app``'s workers (once)."""
+    if RecoveryStep not in app.steps["worker"]:
+        app.steps["worker"].add(RecoveryStep)

@@ -6,8 +6,8 @@ side for the faces is :mod:`celery_spawn.store.queries`.
 from .base import SpawnStore
 from .cancels import Cancelled
 from .dialects import Finish, chunked
-from .engine import redact
+from .engine import Timeouts, redact
 from .schema import utcnow
 from .transitions import Finished
 
-__all__ = ["Cancelled", "Finish", "Finished", "SpawnStore", "chunked", "redact", "utcnow"]
+__all__ = ["Cancelled", "Finish", "Finished", "SpawnStore", "Timeouts", "chunked", "redact", "utcnow"]

@@ -17,7 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import StoreError
 from .dialects import dialect_for
-from .engine import EngineHolder, redact
+from .engine import EngineHolder, Timeouts, redact
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +31,10 @@ class StoreBase:
 
     def __init__(self, url: str, engine_options: dict[str, Any] | None = None, auto_migrate: bool = True,
                  synchronous_commit: bool = True, prepared_statements: bool = True,
-                 connect_timeout: float | None = None) -> None:
+                 connect_timeout: float | None = None, timeouts: Timeouts | None = None) -> None:
         options = dict(engine_options or {})
         self.holder = EngineHolder(url, options, synchronous_commit=synchronous_commit,
-                                   prepared_statements=prepared_statements)
+                                   prepared_statements=prepared_statements, timeouts=timeouts)
         self.auto_migrate = auto_migrate
         self._schema_ready = False
         backend = self.holder.dialect

@@ -1,7 +1,9 @@
 """Engines made per process, safely after a prefork worker forks, and schema creation."""
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 import threading
 from pathlib import Path
@@ -30,11 +32,48 @@ def redact(url: str | URL) -> str:
         return "<unparseable database URL>"
 
 
+@dataclasses.dataclass(frozen=True)
+class Timeouts:
+    """Seconds a store call may wait, each 0 for no limit: to connect, for one statement, for a row lock.
+
+    PostgreSQL: libpq's ``connect_timeout``, and the session's ``statement_timeout`` and ``lock_timeout``
+    (enforced by the server). MySQL/MariaDB: the client's ``connect_timeout`` and ``read_timeout`` /
+    ``write_timeout`` (enforced by the client, so a server that never answers is bounded too), and
+    ``innodb_lock_wait_timeout``. SQLite: the lock timeout is its busy timeout.
+    """
+
+    connect: float = 10.0
+    statement: float = 60.0
+    lock: float = 30.0
+
+    def connect_args(self, backend: str) -> dict[str, Any]:
+        """The DBAPI ``connect()`` arguments that apply them on ``backend``."""
+        whole = {name: max(1, math.ceil(value)) for name, value in dataclasses.asdict(self).items() if value > 0}
+        if backend == "sqlite":
+            return {"timeout": self.lock if self.lock > 0 else 30.0}
+        args: dict[str, Any] = {}
+        if "connect" in whole:
+            args["connect_timeout"] = whole["connect"]
+        if backend == "postgresql":
+            settings = [f"-c {name}_timeout={int(value * 1000)}"
+                        for name, value in (("statement", self.statement), ("lock", self.lock)) if value > 0]
+            if settings:
+                args["options"] = " ".join(settings)
+        elif backend in ("mysql", "mariadb"):
+            if "statement" in whole:
+                args["read_timeout"] = args["write_timeout"] = whole["statement"]
+            if "lock" in whole:
+                args["init_command"] = f"SET SESSION innodb_lock_wait_timeout = {whole['lock']}"
+        return args
+
+
 class EngineHolder:
     """One SQLAlchemy engine per process, rebuilt when the pid changes."""
 
     def __init__(self, url: str, engine_options: dict[str, Any] | None = None,
-                 synchronous_commit: bool = True, prepared_statements: bool = True) -> None:
+                 synchronous_commit: bool = True, prepared_statements: bool = True,
+                 timeouts: Timeouts | None = None) -> None:
+        self.timeouts = timeouts or Timeouts()
         self.synchronous_commit = synchronous_commit
         self.prepared_statements = prepared_statements
         try:
@@ -97,14 +136,18 @@ class EngineHolder:
             database = self.url.database
             if database and database != ":memory:":
                 Path(database).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
-            options["connect_args"] = {"timeout": 30, "check_same_thread": False}
         else:
             options.update(pool_pre_ping=True, pool_recycle=1800)
+        connect_args = self.timeouts.connect_args(backend)
+        if backend == "sqlite":
+            connect_args["check_same_thread"] = False
         if backend in ("mysql", "mariadb"):
             options["isolation_level"] = "READ COMMITTED"
         if backend == "postgresql" and not self.synchronous_commit:
-            options["connect_args"] = {"options": "-c synchronous_commit=off"}
+            connect_args["options"] = " ".join(filter(None, [connect_args.get("options"),
+                                                             "-c synchronous_commit=off"]))
         options.update(self.engine_options)
+        options["connect_args"] = {**connect_args, **self.engine_options.get("connect_args", {})}
         try:
             engine = sa.create_engine(self.url, **options)
         except ModuleNotFoundError as exc:

@@ -204,6 +204,11 @@ def make_reliability_app(broker: str, backend: str | None, database_url: str, qu
             time.sleep(pause)
         return index
 
+    @app.task(shared=False, name="rel.pid")
+    def pid():
+        """A task that needs no store: which pool process ran it."""
+        return os.getpid()
+
     @app.task(shared=False, name="rel.broken", base=SpawnTask, bind=True)
     def broken(self, good, **_):
         return f"parent result {good}"

@@ -5,7 +5,9 @@ It listens on 127.0.0.1 only and forwards to one loopback upstream. A test can
 * ``cut()``: close every live connection at once and refuse new ones (each
   new connection is accepted and closed at once, so clients fail fast rather
   than hang);
-* ``resume()``: forward new connections again;
+* ``hang()``: keep every connection open and accept new ones, but swallow
+  every byte in both directions (a server that accepts and never answers);
+* ``resume()``: forward new connections again (and end a hang);
 * ``stop()``: close everything and stop listening.
 
 Bounded: at most ``max_connections`` live connections (more are closed at
@@ -17,7 +19,7 @@ import contextlib
 import select
 import socket
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 BUFFER = 64 * 1024
@@ -42,6 +44,7 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._pairs: set[tuple[socket.socket, socket.socket]] = set()
         self._open = True       # forwarding (False: cut)
+        self._hung = False      # swallowing every byte
         self._running = True    # listening (False: stopped)
         #: Connections accepted, and connections refused while cut (for assertions and logs).
         self.accepted = 0
@@ -71,6 +74,12 @@ class TcpProxy:
     def resume(self) -> None:
         with self._lock:
             self._open = True
+            self._hung = False
+
+    def hang(self) -> None:
+        """Swallow every byte from now on, on live and new connections alike, answering nothing."""
+        with self._lock:
+            self._hung = True
 
     @contextlib.contextmanager
     def outage(self) -> Iterator[TcpProxy]:
@@ -112,6 +121,10 @@ class TcpProxy:
                 continue
             with self._lock:
                 refuse = not self._open or len(self._pairs) >= self.max_connections
+                hung = self._hung
+            if hung:  # accepted, and never answered
+                threading.Thread(target=self._swallow, args=(client,), daemon=True).start()
+                continue
             if refuse:
                 self.refused += 1
                 _close(client, reset=True)
@@ -135,6 +148,9 @@ class TcpProxy:
             threading.Thread(target=self._relay, args=(pair,), name=f"proxy-{self.port}-relay",
                              daemon=True).start()
 
+    def _swallow(self, client: socket.socket) -> None:
+        _swallow_into_void(client, lambda: self._running and self._hung)
+
     def _relay(self, pair: tuple[socket.socket, socket.socket]) -> None:
         client, server = pair
         peer = {client: server, server: client}
@@ -151,13 +167,23 @@ class TcpProxy:
                     data = sock.recv(BUFFER)
                     if not data:
                         return
-                    peer[sock].sendall(data)
+                    if not self._hung:
+                        peer[sock].sendall(data)
         except OSError:
             return
         finally:
             with self._lock:
                 self._pairs.discard(pair)
             _close_pair(pair, reset=False)
+
+
+def _swallow_into_void(sock: socket.socket, running: Callable[[], bool]) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        while running():
+            readable, _, _ = select.select([sock], [], [], POLL)
+            if readable and not sock.recv(BUFFER):
+                break
+    _close(sock, reset=False)
 
 
 def _close(sock: socket.socket, reset: bool) -> None:

@@ -20,7 +20,7 @@ from celery_spawn import (
     install,
 )
 from celery_spawn.store import schema as s
-from celery_spawn.worker import RecoveryStep, ScheduleStep
+from celery_spawn.worker import RecoveryStep
 
 
 class Noop(SpawnHandler):
@@ -145,7 +145,6 @@ def test_install_is_idempotent(sqlite_url):
     assert first is second is third is get_state(app)
     assert third.manager is manager and manager.registered_types() == ["h"]
     assert list(app.steps["worker"]).count(RecoveryStep) == 1
-    assert list(app.steps["worker"]).count(ScheduleStep) == 1
     assert first.installed
 
 

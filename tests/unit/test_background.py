@@ -1,0 +1,98 @@
+"""The worker's background process: schema check, due children and sweeps, apart from the pool's forks."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import types
+
+import pytest
+
+from celery_spawn import worker
+from celery_spawn.store import Timeouts
+
+
+class Calls:
+    def __init__(self, fail_schema: int = 0) -> None:
+        self.due = self.sweeps = 0
+        self.fail_schema = fail_schema
+
+    @property
+    def engine(self):
+        if self.fail_schema:
+            self.fail_schema -= 1
+            raise RuntimeError("store unreachable")
+        return object()
+
+    def publish_due(self):
+        self.due += 1
+
+    def sweep(self):
+        self.sweeps += 1
+
+
+def fake_state(calls, schedule=0.01, recovery=0.05):
+    settings = types.SimpleNamespace(schedule_interval=schedule, recovery_interval=recovery)
+    return types.SimpleNamespace(settings=settings, store=calls, scheduler=calls, sweeper=calls)
+
+
+def run_for(monkeypatch, state, seconds, parent=None):
+    monkeypatch.setattr("celery_spawn.state.get_state", lambda app: state)
+    monkeypatch.setattr(worker.signal, "signal", lambda *args: None)  # keep the test process's handlers
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run_background, args=(None, stop, parent or os.getppid()))
+    thread.start()
+    thread.join(seconds)
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_it_publishes_due_children_more_often_than_it_sweeps(monkeypatch):
+    calls = Calls()
+    run_for(monkeypatch, fake_state(calls), 0.5)
+    assert calls.due > calls.sweeps >= 3
+
+
+def test_a_store_it_cannot_reach_is_logged_and_retried(monkeypatch, caplog):
+    calls = Calls(fail_schema=3)
+    with caplog.at_level(logging.ERROR, logger="celery_spawn.worker"):
+        run_for(monkeypatch, fake_state(calls), 0.5)
+    assert caplog.text.count("store is not usable (retrying): store unreachable") == 3
+    assert calls.due > 0  # then it works
+
+
+def test_it_stops_when_the_worker_is_gone(monkeypatch):
+    calls = Calls()
+    run_for(monkeypatch, fake_state(calls), 5, parent=-1)  # not our parent: the worker died
+    assert calls.due <= 1
+
+
+def test_a_failing_sweep_does_not_stop_the_loop(monkeypatch, caplog):
+    calls = Calls()
+
+    def broken():
+        calls.sweeps += 1
+        raise RuntimeError("boom")
+
+    calls.sweep = broken
+    with caplog.at_level(logging.ERROR, logger="celery_spawn.worker"):
+        run_for(monkeypatch, fake_state(calls), 0.4)
+    assert calls.sweeps >= 2 and "recovery sweep failed: boom" in caplog.text
+
+
+@pytest.mark.parametrize("backend, expected", [
+    ("postgresql", {"connect_timeout": 10, "options": "-c statement_timeout=60000 -c lock_timeout=30000"}),
+    ("mysql", {"connect_timeout": 10, "read_timeout": 60, "write_timeout": 60,
+               "init_command": "SET SESSION innodb_lock_wait_timeout = 30"}),
+    ("sqlite", {"timeout": 30.0}),
+])
+def test_timeouts_become_driver_arguments(backend, expected):
+    assert Timeouts().connect_args(backend) == expected
+
+
+def test_zero_means_no_limit():
+    assert Timeouts(0, 0, 0).connect_args("postgresql") == {}
+    assert Timeouts(0, 0, 0).connect_args("mariadb") == {}
+    assert Timeouts(connect=2.5, statement=0.2, lock=0).connect_args("mysql") == {
+        "connect_timeout": 3, "read_timeout": 1, "write_timeout": 1}
