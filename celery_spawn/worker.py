@@ -35,7 +35,7 @@ class _PeriodicStep(bootsteps.StartStopStep):
     the consumer. The thread holds the fork guard while it works.
     """
 
-    requires = {"celery.worker.components:Timer"}
+    requires = ("celery.worker.components:Timer",)
     #: The worker timer's priority of this step's ticks.
     priority = 10
     #: The name of the step's threads, and what its failure log says it was doing.
