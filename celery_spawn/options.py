@@ -172,8 +172,24 @@ def store_options(fn: Callable) -> Callable:
 
 
 def format_option(choices: tuple[str, ...]) -> Callable:
-    return click.option("--format", "-f", "fmt", type=click.Choice(choices), default="text", show_default=True,
-                        help="Output format.")
+    """``--format/-f``, and ``--json/-j`` for ``--format json``: the command receives ``fmt`` alone."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def with_json(*args: Any, as_json: bool = False, **kwargs: Any) -> Any:
+            if as_json:
+                ctx = click.get_current_context()
+                if ctx.get_parameter_source("fmt") is click.core.ParameterSource.COMMANDLINE \
+                        and kwargs.get("fmt") != "json":
+                    raise click.UsageError(f"--json is --format json: it cannot go with --format {kwargs['fmt']}")
+                kwargs["fmt"] = "json"
+            return fn(*args, **kwargs)
+
+        with_json = click.option("--json", "-j", "as_json", is_flag=True, help="Same as --format json.")(with_json)
+        return click.option("--format", "-f", "fmt", type=click.Choice(choices), default="text",
+                            show_default=True, help="Output format.")(with_json)
+
+    return decorate
 
 
 def limit_option(default: int, help_text: str) -> Callable:
