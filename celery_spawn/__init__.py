@@ -53,24 +53,33 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     # ruff: noqa: F401
-    from .app import get_state, install
-    from .config import SpawnConfig
-    from .control import cancel, completion_task_id, recover, resolve_operation
-    from .errors import (
-        DependencyError,
-        HandlerError,
-        HandlerNotFound,
-        InvalidJobId,
-        JobNotFound,
-        OperationConflict,
-        PayloadTooLarge,
-        SpawnConfigError,
-        SpawnDepthExceeded,
-        SpawnError,
-        SpawnLimitExceeded,
-        SpawnValidationError,
-        StoreError,
-    )
-    from .handlers import ParentJob, SpawnContext, SpawnHandler, SpawnManager, SpawnResult, child_id
-    from .signatures import depends_on, with_spawn_config, with_spawn_handler
-    from .task import SpawnTask
+    from .app import get_state as get_state
+    from .app import install as install
+    from .config import SpawnConfig as SpawnConfig
+    from .control import cancel as cancel
+    from .control import completion_task_id as completion_task_id
+    from .control import recover as recover
+    from .control import resolve_operation as resolve_operation
+    from .errors import DependencyError as DependencyError
+    from .errors import HandlerError as HandlerError
+    from .errors import HandlerNotFound as HandlerNotFound
+    from .errors import InvalidJobId as InvalidJobId
+    from .errors import JobNotFound as JobNotFound
+    from .errors import OperationConflict as OperationConflict
+    from .errors import PayloadTooLarge as PayloadTooLarge
+    from .errors import SpawnConfigError as SpawnConfigError
+    from .errors import SpawnDepthExceeded as SpawnDepthExceeded
+    from .errors import SpawnError as SpawnError
+    from .errors import SpawnLimitExceeded as SpawnLimitExceeded
+    from .errors import SpawnValidationError as SpawnValidationError
+    from .errors import StoreError as StoreError
+    from .handlers import ParentJob as ParentJob
+    from .handlers import SpawnContext as SpawnContext
+    from .handlers import SpawnHandler as SpawnHandler
+    from .handlers import SpawnManager as SpawnManager
+    from .handlers import SpawnResult as SpawnResult
+    from .handlers import child_id as child_id
+    from .signatures import depends_on as depends_on
+    from .signatures import with_spawn_config as with_spawn_config
+    from .signatures import with_spawn_handler as with_spawn_handler
+    from .task import SpawnTask as SpawnTask

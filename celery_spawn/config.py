@@ -46,12 +46,12 @@ class SpawnConfig:
     inherit_queue: bool = False
     spawn_delay_ms: int = 0
     batch_size: int = DEFAULT_BATCH_SIZE
-    metadata: dict | None = None
+    metadata: dict[str, Any] | None = None
     max_depth: int = DEFAULT_MAX_DEPTH
-    on_complete: dict | None = None
+    on_complete: dict[str, Any] | None = None
     wait_for_descendants: bool = False
     fail_fast: bool = False
-    _explicit: frozenset = dataclasses.field(default=frozenset(), repr=False, compare=False)
+    _explicit: frozenset[str] = dataclasses.field(default=frozenset(), repr=False, compare=False)
 
     def __init__(self, **options: Any) -> None:
         defaults = {f.name: f.default for f in _FIELDS}
@@ -110,7 +110,7 @@ class SpawnConfig:
     def with_batch_size(self, size: int) -> SpawnConfig:
         return self._with(batch_size=size)
 
-    def with_metadata(self, metadata: dict) -> SpawnConfig:
+    def with_metadata(self, metadata: dict[str, Any]) -> SpawnConfig:
         return self._with(metadata=metadata)
 
     def with_max_depth(self, depth: int) -> SpawnConfig:

@@ -5,7 +5,7 @@ import dataclasses
 import inspect
 import uuid
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, cast
 
 from celery.canvas import Signature
 
@@ -55,18 +55,18 @@ class ParentJob:
 
     id: str
     name: str
-    args: tuple
-    kwargs: dict
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
     result: Any
     priority: int | None
     queue: str | None
     root_id: str
     depth: int
     parent_id: str | None = None
-    arguments: dict = dataclasses.field(default_factory=dict)
+    arguments: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def bind_arguments(function: Any, args: tuple, kwargs: dict) -> dict:
+def bind_arguments(function: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """``args`` and ``kwargs`` bound to ``function``'s parameter names, defaults applied.
 
     Keyword arguments gathered by a ``**kwargs`` parameter appear under their
@@ -78,7 +78,7 @@ def bind_arguments(function: Any, args: tuple, kwargs: dict) -> dict:
     except (TypeError, ValueError):
         return dict(kwargs)
     bound.apply_defaults()
-    arguments: dict = {}
+    arguments: dict[str, Any] = {}
     for name, value in bound.arguments.items():
         if bound.signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
             arguments.update(value)
@@ -92,7 +92,7 @@ class SpawnResult:
     """What a spawn produced: passed to ``on_spawn_complete`` and returned by the spawner."""
 
     parent_job_id: str
-    spawned_job_ids: list[str]
+    spawned_job_ids: Sequence[str]
     spawned_at: datetime
     operation_id: str
 
@@ -137,14 +137,14 @@ class SpawnContext:
             raise HandlerError(f"freeze() takes a Celery signature, not {type(sig).__name__}")
         existing = sig.options.get("task_id")
         if existing:
-            return existing
+            return cast(str, existing)
         job_id = self.next_child_id()
         sig.set(task_id=job_id)
         self._frozen.add(job_id)
         return job_id
 
     @property
-    def metadata(self) -> dict:
+    def metadata(self) -> dict[str, Any]:
         return self.config.metadata or {}
 
 
@@ -182,7 +182,8 @@ class SpawnManager:
     def __init__(self) -> None:
         self._handlers: dict[str, SpawnHandler] = {}
 
-    def register_handler(self, name: str, handler: SpawnHandler | type[SpawnHandler] | Callable | None = None) -> Any:
+    def register_handler(self, name: str,
+                         handler: SpawnHandler | type[SpawnHandler] | Callable[..., Any] | None = None) -> Any:
         """Register ``handler`` under ``name``; a name may be registered once.
 
         Without ``handler`` it is a decorator: ``@manager.register_handler("name")``.
@@ -197,7 +198,7 @@ class SpawnManager:
         self._handlers[name] = handler
         return handler
 
-    def handler(self, name: str) -> Callable:
+    def handler(self, name: str) -> Callable[..., Any]:
         """Decorator form: ``@manager.handler("name")`` on a function or SpawnHandler class."""
         def decorate(obj: Any) -> Any:
             self.register_handler(name, obj)

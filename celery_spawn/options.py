@@ -17,7 +17,7 @@ import contextlib
 import functools
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -67,7 +67,7 @@ JOB_ID = JobIdType()
 class FiniteFloatRange(click.FloatRange):
     """A float range that also refuses nan and infinity (click's range lets nan through)."""
 
-    def convert(self, value, param, ctx):  # type: ignore[override]
+    def convert(self, value, param, ctx):
         number = super().convert(value, param, ctx)
         if number != number or number in (float("inf"), float("-inf")):
             self.fail(f"{value!r} is not a finite number", param, ctx)
@@ -84,7 +84,7 @@ class CommandError(click.ClickException):
         from .render.escape import printable
 
         super().__init__(printable(message))
-        self.exit_code = exit_code
+        self.exit_code = exit_code  # type: ignore[misc]  # click declares a class default
 
 
 # ---- store resolution -----------------------------------------------------------------------
@@ -98,7 +98,7 @@ def user_app(ctx: click.Context) -> Celery | None:
         return None  # `celery spawn ...` without -A: ctx.obj.app is Celery's silent 'default' app
     from celery import _state
 
-    if app is _state.default_app:
+    if app is _state.default_app:  # type: ignore[attr-defined]
         return None
     return app
 
@@ -172,8 +172,24 @@ def store_options(fn: Callable) -> Callable:
 
 
 def format_option(choices: tuple[str, ...]) -> Callable:
-    return click.option("--format", "-f", "fmt", type=click.Choice(choices), default="text", show_default=True,
-                        help="Output format.")
+    """``--format/-f``, and ``--json/-j`` for ``--format json``: the command receives ``fmt`` alone."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def with_json(*args: Any, as_json: bool = False, **kwargs: Any) -> Any:
+            if as_json:
+                ctx = click.get_current_context()
+                if ctx.get_parameter_source("fmt") is click.core.ParameterSource.COMMANDLINE \
+                        and kwargs.get("fmt") != "json":
+                    raise click.UsageError(f"--json is --format json: it cannot go with --format {kwargs['fmt']}")
+                kwargs["fmt"] = "json"
+            return fn(*args, **kwargs)
+
+        with_json = click.option("--json", "-j", "as_json", is_flag=True, help="Same as --format json.")(with_json)
+        return click.option("--format", "-f", "fmt", type=click.Choice(choices), default="text",
+                            show_default=True, help="Output format.")(with_json)
+
+    return decorate
 
 
 def limit_option(default: int, help_text: str) -> Callable:
@@ -207,7 +223,7 @@ def note_label(token: str, operation_id: str, others: int, doing: str = "showing
                f"{others} other{'s' if others != 1 else ''}: celery spawn list --operation {token}", err=True)
 
 
-def fail_not_found(what: str, some_id: str, hint: str = "") -> None:
+def fail_not_found(what: str, some_id: str, hint: str = "") -> NoReturn:
     raise CommandError(f"no spawned {what} has id {some_id!r}{hint}", RET_NOT_FOUND)
 
 

@@ -7,7 +7,7 @@ imports anything of the package.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Any, Mapping
 
 # ---- job states, in the order a job moves through them --------------------------------------
 PENDING = "pending"        # recorded, not yet published
@@ -113,6 +113,6 @@ def request_headers(request: object) -> dict:
     return headers if isinstance(headers, dict) else {}
 
 
-def request_header(request: object, name: str) -> object:
+def request_header(request: object, name: str) -> Any:
     """One spawn header of a request: in ``request.headers`` (eager) or as an attribute (worker)."""
     return request_headers(request).get(name) or getattr(request, name, None)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from celery.utils.dispatch import Signal
 
 #: A spawn was recorded in the store (sender: the parent task; ``result``: the SpawnResult).
-spawn_recorded = Signal(name="spawn_recorded", providing_args={"result"})
+spawn_recorded = Signal(name="spawn_recorded", providing_args=["result"])
 
 #: A spawn was refused or failed (sender: the parent task; ``operation_id``, ``exception``).
-spawn_failed = Signal(name="spawn_failed", providing_args={"operation_id", "exception"})
+spawn_failed = Signal(name="spawn_failed", providing_args=["operation_id", "exception"])
 
 #: Every child (or descendant) of an operation is final (sender: the operation id; ``summary``).
-operation_completed = Signal(name="operation_completed", providing_args={"operation_id", "summary"})
+operation_completed = Signal(name="operation_completed", providing_args=["operation_id", "summary"])

@@ -1,7 +1,7 @@
 """Helpers on Celery signatures: the seed's ``JobSpawnExt`` and ``depends_on_jobs``."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 from celery.canvas import Signature
 
@@ -13,7 +13,7 @@ __all__ = ["DEPENDS_ON_OPTION", "IGNORE_FAILURE_OPTION", "SPAWN_CONFIG_KWARG", "
            "with_spawn_handler"]
 
 
-def _spawn_kwarg(sig: Signature) -> dict:
+def _spawn_kwarg(sig: Signature) -> dict[str, Any]:
     if not isinstance(sig, Signature):
         raise TypeError(f"expected a Celery signature, not {type(sig).__name__}")
     kwargs = sig.kwargs if sig.kwargs is not None else {}
@@ -47,7 +47,7 @@ def _job_id_of(item: Any) -> str:
         task_id = item.options.get("task_id")
         if not task_id:
             raise DependencyError("depends_on() got a signature without an id: freeze it first (context.freeze)")
-        return task_id
+        return cast(str, task_id)
     job_id = getattr(item, "id", None)  # AsyncResult and friends
     if isinstance(job_id, str) and job_id:
         return job_id

@@ -17,7 +17,7 @@ from .state import get_state
 logger = logging.getLogger("celery_spawn.task")
 
 
-class SpawnTask(Task):
+class SpawnTask(Task):  # type: ignore[type-arg]
     """Base class for tasks that spawn children: ``@app.task(base=SpawnTask, bind=True)``.
 
     A call carrying ``_spawn_config`` (or a task declared with
@@ -32,7 +32,7 @@ class SpawnTask(Task):
     #: Name of the handler (or a SpawnHandler) every call of this task spawns through.
     spawn_handler: str | SpawnHandler | None = None
     #: Default SpawnConfig (or its dict form) of every call; a call's ``_spawn_config`` overrides it key by key.
-    spawn_config: SpawnConfig | dict | None = None
+    spawn_config: SpawnConfig | dict[str, Any] | None = None
     #: A spawned call claims its start in the store, so a second copy of its message never runs the body
     #: (what lets the recovery sweep publish again a message the broker lost).
     spawn_claims_start = True

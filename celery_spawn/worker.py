@@ -39,7 +39,7 @@ WATCH_INTERVAL = 5.0
 class RecoveryStep(bootsteps.StartStopStep):
     """Starts (and stops) the worker's celery-spawn background process."""
 
-    requires = {"celery.worker.components:Timer"}
+    requires = ("celery.worker.components:Timer",)
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         super().__init__(worker, **kwargs)

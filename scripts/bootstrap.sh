@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv (if missing) and installs celery-spawn into it with the given extras.
 # Usage: scripts/bootstrap.sh [extras]    e.g. scripts/bootstrap.sh test,web
+# pip runs with -qq: errors still show, warnings (the build backend's notes on an editable
+# install among them) would otherwise stand above the example's output.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
@@ -10,11 +12,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.installed-${extras:-core}"
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
-    .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
+    .venv/bin/python -m pip install -qq --upgrade pip >/dev/null
     if [ -n "$extras" ]; then
-        .venv/bin/python -m pip install --quiet -e ".[${extras}]"
+        .venv/bin/python -m pip install -qq -e ".[${extras}]"
     else
-        .venv/bin/python -m pip install --quiet -e .
+        .venv/bin/python -m pip install -qq -e .
     fi
     touch "$stamp"
 fi

@@ -7,8 +7,6 @@ grammar, exit codes, options) is :mod:`celery_spawn.options`.
 """
 from __future__ import annotations
 
-import sys
-
 from ..options import JOB_ID, RET_NOT_FOUND, RET_OK, RET_STORE, RET_USAGE, open_store, store_options
 from . import manage, reads  # noqa: F401  (their commands join the group)
 from .group import spawn
@@ -21,4 +19,4 @@ def main() -> None:  # pragma: no cover - `python -m celery_spawn.cli` without C
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -25,6 +25,7 @@ from ..options import (
     user_app,
 )
 from .group import spawn
+from .progress import working
 
 
 @spawn.command(cls=CeleryCommand)
@@ -34,7 +35,8 @@ def migrate(ctx: click.Context, database_url: str | None) -> None:
     """Create or upgrade the store's tables."""
     with open_store(ctx, database_url, create=True) as store:
         before = store.revision()
-        revision = store.migrate()
+        with working(f"migrating {store.safe_url}"):
+            revision = store.migrate()
         if before == revision:
             emit(ctx, f"spawn store {store.safe_url} is up to date (revision {revision})")
         else:
@@ -67,7 +69,8 @@ def recover(ctx: click.Context, grace: float | None, redeliver_after: float | No
     if database_url:
         state.reload(database_url=database_url)
     try:
-        report = sweep(app, grace_seconds=grace, limit=limit, redeliver_after=redeliver_after)
+        with working(f"recovering up to {limit} operations"):
+            report = sweep(app, grace_seconds=grace, limit=limit, redeliver_after=redeliver_after)
     except StoreError as exc:
         raise CommandError(explain(state.store, exc), RET_STORE) from None
     emit(ctx, f"published {_count(report.published, 'stranded child', 'stranded children')} "
@@ -114,7 +117,8 @@ def cancel(ctx: click.Context, target: str, terminate: bool, store_only: bool, f
         click.confirm(f"Cancel everything unfinished below {target}?", abort=True)
     with _canceller(ctx, app, database_url) as (canceller, store):
         try:
-            result = canceller.cancel(target, terminate=terminate, store_only=store_only)
+            with working(f"cancelling below {target}"):
+                result = canceller.cancel(target, terminate=terminate, store_only=store_only)
         except JobNotFound:
             raise CommandError(f"no spawned job or operation has id {target}", RET_NOT_FOUND) from None
         except StoreError as exc:

@@ -28,6 +28,7 @@ from ..options import (
     usage_errors,
     use_colour,
 )
+from ..protocol import OPERATION_STATES
 from .group import spawn
 
 if TYPE_CHECKING:
@@ -38,8 +39,8 @@ if TYPE_CHECKING:
 @click.option("--recent", is_flag=True, help=f"Only operations created in the last {RECENT_HOURS} hours.")
 @limit_option(DEFAULT_LIMIT, "Operations to show, newest first.")
 @queue_option("Only operations whose parent ran on this queue.")
-@click.option("--state", "-s", default=None, metavar="STATE",
-              help="Only operations in this state (running, succeeded, failed, partially_failed, cancelled).")
+@click.option("--state", "-s", type=click.Choice(OPERATION_STATES), default=None,
+              help="Only operations in this state.")
 @click.option("--operation", "-o", "operation", default=None, metavar="LABEL",
               help="Only the operations with this label (every parent's spawn that gave it as its operation_id), "
                    "or with this operation id.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, TypeGuard, cast
 
 from celery.canvas import Signature
 from kombu.utils.json import dumps
@@ -38,7 +38,7 @@ _PRIVATE_OPTIONS = {"task_id", "parent_id", "root_id", "group_id", "group_index"
                     DEPENDS_ON_OPTION, IGNORE_FAILURE_OPTION}
 
 
-def queue_of_delivery(app: Celery, delivery: dict) -> str | None:
+def queue_of_delivery(app: Celery, delivery: Mapping[str, Any]) -> str | None:
     """The queue a message came from: its routing key on the default exchange, else the queue bound so."""
     routing_key = delivery.get("routing_key") or None
     exchange = delivery.get("exchange") or ""
@@ -61,7 +61,7 @@ def parent_from_task(task: Task, result: Any) -> ParentJob:
         depth = 0
     args = tuple(request.args or ())
     return ParentJob(
-        id=request.id,
+        id=cast(str, request.id),
         name=task.name,
         args=args,
         kwargs=kwargs,
@@ -69,7 +69,7 @@ def parent_from_task(task: Task, result: Any) -> ParentJob:
         result=result,
         priority=delivery.get("priority"),
         queue=queue_of_delivery(task.app, delivery),
-        root_id=request.root_id or request.id,
+        root_id=cast(str, request.root_id or request.id),
         depth=depth,
         parent_id=request.parent_id,
     )
@@ -100,7 +100,7 @@ def requested_handler(task: Task, call_config: Any) -> str:
     return str(task.name)[:255]
 
 
-def _storable_name(name: Any) -> bool:
+def _storable_name(name: Any) -> TypeGuard[str]:
     return isinstance(name, str) and bool(name) and name.isprintable()
 
 

@@ -43,7 +43,7 @@ def fast_saferepr(value: Any, maxlen: int, maxlevels: int | None) -> str:
     text = _flat_repr(value) if not maxlevels or maxlevels >= 1 else None
     if text is not None and len(text) <= maxlen:
         return text
-    return saferepr(value, maxlen, maxlevels=maxlevels)
+    return saferepr(value, maxlen, maxlevels=maxlevels)  # type: ignore[arg-type]
 
 
 def _scalar(value: Any) -> str | None:
@@ -146,13 +146,13 @@ class MessageBuilder:
         time_limit = soft_time_limit = None
         ignore_result = False
         if task_type is not None:
-            defaults = {k: v for k, v in task_type._get_exec_options().items() if v is not None}
+            defaults = {k: v for k, v in task_type._get_exec_options().items() if v is not None}  # type: ignore[attr-defined]
             publish = {**defaults, **publish}
             time_limit = publish.pop("time_limit", None)
             soft_time_limit = publish.pop("soft_time_limit", None)
             publish.pop("expires", None)
             ignore_result = bool(publish.pop("ignore_result", task_type.ignore_result))
-        routed = self.amqp.router.route(publish, name, (), {}, task_type)
+        routed = self.amqp.router.route(publish, name, (), {}, task_type)  # type: ignore[arg-type]
         queue = routed.get("queue")
         exchange_type = getattr(getattr(queue, "exchange", None), "type", None)
         direct = (queue is not None and exchange_type == "direct" and not routed.get("exchange_type")

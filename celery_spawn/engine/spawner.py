@@ -103,8 +103,8 @@ class Spawner:
             self._refused(task, parent, operation_id, handler_name, config, call_config, exc)
             return None
         except RecursionError:  # a payload no limit measured: refused all the same, the parent's result stands
-            exc = PayloadTooLarge("a payload nested too deeply to be handled (RecursionError)")
-            self._refused(task, parent, operation_id, handler_name, config, call_config, exc)
+            too_deep = PayloadTooLarge("a payload nested too deeply to be handled (RecursionError)")
+            self._refused(task, parent, operation_id, handler_name, config, call_config, too_deep)
             return None
 
     def _id_for_label(self, label: str, parent_id: str) -> str:

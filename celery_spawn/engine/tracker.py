@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence, cast
 
 from celery.exceptions import Ignore
 
@@ -284,22 +284,23 @@ class Tracker:
         Celery retry of it.
         """
         request = task.request
+        job_id = cast(str, request.id)  # a running task has one
         self.worker = worker_identity(request.hostname) or self.worker
         redelivered = bool((request.delivery_info or {}).get("redelivered"))
         if redelivered and self._succeeded_before(task):
             # Its worker died after Celery stored the result and before the store (or the broker's ack)
             # heard of it: record the success the signal would have, and do not run the body again.
-            self.finish(request.id, SUCCEEDED)
+            self.finish(job_id, SUCCEEDED)
             logger.warning("skipping %s[%s]: redelivered after it had succeeded (the result backend says so)",
                            task.name, request.id)
             raise Ignore()
         copy = is_copy(request)
-        if self.claim_start(request.id, may_restart=bool(request.retries) and not copy):
+        if self.claim_start(job_id, may_restart=bool(request.retries) and not copy):
             return
         if copy:
-            state, claimed_by = self.store.claim_of(request.id)
-            if state == STARTED and not self.liveness.still_runs(claimed_by, request.id, request.hostname):
-                if self.store.claim_start(request.id, (STARTED,), self.worker, taking_over=claimed_by):
+            state, claimed_by = self.store.claim_of(job_id)
+            if state == STARTED and not self.liveness.still_runs(claimed_by, job_id, request.hostname):
+                if self.store.claim_start(job_id, (STARTED,), self.worker, taking_over=claimed_by):
                     logger.warning("%s[%s] runs again: the run that claimed it (%s) is gone", task.name,
                                    request.id, claimed_by)
                     return

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence, cast
 
 from ..errors import StoreError
 from ..store import Finish, utcnow
@@ -261,7 +261,7 @@ def _write_runs(tracker: Tracker, folded: list[Event], marks: Sequence[str], pub
         for event in retries:
             tracker.retried(event.job_id, event.error)
         if finishes:
-            finished = tracker.finish_batch([Finish(e.job_id, e.state, e.error, e.at, e.started_at)
+            finished = tracker.finish_batch([Finish(e.job_id, cast(str, e.state), e.error, e.at, e.started_at)
                                              for e in finishes], marks=marks, defer_marks=True,
                                              published=published, held=held)
             marks, held = (), None

@@ -52,7 +52,7 @@ def tree_text(tree: dict, *, color: bool = False, highlight: str | None = None, 
     lines: list[str] = []
     add = lines.append
     jobs = hidden_total = 0
-    states: dict[str, int] = {}
+    states: dict[Any, int] = {}
     top = deepest = tree.get("depth") or 0
     # (node, its line's lead, its children's prefix, its parent's queue)
     stack: list[tuple[dict, str, str, Any]] = [(tree, "", "", _TOP)]

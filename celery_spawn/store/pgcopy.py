@@ -75,7 +75,7 @@ def copy_rows(conn: Connection, table: sa.Table, rows: Sequence[dict]) -> None:
     raw = conn.connection.dbapi_connection
     dbapi = conn.dialect.loaded_dbapi
     try:
-        with raw.cursor() as cursor:
+        with raw.cursor() as cursor:  # type: ignore[union-attr]
             cursor.copy_expert(statement, buffer, size=READ_SIZE)
     except dbapi.Error as exc:
         lost = conn.dialect.is_disconnect(exc, raw, None)
@@ -123,5 +123,5 @@ def _scalar_defaults(table: sa.Table, present: list[str]) -> dict[str, Any]:
             continue
         if not column.default.is_scalar:
             raise ValueError(f"column {column.name} needs a value: its default is not a constant")
-        defaults[column.name] = column.default.arg
+        defaults[column.name] = column.default.arg  # type: ignore[attr-defined]
     return defaults

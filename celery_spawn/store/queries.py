@@ -110,9 +110,9 @@ def list_operations(conn: Connection, *, limit: int = DEFAULT_LIMIT, queue: str 
     )
     for operation_id, job_state, count in rows:
         counts.setdefault(operation_id, {})[job_state] = int(count)
-    for operation in operations:
-        operation["counts"] = counts.get(operation["id"], {})
-        operation["progress"] = progress(operation["counts"], operation["total"])
+    for listed in operations:
+        listed["counts"] = counts.get(listed["id"], {})
+        listed["progress"] = progress(listed["counts"], listed["total"])
     return operations
 
 
@@ -347,9 +347,10 @@ def spawn_tree(conn: Connection, job_id: str, *, max_depth: int | None = None, f
     _non_negative("max_depth", max_depth)
     start = job_id
     if full:
-        start = _top(conn, job_id)
-        if start is None:
+        found = _top(conn, job_id)
+        if found is None:
             return None
+        start = found
     levels = _levels(max_depth)
     fields = [_jobs.c[f] for f in TREE_FIELDS]
     top = _top_start(start)

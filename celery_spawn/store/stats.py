@@ -169,7 +169,7 @@ class Durations:
         self.timed += int(timed or 0)
         self.seconds += seconds_value(seconds) or 0.0
         if max_seconds is not None:
-            value = seconds_value(max_seconds)
+            value = seconds_value(max_seconds) or 0.0
             self.max_seconds = value if self.max_seconds is None else max(self.max_seconds, value)
 
     @property
@@ -288,7 +288,7 @@ def pending(conn: Connection, *, queue: str | None = None, limit: int = DEFAULT_
     """
     _positive("limit", limit, allow_none=False, maximum=MAX_LIMIT)
     _positive("jobs_per_operation", jobs_per_operation, allow_none=False, maximum=MAX_LIMIT)
-    waiting = [_jobs.c.state.in_(_UNDISPATCHED), _jobs.c.operation_id.isnot(None)]
+    waiting: list[sa.ColumnElement[bool]] = [_jobs.c.state.in_(_UNDISPATCHED), _jobs.c.operation_id.isnot(None)]
     if queue is not None:
         waiting.append(_jobs.c.queue == queue)
     groups = (

@@ -97,8 +97,9 @@ class JobTransitions(Cancels):
         to_revoke: list[str] = []
         for job in ended:
             self.cancel_dependents(conn, [job], f"dependency {job} {states[job]}")
-            if won[job] and states[job] == s.FAILED and self._fails_fast(conn, won[job]):
-                stopped = self.cancel_jobs(conn, self.unfinished_jobs(conn, operation_id=won[job]),
+            operation_id = won[job]
+            if operation_id and states[job] == s.FAILED and self._fails_fast(conn, operation_id):
+                stopped = self.cancel_jobs(conn, self.unfinished_jobs(conn, operation_id=operation_id),
                                            f"fail_fast: sibling {job} failed")
                 to_revoke.extend([*stopped.revoked, *stopped.requested])
         released = self.dialect.release(conn, succeeded, ended, grace_seconds) if won else []

@@ -151,6 +151,6 @@ class Transport(filesystem.Transport):
     def _deliver_waiting(self) -> None:
         for _ in range(self.deliveries_per_poll):
             try:
-                self.cycle.get(self._deliver, timeout=0)
+                self.cycle.get(self._deliver, timeout=0)  # type: ignore[union-attr]
             except Empty:
                 return

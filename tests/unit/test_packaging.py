@@ -2,11 +2,13 @@
 
 The tests run against an editable install, which reads every file from the
 checkout; a file the wheel leaves out (the Alembic revisions are not a Python
-package) only shows in a real build. The wheel and the sdist are built from a
-copy of the tracked files, with the build backend this venv already has.
+package) only shows in a real build. ``python -m build`` makes the sdist from a
+copy of the tracked files and the wheel from that sdist, with the build backend
+this venv already has; ``twine check`` reads what an index would show.
 """
 from __future__ import annotations
 
+import email
 import os
 import shutil
 import subprocess
@@ -17,10 +19,12 @@ from pathlib import Path
 
 import pytest
 
+import celery_spawn
 from tests.harness import ROOT
 
 #: Files the package cannot work without, beside its modules.
 DATA_FILES = (
+    "LICENSE",
     "celery_spawn/py.typed",
     "celery_spawn/store/migrations/env.py",
     "celery_spawn/store/migrations/script.py.mako",
@@ -39,18 +43,23 @@ def built(tmp_path_factory) -> dict[str, Path]:
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
     out = tmp_path_factory.mktemp("dist")
-    for kind in ("wheel", "sdist"):  # one process each: setuptools keeps state between builds
-        build = f"import sys; from setuptools import build_meta; build_meta.build_{kind}(sys.argv[1])"
-        subprocess.run([sys.executable, "-c", build, str(out)], cwd=source, check=True, capture_output=True,
-                       timeout=300)
+    result = subprocess.run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(source)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
     [wheel] = out.glob("*.whl")
     [sdist] = out.glob("*.tar.gz")
     return {"wheel": wheel, "sdist": sdist}
 
 
-def test_the_wheel_carries_the_migrations_and_the_dashboard(built):
-    names = set(zipfile.ZipFile(built["wheel"]).namelist())
-    missing = [name for name in DATA_FILES if name not in names]
+def _in_wheel(name: str) -> str:
+    """Where a file of the checkout lands in the wheel (the licence goes with the metadata)."""
+    return name if name.startswith("celery_spawn/") else f"celery_spawn-{celery_spawn.__version__}.dist-info/{name}"
+
+
+def test_the_wheel_carries_the_licence_the_migrations_and_the_dashboard(built):
+    names = zipfile.ZipFile(built["wheel"]).namelist()
+    missing = [name for name in DATA_FILES
+               if _in_wheel(name) not in names and not any(n.endswith(f".dist-info/licenses/{name}") for n in names)]
     assert not missing, f"the wheel lacks {missing}"
     assert not any(name.startswith(("tests/", "benchmarks/")) for name in names)
 
@@ -60,6 +69,26 @@ def test_the_sdist_carries_them_too(built):
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     missing = [name for name in DATA_FILES if name not in names]
     assert not missing, f"the sdist lacks {missing}"
+
+
+def test_twine_finds_the_artifacts_fit_to_upload(built):
+    result = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", str(built["wheel"]),
+                             str(built["sdist"])], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("PASSED") == 2, result.stdout
+
+
+def test_the_metadata_names_the_licence_the_project_and_its_typing(built):
+    with zipfile.ZipFile(built["wheel"]) as wheel:
+        [name] = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+        metadata = email.message_from_bytes(wheel.read(name))
+    assert "BSD-3-Clause" in (metadata.get("License-Expression") or metadata.get("License") or "")
+    assert metadata["Author"] == "celery-spawn contributors"
+    classifiers = metadata.get_all("Classifier")
+    assert "Typing :: Typed" in classifiers
+    assert "Programming Language :: Python :: 3.13" in classifiers
+    urls = dict(url.split(", ", 1) for url in metadata.get_all("Project-URL"))
+    assert {"Documentation", "Source", "Issues", "Changelog"} <= set(urls), urls
 
 
 def test_the_installed_wheel_creates_its_store(built, tmp_path):
