@@ -10,12 +10,15 @@ import pytest
 from tests.harness import (
     AMQP_URL,
     COMBINATIONS,
+    PSYCOPG_INTEGRATION_MODULES,
     REDIS_URL,
+    STORE_OF,
     STORES,
     Backend,
     Worker,
     check_broker,
     throwaway_database,
+    throwaway_store,
 )
 
 ARTIFACTS = Path(os.environ.get("SPAWN_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
@@ -26,12 +29,29 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
+    _integration_on_psycopg_subset(config, items)
     if config.getoption("--run-slow"):
         return
     skip = pytest.mark.skip(reason="long variant: pass --run-slow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def _integration_on_psycopg_subset(config, items):
+    """Integration tests run on ``redis-postgresql-psycopg`` only in the modules of PSYCOPG_INTEGRATION_MODULES."""
+    kept, dropped = [], []
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_psycopg = callspec is not None and callspec.params.get("backend") == "redis-postgresql-psycopg"
+        if (on_psycopg and item.path.parent.name == "integration"
+                and item.path.name not in PSYCOPG_INTEGRATION_MODULES):
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -71,7 +91,7 @@ def store_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'spawn.sqlite3'}"
         return
-    with throwaway_database("postgresql" if request.param == "postgresql" else "mysql") as url:
+    with throwaway_store(request.param) as url:
         yield url
 
 
@@ -84,9 +104,9 @@ def make_backend(name: str, tmp_path_factory) -> tuple[Backend, object]:
         results = tmp_path_factory.mktemp("results")
         return Backend(name, "spawnfs://", f"file://{results}", f"sqlite:///{database}", queue,
                        fs_folder=str(folder)), None
-    if name == "redis-postgresql":
+    if name in ("redis-postgresql", "redis-postgresql-psycopg"):
         check_broker(REDIS_URL)
-        db = throwaway_database("postgresql")
+        db = throwaway_store(STORE_OF[name])
         return Backend(name, f"{REDIS_URL}/0", f"{REDIS_URL}/1", db.__enter__(), queue), db
     if name == "rabbitmq-mariadb":
         check_broker(AMQP_URL)
