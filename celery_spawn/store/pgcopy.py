@@ -2,10 +2,15 @@
 
 A spawn writes thousands of job rows in one transaction; ``COPY`` moves them
 several times faster than multi-row ``INSERT``s (no SQL text per row, no
-parameter binding). Values travel as COPY text format, escaped here, so any
-string - tabs, newlines, backslashes, ``\\N`` - arrives as itself; ``None``
-is ``NULL``. Only psycopg2 is used this way, and only without a wait callback;
-other drivers, and cooperative (eventlet, psycogreen) connections, keep ``INSERT``.
+parameter binding). Any string - tabs, newlines, backslashes, ``\\N`` -
+arrives as itself; ``None`` is ``NULL``. Two drivers do it:
+
+- psycopg2 (``copy_expert``): the rows travel as COPY text format, escaped
+  here; not while a wait callback makes psycopg2 cooperative (eventlet,
+  psycogreen), as it refuses ``COPY`` then;
+- psycopg (3) (``cursor.copy()``): its ``write_row`` escapes each row itself.
+
+Other drivers keep ``INSERT``.
 """
 from __future__ import annotations
 
@@ -22,13 +27,17 @@ READ_SIZE = 1 << 20
 
 
 def supports_copy(conn: Connection) -> bool:
-    """Whether ``conn`` is a psycopg2 connection to PostgreSQL that can ``COPY``.
+    """Whether ``conn`` is a psycopg (3) or psycopg2 connection to PostgreSQL that can ``COPY``.
 
-    Not while psycopg2 has a wait callback: eventlet's patching and
+    psycopg2 not while psycopg2 has a wait callback: eventlet's patching and
     psycogreen (for gevent) install one to make connections cooperative, and
     psycopg2 refuses ``COPY`` on such connections.
     """
-    if conn.dialect.name != "postgresql" or conn.dialect.driver != "psycopg2":
+    if conn.dialect.name != "postgresql":
+        return False
+    if conn.dialect.driver == "psycopg":
+        return True
+    if conn.dialect.driver != "psycopg2":
         return False
     from psycopg2.extensions import get_wait_callback
 
@@ -68,21 +77,37 @@ def copy_rows(conn: Connection, table: sa.Table, rows: Sequence[dict]) -> None:
     columns = list(rows[0])
     defaults = _scalar_defaults(table, columns)
     names = columns + list(defaults)
-    buffer = io.StringIO(_copy_data(rows, columns, tuple(copy_text(v) for v in defaults.values())))
     quote = conn.dialect.identifier_preparer.quote
     statement = (f"COPY {quote(table.name)} ({', '.join(quote(n) for n in names)}) "
                  "FROM STDIN WITH (FORMAT text)")
     raw = conn.connection.dbapi_connection
     dbapi = conn.dialect.loaded_dbapi
     try:
-        with raw.cursor() as cursor:
-            cursor.copy_expert(statement, buffer, size=READ_SIZE)
+        if conn.dialect.driver == "psycopg":
+            _copy_psycopg(raw, statement, rows, columns, tuple(defaults.values()))
+        else:
+            buffer = io.StringIO(_copy_data(rows, columns, tuple(copy_text(v) for v in defaults.values())))
+            with raw.cursor() as cursor:
+                cursor.copy_expert(statement, buffer, size=READ_SIZE)
     except dbapi.Error as exc:
         lost = conn.dialect.is_disconnect(exc, raw, None)
         if lost:
             conn.invalidate(exc)
         raise sa.exc.DBAPIError.instance(statement, None, exc, dbapi.Error,
                                          connection_invalidated=lost) from exc
+
+
+def _copy_psycopg(raw: Any, statement: str, rows: Sequence[dict], columns: list[str], fill: tuple) -> None:
+    """psycopg (3): ``cursor.copy()``, one ``write_row`` per row (psycopg escapes the values)."""
+    pick = itemgetter(*columns) if len(columns) > 1 else (lambda row: (row[columns[0]],))
+    with raw.cursor() as cursor, cursor.copy(statement) as copy:
+        write_row = copy.write_row
+        if fill:
+            for row in rows:
+                write_row(pick(row) + fill)
+        else:
+            for row in rows:
+                write_row(pick(row))
 
 
 def _copy_data(rows: Sequence[dict], columns: list[str], fill: tuple[str, ...]) -> str:

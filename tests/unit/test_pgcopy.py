@@ -12,6 +12,7 @@ from celery_spawn.errors import StoreError
 from celery_spawn.store import SpawnStore
 from celery_spawn.store import schema as s
 from celery_spawn.store.pgcopy import copy_text, supports_copy
+from tests.harness import with_driver
 
 HOSTILE = [
     "", " ", "\\", "\\\\", "\\N", "\\n", "\\.", "\\.\n", "a\tb", "a\nb", "a\r\nb", "\r", "'", '"',
@@ -30,9 +31,10 @@ def job_row(i: int, text: str, when: datetime) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def pg_store(postgres_url):
-    store = SpawnStore(postgres_url)
+@pytest.fixture(scope="module", params=["psycopg2", "psycopg"])
+def pg_store(request, postgres_url):
+    """The store on each driver whose COPY path differs: psycopg2's ``copy_expert``, psycopg's ``write_row``."""
+    store = SpawnStore(with_driver(postgres_url, request.param))
     store.engine
     yield store
     store.dispose()
@@ -102,6 +104,8 @@ def wait_callback():
 
 def test_cooperative_connections_insert_without_copy(pg_store, wait_callback):
     """psycopg2 refuses COPY with a wait callback ("copy_expert cannot be used with an asynchronous callback")."""
+    if pg_store.holder.url.get_driver_name() != "psycopg2":
+        pytest.skip("psycopg2's wait callback")
     when = datetime(2024, 1, 1)
     rows = [job_row(i, text, when) for i, text in enumerate(HOSTILE)]
     with pg_store.begin() as conn:
@@ -122,3 +126,18 @@ def test_copy_text_format():
     assert copy_text(datetime(2024, 1, 2, 3, 4, 5, 6)) == "2024-01-02 03:04:05.000006"
     with pytest.raises(TypeError):
         copy_text(object())
+
+
+def test_psycopg_copies_with_write_row(pg_store, monkeypatch):
+    """On psycopg (3) the rows go through ``cursor.copy()`` and ``write_row``, which escapes them."""
+    if pg_store.holder.url.get_driver_name() != "psycopg":
+        pytest.skip("psycopg (3) only")
+    from psycopg import Copy
+
+    written = []
+    real = Copy.write_row
+    monkeypatch.setattr(Copy, "write_row", lambda self, row: written.append(row) or real(self, row))
+    when = datetime(2024, 1, 1)
+    rows = [job_row(i, text, when) for i, text in enumerate(HOSTILE)]
+    assert round_trip(pg_store, rows) == rows
+    assert len(written) == len(rows)
