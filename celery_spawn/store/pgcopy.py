@@ -8,7 +8,11 @@ arrives as itself; ``None`` is ``NULL``. Two drivers do it:
 - psycopg2 (``copy_expert``): the rows travel as COPY text format, escaped
   here; not while a wait callback makes psycopg2 cooperative (eventlet,
   psycogreen), as it refuses ``COPY`` then;
-- psycopg (3) (``cursor.copy()``): its ``write_row`` escapes each row itself.
+- psycopg (3) (``cursor.copy()``): its ``write_row`` encodes each row
+  itself, in COPY's binary format with the columns' types set once (its C
+  dumpers then skip the per-value type lookup: a third of the CPU time of
+  text rows, less than psycopg2's path); text format if a type has no
+  binary dumper.
 
 Other drivers keep ``INSERT``.
 """
@@ -84,7 +88,10 @@ def copy_rows(conn: Connection, table: sa.Table, rows: Sequence[dict]) -> None:
     dbapi = conn.dialect.loaded_dbapi
     try:
         if conn.dialect.driver == "psycopg":
-            _copy_psycopg(raw, statement, rows, columns, tuple(defaults.values()))
+            types = _binary_types(table, tuple(names), conn.dialect)
+            if types is not None:
+                statement = statement.replace("(FORMAT text)", "(FORMAT binary)")
+            _copy_psycopg(raw, statement, types, rows, columns, tuple(defaults.values()))
         else:
             buffer = io.StringIO(_copy_data(rows, columns, tuple(copy_text(v) for v in defaults.values())))
             with raw.cursor() as cursor:
@@ -97,10 +104,13 @@ def copy_rows(conn: Connection, table: sa.Table, rows: Sequence[dict]) -> None:
                                          connection_invalidated=lost) from exc
 
 
-def _copy_psycopg(raw: Any, statement: str, rows: Sequence[dict], columns: list[str], fill: tuple) -> None:
-    """psycopg (3): ``cursor.copy()``, one ``write_row`` per row (psycopg escapes the values)."""
+def _copy_psycopg(raw: Any, statement: str, types: list[str] | None, rows: Sequence[dict], columns: list[str],
+                  fill: tuple) -> None:
+    """psycopg (3): ``cursor.copy()``, one ``write_row`` per row (psycopg encodes the values)."""
     pick = itemgetter(*columns) if len(columns) > 1 else (lambda row: (row[columns[0]],))
     with raw.cursor() as cursor, cursor.copy(statement) as copy:
+        if types is not None:
+            copy.set_types(types)
         write_row = copy.write_row
         if fill:
             for row in rows:
@@ -108,6 +118,33 @@ def _copy_psycopg(raw: Any, statement: str, rows: Sequence[dict], columns: list[
         else:
             for row in rows:
                 write_row(pick(row))
+
+
+#: ``(table, columns) -> PostgreSQL type names`` for binary COPY, or None where a type has no binary dumper.
+_BINARY_TYPES: dict[tuple[str, tuple[str, ...]], list[str] | None] = {}
+
+
+def _binary_types(table: sa.Table, names: tuple[str, ...], dialect: Any) -> list[str] | None:
+    """The PostgreSQL type of each column, as psycopg's ``Copy.set_types`` takes them (found once per shape)."""
+    key = (table.name, names)
+    if key not in _BINARY_TYPES:
+        from psycopg import ProgrammingError, adapters
+        from psycopg.pq import Format
+
+        found: list[str] | None = []
+        for name in names:
+            # "VARCHAR(64)", "TIMESTAMP WITHOUT TIME ZONE": the type's name without its modifier
+            info = adapters.types.get(table.c[name].type.compile(dialect=dialect).split("(")[0].strip().lower())
+            try:
+                if info is None:
+                    raise ProgrammingError(f"unknown type of {name}")
+                adapters.get_dumper_by_oid(info.oid, Format.BINARY)
+            except ProgrammingError:
+                found = None
+                break
+            found.append(info.name)
+        _BINARY_TYPES[key] = found
+    return _BINARY_TYPES[key]
 
 
 def _copy_data(rows: Sequence[dict], columns: list[str], fill: tuple[str, ...]) -> str:

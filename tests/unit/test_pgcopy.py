@@ -141,3 +141,27 @@ def test_psycopg_copies_with_write_row(pg_store, monkeypatch):
     rows = [job_row(i, text, when) for i, text in enumerate(HOSTILE)]
     assert round_trip(pg_store, rows) == rows
     assert len(written) == len(rows)
+
+
+def test_psycopg_writes_binary_rows_with_the_columns_types():
+    from sqlalchemy.dialects import postgresql
+
+    from celery_spawn.store.pgcopy import _binary_types
+
+    names = ("id", "position", "message", "created_at", "priority")
+    assert _binary_types(s.jobs, names, postgresql.dialect()) == ["varchar", "int4", "text", "timestamp", "int4"]
+    for kind in (postgresql.TSVECTOR(), postgresql.MONEY()):  # no binary dumper: text format then
+        odd = sa.Table(f"odd_{kind}", sa.MetaData(), sa.Column("id", sa.String(8)), sa.Column("spot", kind))
+        assert _binary_types(odd, ("id", "spot"), postgresql.dialect()) is None
+
+
+def test_psycopg_falls_back_to_text_rows(pg_store, monkeypatch):
+    """Where a column's type has no binary dumper, write_row writes text rows (psycopg escapes them)."""
+    if pg_store.holder.url.get_driver_name() != "psycopg":
+        pytest.skip("psycopg (3) only")
+    from celery_spawn.store import pgcopy
+
+    monkeypatch.setattr(pgcopy, "_binary_types", lambda *args: None)
+    when = datetime(2024, 2, 29, 23, 59, 58, 123456)
+    rows = [job_row(i, text, when) for i, text in enumerate(HOSTILE)]
+    assert round_trip(pg_store, rows) == rows
