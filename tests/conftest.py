@@ -10,7 +10,6 @@ import pytest
 from tests.harness import (
     AMQP_URL,
     COMBINATIONS,
-    PSYCOPG_INTEGRATION_MODULES,
     REDIS_URL,
     STORE_OF,
     STORES,
@@ -29,29 +28,12 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    _integration_on_psycopg_subset(config, items)
     if config.getoption("--run-slow"):
         return
     skip = pytest.mark.skip(reason="long variant: pass --run-slow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
-
-
-def _integration_on_psycopg_subset(config, items):
-    """Integration tests run on ``redis-postgresql-psycopg`` only in the modules of PSYCOPG_INTEGRATION_MODULES."""
-    kept, dropped = [], []
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        on_psycopg = callspec is not None and callspec.params.get("backend") == "redis-postgresql-psycopg"
-        if (on_psycopg and item.path.parent.name == "integration"
-                and item.path.name not in PSYCOPG_INTEGRATION_MODULES):
-            dropped.append(item)
-        else:
-            kept.append(item)
-    if dropped:
-        config.hook.pytest_deselected(items=dropped)
-        items[:] = kept
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -33,9 +33,6 @@ STORE_OF = {"embedded": "sqlite", "redis-postgresql": "postgresql", "redis-postg
 STORES = [STORE_OF[c] for c in COMBINATIONS]
 #: The SQLAlchemy driver of each PostgreSQL store variant.
 PG_DRIVERS = {"postgresql": "psycopg2", "postgresql-psycopg": "psycopg"}
-#: The integration modules that also run on ``redis-postgresql-psycopg`` (the whole set would add minutes):
-#: spawning, dependencies and completion, and the worker pools (prefork, threads, gevent, eventlet).
-PSYCOPG_INTEGRATION_MODULES = ("test_spawning.py", "test_workflows.py", "test_pools.py")
 
 
 def service_missing(what: str, exc: BaseException) -> None:
