@@ -31,13 +31,27 @@ def job_row(i: int, text: str, when: datetime) -> dict:
     }
 
 
-@pytest.fixture(scope="module", params=["psycopg2", "psycopg"])
-def pg_store(request, postgres_url):
-    """The store on each driver whose COPY path differs: psycopg2's ``copy_expert``, psycopg's ``write_row``."""
-    store = SpawnStore(with_driver(postgres_url, request.param))
+def _store_on(postgres_url: str, driver: str):
+    store = SpawnStore(with_driver(postgres_url, driver))
     store.engine
     yield store
     store.dispose()
+
+
+@pytest.fixture(scope="module", params=["psycopg2", "psycopg"])
+def pg_store(request, postgres_url):
+    """The store on each driver whose COPY path differs: psycopg2's ``copy_expert``, psycopg's ``write_row``."""
+    yield from _store_on(postgres_url, request.param)
+
+
+@pytest.fixture(scope="module")
+def psycopg2_store(postgres_url):
+    yield from _store_on(postgres_url, "psycopg2")
+
+
+@pytest.fixture(scope="module")
+def psycopg3_store(postgres_url):
+    yield from _store_on(postgres_url, "psycopg")
 
 
 def round_trip(store: SpawnStore, rows: list[dict]) -> list[dict]:
@@ -102,10 +116,9 @@ def wait_callback():
     set_wait_callback(None)
 
 
-def test_cooperative_connections_insert_without_copy(pg_store, wait_callback):
+def test_cooperative_connections_insert_without_copy(psycopg2_store, wait_callback):
     """psycopg2 refuses COPY with a wait callback ("copy_expert cannot be used with an asynchronous callback")."""
-    if pg_store.holder.url.get_driver_name() != "psycopg2":
-        pytest.skip("psycopg2's wait callback")
+    pg_store = psycopg2_store
     when = datetime(2024, 1, 1)
     rows = [job_row(i, text, when) for i, text in enumerate(HOSTILE)]
     with pg_store.begin() as conn:
@@ -128,10 +141,8 @@ def test_copy_text_format():
         copy_text(object())
 
 
-def test_psycopg_copies_with_write_row(pg_store, monkeypatch):
-    """On psycopg (3) the rows go through ``cursor.copy()`` and ``write_row``, which escapes them."""
-    if pg_store.holder.url.get_driver_name() != "psycopg":
-        pytest.skip("psycopg (3) only")
+def test_psycopg_copies_with_write_row(psycopg3_store, monkeypatch):
+    """On psycopg (3) the rows go through ``cursor.copy()`` and ``write_row``, which encodes them."""
     from psycopg import Copy
 
     written = []
@@ -139,7 +150,7 @@ def test_psycopg_copies_with_write_row(pg_store, monkeypatch):
     monkeypatch.setattr(Copy, "write_row", lambda self, row: written.append(row) or real(self, row))
     when = datetime(2024, 1, 1)
     rows = [job_row(i, text, when) for i, text in enumerate(HOSTILE)]
-    assert round_trip(pg_store, rows) == rows
+    assert round_trip(psycopg3_store, rows) == rows
     assert len(written) == len(rows)
 
 
@@ -155,13 +166,11 @@ def test_psycopg_writes_binary_rows_with_the_columns_types():
         assert _binary_types(odd, ("id", "spot"), postgresql.dialect()) is None
 
 
-def test_psycopg_falls_back_to_text_rows(pg_store, monkeypatch):
+def test_psycopg_falls_back_to_text_rows(psycopg3_store, monkeypatch):
     """Where a column's type has no binary dumper, write_row writes text rows (psycopg escapes them)."""
-    if pg_store.holder.url.get_driver_name() != "psycopg":
-        pytest.skip("psycopg (3) only")
     from celery_spawn.store import pgcopy
 
     monkeypatch.setattr(pgcopy, "_binary_types", lambda *args: None)
     when = datetime(2024, 2, 29, 23, 59, 58, 123456)
     rows = [job_row(i, text, when) for i, text in enumerate(HOSTILE)]
-    assert round_trip(pg_store, rows) == rows
+    assert round_trip(psycopg3_store, rows) == rows
