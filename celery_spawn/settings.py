@@ -67,8 +67,9 @@ class SpawnSettings:
     #: Wait for the database to flush each commit (PostgreSQL). Off trades the last
     #: fraction of a second of tracking writes on a database crash for far cheaper commits.
     synchronous_commit: bool = True
-    #: Prepare the hot tracking statements once per connection (PostgreSQL with psycopg2). Turn off
-    #: behind a pooler that gives each transaction another server session (PgBouncer transaction mode).
+    #: Prepare the hot tracking statements once per connection (PostgreSQL: psycopg2 by us, psycopg 3 by itself;
+    #: off sets its ``prepare_threshold=None``). Turn off behind a pooler that gives each transaction another
+    #: server session (PgBouncer transaction mode).
     prepared_statements: bool = True
     #: Bearer token for the web API (required off loopback and for mutating endpoints).
     api_token: str | None = None

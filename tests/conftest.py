@@ -11,11 +11,13 @@ from tests.harness import (
     AMQP_URL,
     COMBINATIONS,
     REDIS_URL,
+    STORE_OF,
     STORES,
     Backend,
     Worker,
     check_broker,
     throwaway_database,
+    throwaway_store,
 )
 
 ARTIFACTS = Path(os.environ.get("SPAWN_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
@@ -71,7 +73,7 @@ def store_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'spawn.sqlite3'}"
         return
-    with throwaway_database("postgresql" if request.param == "postgresql" else "mysql") as url:
+    with throwaway_store(request.param) as url:
         yield url
 
 
@@ -84,9 +86,9 @@ def make_backend(name: str, tmp_path_factory) -> tuple[Backend, object]:
         results = tmp_path_factory.mktemp("results")
         return Backend(name, "spawnfs://", f"file://{results}", f"sqlite:///{database}", queue,
                        fs_folder=str(folder)), None
-    if name == "redis-postgresql":
+    if name in ("redis-postgresql", "redis-postgresql-psycopg"):
         check_broker(REDIS_URL)
-        db = throwaway_database("postgresql")
+        db = throwaway_store(STORE_OF[name])
         return Backend(name, f"{REDIS_URL}/0", f"{REDIS_URL}/1", db.__enter__(), queue), db
     if name == "rabbitmq-mariadb":
         check_broker(AMQP_URL)

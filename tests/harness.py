@@ -25,10 +25,14 @@ REDIS_URL = os.environ.get("SPAWN_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 AMQP_URL = os.environ.get("SPAWN_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 #: The combinations the core must run on: (broker, store). SPAWN_TEST_BACKENDS narrows them (tox envs).
-ALL_COMBINATIONS = ["embedded", "redis-postgresql", "rabbitmq-mariadb"]
+#: ``redis-postgresql`` reaches PostgreSQL through psycopg2, ``redis-postgresql-psycopg`` through psycopg (3).
+ALL_COMBINATIONS = ["embedded", "redis-postgresql", "redis-postgresql-psycopg", "rabbitmq-mariadb"]
 COMBINATIONS = [c for c in os.environ.get("SPAWN_TEST_BACKENDS", ",".join(ALL_COMBINATIONS)).split(",") if c]
-_STORE_OF = {"embedded": "sqlite", "redis-postgresql": "postgresql", "rabbitmq-mariadb": "mariadb"}
-STORES = [_STORE_OF[c] for c in COMBINATIONS]
+STORE_OF = {"embedded": "sqlite", "redis-postgresql": "postgresql", "redis-postgresql-psycopg": "postgresql-psycopg",
+             "rabbitmq-mariadb": "mariadb"}
+STORES = [STORE_OF[c] for c in COMBINATIONS]
+#: The SQLAlchemy driver of each PostgreSQL store variant.
+PG_DRIVERS = {"postgresql": "psycopg2", "postgresql-psycopg": "psycopg"}
 
 
 def service_missing(what: str, exc: BaseException) -> None:
@@ -73,6 +77,22 @@ def throwaway_database(kind: str) -> Iterator[str]:
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
             conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
         admin.dispose()
+
+
+def with_driver(url: str, driver: str) -> str:
+    """``url`` with its PostgreSQL driver set (``psycopg2`` or ``psycopg``)."""
+    return sa.make_url(url).set(drivername=f"postgresql+{driver}").render_as_string(hide_password=False)
+
+
+@contextlib.contextmanager
+def throwaway_store(variant: str) -> Iterator[str]:
+    """A fresh database for a store variant: ``postgresql``, ``postgresql-psycopg`` or ``mariadb``."""
+    if variant in PG_DRIVERS:
+        with throwaway_database("postgresql") as url:
+            yield with_driver(url, PG_DRIVERS[variant])
+    else:
+        with throwaway_database("mysql") as url:
+            yield url
 
 
 def check_broker(url: str) -> None:

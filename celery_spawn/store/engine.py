@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 _DRIVER_EXTRAS = {
     "psycopg2": "postgres",
-    "psycopg": "postgres",
+    "psycopg": "psycopg",
     "MySQLdb": "mysql",
 }
 
@@ -146,8 +146,14 @@ class EngineHolder:
         if backend == "postgresql" and not self.synchronous_commit:
             connect_args["options"] = " ".join(filter(None, [connect_args.get("options"),
                                                              "-c synchronous_commit=off"]))
-        options.update(self.engine_options)
-        options["connect_args"] = {**connect_args, **self.engine_options.get("connect_args", {})}
+        if self.url.get_driver_name() == "psycopg" and not self.prepared_statements:
+            # psycopg (3) prepares a statement itself after prepare_threshold executions; None never does.
+            connect_args["prepare_threshold"] = None
+        extra = dict(self.engine_options)
+        connect_args.update(extra.pop("connect_args", None) or {})  # the caller's own connect_args win
+        if connect_args:
+            options["connect_args"] = connect_args
+        options.update(extra)
         try:
             engine = sa.create_engine(self.url, **options)
         except ModuleNotFoundError as exc:
@@ -162,12 +168,20 @@ class EngineHolder:
 
 
 def _with_installed_driver(url: URL) -> URL:
-    """A bare ``postgresql://`` means psycopg (v3) to SQLAlchemy 2.1; use psycopg2 when only it is installed."""
+    """A bare ``postgresql://`` picks psycopg (3) when it is installed, else psycopg2.
+
+    That is SQLAlchemy 2.1's own default, made explicit so that it holds on
+    SQLAlchemy 2.0 too (whose default is psycopg2) and falls back to psycopg2
+    when only that is installed. ``postgresql+psycopg://`` and
+    ``postgresql+psycopg2://`` choose one; with neither installed the URL is
+    left as it is and the missing driver is reported when the store is used.
+    """
     if url.drivername == "postgresql":
         import importlib.util
 
-        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
-            return url.set(drivername="postgresql+psycopg2")
+        for driver in ("psycopg", "psycopg2"):
+            if importlib.util.find_spec(driver) is not None:
+                return url.set(drivername=f"postgresql+{driver}")
     return url
 
 

@@ -9,7 +9,11 @@ database connection and run with ``EXECUTE`` from then on.
 A prepared statement lives in the database session, so a pooler that hands
 each transaction another server connection (PgBouncer in transaction mode)
 breaks it: ``spawn_prepared_statements = False`` runs the same SQL unprepared.
-psycopg (3) prepares repeated statements itself and is left to do so.
+
+psycopg (3) prepares a statement itself once it has run ``prepare_threshold``
+times on a connection, so :meth:`PreparedStatement.execute` sends it the plain
+statement; with the setting off, the engine sets ``prepare_threshold=None``
+(see :mod:`celery_spawn.store.engine`) and psycopg prepares nothing.
 """
 from __future__ import annotations
 

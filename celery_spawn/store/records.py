@@ -29,7 +29,9 @@ class SpawnRecords(Cancels):
 
     def insert_operation(self, conn: Connection, row: dict) -> bool:
         """Insert an operation; False (and nothing written) when its id is taken."""
-        return conn.execute(self.dialect.insert_ignore(s.operations), [row]).rowcount == 1
+        # (psycopg (3) forgets an INSERT's rowcount when its cursor closes, unless it is preserved)
+        statement = self.dialect.insert_ignore(s.operations).execution_options(preserve_rowcount=True)
+        return conn.execute(statement, row).rowcount == 1
 
     def operation_owner(self, conn: Connection, operation_id: str) -> str | None:
         """The parent whose spawn holds ``operation_id``, if any."""

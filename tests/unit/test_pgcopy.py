@@ -12,6 +12,7 @@ from celery_spawn.errors import StoreError
 from celery_spawn.store import SpawnStore
 from celery_spawn.store import schema as s
 from celery_spawn.store.pgcopy import copy_text, supports_copy
+from tests.harness import with_driver
 
 HOSTILE = [
     "", " ", "\\", "\\\\", "\\N", "\\n", "\\.", "\\.\n", "a\tb", "a\nb", "a\r\nb", "\r", "'", '"',
@@ -30,12 +31,27 @@ def job_row(i: int, text: str, when: datetime) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def pg_store(postgres_url):
-    store = SpawnStore(postgres_url)
+def _store_on(postgres_url: str, driver: str):
+    store = SpawnStore(with_driver(postgres_url, driver))
     store.engine
     yield store
     store.dispose()
+
+
+@pytest.fixture(scope="module", params=["psycopg2", "psycopg"])
+def pg_store(request, postgres_url):
+    """The store on each driver whose COPY path differs: psycopg2's ``copy_expert``, psycopg's ``write_row``."""
+    yield from _store_on(postgres_url, request.param)
+
+
+@pytest.fixture(scope="module")
+def psycopg2_store(postgres_url):
+    yield from _store_on(postgres_url, "psycopg2")
+
+
+@pytest.fixture(scope="module")
+def psycopg3_store(postgres_url):
+    yield from _store_on(postgres_url, "psycopg")
 
 
 def round_trip(store: SpawnStore, rows: list[dict]) -> list[dict]:
@@ -100,8 +116,9 @@ def wait_callback():
     set_wait_callback(None)
 
 
-def test_cooperative_connections_insert_without_copy(pg_store, wait_callback):
+def test_cooperative_connections_insert_without_copy(psycopg2_store, wait_callback):
     """psycopg2 refuses COPY with a wait callback ("copy_expert cannot be used with an asynchronous callback")."""
+    pg_store = psycopg2_store
     when = datetime(2024, 1, 1)
     rows = [job_row(i, text, when) for i, text in enumerate(HOSTILE)]
     with pg_store.begin() as conn:
@@ -122,3 +139,38 @@ def test_copy_text_format():
     assert copy_text(datetime(2024, 1, 2, 3, 4, 5, 6)) == "2024-01-02 03:04:05.000006"
     with pytest.raises(TypeError):
         copy_text(object())
+
+
+def test_psycopg_copies_with_write_row(psycopg3_store, monkeypatch):
+    """On psycopg (3) the rows go through ``cursor.copy()`` and ``write_row``, which encodes them."""
+    from psycopg import Copy
+
+    written = []
+    real = Copy.write_row
+    monkeypatch.setattr(Copy, "write_row", lambda self, row: written.append(row) or real(self, row))
+    when = datetime(2024, 1, 1)
+    rows = [job_row(i, text, when) for i, text in enumerate(HOSTILE)]
+    assert round_trip(psycopg3_store, rows) == rows
+    assert len(written) == len(rows)
+
+
+def test_psycopg_writes_binary_rows_with_the_columns_types():
+    from sqlalchemy.dialects import postgresql
+
+    from celery_spawn.store.pgcopy import _binary_types
+
+    names = ("id", "position", "message", "created_at", "priority")
+    assert _binary_types(s.jobs, names, postgresql.dialect()) == ["varchar", "int4", "text", "timestamp", "int4"]
+    for kind in (postgresql.TSVECTOR(), postgresql.MONEY()):  # no binary dumper: text format then
+        odd = sa.Table(f"odd_{kind}", sa.MetaData(), sa.Column("id", sa.String(8)), sa.Column("spot", kind))
+        assert _binary_types(odd, ("id", "spot"), postgresql.dialect()) is None
+
+
+def test_psycopg_falls_back_to_text_rows(psycopg3_store, monkeypatch):
+    """Where a column's type has no binary dumper, write_row writes text rows (psycopg escapes them)."""
+    from celery_spawn.store import pgcopy
+
+    monkeypatch.setattr(pgcopy, "_binary_types", lambda *args: None)
+    when = datetime(2024, 2, 29, 23, 59, 58, 123456)
+    rows = [job_row(i, text, when) for i, text in enumerate(HOSTILE)]
+    assert round_trip(psycopg3_store, rows) == rows

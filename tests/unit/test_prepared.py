@@ -257,3 +257,57 @@ def test_a_dependent_finishing_in_the_same_batch_is_not_published_ahead(pg_store
     a, b, c = _chain(pg_store, 3)
     with pg_store.engine.connect() as conn, conn.begin():  # b ran already (say, a copy published by hand)
         assert [r["id"] for r in PG.released_by(conn, [a, b])] == [c]
+
+
+# ---- psycopg (3): it prepares statements itself ---------------------------------------------------
+def _psycopg_store(postgres_url: str, **kw) -> SpawnStore:
+    from tests.harness import with_driver
+
+    return SpawnStore(with_driver(postgres_url, "psycopg"), **kw)
+
+
+def test_psycopg_prepares_repeated_statements_itself_and_no_prepare_is_sent(postgres_url):
+    """Our ``PREPARE``/``EXECUTE`` is psycopg2's; psycopg (3) auto-prepares after ``prepare_threshold`` runs."""
+    store = _psycopg_store(postgres_url)
+    try:
+        ids = _chain(store, 12)
+        with store.engine.connect() as conn:
+            raw = conn.connection.dbapi_connection
+            assert raw.prepare_threshold is not None
+            for i in range(raw.prepare_threshold + 2):
+                with conn.begin():
+                    won, released = PG.succeed_and_release(conn, [Finish(ids[i], "succeeded", None, utcnow())])
+                assert list(won) == [ids[i]] and [r["id"] for r in released] == [ids[i + 1]]
+            names = _prepared_names(conn)
+            assert NAME not in names
+            assert any(name.startswith("_pg3_") for name in names)  # psycopg's own
+    finally:
+        store.dispose()
+
+
+def test_psycopg_turned_off_sets_prepare_threshold_none(postgres_url):
+    """``spawn_prepared_statements = False`` (PgBouncer in transaction mode): psycopg prepares nothing."""
+    store = _psycopg_store(postgres_url, prepared_statements=False)
+    try:
+        ids = _chain(store, 12)
+        with store.engine.connect() as conn:
+            assert conn.connection.dbapi_connection.prepare_threshold is None
+            for i in range(10):
+                with conn.begin():
+                    won, _ = PG.succeed_and_release(conn, [Finish(ids[i], "succeeded", None, utcnow())])
+                assert list(won) == [ids[i]]
+            assert _prepared_names(conn) == set()
+    finally:
+        store.dispose()
+
+
+def test_psycopg_prepare_threshold_none_keeps_the_other_connect_args(postgres_url):
+    store = _psycopg_store(postgres_url, prepared_statements=False, synchronous_commit=False,
+                           engine_options={"connect_args": {"application_name": "spawn-test"}})
+    try:
+        with store.engine.connect() as conn:
+            assert conn.connection.dbapi_connection.prepare_threshold is None
+            assert conn.exec_driver_sql("SHOW synchronous_commit").scalar() == "off"
+            assert conn.exec_driver_sql("SHOW application_name").scalar() == "spawn-test"
+    finally:
+        store.dispose()

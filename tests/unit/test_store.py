@@ -86,14 +86,50 @@ def test_an_engine_is_made_again_in_a_forked_process(sqlite_url):
     store.dispose()
 
 
-def test_a_plain_postgresql_url_works_with_the_postgres_extra(postgres_url):
+def _installed_only(monkeypatch, *drivers: str) -> None:
+    """Make ``importlib.util.find_spec`` see only these PostgreSQL drivers."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args, **kwargs):
+        if name in ("psycopg", "psycopg2"):
+            return real(name, *args, **kwargs) if name in drivers else None
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+@pytest.mark.parametrize("installed, picked", [
+    (("psycopg", "psycopg2"), "psycopg"),
+    (("psycopg",), "psycopg"),
+    (("psycopg2",), "psycopg2"),
+])
+def test_a_plain_postgresql_url_picks_psycopg_when_installed_else_psycopg2(postgres_url, monkeypatch,
+                                                                           installed, picked):
+    _installed_only(monkeypatch, *installed)
     url = sa.make_url(postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
     store = SpawnStore(url)
     try:
+        assert store.holder.url.drivername == f"postgresql+{picked}"
         with store.read() as conn:
+            assert conn.dialect.driver == picked
             assert store.get_operation(conn, "x") is None
     finally:
         store.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_an_explicit_driver_is_kept_whatever_is_installed(monkeypatch, driver):
+    _installed_only(monkeypatch, "psycopg" if driver == "psycopg2" else "psycopg2")
+    store = SpawnStore(f"postgresql+{driver}://u@127.0.0.1:1/x", auto_migrate=False)
+    assert store.holder.url.drivername == f"postgresql+{driver}"
+
+
+def test_a_plain_postgresql_url_with_neither_driver_is_left_as_it_is(monkeypatch):
+    _installed_only(monkeypatch)
+    store = SpawnStore("postgresql://u@127.0.0.1:1/x", auto_migrate=False)
+    assert store.holder.url.drivername == "postgresql"
 
 
 # ---- visible failures ---------------------------------------------------------------------------
