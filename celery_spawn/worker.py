@@ -67,7 +67,7 @@ class RecoveryStep(bootsteps.StartStopStep):
     def _spawn(self, app: Celery) -> None:
         from billiard import get_context
 
-        context = get_context("fork")
+        context: Any = get_context("fork")
         self._stop = context.Event()
         self.process = context.Process(target=run_background, args=(app, self._stop, os.getpid()),
                                        name="celery-spawn", daemon=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..protocol import LOST
 from ..store import utcnow
@@ -86,7 +86,8 @@ class Redeliverer:
         name = queue or self.app.conf.task_default_queue
         try:
             with self.app.connection_for_read() as conn:
-                ok = conn.default_channel.queue_declare(queue=name, passive=True)
+                channel: Any = conn.default_channel
+                ok = channel.queue_declare(queue=name, passive=True)
         except Exception as exc:  # no such queue, or no broker: it cannot tell
             logger.debug("could not size queue %s: %s", name, exc)
             return False

@@ -157,8 +157,8 @@ class EngineHolder:
         try:
             engine = sa.create_engine(self.url, **options)
         except ModuleNotFoundError as exc:
-            extra = _DRIVER_EXTRAS.get(exc.name or "", None)
-            hint = f" (pip install 'celery-spawn[{extra}]')" if extra else ""
+            wanted = _DRIVER_EXTRAS.get(exc.name or "", None)
+            hint = f" (pip install 'celery-spawn[{wanted}]')" if wanted else ""
             raise StoreError(f"database driver {exc.name!r} for {redact(self.url)} is not installed{hint}") from None
         if backend == "sqlite":
             _tune_sqlite(engine)

@@ -131,7 +131,8 @@ def _binary_types(table: sa.Table, names: tuple[str, ...], dialect: Any) -> list
         from psycopg import ProgrammingError, adapters
         from psycopg.pq import Format
 
-        found: list[str] | None = []
+        found: list[str] = []
+        usable = True
         for name in names:
             # "VARCHAR(64)", "TIMESTAMP WITHOUT TIME ZONE": the type's name without its modifier
             info = adapters.types.get(table.c[name].type.compile(dialect=dialect).split("(")[0].strip().lower())
@@ -140,10 +141,10 @@ def _binary_types(table: sa.Table, names: tuple[str, ...], dialect: Any) -> list
                     raise ProgrammingError(f"unknown type of {name}")
                 adapters.get_dumper_by_oid(info.oid, Format.BINARY)
             except ProgrammingError:
-                found = None
+                usable = False
                 break
             found.append(info.name)
-        _BINARY_TYPES[key] = found
+        _BINARY_TYPES[key] = found if usable else None
     return _BINARY_TYPES[key]
 
 
