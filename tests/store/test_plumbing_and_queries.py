@@ -223,3 +223,29 @@ def test_the_migrations_build_exactly_the_schema_the_code_declares(store):
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), s.metadata)
     assert [change for change in diff if "alembic_version" not in str(change)] == []
+
+
+def _migrate_in_a_process(url, results):
+    store = SpawnStore(url, auto_migrate=False)
+    try:
+        results.put(store.migrate())
+    except Exception as exc:  # reported to the test
+        results.put(repr(exc))
+    finally:
+        store.dispose()
+
+
+def test_processes_racing_to_migrate_a_fresh_store_all_succeed(store_url):
+    """Every pool process of a fresh worker migrates on first use, at once: MySQL's DDL is not transactional,
+    so without the migration lock some saw another's half-made schema and failed."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    racers = [context.Process(target=_migrate_in_a_process, args=(store_url, results)) for _ in range(6)]
+    for racer in racers:
+        racer.start()
+    outcomes = sorted(results.get(timeout=120) for _ in racers)
+    for racer in racers:
+        racer.join(30)
+    assert outcomes == [head_revision()] * len(racers)
