@@ -13,8 +13,13 @@ Fixtures:
   In-memory SQLite is refused: a worker's threads and processes would each see
   a database of their own.
 - ``spawn_store``: a :class:`~celery_spawn.store.SpawnStore` on that URL, its tables created.
+- ``spawn_manager``: the handlers ``spawn_app`` uses; a fresh
+  :class:`~celery_spawn.SpawnManager` unless a conftest overrides the fixture
+  to return the project's own.
 - ``spawn_app``: Celery's ``celery_app`` with spawning installed on that store
-  (the app ``celery_worker`` runs).
+  and those handlers, made the current app for the test (so a ``shared_task``
+  resolves to it). It is the app ``celery_worker`` runs: ask for ``spawn_app``
+  before ``celery_worker`` so the worker starts with spawning installed.
 
 The helpers (``assert_tree``, ``run_spawn_eagerly``, ``spawn_and_wait``,
 ``fake_context``) are in :mod:`celery_spawn.contrib.testing`.
@@ -22,11 +27,12 @@ The helpers (``assert_tree``, ``run_spawn_eagerly``, ``spawn_and_wait``,
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, cast
 
 import pytest
 
 from ..app import install
+from ..handlers import SpawnManager
 from ..store import SpawnStore
 
 if TYPE_CHECKING:
@@ -88,8 +94,23 @@ def spawn_store(spawn_store_url: str) -> Iterator[SpawnStore]:
 
 
 @pytest.fixture
-def spawn_app(celery_app: Celery, spawn_store: SpawnStore, spawn_store_url: str) -> Iterator[Celery]:
-    """``celery_app`` with spawning installed on ``spawn_store`` (so ``celery_worker`` runs spawns too)."""
-    state = install(celery_app, database_url=spawn_store_url)
+def spawn_manager() -> SpawnManager:
+    """The spawn handlers of ``spawn_app``: override this fixture to return your project's manager."""
+    return SpawnManager()
+
+
+@pytest.fixture
+def spawn_app(celery_app: Celery, spawn_manager: SpawnManager, spawn_store: SpawnStore,
+              spawn_store_url: str) -> Iterator[Celery]:
+    """``celery_app`` with spawning installed on ``spawn_store`` (so ``celery_worker`` runs spawns too).
+
+    It is the current app during the test, so a ``shared_task`` resolves to its task.
+    """
+    from celery import current_app
+
+    previous = cast(Any, current_app)._get_current_object()  # the proxy's app itself
+    state = install(celery_app, spawn_manager, database_url=spawn_store_url)
+    celery_app.set_current()
     yield celery_app
+    previous.set_current()
     state.store.dispose()

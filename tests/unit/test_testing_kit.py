@@ -165,3 +165,45 @@ def test_the_environment_names_the_store(project, monkeypatch, tmp_path):
                 assert queries.list_operations(conn) == []
     ''')
     project.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
+
+
+def test_a_project_s_own_handlers_and_shared_tasks(pytester, monkeypatch):
+    monkeypatch.delenv("CELERY_SPAWN_TEST_DATABASE_URL", raising=False)
+    pytester.makepyfile(shop='''
+        from celery import shared_task
+        from celery_spawn import SpawnManager, SpawnTask
+
+        handlers = SpawnManager()
+
+        @shared_task(name="shop.copy")
+        def copy(n):
+            return n
+
+        @shared_task(name="shop.batch", base=SpawnTask)
+        def batch(n):
+            return n
+
+        @handlers.handler("copies")
+        def copies(context):
+            return [copy.s(i) for i in range(context.parent.result)]
+    ''')
+    pytester.makeconftest('''
+        import pytest
+        import shop
+
+        pytest_plugins = ["celery.contrib.pytest", "celery_spawn.contrib.pytest"]
+
+        @pytest.fixture
+        def spawn_manager():
+            return shop.handlers
+    ''')
+    pytester.makepyfile(test_shop='''
+        import shop
+        from celery_spawn.contrib.testing import assert_tree, run_spawn_eagerly
+
+        def test_batch(spawn_app):
+            result = run_spawn_eagerly(shop.batch, 2, _spawn_config={"handler": "copies"})
+            assert_tree(spawn_app, result.id, {"task": "shop.batch", "children": ["shop.copy", "shop.copy"]})
+    ''')
+    pytester.syspathinsert()
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
