@@ -22,7 +22,8 @@ Fixtures:
   before ``celery_worker`` so the worker starts with spawning installed.
 
 The helpers (``assert_tree``, ``run_spawn_eagerly``, ``spawn_and_wait``,
-``fake_context``) are in :mod:`celery_spawn.contrib.testing`.
+``fake_context``, ``spawn_tree``) are in :mod:`celery_spawn.contrib.testing`,
+and importable from here too.
 """
 from __future__ import annotations
 
@@ -34,11 +35,15 @@ import pytest
 from ..app import install
 from ..handlers import SpawnManager
 from ..store import SpawnStore
+from .testing import assert_tree, fake_context, run_spawn_eagerly, spawn_and_wait, spawn_tree
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from celery import Celery
+
+__all__ = ["assert_tree", "fake_context", "run_spawn_eagerly", "spawn_and_wait", "spawn_app", "spawn_manager",
+           "spawn_store", "spawn_store_url", "spawn_tree"]
 
 #: The environment variable naming the database the kit's stores use (instead of a SQLite file).
 ENV_URL = "CELERY_SPAWN_TEST_DATABASE_URL"

@@ -207,3 +207,18 @@ def test_a_project_s_own_handlers_and_shared_tasks(pytester, monkeypatch):
     ''')
     pytester.syspathinsert()
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_the_option_names_the_store_and_wins_over_the_environment(project, monkeypatch, tmp_path):
+    monkeypatch.setenv("CELERY_SPAWN_TEST_DATABASE_URL", f"sqlite:///{tmp_path / 'from-env.sqlite3'}")
+    url = f"sqlite:///{tmp_path / 'from-option.sqlite3'}"
+    project.makepyfile(f'''
+        from celery_spawn.contrib.pytest import assert_tree, run_spawn_eagerly
+
+        def test_album(tasks, spawn_app, spawn_store_url):
+            assert spawn_store_url == {url!r}
+            result = run_spawn_eagerly(tasks[0], [3], _spawn_config={{"handler": "sizes"}})
+            assert_tree(spawn_app, result.id, {{"task": "shop.album", "children": ["shop.resize"]}})
+    ''')
+    project.runpytest_subprocess("-p", "no:cacheprovider", f"--spawn-store-url={url}").assert_outcomes(passed=1)
+    assert (tmp_path / "from-option.sqlite3").exists() and not (tmp_path / "from-env.sqlite3").exists()
