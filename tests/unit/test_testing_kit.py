@@ -222,3 +222,21 @@ def test_the_option_names_the_store_and_wins_over_the_environment(project, monke
     ''')
     project.runpytest_subprocess("-p", "no:cacheprovider", f"--spawn-store-url={url}").assert_outcomes(passed=1)
     assert (tmp_path / "from-option.sqlite3").exists() and not (tmp_path / "from-env.sqlite3").exists()
+
+
+def test_a_database_named_for_the_tests_is_emptied_before_each_one(project, store_url):
+    """On every SQL backend: the store a URL names starts each test with no spawn recorded."""
+    project.makepyfile('''
+        from celery_spawn.contrib.testing import assert_tree, run_spawn_eagerly
+        from celery_spawn.store import queries
+
+        def test_first(tasks, spawn_app):
+            result = run_spawn_eagerly(tasks[0], [1, 2], _spawn_config={"handler": "sizes"})
+            assert_tree(spawn_app, result.id, {"task": "shop.album", "state": "succeeded",
+                                               "children": [{"task": "shop.resize", "state": "succeeded"}] * 2})
+
+        def test_second_starts_empty(spawn_store):
+            with spawn_store.read() as conn:
+                assert queries.list_operations(conn) == []
+    ''')
+    project.runpytest_subprocess("-p", "no:cacheprovider", f"--spawn-store-url={store_url}").assert_outcomes(passed=2)
