@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Iterator, cast
 import pytest
 
 from ..app import install
+from ..engine import writebehind
 from ..handlers import SpawnManager
 from ..store import SpawnStore
 from .testing import assert_tree, fake_context, run_spawn_eagerly, spawn_and_wait, spawn_tree
@@ -109,13 +110,17 @@ def spawn_app(celery_app: Celery, spawn_manager: SpawnManager, spawn_store: Spaw
               spawn_store_url: str) -> Iterator[Celery]:
     """``celery_app`` with spawning installed on ``spawn_store`` (so ``celery_worker`` runs spawns too).
 
-    It is the current app during the test, so a ``shared_task`` resolves to its task.
+    It is the current app during the test, so a ``shared_task`` resolves to its task. After the test,
+    tracking goes back to writing synchronously if a ``celery_worker`` of the test made it batch.
     """
     from celery import current_app
 
     previous = cast(Any, current_app)._get_current_object()  # the proxy's app itself
+    batching = writebehind.enabled_in_this_process()
     state = install(celery_app, spawn_manager, database_url=spawn_store_url)
     celery_app.set_current()
     yield celery_app
+    if not batching:
+        writebehind.disable_in_this_process()
     previous.set_current()
     state.store.dispose()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import time
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from ..app import get_state
 from ..config import SpawnConfig
@@ -78,7 +78,9 @@ def spawn_and_wait(task: Task, *args: Any, timeout: float = DEFAULT_TIMEOUT, **k
 
     Finished means: the parent is recorded, every job of its tree is in a
     final state and every operation of the tree is completed. Raises
-    ``TimeoutError`` with the tree as it stood after ``timeout`` seconds.
+    ``TimeoutError`` with the tree as it stood after ``timeout`` seconds (also
+    when the parent spawns nothing: a task that is no ``SpawnTask``, or a call
+    without a handler, is never recorded).
     """
     result = task.apply_async(args=args, kwargs=kwargs)
     store = get_state(task.app).store
@@ -107,7 +109,7 @@ def _finished(store: SpawnStore, tree: dict) -> bool:
     return True
 
 
-def _walk(node: dict):
+def _walk(node: dict) -> Iterator[dict]:
     yield node
     for child in node["children"]:
         yield from _walk(child)

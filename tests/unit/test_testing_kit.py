@@ -240,3 +240,21 @@ def test_a_database_named_for_the_tests_is_emptied_before_each_one(project, stor
                 assert queries.list_operations(conn) == []
     ''')
     project.runpytest_subprocess("-p", "no:cacheprovider", f"--spawn-store-url={store_url}").assert_outcomes(passed=2)
+
+
+def test_an_eager_run_after_a_worker_test_is_recorded_at_once(project):
+    """A ``celery_worker`` makes its process batch tracking events; the tests after it write synchronously again."""
+    project.makepyfile('''
+        from celery_spawn.contrib.testing import spawn_and_wait, spawn_tree
+
+        def test_on_a_worker(spawn_app, tasks, celery_worker):
+            celery_worker.reload()
+            spawn_and_wait(tasks[0], [1], _spawn_config={"handler": "sizes"})
+
+        def test_then_a_plain_eager_apply(tasks, spawn_app):
+            spawn_app.conf.task_always_eager = True
+            result = tasks[0].apply(args=([1, 2],), kwargs={"_spawn_config": {"handler": "sizes"}})
+            tree = spawn_tree(spawn_app, result.id)
+            assert [child["state"] for child in tree["children"]] == ["succeeded", "succeeded"]
+    ''')
+    project.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=2)
