@@ -20,6 +20,8 @@ from tests.harness import (
     throwaway_store,
 )
 
+pytest_plugins = ["pytester", "celery.contrib.pytest", "celery_spawn.contrib.pytest"]
+
 ARTIFACTS = Path(os.environ.get("SPAWN_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
 
 

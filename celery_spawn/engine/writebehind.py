@@ -313,6 +313,22 @@ def enable_in_this_process() -> None:
     _in_worker = True
 
 
+def enabled_in_this_process() -> bool:
+    """Whether this process queues its tracking events (it runs, or ran, a worker's tasks)."""
+    return _in_worker
+
+
+def disable_in_this_process() -> None:
+    """Write what is queued, then write tracking events synchronously again.
+
+    For a test process whose in-thread worker stopped: the eager runs of the
+    tests after it read their tree right after they return.
+    """
+    global _in_worker
+    flush_all()
+    _in_worker = False
+
+
 def queue_for(tracker: Tracker) -> WriteBehind | None:
     """This process's write-behind for ``tracker``, or None to write synchronously (outside workers)."""
     if not _in_worker or not tracker.settings.batch_tracking:

@@ -67,6 +67,14 @@ class StoreBase:
         except SQLAlchemyError as exc:
             raise StoreError(f"could not migrate the spawn store at {self.safe_url}: {type(exc).__name__}") from exc
 
+    def delete_all(self) -> None:
+        """Delete every row of the spawn tables, which stay (a test's fresh start on a shared database)."""
+        from .schema import metadata
+
+        with self.begin() as conn:
+            for table in reversed(metadata.sorted_tables):
+                conn.execute(table.delete())
+
     def after_fork(self) -> None:
         self.holder.after_fork()
 

@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 
 from celery_spawn import cancel, get_state
+from celery_spawn.contrib.testing import assert_tree
 from celery_spawn.handlers import child_id, default_operation_id
 from celery_spawn.store import schema as s
 from tests.harness import Worker, wait_for
@@ -95,9 +96,13 @@ def test_wait_for_descendants_completes_after_deepest_child(worker, client_app):
     operation_id = default_operation_id(parent_id)
     with get_state(client_app).store.read() as conn:
         jobs = [dict(r) for r in conn.execute(sa.select(s.jobs).where(s.jobs.c.root_id == parent_id)).mappings()]
-    assert max(j["depth"] for j in jobs) == 3
-    assert len([j for j in jobs if j["depth"] == 3]) == 8
-    assert all(j["state"] == "succeeded" for j in jobs)
+
+    def node(levels: int) -> dict:  # a tests.nest of ``levels`` spawns two nests of levels - 1, down to squares
+        if levels == 0:
+            return {"task": "tests.square", "state": "succeeded", "children": []}
+        return {"task": "tests.nest", "state": "succeeded", "children": [node(levels - 1)] * 2}
+
+    assert_tree(client_app, parent_id, node(3))
     deepest_finish = max(j["finished_at"] for j in jobs if j["depth"] == 3)
     [operation] = store_rows(client_app, s.operations, id=operation_id)
     assert operation["finished_at"] >= deepest_finish

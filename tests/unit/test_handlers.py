@@ -16,9 +16,11 @@ from celery_spawn import (
     SpawnHandler,
     SpawnManager,
     SpawnResult,
+    child_id,
     get_state,
     install,
 )
+from celery_spawn.contrib.testing import fake_context
 from celery_spawn.store import schema as s
 from celery_spawn.worker import RecoveryStep
 
@@ -223,6 +225,22 @@ def test_validate_spawn_and_spawn_jobs_see_the_same_parent(sqlite_rig):
     as_dict = spawn_result.to_dict()
     assert json.loads(json.dumps(as_dict)) == as_dict
     assert set(as_dict) == {"parent_job_id", "spawned_job_ids", "spawned_at", "operation_id"}
+
+
+def test_a_fake_context_gives_a_handler_what_a_spawn_gives(sqlite_rig):
+    """``fake_context`` (the testing kit) builds the parent and metadata a real spawn builds for the same call."""
+    rig = sqlite_rig
+    seen = {}
+    rig.manager.register_handler("watch", lambda context: seen.setdefault("context", context) and [])
+    rig.spawn({"handler": "watch", "metadata": {"bucket": "b"}}, value={"n": 1})
+    real: SpawnContext = seen["context"]
+
+    fake = fake_context({"n": 1}, args=({"n": 1},), task=rig.parent, bucket="b")
+    assert (fake.parent.name, fake.parent.args, fake.parent.kwargs, fake.parent.result, fake.parent.arguments) == (
+        real.parent.name, real.parent.args, real.parent.kwargs, real.parent.result, real.parent.arguments)
+    assert fake.metadata == real.metadata and fake.app is rig.app
+    first = fake.freeze(rig.sig(1))
+    assert fake.generated(first) and first == child_id(fake.operation_id, 0)
 
 
 def test_context_metadata_defaults_to_an_empty_dict(sqlite_rig):

@@ -64,6 +64,12 @@ def test_the_wheel_carries_the_licence_the_migrations_and_the_dashboard(built):
     assert not any(name.startswith(("tests/", "benchmarks/")) for name in names)
 
 
+def test_the_wheel_carries_the_testing_kit(built):
+    names = set(zipfile.ZipFile(built["wheel"]).namelist())
+    kit = {"celery_spawn/contrib/__init__.py", "celery_spawn/contrib/pytest.py", "celery_spawn/contrib/testing.py"}
+    assert kit <= names, f"the wheel lacks {sorted(kit - names)}"
+
+
 def test_the_sdist_carries_them_too(built):
     with tarfile.open(built["sdist"]) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}

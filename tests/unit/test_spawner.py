@@ -32,6 +32,7 @@ from celery_spawn import (
     install,
     with_spawn_handler,
 )
+from celery_spawn.contrib.testing import assert_tree
 from celery_spawn.store import queries
 from celery_spawn.store import schema as s
 from celery_spawn.engine.publisher import Publisher
@@ -379,6 +380,9 @@ def test_nested_spawn_tasks_record_depth_and_stop_at_max_depth(rig):
     level1 = {job["id"] for job in jobs if job["depth"] == 1}
     assert {job["parent_id"] for job in jobs if job["depth"] == 2} == level1
     assert sorted(depths_seen) == [0, 1, 1]
+    leaf = {"task": "unit.node", "state": "succeeded", "children": []}
+    assert_tree(rig.app, root.id, {"task": "unit.node", "state": "succeeded", "children": [
+        {"task": "unit.node", "state": "succeeded", "children": [leaf, leaf]}] * 2})
 
     operations = rig.operations()
     refused = [op for op in operations if op["state"] == s.OP_FAILED]
