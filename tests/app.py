@@ -26,7 +26,7 @@ callbacks = sa.Table(
 #: One row per run of ``tests.record_run``, so a test can prove each child ran exactly once.
 runs = sa.Table(
     "test_runs", sa.MetaData(),
-    sa.Column("key", sa.String(64)), sa.Column("job_id", sa.String(64)), sa.Column("at", sa.Float),
+    sa.Column("key", sa.String(64)), sa.Column("job_id", sa.String(64)), sa.Column("at", sa.Double),
 )
 
 WORKFLOWS = {
