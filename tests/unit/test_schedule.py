@@ -4,11 +4,9 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
-import sqlalchemy as sa
 
 from celery_spawn import SpawnConfig, cancel
 from celery_spawn.engine.children import due_time
-from celery_spawn.store import schema as s
 
 
 def _ids(messages):
@@ -150,9 +148,3 @@ def test_a_bad_countdown_refuses_the_spawn_naming_the_child(broker_rig):
     parent = rig.spawn({"handler": "bad"}, value=1)
     assert parent.state == "SUCCESS"
     assert "child #0" in str(rig.failures[-1][1]) and "countdown" in str(rig.failures[-1][1])
-
-
-def test_the_scheduled_index_serves_the_due_query(publishing_rig):
-    store = publishing_rig.state.store
-    names = {index["name"] for index in sa.inspect(store.engine).get_indexes(s.jobs.name)}
-    assert "ix_spawn_jobs_scheduled_due" in names
