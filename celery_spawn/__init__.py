@@ -16,6 +16,8 @@ _EXPORTS = {
     "SpawnConfig": "config", "SpawnResult": "handlers", "ParentJob": "handlers", "child_id": "handlers",
     "install": "app", "get_state": "app", "recover": "control", "cancel": "control",
     "completion_task_id": "control", "resolve_operation": "control",
+    # results
+    "OperationResult": "results", "operations_of": "results",
     # signatures
     "with_spawn_handler": "signatures", "with_spawn_config": "signatures", "depends_on": "signatures",
     # errors
@@ -79,6 +81,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .handlers import SpawnManager as SpawnManager
     from .handlers import SpawnResult as SpawnResult
     from .handlers import child_id as child_id
+    from .results import OperationResult as OperationResult
+    from .results import operations_of as operations_of
     from .signatures import depends_on as depends_on
     from .signatures import with_spawn_config as with_spawn_config
     from .signatures import with_spawn_handler as with_spawn_handler

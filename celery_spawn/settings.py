@@ -71,6 +71,8 @@ class SpawnSettings:
     #: off sets its ``prepare_threshold=None``). Turn off behind a pooler that gives each transaction another
     #: server session (PgBouncer transaction mode).
     prepared_statements: bool = True
+    #: List a spawn's children (up to 1,000) in the parent's own result, ``AsyncResult(parent).children``.
+    add_to_parent: bool = True
     #: Bearer token for the web API (required off loopback and for mutating endpoints).
     api_token: str | None = None
     #: Extra keyword arguments for ``sqlalchemy.create_engine``.
@@ -202,6 +204,7 @@ _VALIDATORS = {
     "redeliver_limit": _integer(0, 1_000),
     "auto_migrate": _boolean,
     "track_states": _boolean,
+    "add_to_parent": _boolean,
     "track_started": _boolean,
     "batch_tracking": _boolean,
     "synchronous_commit": _boolean,

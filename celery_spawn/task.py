@@ -16,6 +16,10 @@ from .state import get_state
 
 logger = logging.getLogger("celery_spawn.task")
 
+#: Spawns with more children than this list none in the parent's result (each one is a few dozen bytes
+#: of the parent's result, read back whole); :func:`celery_spawn.operations_of` reaches any number.
+MAX_CHILDREN_IN_PARENT = 1000
+
 
 class SpawnTask(Task):  # type: ignore[type-arg]
     """Base class for tasks that spawn children: ``@app.task(base=SpawnTask, bind=True)``.
@@ -53,7 +57,7 @@ class SpawnTask(Task):  # type: ignore[type-arg]
         result = self.run(*args, **kwargs)
         if self.spawns(call_config):
             try:
-                self.spawn(result, call_config)
+                self._add_to_parent(self.spawn(result, call_config))
             except StoreError as exc:
                 # autoretry_for wraps only run(): honour it for the spawn too.
                 retry_for = tuple(getattr(self, "autoretry_for", None) or ())
@@ -65,6 +69,16 @@ class SpawnTask(Task):  # type: ignore[type-arg]
     def spawns(self, call_config: Any) -> bool:
         """Whether this call spawns: it carries a config, or the task declares a handler or config."""
         return call_config is not None or self.spawn_handler is not None or self.spawn_config is not None
+
+    def _add_to_parent(self, spawned: SpawnResult | None) -> None:
+        """List the children in this task's own result (``AsyncResult(parent).children``), as Celery does
+        for subtasks sent with ``add_to_parent``: for spawns of up to :data:`MAX_CHILDREN_IN_PARENT`."""
+        if spawned is None or not self.trail or not get_state(self.app).settings.add_to_parent:
+            return
+        if len(spawned.spawned_job_ids) > MAX_CHILDREN_IN_PARENT:
+            return
+        children: list[Any] = self.request.children
+        children.extend(self.AsyncResult(child) for child in spawned.spawned_job_ids)
 
     def spawn(self, result: Any, call_config: Any = None) -> SpawnResult | None:
         """Run the spawn for the current request (normally called by ``__call__``)."""

@@ -157,16 +157,47 @@ class Completion:
         if self.app is None or len(succeeded_ids) > MAX_SUMMARY_RESULTS:
             return summary
         if _eager(self.app):
-            summary["results"] = {job_id: _jsonable(self._eager_results.pop(job_id, None)) for job_id in succeeded_ids}
+            summary["results"] = {job_id: _jsonable(self._eager_results.get(job_id)) for job_id in succeeded_ids}
         elif has_result_backend(self.app):
-            results = {}
-            for job_id in succeeded_ids:
-                try:
-                    results[job_id] = _jsonable(self.app.AsyncResult(job_id).result)
-                except Exception:  # a backend hiccup must not lose the callback
-                    results[job_id] = None
-            summary["results"] = results
+            fetched = fetch_results(self.app, succeeded_ids)
+            summary["results"] = {job_id: _jsonable(fetched.get(job_id)) for job_id in succeeded_ids}
         return summary
+
+
+def fetch_results(app: Celery, task_ids: list[str]) -> dict[str, Any]:
+    """The stored results of finished tasks, in one round trip where the result backend can.
+
+    Key-value backends (Redis, memcached, ...) answer one ``MGET`` through
+    ``backend.get_many``; the others are read one ``AsyncResult`` at a time.
+    A task whose result is missing (expired, or not stored yet) is left out,
+    and a backend error leaves out what it could not read: a summary must
+    never be lost to a result backend hiccup.
+    """
+    from celery.backends.base import KeyValueStoreBackend
+    from celery.exceptions import TimeoutError as CeleryTimeoutError
+
+    if not task_ids:
+        return {}
+    backend = app.backend
+    results: dict[str, Any] = {}
+    if isinstance(backend, KeyValueStoreBackend):
+        try:
+            # timeout=0: one MGET, then stop instead of waiting for ids that are not ready.
+            for task_id, meta in backend.get_many(task_ids, timeout=0, interval=0):
+                results[task_id] = meta.get("result")
+        except CeleryTimeoutError:
+            pass
+        except Exception as exc:
+            logger.warning("results of %d children not read from the result backend: %s", len(task_ids), exc)
+        return results
+    for task_id in task_ids:
+        try:
+            result = app.AsyncResult(task_id)
+            if result.ready():
+                results[task_id] = result.result
+        except Exception as exc:
+            logger.warning("result of %s not read from the result backend: %s", task_id, exc)
+    return results
 
 
 def _eager(app: Celery) -> bool:

@@ -124,21 +124,9 @@ def get_operation(conn: Connection, operation_id: str, *,
     ``children_shown`` says how many. Three statements.
     """
     _positive("children_limit", children_limit)
-    row = conn.execute(
-        sa.select(*[_ops.c[f] for f in OPERATION_FIELDS], _ops.c.config, _ops.c.on_complete)
-        .where(_ops.c.id == operation_id)
-    ).mappings().first()
-    if row is None:
+    operation = operation_status(conn, operation_id, with_config=True)
+    if operation is None:
         return None
-    operation = _bool_fields(_row(row, OPERATION_FIELDS))
-    operation["config"] = _parse_json(row["config"])
-    operation["on_complete"] = _parse_json(row["on_complete"])
-    rows = conn.execute(
-        sa.select(_jobs.c.state, sa.func.count()).where(_jobs.c.operation_id == operation_id)
-        .group_by(_jobs.c.state)
-    )
-    operation["counts"] = {state: int(n) for state, n in rows}
-    operation["progress"] = progress(operation["counts"], operation["total"])
     query = (sa.select(*[_jobs.c[f] for f in JOB_FIELDS]).where(_jobs.c.operation_id == operation_id)
              .order_by(_jobs.c.position, _jobs.c.id))
     if children_limit is not None:
@@ -146,6 +134,44 @@ def get_operation(conn: Connection, operation_id: str, *,
     operation["children"] = [_row(r, JOB_FIELDS) for r in conn.execute(query).mappings()]
     operation["children_shown"] = len(operation["children"])
     return operation
+
+
+def operation_status(conn: Connection, operation_id: str, *, with_config: bool = False) -> dict | None:
+    """One operation (:data:`OPERATION_FIELDS`) with child ``counts`` per state and ``progress``, no children.
+
+    ``with_config`` adds its ``config`` and ``on_complete`` (parsed). Two statements.
+    """
+    columns = [_ops.c[f] for f in OPERATION_FIELDS]
+    if with_config:
+        columns += [_ops.c.config, _ops.c.on_complete]
+    row = conn.execute(sa.select(*columns).where(_ops.c.id == operation_id)).mappings().first()
+    if row is None:
+        return None
+    operation = _bool_fields(_row(row, OPERATION_FIELDS))
+    if with_config:
+        operation["config"] = _parse_json(row["config"])
+        operation["on_complete"] = _parse_json(row["on_complete"])
+    rows = conn.execute(
+        sa.select(_jobs.c.state, sa.func.count()).where(_jobs.c.operation_id == operation_id)
+        .group_by(_jobs.c.state)
+    )
+    operation["counts"] = {state: int(n) for state, n in rows}
+    operation["progress"] = progress(operation["counts"], operation["total"])
+    return operation
+
+
+def operation_child_ids(conn: Connection, operation_id: str) -> list[str]:
+    """The ids of an operation's children in spawn order. One statement (index on operation, position)."""
+    return list(conn.execute(
+        sa.select(_jobs.c.id).where(_jobs.c.operation_id == operation_id).order_by(_jobs.c.position, _jobs.c.id)
+    ).scalars())
+
+
+def operations_of(conn: Connection, job_id: str) -> list[str]:
+    """The ids of the operations a job spawned, oldest first. One statement (index on parent_id)."""
+    return list(conn.execute(
+        sa.select(_ops.c.id).where(_ops.c.parent_id == job_id).order_by(_ops.c.created_at, _ops.c.id)
+    ).scalars())
 
 
 # ---- jobs ---------------------------------------------------------------------------------------
