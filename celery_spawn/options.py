@@ -94,11 +94,13 @@ def user_app(ctx: click.Context) -> Celery | None:
     if app is None:
         return None
     root = ctx.find_root()
-    if "app" in root.params and root.params["app"] is None:
-        return None  # `celery spawn ...` without -A: ctx.obj.app is Celery's silent 'default' app
+    if "app" in root.params:  # under `celery`: -A (or CELERY_APP) given, or ctx.obj.app is the silent app
+        return app if root.params["app"] is not None else None
     from celery import _state
 
-    if app is _state.default_app:  # type: ignore[attr-defined]
+    # Called another way (``manage.py spawn``, click's runner): only Celery's silent app is not the user's.
+    # The user's app may be the default one too (Celery's Django fixup makes it so), hence the name check.
+    if app is _state.default_app and app.main == "default":  # type: ignore[attr-defined]
         return None
     return app
 

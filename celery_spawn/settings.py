@@ -2,11 +2,17 @@
 
 Order of precedence: named defaults, then ``app.conf``, then environment
 variables, then explicit arguments given to :func:`celery_spawn.install`.
+
+An app configured from Django's settings (``app.config_from_object('django.conf:settings',
+namespace='CELERY')``, where ``CELERY_SPAWN_DATABASE_URL`` is ``spawn_database_url``) whose
+``INSTALLED_APPS`` has ``celery_spawn.contrib.django`` keeps its store in a Django database when no
+``spawn_database_url`` is given: ``DATABASES["default"]``, or the alias ``spawn_database_alias`` names.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -16,12 +22,17 @@ from celery.exceptions import ImproperlyConfigured
 
 from .config import (DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_PAYLOAD_DEPTH, DEFAULT_MAX_SPAWN_COUNT,
                      HARD_MAX_PAYLOAD_BYTES, HARD_MAX_PAYLOAD_DEPTH, HARD_MAX_SPAWN_COUNT)
+from .dburl import DJANGO_APP, django_database_url, mask_password
 
 DEFAULT_DATABASE_URL = "sqlite:///celery_spawn.sqlite3"
 ENV_PREFIX = "CELERY_SPAWN_"
 CONF_PREFIX = "spawn_"
 #: What SQLAlchemy's ``make_url`` accepts as the start of a URL: ``name[+driver]://``.
 _URL_FORM = re.compile(r"^[\w+]+://")
+#: The Django database the store uses when no URL is given (Django's settings as the app's configuration).
+DEFAULT_DATABASE_ALIAS = "default"
+
+logger = logging.getLogger("celery_spawn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +41,11 @@ class SpawnSettings:
 
     #: SQLAlchemy URL of the lineage store; SQLite in the working directory by default.
     database_url: str = DEFAULT_DATABASE_URL
+    #: With Django's settings as the app's configuration and no ``database_url``: the ``DATABASES`` alias
+    #: whose database holds the store (``default`` when not set).
+    database_alias: str | None = None
+    #: With the Django app installed, ``manage.py migrate`` brings the store's tables up to date too.
+    django_migrate: bool = True
     #: Hard ceiling on children per spawn, whatever a payload asks.
     max_spawn_count_ceiling: int = HARD_MAX_SPAWN_COUNT
     #: ``max_spawn_count`` when neither the task nor the call sets one.
@@ -88,6 +104,7 @@ class SpawnSettings:
         if unknown:
             raise ImproperlyConfigured(f"unknown celery-spawn setting(s): {', '.join(sorted(unknown))}")
         values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
         for field in dataclasses.fields(cls):
             value, source = field.default, "default"
             conf_value = _conf_get(conf, CONF_PREFIX + field.name)
@@ -101,7 +118,39 @@ class SpawnSettings:
             if source != "default":
                 value = _VALIDATORS[field.name](field.name, value)
             values[field.name] = value
+            sources[field.name] = source
+        if sources["database_url"] == "default":
+            django_url = _django_database_url(conf, values["database_alias"], sources["database_alias"] != "default")
+            if django_url is not None:
+                values["database_url"] = django_url
         return cls(**values)
+
+    def __repr__(self) -> str:
+        """The settings with the store's password and the API token masked (the repr may reach a log)."""
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["database_url"] = mask_password(self.database_url)
+        if self.api_token:
+            shown["api_token"] = "***"
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+def _django_database_url(conf: Any, alias: str | None, alias_given: bool) -> str | None:
+    """The URL of the Django database the store uses, or None when the app's configuration is not Django's
+    settings with celery-spawn's Django app installed (and no alias was asked for)."""
+    databases = _conf_get(conf, "DATABASES")
+    installed = _conf_get(conf, "INSTALLED_APPS") or ()
+    ours = any(isinstance(app, str) and (app == DJANGO_APP or app.startswith(DJANGO_APP + ".apps."))
+               for app in installed)
+    if not isinstance(databases, Mapping) or not (ours or alias_given):
+        if alias_given:
+            raise _invalid("database_alias", f"names a Django database ({alias!r}), but the app is not configured "
+                           "from Django's settings (app.config_from_object('django.conf:settings', "
+                           "namespace='CELERY'))")
+        return None
+    alias = alias or DEFAULT_DATABASE_ALIAS
+    url = django_database_url(databases, alias)
+    logger.info("celery-spawn store: Django database %r (%s)", alias, mask_password(url))
+    return url
 
 
 def _conf_get(conf: Any, key: str) -> Any:
@@ -210,5 +259,7 @@ _VALIDATORS = {
     "synchronous_commit": _boolean,
     "prepared_statements": _boolean,
     "api_token": _optional_text,
+    "database_alias": _optional_text,
+    "django_migrate": _boolean,
     "engine_options": _mapping,
 }

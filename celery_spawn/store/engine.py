@@ -139,6 +139,9 @@ class EngineHolder:
         else:
             options.update(pool_pre_ping=True, pool_recycle=1800)
         connect_args = self.timeouts.connect_args(backend)
+        if backend == "postgresql" and "options" in connect_args and self.url.query.get("options"):
+            # The URL's own ``options`` (``-c search_path=...``) would be replaced by the timeouts': keep both.
+            connect_args["options"] = f"{self.url.query['options']} {connect_args['options']}"
         if backend == "sqlite":
             connect_args["check_same_thread"] = False
         if backend in ("mysql", "mariadb"):

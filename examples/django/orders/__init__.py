@@ -1,0 +1,1 @@
+"""An app with a task that spawns: an order fans out into one packing task per item."""
