@@ -15,7 +15,7 @@ _EXPORTS = {
     "SpawnTask": "task", "SpawnHandler": "handlers", "SpawnContext": "handlers", "SpawnManager": "handlers",
     "SpawnConfig": "config", "SpawnResult": "handlers", "ParentJob": "handlers", "child_id": "handlers",
     "install": "app", "get_state": "app", "recover": "control", "cancel": "control",
-    "completion_task_id": "control", "resolve_operation": "control",
+    "completion_task_id": "control", "resolve_operation": "control", "purge": "control",
     # results
     "OperationResult": "results", "operations_of": "results",
     # signatures
@@ -60,6 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .config import SpawnConfig as SpawnConfig
     from .control import cancel as cancel
     from .control import completion_task_id as completion_task_id
+    from .control import purge as purge
     from .control import recover as recover
     from .control import resolve_operation as resolve_operation
     from .errors import DependencyError as DependencyError

@@ -10,7 +10,10 @@ from .state import SpawnState, attach_state, get_state, peek_state
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["SpawnState", "get_state", "install", "peek_state"]
+__all__ = ["PURGE_TASK", "SpawnState", "get_state", "install", "peek_state"]
+
+#: The task :func:`install` registers to purge expired trees, for Celery beat (as ``celery.backend_cleanup``).
+PURGE_TASK = "celery_spawn.purge_expired"
 
 logger = logging.getLogger("celery_spawn")
 
@@ -27,5 +30,18 @@ def install(app: Celery, manager: SpawnManager | None = None, **settings: Any) -
         from .worker import install_worker_hooks
 
         install_worker_hooks(app)
+        register_tasks(app)
         state.installed = True
     return state
+
+
+def register_tasks(app: Celery) -> None:
+    """Register ``celery_spawn.purge_expired``: :func:`celery_spawn.purge` with the app's ``spawn_expires``."""
+
+    @app.task(name=PURGE_TASK, shared=False)
+    def purge_expired() -> dict[str, Any]:
+        """Delete the finished trees older than ``spawn_expires`` (schedule it with Celery beat)."""
+        from .engine.retention import purge
+
+        state = get_state(app)
+        return purge(state.store, state.settings.expires)

@@ -2,6 +2,7 @@
 find an operation's callback."""
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from .engine.completion import completion_task_id
@@ -12,7 +13,7 @@ if TYPE_CHECKING:
 
     from .engine.recovery import SweepReport
 
-__all__ = ["cancel", "completion_task_id", "recover", "resolve_operation", "sweep"]
+__all__ = ["cancel", "completion_task_id", "purge", "recover", "resolve_operation", "sweep"]
 
 
 def cancel(app: Celery, job_or_operation_id: str, terminate: bool = False, *,
@@ -69,3 +70,25 @@ def sweep(app: Celery, grace_seconds: float | None = None, limit: int = 50,
     """One recovery sweep, as :func:`recover`, reporting each kind of work apart: children ``published``,
     ``redelivered``, ``callbacks`` published, and outcomes ``filled_in`` from the result backend."""
     return get_state(app).sweeper.sweep(grace_seconds, limit, redeliver_after)
+
+
+def purge(app: Celery, older_than: timedelta | float | str | None = None, *, batch_size: int = 2000,
+          dry_run: bool = False) -> dict[str, Any]:
+    """Delete the trees that finished more than ``older_than`` ago (default: the app's ``spawn_expires``).
+
+    A tree (every operation and job under one root) goes only when all its
+    operations are complete, the last finished before the cutoff, none of
+    its jobs is unfinished and no unfinished job elsewhere depends on one of
+    its jobs; its operations, jobs and dependency edges go together.
+    ``older_than`` is a ``timedelta``, seconds, or text such as ``"30d"``.
+    Deletes run in transactions of at most ``batch_size`` jobs, so spawns and
+    tracking go on meanwhile. With ``spawn_expires`` 0 (or None) and no
+    ``older_than``, nothing is purged. Returns the counts (``trees``,
+    ``operations``, ``jobs``, ``dependencies``), the ``cutoff`` (UTC, on the
+    database's clock) and ``dry_run``; with ``dry_run`` nothing is deleted.
+    """
+    from .engine.retention import purge as purge_trees
+
+    state = get_state(app)
+    return purge_trees(state.store, state.settings.expires, older_than, batch_size=batch_size, dry_run=dry_run)
+

@@ -64,6 +64,25 @@ class JobIdType(click.ParamType):
 JOB_ID = JobIdType()
 
 
+class DurationType(click.ParamType):
+    """A duration: ``30d``, ``12h``, ``90m``, ``45s`` or a number of seconds; read as seconds."""
+
+    name = "DURATION"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        from .settings import parse_duration
+
+        if isinstance(value, float):
+            return value
+        try:
+            return parse_duration(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = DurationType()
+
+
 class FiniteFloatRange(click.FloatRange):
     """A float range that also refuses nan and infinity (click's range lets nan through)."""
 

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+from datetime import timedelta
 from typing import Any, Mapping
 
 from celery.exceptions import ImproperlyConfigured
@@ -25,6 +26,8 @@ from .config import (DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_PAYLOAD_DEPTH, DEFAU
 from .dburl import DJANGO_APP, django_database_url, mask_password
 
 DEFAULT_DATABASE_URL = "sqlite:///celery_spawn.sqlite3"
+#: ``spawn_expires``: finished trees are kept 30 days, as Celery keeps results a day by default.
+DEFAULT_EXPIRES = 30 * 86_400.0
 ENV_PREFIX = "CELERY_SPAWN_"
 CONF_PREFIX = "spawn_"
 #: What SQLAlchemy's ``make_url`` accepts as the start of a URL: ``name[+driver]://``.
@@ -87,6 +90,9 @@ class SpawnSettings:
     #: off sets its ``prepare_threshold=None``). Turn off behind a pooler that gives each transaction another
     #: server session (PgBouncer transaction mode).
     prepared_statements: bool = True
+    #: Seconds after its last operation finished that a finished tree is purged (``purge_expired``,
+    #: ``celery spawn purge`` without ``--older-than``); a ``timedelta`` or ``"30d"`` too. 0 or None: never.
+    expires: float = DEFAULT_EXPIRES
     #: List a spawn's children (up to 1,000) in the parent's own result, ``AsyncResult(parent).children``.
     add_to_parent: bool = True
     #: Bearer token for the web API (required off loopback and for mutating endpoints).
@@ -110,6 +116,8 @@ class SpawnSettings:
             conf_value = _conf_get(conf, CONF_PREFIX + field.name)
             if conf_value is not None:
                 value, source = conf_value, "conf"
+            elif field.name in _NONE_MEANS_OFF and _conf_has(conf, CONF_PREFIX + field.name):
+                value, source = 0, "conf"  # ``spawn_expires = None``: as Celery's ``result_expires = None``
             env_value = environ.get(ENV_PREFIX + field.name.upper())
             if env_value not in (None, ""):
                 value, source = env_value, "env"
@@ -158,6 +166,49 @@ def _conf_get(conf: Any, key: str) -> Any:
         return conf.get(key)
     except Exception:  # pragma: no cover - odd mapping types
         return None
+
+
+def _conf_has(conf: Any, key: str) -> bool:
+    try:
+        return key in conf
+    except Exception:  # pragma: no cover - odd mapping types
+        return False
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a ``timedelta``, a number of seconds, or text such as ``30d``, ``12h``, ``90m``, ``45s``, ``600``.
+
+    Raises ValueError naming the value for anything else, a negative duration included.
+    """
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, bool):
+        raise ValueError(f"not a duration: {value!r}")
+    elif isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value.lower())
+        if match is None:
+            raise ValueError(f"not a duration: {value!r} (write 30d, 12h, 90m, 45s or a number of seconds)")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError(f"not a duration: {value!r}")
+    if math.isnan(seconds) or math.isinf(seconds) or seconds < 0:
+        raise ValueError(f"not a duration: {value!r} (it must be 0 or more)")
+    return seconds
+
+
+def _expires(name: str, value: Any) -> float:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "never", "off")):
+        return 0.0
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise _invalid(name, f"must be a duration: a timedelta, seconds, or 30d/12h/90m ({exc})") from None
 
 
 def _invalid(name: str, why: str) -> ImproperlyConfigured:
@@ -237,6 +288,9 @@ def _mapping(name: str, value: Any) -> dict:
     return value
 
 
+#: Settings whose ``None`` in ``app.conf`` means "off", not "the default".
+_NONE_MEANS_OFF = frozenset({"expires"})
+
 _VALIDATORS = {
     "database_url": _database_url,
     "max_spawn_count_ceiling": _integer(1, HARD_MAX_SPAWN_COUNT),
@@ -254,6 +308,7 @@ _VALIDATORS = {
     "auto_migrate": _boolean,
     "track_states": _boolean,
     "add_to_parent": _boolean,
+    "expires": _expires,
     "track_started": _boolean,
     "batch_tracking": _boolean,
     "synchronous_commit": _boolean,

@@ -1,4 +1,4 @@
-"""The commands that change things: ``migrate``, ``recover``, ``cancel``."""
+"""The commands that change things: ``migrate``, ``recover``, ``cancel``, ``purge``."""
 from __future__ import annotations
 
 import contextlib
@@ -10,6 +10,7 @@ import click
 from celery.bin.base import CeleryCommand
 
 from ..options import (
+    DURATION,
     JOB_ID,
     RET_NOT_FOUND,
     RET_STORE,
@@ -25,7 +26,7 @@ from ..options import (
     user_app,
 )
 from .group import spawn
-from .progress import working
+from .progress import on_terminal, working
 
 
 @spawn.command(cls=CeleryCommand)
@@ -157,3 +158,93 @@ def _canceller(ctx: click.Context, app: Any, database_url: str | None) -> Iterat
 
     with open_store(ctx, database_url) as store:
         yield Canceller(store, Completion(store)), store
+
+
+@spawn.command(cls=CeleryCommand)
+@click.option("--older-than", "older_than", type=DURATION, default=None,
+              help="Purge trees whose last operation finished longer ago than this: 30d, 12h, 90m or seconds "
+                   "(default: the app's spawn_expires, env CELERY_SPAWN_EXPIRES; 30 days unless set).")
+@click.option("--dry-run", is_flag=True, help="Only count what would go.")
+@click.option("--batch-size", type=click.IntRange(min=1, max=100_000), default=2000, show_default=True,
+              help="Jobs deleted per transaction (short transactions let spawns and tracking go on).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation on a terminal.")
+@format_option(("text", "json"))
+@store_options
+@click.pass_context
+def purge(ctx: click.Context, older_than: float | None, dry_run: bool, batch_size: int, yes: bool, fmt: str,
+          database_url: str | None) -> None:
+    """Delete finished trees older than a duration: their operations, jobs and dependency edges.
+
+    A tree (everything under one root job) goes only when every operation in
+    it is complete and the last one finished before the cutoff, none of its
+    jobs is unfinished, and no unfinished job elsewhere depends on one of its
+    jobs. Running trees are never touched. Works without -A (--database-url).
+    """
+    from datetime import timedelta
+
+    from .. import render
+    from ..engine.retention import Purger
+
+    seconds = older_than if older_than is not None else _expires(ctx)
+    if not seconds and older_than is None:
+        if fmt == "json":
+            emit(ctx, render.to_json({"cutoff": None, "dry_run": dry_run, "trees": 0, "operations": 0, "jobs": 0,
+                                      "dependencies": 0}))
+        else:
+            emit(ctx, "spawn_expires is 0: finished trees are kept; give --older-than to purge")
+        return
+    with open_store(ctx, database_url) as store:
+        purger = Purger(store)
+        age = timedelta(seconds=seconds)
+        with working("counting finished trees"):
+            plan, _ = purger.plan(age)
+        if dry_run or not plan.jobs and not plan.operations:
+            report = plan
+            report.dry_run = dry_run
+        else:
+            if not yes and sys.stdin.isatty():
+                click.confirm(f"Delete {_count(plan.trees, 'finished tree', 'finished trees')} "
+                              f"({_count(plan.jobs, 'job', 'jobs')}) from {store.safe_url}?", abort=True)
+            with _purge_progress(plan.jobs) as advance:
+                report = purger.purge(age, batch_size=batch_size, progress=advance)
+    if fmt == "json":
+        emit(ctx, render.to_json(report.as_dict()))
+        return
+    verb = "would purge" if report.dry_run else "purged"
+    parts = [_count(report.operations, "operation", "operations"), _count(report.jobs, "job", "jobs")]
+    if not report.dry_run:
+        parts.append(_count(report.edges, "dependency edge", "dependency edges"))
+    emit(ctx, f"{verb} {_count(report.trees, 'tree', 'trees')} ({', '.join(parts)}) "
+              f"that finished before {report.cutoff.isoformat(timespec='seconds')}Z")
+
+
+def _expires(ctx: click.Context) -> float:
+    """The app's ``spawn_expires``, else the environment's, else the default."""
+    app = user_app(ctx)
+    if app is not None:
+        from ..state import get_state
+
+        return get_state(app).settings.expires
+    from ..settings import SpawnSettings
+
+    return SpawnSettings.load({}).expires
+
+
+@contextlib.contextmanager
+def _purge_progress(total: int) -> Iterator[Any]:
+    """A progress bar of deleted jobs on a terminal; otherwise a count in the log after each batch."""
+    if on_terminal() and total:
+        with click.progressbar(length=total, label="purging", file=sys.stderr) as bar:
+            yield bar.update
+        return
+    import logging
+
+    logger = logging.getLogger("celery_spawn.retention")
+    done = 0
+
+    def advance(jobs: int) -> None:
+        nonlocal done
+        done += jobs
+        logger.info("purged %d of %d jobs", done, total)
+
+    yield advance

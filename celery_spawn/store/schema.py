@@ -77,6 +77,8 @@ operations = sa.Table(
     sa.Index("ix_spawn_operations_callback", "callback_state", "updated_at"),
     # the operations of a label, newest first (tree/cancel/list --operation LABEL)
     sa.Index("ix_spawn_operations_label_created", "label", "created_at"),
+    # the trees whose operations all finished before a cutoff (purge: group by root, max finished_at)
+    sa.Index("ix_spawn_operations_root_finished", "root_id", "finished_at"),
 )
 
 jobs = sa.Table(

@@ -17,8 +17,8 @@ SETTING_NAMES = {"database_url", "max_spawn_count_ceiling", "default_max_spawn_c
                  "max_payload_bytes", "recovery_interval", "schedule_interval", "recovery_grace",
                  "redeliver_after", "redeliver_limit", "connect_timeout", "statement_timeout", "lock_timeout",
                  "auto_migrate", "track_states", "track_started", "batch_tracking", "synchronous_commit",
-                 "prepared_statements", "add_to_parent", "api_token", "engine_options", "database_alias",
-                 "django_migrate"}
+                 "prepared_statements", "expires", "add_to_parent", "api_token", "engine_options",
+                 "database_alias", "django_migrate"}
 
 
 def make_app(**conf) -> Celery:

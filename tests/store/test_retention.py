@@ -1,0 +1,125 @@
+"""Purging expired trees, on every backend: exactly the finished and expired trees go, whole, with no orphan rows;
+running trees, recent trees and trees a live job depends on stay whole."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from celery_spawn.engine.retention import Purger, purge
+from celery_spawn.store import schema as s
+from celery_spawn.store import utcnow
+from tests.harness import StoreBuilder
+
+DAY = timedelta(days=1)
+
+
+def finished_tree(builder: StoreBuilder, root: str, *, age: timedelta, children: int = 3, nested: bool = True) -> None:
+    """A root with an operation of ``children``, the first of which spawned two more; all finished ``age`` ago."""
+    at = builder.now - age
+    builder.job(root, created=at, finished=at)
+    kids = builder.spawn(root, children, created=at, finished=at, op_state="succeeded")
+    if nested:
+        builder.spawn(kids[0], 2, created=at, finished=at, op_state="succeeded")
+    builder.depends(kids[1], kids[0], satisfied=True)
+
+
+def rows_of(store, table, root: str) -> int:
+    with store.read() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(table).where(table.c.root_id == root)).scalar())
+
+
+def edges(store) -> set[tuple[str, str]]:
+    with store.read() as conn:
+        return {(r.job_id, r.depends_on_id) for r in conn.execute(sa.select(s.dependencies))}
+
+
+def orphans(store) -> int:
+    """Jobs whose operation is gone, and dependency edges whose jobs are gone."""
+    with store.read() as conn:
+        lost_op = conn.execute(sa.select(sa.func.count()).select_from(s.jobs).where(
+            s.jobs.c.operation_id.is_not(None),
+            ~sa.exists().where(s.operations.c.id == s.jobs.c.operation_id))).scalar()
+        lost_edge = conn.execute(sa.select(sa.func.count()).select_from(s.dependencies).where(
+            ~sa.exists().where(s.jobs.c.id == s.dependencies.c.job_id))).scalar()
+    return int(lost_op) + int(lost_edge)
+
+
+@pytest.fixture
+def builder(store):
+    made = StoreBuilder(store, now=utcnow().replace(microsecond=0))
+    return made
+
+
+def test_only_the_finished_and_expired_trees_go(store, builder):
+    finished_tree(builder, "old-a", age=40 * DAY)
+    finished_tree(builder, "old-b", age=31 * DAY, nested=False)
+    finished_tree(builder, "recent", age=2 * DAY)
+    # an old tree with one child still running, and one with a nested operation still running
+    at = builder.now - 40 * DAY
+    builder.job("running", created=at, finished=at)
+    builder.spawn("running", 2, created=at, finished=at, op_state="succeeded", states=["succeeded", "started"])
+    builder.job("nested-running", created=at, finished=at)
+    kids = builder.spawn("nested-running", 2, created=at, finished=at, op_state="succeeded")
+    builder.spawn(kids[0], 1, created=at, states=["dispatched"])  # op_state running, no finished_at
+    builder.flush()
+
+    report = Purger(store).purge(30 * DAY)
+
+    assert (report.trees, report.operations, report.jobs) == (2, 3, 10)
+    assert report.edges == 2
+    for root in ("old-a", "old-b"):
+        assert rows_of(store, s.jobs, root) == 0 and rows_of(store, s.operations, root) == 0
+    assert rows_of(store, s.jobs, "recent") == 6 and rows_of(store, s.operations, "recent") == 2
+    assert rows_of(store, s.jobs, "running") == 3 and rows_of(store, s.jobs, "nested-running") == 4
+    assert ("recent.1", "recent.0") in edges(store)
+    assert orphans(store) == 0
+
+
+def test_a_tree_a_live_job_depends_on_stays(store, builder):
+    finished_tree(builder, "needed", age=40 * DAY, nested=False)
+    builder.job("live")
+    builder.spawn("live", 1, states=["held"])
+    builder.depends("live.0", "needed.2")
+    builder.flush()
+
+    assert Purger(store).purge(30 * DAY).trees == 0
+    assert rows_of(store, s.jobs, "needed") == 4
+
+
+def test_small_batches_delete_big_trees_whole_in_the_end(store, builder):
+    at = builder.now - 40 * DAY
+    for root in ("big-1", "big-2"):
+        builder.job(root, created=at, finished=at)
+        kids = builder.spawn(root, 7, created=at, finished=at, op_state="succeeded")
+        builder.spawn(kids[3], 4, created=at, finished=at, op_state="succeeded")
+    builder.flush()
+    seen = []
+
+    report = Purger(store).purge(30 * DAY, batch_size=3, progress=seen.append)
+
+    assert (report.trees, report.operations, report.jobs) == (2, 4, 24)
+    assert all(0 < n <= 3 for n in seen) and sum(seen) == 24
+    assert orphans(store) == 0
+    with store.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(s.jobs)).scalar() == 0
+        assert conn.execute(sa.select(sa.func.count()).select_from(s.operations)).scalar() == 0
+
+
+def test_a_dry_run_counts_and_deletes_nothing(store, builder):
+    finished_tree(builder, "old", age=40 * DAY)
+    builder.flush()
+    report = Purger(store).purge(30 * DAY, dry_run=True)
+    assert (report.dry_run, report.trees, report.operations, report.jobs) == (True, 1, 2, 6)
+    assert rows_of(store, s.jobs, "old") == 6
+
+
+def test_expires_zero_keeps_everything_and_durations_are_read(store, builder):
+    finished_tree(builder, "old", age=40 * DAY)
+    builder.flush()
+    assert purge(store, 0)["trees"] == 0
+    assert purge(store, 30 * 86_400, dry_run=True)["jobs"] == 6
+    assert purge(store, 0, "45d")["trees"] == 0
+    assert purge(store, 0, "30d")["trees"] == 1
+    assert rows_of(store, s.jobs, "old") == 0
