@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # System packages the tests need: the database drivers build against libpq and the MariaDB client;
-# the web tests drive Chromium and run the JavaScript client under Node.
+# the web tests drive Chromium and run the JavaScript client under Node; the clock-skew test preloads libfaketime.
 # Installs what is missing only as root, or through sudo when it runs without a password prompt;
 # otherwise prints the one apt-get line to run and fails.
 set -euo pipefail
@@ -12,6 +12,7 @@ command -v gcc >/dev/null 2>&1 || need+=(build-essential)
 dpkg -s chromium >/dev/null 2>&1 || need+=(chromium)                # the dashboard tests (headless)
 dpkg -s chromium-driver >/dev/null 2>&1 || need+=(chromium-driver)
 command -v node >/dev/null 2>&1 || need+=(nodejs)                   # the JavaScript client test
+dpkg -s faketime >/dev/null 2>&1 || need+=(faketime)                # a worker with a skewed clock (libfaketime)
 [ "${#need[@]}" -eq 0 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ]; then

@@ -192,6 +192,19 @@ def make_app(broker: str, backend: str | None, database_url: str, queue: str = "
     def flaky_children(context):
         return [context.app.signature("tests.flaky", args=(f"flaky-{context.parent.id}",))]
 
+    @manager.handler("stripes")
+    def stripes(context):
+        """A plain ``tests.square`` child per value; each depends on the child ``stride`` places before it."""
+        stride = context.parent.kwargs.get("stride", 10)
+        made = []
+        for n in context.parent.result:
+            sig = context.app.signature("tests.square", args=(n,))
+            context.freeze(sig)
+            if len(made) >= stride:
+                depends_on(sig, made[-stride].id)
+            made.append(sig)
+        return made
+
     @manager.handler("nested")
     def nested(context):
         """Each node spawns ``fanout`` children one level down until ``levels`` is reached."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import os
 import signal
 import socket
@@ -282,3 +283,29 @@ class StoreBuilder:
                     conn.execute(table.insert(), rows[start:start + 2000])
         self._pending_jobs, self._pending_ops, self.edges = [], [], []
         return self
+
+
+# ---- a process with a fast clock (libfaketime) ---------------------------------------------------
+#: How far ahead the fast clock runs.
+SKEW = datetime.timedelta(minutes=10)
+#: Where Debian's ``faketime`` package puts the library, by architecture.
+LIBFAKETIME = [Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"),
+               Path("/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1"),
+               Path("/usr/lib/faketime/libfaketime.so.1")]
+
+
+def libfaketime() -> str:
+    """The path of libfaketime; a skip on a laptop without it, a failure in CI."""
+    for path in LIBFAKETIME:
+        if path.exists():
+            return str(path)
+    message = "libfaketime is not installed (Debian package faketime; scripts/system-deps.sh installs it)"
+    if IN_CI:
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def fast_clock_env() -> dict[str, str]:
+    """Environment that runs a process (and its children) with a clock :data:`SKEW` ahead; monotonic stays true."""
+    return {"LD_PRELOAD": libfaketime(), "FAKETIME": f"+{int(SKEW.total_seconds())}s",
+            "DONT_FAKE_MONOTONIC": "1", "FAKETIME_DONT_RESET": "1"}

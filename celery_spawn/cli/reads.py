@@ -55,15 +55,14 @@ def list_command(ctx: click.Context, recent: bool, limit: int, queue: str | None
 
     A LABEL column appears when an operation shown has a label.
     """
-    from datetime import datetime, timedelta, timezone
+    from datetime import timedelta
 
     from .. import render
-    from ..store import queries
+    from ..store import queries, utcnow
 
-    since = None
-    if recent:
-        since = datetime.now(timezone.utc).replace(tzinfo=None) - timedelta(hours=RECENT_HOURS)
     with open_store(ctx, database_url) as store, store.read() as conn:
+        # taken once connected: on the database server's clock, as the stored times are
+        since = utcnow() - timedelta(hours=RECENT_HOURS) if recent else None
         operations = queries.list_operations(conn, limit=limit, queue=queue, state=state, since=since,
                                              operation=operation)
     if fmt == "json":
@@ -198,16 +197,14 @@ def monitor(ctx: click.Context, interval: float, queue: str | None, limit: int, 
 
 def _snapshot(store: SpawnStore, *, queue: str | None, limit: int, interval: float, tolerate: bool = False) -> dict:
     """One frame's data: a bounded number of statements whatever the store's size."""
-    from datetime import datetime, timezone
-
     from ..errors import StoreError
-    from ..store import queries
+    from ..store import queries, utcnow
     from ..store import schema as s
 
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
-    snapshot: dict[str, Any] = {"store": store.safe_url, "queue": queue, "at": now, "interval": interval}
+    snapshot: dict[str, Any] = {"store": store.safe_url, "queue": queue, "at": utcnow(), "interval": interval}
     try:
         with store.read() as conn:
+            now = snapshot["at"] = utcnow()  # once connected: the database server's clock
             snapshot["running"] = queries.list_operations(conn, limit=limit, queue=queue, state=s.OP_RUNNING)
             snapshot["stats"] = queries.stats(conn, hours=MONITOR_HOURS, queue=queue, now=now)
             waiting = queries.pending(conn, queue=queue, limit=100, jobs_per_operation=1)

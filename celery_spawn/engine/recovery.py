@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, NamedTuple
 
 from ..protocol import FAILED, REVOKED, SUCCEEDED
+from ..store import utcnow
 from .completion import has_result_backend
 from .outbox import stored_batch_size
 
@@ -103,7 +104,9 @@ class Sweeper:
         if not has_result_backend(self.app):
             return 0
         changed = 0
-        settled_before = datetime.now(timezone.utc) - timedelta(seconds=grace_seconds)
+        # date_done is the clock of the worker that ran the task; the store's clock is the server's. A worker
+        # whose clock runs ahead only makes its outcomes wait longer here, never shorter.
+        settled_before = utcnow().replace(tzinfo=timezone.utc) - timedelta(seconds=grace_seconds)
         for job in self.store.stale_unfinished_jobs(grace_seconds, limit):
             try:
                 meta = self.app.backend.get_task_meta(job["id"])

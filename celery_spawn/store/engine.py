@@ -12,6 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 
+from .clock import follow_server_clock
 from ..errors import StoreError
 from .prepared import OPTION as PREPARED_OPTION
 
@@ -165,6 +166,8 @@ class EngineHolder:
             raise StoreError(f"database driver {exc.name!r} for {redact(self.url)} is not installed{hint}") from None
         if backend == "sqlite":
             _tune_sqlite(engine)
+        else:
+            follow_server_clock(engine)
         if not self.prepared_statements:
             engine = engine.execution_options(**{PREPARED_OPTION: False})
         return engine

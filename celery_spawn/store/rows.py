@@ -14,6 +14,7 @@ from typing import Any
 
 from ..protocol import HARD_MAX_DEPTH
 from . import schema as s
+from .clock import utcnow as server_now
 
 #: Rows a listing returns unless asked otherwise, and the most it will return.
 DEFAULT_LIMIT = 50
@@ -93,7 +94,7 @@ def _as_utc(value: datetime) -> datetime:
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return server_now()
 
 
 # ---- small helpers ------------------------------------------------------------------------------

@@ -6,10 +6,12 @@ and stats are aggregates over an index: nothing scans JSON.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
+
+from .clock import utcnow as server_now
 
 # The states live in the protocol module; re-exported here for the store's own code.
 from ..protocol import (  # noqa: F401
@@ -29,8 +31,8 @@ TIMESTAMP = sa.DateTime().with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb"
 
 
 def utcnow() -> datetime:
-    """Naive UTC, as stored."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    """Now, naive UTC as stored, on the database server's clock (see :mod:`.clock`)."""
+    return server_now()
 
 
 operations = sa.Table(

@@ -1,0 +1,103 @@
+"""A worker whose clock runs 10 minutes ahead, beside a worker with a true clock, under a load with dependencies.
+
+The store takes every time it writes or compares from the database server's clock
+(celery_spawn.store.clock), so the fast worker sees no live operation as stale: its
+recovery sweep republishes nothing, and every plain child runs exactly once. The
+fast clock is libfaketime's (Debian's ``faketime``), preloaded into the worker and
+its pool processes; the monotonic clock stays true, as Celery's timers need.
+
+On PostgreSQL with the Redis broker. Short variant: 20 x 100; ``--run-slow``: 50 parents x 200 children.
+(On MariaDB with RabbitMQ this load meets InnoDB deadlocks in the tracking writes, and beside a worker
+under libfaketime the recovery sweep has been seen publishing children again whose finishes were not
+written yet. That is open; this test does not cover it.)
+"""
+from __future__ import annotations
+
+import collections
+import re
+import time
+from datetime import datetime, timedelta
+
+import pytest
+
+from celery_spawn.handlers import default_operation_id
+from celery_spawn.store import schema as s
+from tests.harness import AMQP_URL, SKEW, fast_clock_env, throwaway_database, wait_for
+from tests.reliability.helpers import (
+    RelBackend,
+    callback_rows,
+    children,
+    delete_amqp_queue,
+    ensure_callback_table,
+    log_counts,
+    new_queue,
+    operation,
+)
+
+COMBINATIONS = {"postgresql": ("postgresql", "redis")}
+SWEEP_WORK = ("recovery published", "published again", "recovery applied", "are lost", " is lost:")
+#: Celery's log line prefix: ``[2026-12-05 21:53:19,258: INFO/MainProcess] ...``
+LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+: ", re.M)
+
+
+@pytest.fixture(params=sorted(COMBINATIONS))
+def skew_backend(request, shared_redis, shared_amqp):
+    kind, broker = COMBINATIONS[request.param]
+    queue = new_queue()
+    broker_url = f"{shared_redis}/0" if broker == "redis" else shared_amqp
+    with throwaway_database(kind) as url:
+        yield RelBackend(f"{broker}-{request.param}", broker_url, f"{shared_redis}/1", url, queue)
+    if broker == "amqp":
+        delete_amqp_queue(AMQP_URL, queue)
+
+
+def clock_lead(log: str) -> timedelta:
+    """How far ahead of this process's clock the worker's first log line was written."""
+    first = LOG_TIME.search(log)
+    assert first, log[:2000]
+    return datetime.strptime(first.group(1), "%Y-%m-%d %H:%M:%S") - datetime.now().replace(microsecond=0)
+
+
+def run_skewed_load(backend, start_worker, parents: int, per_parent: int, timeout: float) -> None:
+    app = backend.make_app()
+    ensure_callback_table(app)
+    true_worker = start_worker(backend, "true")
+    fast_worker = start_worker(backend, "fast", env=fast_clock_env())
+    lead = clock_lead(fast_worker.log())
+    assert SKEW - timedelta(minutes=1) < lead < SKEW + timedelta(minutes=1), f"the fast clock leads by {lead}"
+
+    config = {"handler": "stripes", "max_spawn_count": per_parent,
+              "on_complete": dict(app.signature("tests.record_callback"))}
+    sent = [app.signature("tests.numbers", args=(list(range(per_parent)),), kwargs={"_spawn_config": config}).delay()
+            for _ in range(parents)]
+    operation_ids = {default_operation_id(p.id) for p in sent}
+    wait_for(lambda: {r["operation_id"] for r in callback_rows(app)} >= operation_ids, timeout, interval=1,
+             what=f"{parents} on_complete callbacks")
+    time.sleep(4)  # two more sweeps of each worker: a late republish would show now
+
+    calls = collections.Counter(r["operation_id"] for r in callback_rows(app))
+    assert {op: calls[op] for op in operation_ids} == {op: 1 for op in operation_ids}
+    child_ids = []
+    for parent in sent:
+        op = operation(app, parent.id)
+        assert op["completed"] and op["state"] == s.OP_SUCCEEDED and op["total"] == per_parent, op
+        rows = children(app, parent.id)
+        assert {r["state"] for r in rows} == {s.SUCCEEDED} and len(rows) == per_parent
+        child_ids.extend(r["id"] for r in rows)
+    logs = {"true": true_worker.log(), "fast": fast_worker.log()}
+    ran = log_counts(list(logs.values()), "tests.square", child_ids)
+    assert set(ran.values()) == {1}, {k: v for k, v in ran.items() if v != 1}
+    by_fast = sum(1 for i in child_ids if f"Task tests.square[{i}] succeeded" in logs["fast"])
+    assert 0 < by_fast < len(child_ids), f"the fast worker ran {by_fast} of {len(child_ids)} children"
+    republished = [line for text in logs.values() for line in text.splitlines()
+                   if any(mark in line for mark in SWEEP_WORK)]
+    assert republished == [], "\n".join(republished[:20])
+
+
+def test_a_worker_with_a_fast_clock_republishes_nothing(skew_backend, start_worker):
+    run_skewed_load(skew_backend, start_worker, parents=20, per_parent=100, timeout=300)
+
+
+@pytest.mark.slow
+def test_a_worker_with_a_fast_clock_republishes_nothing_50_x_200(skew_backend, start_worker):
+    run_skewed_load(skew_backend, start_worker, parents=50, per_parent=200, timeout=900)
