@@ -231,6 +231,7 @@ class Tracker:
                 changed = self.store.succeed_and_release(conn, first, marks, self.grace, sorted(published))
             else:
                 if marks:
+                    self.store.lock_jobs(conn, [*marks, *states])  # one lock order for marks and finishes
                     self.store.mark_dispatched_in(conn, marks)
                 changed = self.store.finish_and_release(conn, first, self.grace)
         self.canceller.revoke_jobs(changed.to_revoke)

@@ -132,6 +132,18 @@ class SpawnRecords(Cancels):
             self.dialect.relax_commit(conn)
             return self.mark_dispatched_in(conn, ids)
 
+    def lock_jobs(self, conn: Connection, ids: Sequence[str]) -> None:
+        """Lock these job rows, in id order, in the caller's transaction.
+
+        A tracking write marks some jobs dispatched (published by its previous
+        batch) and finishes others. Taken one statement after the other, two
+        workers' writes deadlock: each marks a job the other is finishing. Taken
+        here first, in one order, they only wait for each other.
+        """
+        for chunk in chunked(sorted(set(ids))):
+            conn.execute(sa.select(s.jobs.c.id).where(s.jobs.c.id.in_(chunk)).order_by(s.jobs.c.id)
+                         .with_for_update()).all()
+
     def mark_dispatched_in(self, conn: Connection, ids: Sequence[str]) -> int:
         """:meth:`mark_dispatched` inside the caller's transaction."""
         now = utcnow()
