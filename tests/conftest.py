@@ -29,7 +29,26 @@ def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", default=False, help="run the long variants too")
 
 
+#: The integration modules that also run on ``redis-postgresql-psycopg`` when every combination runs: the
+#: paths a worker takes through the driver (COPY, prepared statements, releases, completion). The store suite
+#: runs every store call on both drivers; the other integration modules (command line, labels, delays, ...)
+#: add nothing on a second driver but minutes. ``SPAWN_TEST_BACKENDS`` (``tox -e psycopg``) runs them all.
+PSYCOPG_MODULES = {"test_spawning", "test_workflows", "test_pools"}
+
+
 def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("SPAWN_TEST_BACKENDS"):
+        kept, dropped = [], []
+        for item in items:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+            if params.get("backend") == "redis-postgresql-psycopg" and module not in PSYCOPG_MODULES:
+                dropped.append(item)
+            else:
+                kept.append(item)
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+            items[:] = kept
     if config.getoption("--run-slow"):
         return
     skip = pytest.mark.skip(reason="long variant: pass --run-slow")
