@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from datetime import timedelta
 
 import pytest
 from celery import Celery
@@ -11,7 +12,7 @@ from celery.exceptions import ImproperlyConfigured
 from celery_spawn import get_state, install
 from celery_spawn.config import (DEFAULT_MAX_PAYLOAD_BYTES, DEFAULT_MAX_PAYLOAD_DEPTH, DEFAULT_MAX_SPAWN_COUNT,
                                  HARD_MAX_PAYLOAD_BYTES, HARD_MAX_PAYLOAD_DEPTH, HARD_MAX_SPAWN_COUNT)
-from celery_spawn.settings import DEFAULT_DATABASE_URL, SpawnSettings
+from celery_spawn.settings import DEFAULT_DATABASE_URL, SpawnSettings, parse_duration
 
 SETTING_NAMES = {"database_url", "max_spawn_count_ceiling", "default_max_spawn_count", "max_payload_depth",
                  "max_payload_bytes", "recovery_interval", "schedule_interval", "recovery_grace",
@@ -251,3 +252,27 @@ def test_payload_limits_out_of_range_in_the_environment(monkeypatch, name, text)
     monkeypatch.setenv(f"CELERY_SPAWN_{name.upper()}", text)
     with pytest.raises(ImproperlyConfigured, match=f"CELERY_SPAWN_{name.upper()}"):
         install(make_app())
+
+
+# ---- spawn_expires and durations ----------------------------------------------------------------
+@pytest.mark.parametrize("text, seconds", [("30d", 30 * 86_400.0), ("12h", 43_200.0), ("90m", 5_400.0),
+                                           ("45s", 45.0), ("600", 600.0), ("1.5h", 5_400.0), (" 2W ", 14 * 86_400.0)])
+def test_durations_are_read(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["soon", "-1d", "1y", "nan", "", "1 d 2h", True, None, float("inf")])
+def test_bad_durations_are_refused_by_name(bad):
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration(bad)
+
+
+def test_spawn_expires_defaults_to_30_days_and_takes_every_form():
+    assert SpawnSettings.load({}, environ={}).expires == 30 * 86_400
+    assert SpawnSettings.load({"spawn_expires": timedelta(hours=6)}, environ={}).expires == 6 * 3600
+    assert SpawnSettings.load({"spawn_expires": 0}, environ={}).expires == 0
+    assert SpawnSettings.load({"spawn_expires": None}, environ={}).expires == 0  # as result_expires = None
+    assert SpawnSettings.load({}, environ={"CELERY_SPAWN_EXPIRES": "7d"}).expires == 7 * 86_400
+    assert SpawnSettings.load({}, environ={"CELERY_SPAWN_EXPIRES": "never"}).expires == 0
+    with pytest.raises(ImproperlyConfigured, match="spawn_expires"):
+        SpawnSettings.load({"spawn_expires": "a month"}, environ={})
