@@ -75,6 +75,8 @@ class SpawnSettings:
     api_token: str | None = None
     #: Extra keyword arguments for ``sqlalchemy.create_engine``.
     engine_options: dict | None = None
+    #: Port on which a worker's main process serves Prometheus ``/metrics`` (every interface); 0: none.
+    metrics_port: int = 0
 
     @classmethod
     def load(cls, conf: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
@@ -208,4 +210,5 @@ _VALIDATORS = {
     "prepared_statements": _boolean,
     "api_token": _optional_text,
     "engine_options": _mapping,
+    "metrics_port": _integer(0, 65535),
 }

@@ -139,12 +139,12 @@ class Worker:
 
     def __init__(self, backend: Backend, log_path: Path, concurrency: int = 2, pool: str = "prefork",
                  extra_args: tuple[str, ...] = (), hostname: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, app: str = "tests.app") -> None:
         self.backend = backend
         self.env = {**backend.env(), **(env or {})}
         self.log_path = log_path
         self.hostname = hostname or f"w{uuid.uuid4().hex[:6]}@%h"
-        self.args = [sys.executable, "-m", "celery", "-A", "tests.app", "worker", "-P", pool,
+        self.args = [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool,
                      "-c", str(concurrency), "-Q", backend.queue, "-n", self.hostname,
                      "--loglevel", "INFO", "--without-gossip", "--without-mingle", *extra_args]
         self.proc: subprocess.Popen | None = None

@@ -17,7 +17,7 @@ SETTING_NAMES = {"database_url", "max_spawn_count_ceiling", "default_max_spawn_c
                  "max_payload_bytes", "recovery_interval", "schedule_interval", "recovery_grace",
                  "redeliver_after", "redeliver_limit", "connect_timeout", "statement_timeout", "lock_timeout",
                  "auto_migrate", "track_states", "track_started", "batch_tracking", "synchronous_commit",
-                 "prepared_statements", "api_token", "engine_options"}
+                 "prepared_statements", "api_token", "engine_options", "metrics_port"}
 
 
 def make_app(**conf) -> Celery:
