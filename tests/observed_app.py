@@ -2,7 +2,7 @@
 
 ``celery -A tests.observed_app worker`` is :mod:`tests.app` plus, as the
 OpenTelemetry and Sentry docs prescribe for prefork workers, a tracer
-provider (or Sentry's SDK) set up in ``worker_process_init``:
+provider set up in ``worker_process_init`` (Sentry's SDK in ``celeryd_init``):
 
 * ``SPAWN_TEST_SPANS=<file>``: OpenTelemetry's SDK with
   ``opentelemetry-instrumentation-celery``; every finished span is exported to
@@ -77,6 +77,11 @@ def _set_up_tracing(**_) -> None:
     spans_file = os.environ.get("SPAWN_TEST_SPANS")
     if spans_file:
         _set_up_opentelemetry(spans_file)
+
+
+@signals.celeryd_init.connect(weak=False)
+def _set_up_error_tracking(**_) -> None:
+    # Sentry's docs: in the worker's main process, before the pool builds the tasks' tracers it wraps.
     sentry_file = os.environ.get("SPAWN_TEST_SENTRY")
     if sentry_file:
         _set_up_sentry(sentry_file)
