@@ -282,3 +282,23 @@ class StoreBuilder:
                     conn.execute(table.insert(), rows[start:start + 2000])
         self._pending_jobs, self._pending_ops, self.edges = [], [], []
         return self
+
+
+def make_backend(name: str, tmp_path_factory) -> tuple[Backend, object]:
+    """Build a Backend for a combination name; returns it with the context that owns its database."""
+    queue = f"spawn-test-{uuid.uuid4().hex[:8]}"
+    if name == "embedded":
+        folder = tmp_path_factory.mktemp("broker")
+        database = tmp_path_factory.mktemp("store") / "spawn.sqlite3"
+        results = tmp_path_factory.mktemp("results")
+        return Backend(name, "spawnfs://", f"file://{results}", f"sqlite:///{database}", queue,
+                       fs_folder=str(folder)), None
+    if name in ("redis-postgresql", "redis-postgresql-psycopg"):
+        check_broker(REDIS_URL)
+        db = throwaway_store(STORE_OF[name])
+        return Backend(name, f"{REDIS_URL}/0", f"{REDIS_URL}/1", db.__enter__(), queue), db
+    if name == "rabbitmq-mariadb":
+        check_broker(AMQP_URL)
+        db = throwaway_database("mysql")
+        return Backend(name, AMQP_URL, f"{REDIS_URL}/1", db.__enter__(), queue), db
+    raise ValueError(name)

@@ -126,3 +126,41 @@ def _set_up_sentry(path: str) -> None:
 
     sentry_sdk.init(dsn="https://public@sentry.invalid/1", transport=RecordingTransport, traces_sample_rate=1.0,
                     integrations=[CeleryIntegration()], default_integrations=False)
+
+
+# ---- celery-spawn's signals, recorded (SPAWN_TEST_SIGNALS=<file>) with a subscriber that raises ----------
+def _record_signals(path: str) -> None:
+    from celery_spawn import signals as spawn_signals
+
+    def where() -> dict:
+        return {"pid": os.getpid(), "thread": threading.current_thread().name}
+
+    @spawn_signals.spawn_recorded.connect(weak=False)
+    def recorded(sender=None, result=None, **_):
+        _append(path, {"signal": "spawn_recorded", "task": sender.name, "task_id": sender.request.id,
+                       "parent_job_id": result.parent_job_id, "operation_id": result.operation_id,
+                       "children": list(result.spawned_job_ids), **where()})
+
+    @spawn_signals.spawn_failed.connect(weak=False)
+    def failed(sender=None, operation_id=None, exception=None, **_):
+        _append(path, {"signal": "spawn_failed", "task": sender.name, "task_id": sender.request.id,
+                       "operation_id": operation_id, "exception": type(exception).__name__, **where()})
+
+    @spawn_signals.operation_completed.connect(weak=False)
+    def completed(sender=None, operation_id=None, summary=None, **_):
+        _append(path, {"signal": "operation_completed", "sender": sender, "operation_id": operation_id,
+                       "summary": summary, **where()})
+
+    def broken(**_):
+        raise RuntimeError("a subscriber that raises (observability test)")
+
+    for signal in (spawn_signals.spawn_recorded, spawn_signals.spawn_failed, spawn_signals.operation_completed):
+        signal.connect(broken, weak=False)
+
+    @signals.task_prerun.connect(weak=False)
+    def ran(task_id=None, task=None, **_):
+        _append(path, {"signal": "task_prerun", "task": task.name, "task_id": task_id, **where()})
+
+
+if os.environ.get("SPAWN_TEST_SIGNALS"):
+    _record_signals(os.environ["SPAWN_TEST_SIGNALS"])

@@ -11,7 +11,6 @@ import uuid
 
 import pytest
 
-from tests.conftest import make_backend
 from tests.harness import COMBINATIONS, Worker, free_port, wait_for
 from tests.integration.helpers import TIMEOUT, children_of
 from tests.web.helpers import served
@@ -19,18 +18,12 @@ from tests.web.helpers import served
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
 MEASURED = [c for c in COMBINATIONS if c in ("embedded", "redis-postgresql")]
-
-
-@pytest.fixture(scope="module", params=MEASURED)
-def backend(request, tmp_path_factory):
-    made, owner = make_backend(request.param, tmp_path_factory)
-    yield made
-    if owner is not None:
-        owner.__exit__(None, None, None)
+pytestmark = pytest.mark.parametrize("observed_backend", MEASURED, indirect=True, scope="module")
 
 
 @pytest.fixture(scope="module")
-def metrics_worker(backend, artifacts):
+def metrics_worker(observed_backend, artifacts):
+    backend = observed_backend
     port = free_port()
     log = artifacts / f"worker-metrics-{backend.name}-{uuid.uuid4().hex[:6]}.log"
     proc = Worker(backend, log, app="tests.observed_app", env={"CELERY_SPAWN_METRICS_PORT": str(port)})
@@ -62,20 +55,22 @@ def all_final(app, parent_id: str, count: int) -> bool:
     return len(rows) == count and all(r["state"] == "succeeded" for r in rows)
 
 
-def test_worker_and_serve_metrics_count_a_known_run(metrics_worker, client_app, backend, artifacts):
+def test_worker_and_serve_metrics_count_a_known_run(metrics_worker, obs_client, observed_backend,
+                                                    artifacts):
+    backend = observed_backend
     url = metrics_worker.metrics_url
     spawn = {"handler": "numbers"}
-    parents = [client_app.signature("tests.numbers", args=(list(range(50)),), kwargs={"_spawn_config": spawn}).delay()
+    parents = [obs_client.signature("tests.numbers", args=(list(range(50)),), kwargs={"_spawn_config": spawn}).delay()
                for _ in range(2)]
-    refused = client_app.signature("tests.numbers", args=([1, 2, 3],),
+    refused = obs_client.signature("tests.numbers", args=([1, 2, 3],),
                                    kwargs={"_spawn_config": {"handler": "numbers", "max_spawn_count": 2}}).delay()
-    chain = client_app.signature("tests.run_workflow", kwargs={"workflow_type": "etl_pipeline"}).delay()
-    lost = client_app.signature("tests.count", args=(3,), kwargs={"_spawn_config": {"handler": "lose_once"}}).delay()
+    chain = obs_client.signature("tests.run_workflow", kwargs={"workflow_type": "etl_pipeline"}).delay()
+    lost = obs_client.signature("tests.count", args=(3,), kwargs={"_spawn_config": {"handler": "lose_once"}}).delay()
     for parent in parents:
-        wait_for(lambda p=parent: all_final(client_app, p.id, 50), TIMEOUT, what="50 children to succeed")
+        wait_for(lambda p=parent: all_final(obs_client, p.id, 50), TIMEOUT, what="50 children to succeed")
     refused.get(timeout=TIMEOUT)
-    wait_for(lambda: all_final(client_app, chain.id, 3), TIMEOUT, what="the chain")
-    wait_for(lambda: all_final(client_app, lost.id, 3), TIMEOUT, what="the children the sweep published")
+    wait_for(lambda: all_final(obs_client, chain.id, 3), TIMEOUT, what="the chain")
+    wait_for(lambda: all_final(obs_client, lost.id, 3), TIMEOUT, what="the children the sweep published")
 
     def counted():
         samples = scrape(url)
@@ -96,9 +91,9 @@ def test_worker_and_serve_metrics_count_a_known_run(metrics_worker, client_app, 
     assert ("celery_spawn_tracking_queue_depth", ()) in samples
 
     # serve: the store-backed gauges, after a spawn that leaves two children scheduled far ahead
-    delayed = client_app.signature("tests.numbers", args=([7, 8, 9],), kwargs={
+    delayed = obs_client.signature("tests.numbers", args=([7, 8, 9],), kwargs={
         "_spawn_config": {"handler": "numbers", "spawn_delay_ms": 600_000}}).delay()
-    wait_for(lambda: [r["state"] for r in children_of(client_app, delayed.id)] == ["succeeded", "scheduled",
+    wait_for(lambda: [r["state"] for r in children_of(obs_client, delayed.id)] == ["succeeded", "scheduled",
                                                                                   "scheduled"],
              TIMEOUT, what="one child run and two scheduled")
     env = {**backend.env()}

@@ -11,22 +11,13 @@ import uuid
 
 import pytest
 
-from tests.conftest import make_backend
 from tests.harness import COMBINATIONS, Worker, wait_for
-from tests.integration.helpers import TIMEOUT, children_of
-from tests.integration.test_tracing import read_lines
+from tests.integration.helpers import TIMEOUT, children_of, read_lines
 
 pytest.importorskip("sentry_sdk.integrations.celery")
 
 TRACED = [c for c in COMBINATIONS if c == "embedded"]
-
-
-@pytest.fixture(scope="module", params=TRACED)
-def backend(request, tmp_path_factory):
-    made, owner = make_backend(request.param, tmp_path_factory)
-    yield made
-    if owner is not None:
-        owner.__exit__(None, None, None)
+pytestmark = pytest.mark.parametrize("observed_backend", TRACED, indirect=True, scope="module")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +26,8 @@ def envelopes(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def sentry_worker(backend, envelopes, artifacts):
+def sentry_worker(observed_backend, envelopes, artifacts):
+    backend = observed_backend
     log = artifacts / f"worker-sentry-{backend.name}-{uuid.uuid4().hex[:6]}.log"
     proc = Worker(backend, log, app="tests.observed_app", env={"SPAWN_TEST_SENTRY": str(envelopes)}).start()
     yield proc
@@ -48,9 +40,9 @@ def transactions(path, name: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("handler", ["observed_fanout", "lose_once"])
-def test_children_carry_the_parent_sentry_trace(sentry_worker, client_app, envelopes, handler):
-    parent = client_app.signature("tests.count", args=(3,), kwargs={"_spawn_config": {"handler": handler}}).delay()
-    rows = wait_for(lambda: (rows := children_of(client_app, parent.id)) and len(rows) == 3
+def test_children_carry_the_parent_sentry_trace(sentry_worker, obs_client, envelopes, handler):
+    parent = obs_client.signature("tests.count", args=(3,), kwargs={"_spawn_config": {"handler": handler}}).delay()
+    rows = wait_for(lambda: (rows := children_of(obs_client, parent.id)) and len(rows) == 3
                     and all(r["state"] == "succeeded" for r in rows) and rows, TIMEOUT, what="3 children")
 
     def parent_transaction():
@@ -60,7 +52,7 @@ def test_children_carry_the_parent_sentry_trace(sentry_worker, client_app, envel
 
     wait_for(parent_transaction, TIMEOUT, what="the parent's transaction")
     trace_ids = {t["contexts"]["trace"]["trace_id"] for t in transactions(envelopes, "tests.count")}
-    received = [client_app.AsyncResult(row["id"]).get(timeout=TIMEOUT) for row in rows]
+    received = [obs_client.AsyncResult(row["id"]).get(timeout=TIMEOUT) for row in rows]
     child_traces = {headers["sentry-trace"].split("-")[0] for headers in received}
     assert len(child_traces) == 1 and child_traces <= trace_ids, (received, trace_ids)
     (trace_id,) = child_traces

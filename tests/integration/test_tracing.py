@@ -11,14 +11,12 @@ in the worker's background process (a child whose first publish was lost).
 """
 from __future__ import annotations
 
-import json
 import uuid
 
 import pytest
 
-from tests.conftest import make_backend
 from tests.harness import COMBINATIONS, Worker, wait_for
-from tests.integration.helpers import TIMEOUT, children_of, wait_children
+from tests.integration.helpers import TIMEOUT, children_of, read_lines, wait_children
 
 pytest.importorskip("opentelemetry.sdk.trace")
 pytest.importorskip("opentelemetry.instrumentation.celery")
@@ -26,14 +24,7 @@ pytest.importorskip("opentelemetry.instrumentation.celery")
 #: SQLite with the file broker (the release after the commit) and PostgreSQL with Redis (the release read
 #: and published ahead of the write).
 TRACED = [c for c in COMBINATIONS if c in ("embedded", "redis-postgresql")]
-
-
-@pytest.fixture(scope="module", params=TRACED)
-def backend(request, tmp_path_factory):
-    made, owner = make_backend(request.param, tmp_path_factory)
-    yield made
-    if owner is not None:
-        owner.__exit__(None, None, None)
+pytestmark = pytest.mark.parametrize("observed_backend", TRACED, indirect=True, scope="module")
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +33,12 @@ def spans_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def traced_worker(backend, spans_file, artifacts):
+def traced_worker(observed_backend, spans_file, artifacts):
+    backend = observed_backend
     log = artifacts / f"worker-traced-{backend.name}-{uuid.uuid4().hex[:6]}.log"
     proc = Worker(backend, log, app="tests.observed_app", env={"SPAWN_TEST_SPANS": str(spans_file)}).start()
     yield proc
     proc.stop()
-
-
-def read_lines(path) -> list[dict]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def run_span(spans: list[dict], task_id: str) -> dict | None:
@@ -87,10 +71,10 @@ def assert_in_parent_trace(spans_file, parent_id: str, child_ids: list[str]) -> 
     assert "celery_spawn.spawn" in names
 
 
-def test_fan_out_children_join_the_parent_trace(traced_worker, client_app, spans_file):
-    parent = client_app.signature("tests.count", args=(5,),
+def test_fan_out_children_join_the_parent_trace(traced_worker, obs_client, spans_file):
+    parent = obs_client.signature("tests.count", args=(5,),
                                   kwargs={"_spawn_config": {"handler": "observed_fanout"}}).delay()
-    rows = wait_for(lambda: all_succeeded(client_app, parent.id, 5), TIMEOUT, what="5 children to succeed")
+    rows = wait_for(lambda: all_succeeded(obs_client, parent.id, 5), TIMEOUT, what="5 children to succeed")
     assert_in_parent_trace(spans_file, parent.id, [r["id"] for r in rows])
     # the parent's run span is the spawn span's parent: the children hang under the spawn
     spans = read_lines(spans_file)
@@ -99,24 +83,24 @@ def test_fan_out_children_join_the_parent_trace(traced_worker, client_app, spans
     assert len(spawn) == 1 and spawn[0]["parent_id"] == run_span(spans, parent.id)["span_id"]
 
 
-def test_chain_released_by_the_write_behind_stays_in_the_trace(traced_worker, client_app, spans_file):
-    parent = client_app.signature("tests.run_workflow", kwargs={"workflow_type": "etl_pipeline"}).delay()
-    rows = wait_for(lambda: all_succeeded(client_app, parent.id, 3), TIMEOUT, what="the three steps to succeed")
+def test_chain_released_by_the_write_behind_stays_in_the_trace(traced_worker, obs_client, spans_file):
+    parent = obs_client.signature("tests.run_workflow", kwargs={"workflow_type": "etl_pipeline"}).delay()
+    rows = wait_for(lambda: all_succeeded(obs_client, parent.id, 3), TIMEOUT, what="the three steps to succeed")
     assert_in_parent_trace(spans_file, parent.id, [r["id"] for r in rows])
 
 
-def test_child_republished_by_the_sweep_stays_in_the_trace(traced_worker, client_app, spans_file):
-    parent = client_app.signature("tests.count", args=(3,), kwargs={"_spawn_config": {"handler": "lose_once"}}).delay()
-    wait_children(client_app, parent.id, 3)
-    rows = wait_for(lambda: all_succeeded(client_app, parent.id, 3), TIMEOUT, what="the sweep to publish them")
+def test_child_republished_by_the_sweep_stays_in_the_trace(traced_worker, obs_client, spans_file):
+    parent = obs_client.signature("tests.count", args=(3,), kwargs={"_spawn_config": {"handler": "lose_once"}}).delay()
+    wait_children(obs_client, parent.id, 3)
+    rows = wait_for(lambda: all_succeeded(obs_client, parent.id, 3), TIMEOUT, what="the sweep to publish them")
     assert "recovery published 3 stranded children" in traced_worker.log()
     assert_in_parent_trace(spans_file, parent.id, [r["id"] for r in rows])
 
 
-def test_without_inherit_trace_context_children_start_their_own_traces(traced_worker, client_app, spans_file):
-    parent = client_app.signature("tests.count", args=(2,), kwargs={
+def test_without_inherit_trace_context_children_start_their_own_traces(traced_worker, obs_client, spans_file):
+    parent = obs_client.signature("tests.count", args=(2,), kwargs={
         "_spawn_config": {"handler": "observed_fanout", "inherit_trace_context": False}}).delay()
-    rows = wait_for(lambda: all_succeeded(client_app, parent.id, 2), TIMEOUT, what="2 children to succeed")
+    rows = wait_for(lambda: all_succeeded(obs_client, parent.id, 2), TIMEOUT, what="2 children to succeed")
 
     def ended():
         spans = read_lines(spans_file)
