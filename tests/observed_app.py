@@ -52,6 +52,12 @@ def headers(self, n):
     return {key: getattr(self.request, key, None) for key in ("traceparent", "sentry-trace", "baggage")}
 
 
+@app.task(shared=False, name="obs.callback")
+def callback(summary):
+    """An ``on_complete`` callback."""
+    return summary["state"]
+
+
 def _lose_first_publish() -> None:
     original = Publisher.publish
 

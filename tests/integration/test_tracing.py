@@ -15,6 +15,8 @@ import uuid
 
 import pytest
 
+from celery_spawn import completion_task_id
+from celery_spawn.handlers import default_operation_id
 from tests.harness import COMBINATIONS, Worker, wait_for
 from tests.integration.helpers import TIMEOUT, children_of, read_lines, wait_children
 
@@ -71,11 +73,13 @@ def assert_in_parent_trace(spans_file, parent_id: str, child_ids: list[str]) -> 
     assert "celery_spawn.spawn" in names
 
 
-def test_fan_out_children_join_the_parent_trace(traced_worker, obs_client, spans_file):
-    parent = obs_client.signature("tests.count", args=(5,),
-                                  kwargs={"_spawn_config": {"handler": "observed_fanout"}}).delay()
+def test_fan_out_children_and_callback_join_the_parent_trace(traced_worker, obs_client, spans_file):
+    on_complete = dict(obs_client.signature("obs.callback"))
+    parent = obs_client.signature("tests.count", args=(5,), kwargs={
+        "_spawn_config": {"handler": "observed_fanout", "on_complete": on_complete}}).delay()
     rows = wait_for(lambda: all_succeeded(obs_client, parent.id, 5), TIMEOUT, what="5 children to succeed")
-    assert_in_parent_trace(spans_file, parent.id, [r["id"] for r in rows])
+    callback_id = completion_task_id(default_operation_id(parent.id))
+    assert_in_parent_trace(spans_file, parent.id, [r["id"] for r in rows] + [callback_id])
     # the parent's run span is the spawn span's parent: the children hang under the spawn
     spans = read_lines(spans_file)
     spawn = [s for s in spans if s["name"] == "celery_spawn.spawn"
