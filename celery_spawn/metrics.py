@@ -220,6 +220,8 @@ class WorkerExporter:
         self.thread: Any = None
 
     def prepare(self, multiprocess: bool) -> None:
+        if not available():
+            raise ImportError(f"Prometheus metrics need prometheus-client: {INSTALL_HINT}")
         if multiprocess and not os.environ.get(MULTIPROC_ENV):
             client = sys.modules.get("prometheus_client.values")
             if client is not None and not getattr(client.ValueClass, "_multiprocess", False):

@@ -22,6 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
+from celery.exceptions import ImproperlyConfigured
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -60,7 +61,11 @@ class RecoveryStep(bootsteps.StartStopStep):
 
             # Before any process forks: the pool and background processes count in multiprocess mode.
             self.exporter = WorkerExporter(state.settings.metrics_port)
-            self.exporter.prepare(multiprocess=True)
+            try:
+                self.exporter.prepare(multiprocess=True)
+            except ImportError as exc:
+                raise ImproperlyConfigured(f"setting spawn_metrics_port (env CELERY_SPAWN_METRICS_PORT) is "
+                                           f"{state.settings.metrics_port}, but {exc}") from None
 
     def start(self, worker: Any) -> None:
         from .state import get_state

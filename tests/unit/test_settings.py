@@ -142,6 +142,7 @@ INVALID_CONF = [
     ("auto_migrate", "maybe"), ("track_states", "2"),
     ("engine_options", "pool_size=3"), ("engine_options", [("pool_size", 3)]),
     ("api_token", 123), ("recovery_interval", 10 ** 9), ("max_spawn_count_ceiling", HARD_MAX_SPAWN_COUNT + 1),
+    ("metrics_port", -1), ("metrics_port", 65536), ("metrics_port", "http"), ("metrics_port", True),
 ]
 
 
@@ -156,7 +157,7 @@ def test_invalid_app_conf_values_raise_improperly_configured(name, value):
     ("max_spawn_count_ceiling", "-1"), ("max_spawn_count_ceiling", "ten"), ("default_max_spawn_count", "1e3"),
     ("recovery_interval", "-2"), ("recovery_grace", "abc"), ("auto_migrate", "maybe"), ("track_states", "yes please"),
     ("recovery_grace", "nan"), ("engine_options", "{not json"), ("engine_options", "[1, 2]"),
-    ("database_url", "not a url"),
+    ("database_url", "not a url"), ("metrics_port", "9808x"), ("metrics_port", "70000"),
 ])
 def test_invalid_environment_values_raise_improperly_configured(monkeypatch, name, text):
     monkeypatch.setenv(f"CELERY_SPAWN_{name.upper()}", text)
@@ -250,3 +251,9 @@ def test_payload_limits_out_of_range_in_the_environment(monkeypatch, name, text)
     monkeypatch.setenv(f"CELERY_SPAWN_{name.upper()}", text)
     with pytest.raises(ImproperlyConfigured, match=f"CELERY_SPAWN_{name.upper()}"):
         install(make_app())
+
+
+def test_metrics_port_is_off_by_default_and_read_from_the_environment(monkeypatch):
+    assert SpawnSettings.load({}, environ={}).metrics_port == 0
+    assert SpawnSettings.load({"spawn_metrics_port": 9808}, environ={}).metrics_port == 9808
+    assert SpawnSettings.load({}, environ={"CELERY_SPAWN_METRICS_PORT": " 9809 "}).metrics_port == 9809
