@@ -97,3 +97,18 @@ def test_a_publish_from_another_thread_runs_under_the_stored_trace(broker_rig, t
         celery_signals.before_task_publish.disconnect(on_publish)
     assert seen == [f"{span.get_span_context().trace_id:032x}"] * 2
     assert {trace_id_of(m.headers) for m in broker_rig.drain()} == {seen[0]}
+
+
+def test_a_recovered_publish_keeps_the_stored_trace(broker_rig, tracer):
+    """The rows the sweep and redelivery send (``recovered``) carry the trace beside the recovered mark."""
+    from celery_spawn.protocol import HEADER_RECOVERED
+
+    fan_out(broker_rig, 2)
+    with tracer.start_as_current_span("parent-run") as span:
+        result = broker_rig.spawn({"handler": "fan"})
+    broker_rig.drain()
+    rows = [{**row, "recovered": True} for row in broker_rig.children_of(result.id)]
+    Publisher(broker_rig.app).publish(rows)
+    messages = broker_rig.drain()
+    assert {trace_id_of(m.headers) for m in messages} == {f"{span.get_span_context().trace_id:032x}"}
+    assert all(m.headers.get(HEADER_RECOVERED) for m in messages)
