@@ -59,3 +59,12 @@ def test_children_carry_the_parent_sentry_trace(sentry_worker, obs_client, envel
     wait_for(lambda: len([t for t in transactions(envelopes, "obs.headers")
                           if t["contexts"]["trace"]["trace_id"] == trace_id]) == 3,
              TIMEOUT, what="the children's transactions in the parent's trace")
+
+
+def test_off_children_carry_no_sentry_trace(sentry_worker, obs_client):
+    parent = obs_client.signature("tests.count", args=(2,), kwargs={
+        "_spawn_config": {"handler": "observed_fanout", "inherit_trace_context": False}}).delay()
+    rows = wait_for(lambda: (rows := children_of(obs_client, parent.id)) and len(rows) == 2
+                    and all(r["state"] == "succeeded" for r in rows) and rows, TIMEOUT, what="2 children")
+    received = [obs_client.AsyncResult(row["id"]).get(timeout=TIMEOUT) for row in rows]
+    assert [headers["sentry-trace"] for headers in received] == [None, None]
