@@ -1,7 +1,11 @@
 """The Celery app the benchmarks run (in-process and in ``celery -A benchmarks.app worker``).
 
 Configured from the environment the runner sets: broker, store and the
-Redis key the no-op tasks count themselves on.
+Redis key the no-op tasks count themselves on. ``SPAWN_BENCH_TRACING=1``
+traces every process that imports it (the runner and the workers, whose pool
+processes inherit it): OpenTelemetry's SDK with a batch processor to an
+exporter that drops the spans, and its Celery instrumentation, so that a run
+shows what tracing costs, spawns and baselines alike.
 """
 from __future__ import annotations
 
@@ -13,6 +17,27 @@ from celery import Celery
 from celery_spawn import SpawnManager, SpawnTask, depends_on, install
 
 COUNTER_URL = os.environ.get("SPAWN_BENCH_COUNTER_URL", "redis://127.0.0.1:6379/9")
+
+
+def trace_everything() -> None:
+    """OpenTelemetry's SDK and Celery instrumentation in this process (and the processes it forks)."""
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Dropped(SpanExporter):
+        def export(self, spans):
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Dropped()))
+    trace.set_tracer_provider(provider)
+    CeleryInstrumentor().instrument()
+
+
+if os.environ.get("SPAWN_BENCH_TRACING"):
+    trace_everything()
 
 
 def make_app(broker: str, database_url: str, queue: str, child_queue: str | None = None,

@@ -51,6 +51,7 @@ class SpawnConfig:
     on_complete: dict[str, Any] | None = None
     wait_for_descendants: bool = False
     fail_fast: bool = False
+    inherit_trace_context: bool = True
     _explicit: frozenset[str] = dataclasses.field(default=frozenset(), repr=False, compare=False)
 
     def __init__(self, **options: Any) -> None:
@@ -126,6 +127,10 @@ class SpawnConfig:
     def with_fail_fast(self, fail_fast: bool = True) -> SpawnConfig:
         return self._with(fail_fast=fail_fast)
 
+    def with_inherit_trace_context(self, inherit: bool = True) -> SpawnConfig:
+        """Put the children in the parent's trace (OpenTelemetry, Sentry), or (False) let each start its own."""
+        return self._with(inherit_trace_context=inherit)
+
     # ---- conversions ------------------------------------------------------------------
     @property
     def spawn_delay(self) -> timedelta:
@@ -168,7 +173,7 @@ class SpawnConfig:
         _check_int("spawn_delay_ms", self.spawn_delay_ms, 0, HARD_MAX_SPAWN_DELAY_MS)
         _check_int("batch_size", self.batch_size, 1, HARD_MAX_BATCH_SIZE)
         _check_int("max_depth", self.max_depth, 0, HARD_MAX_DEPTH)
-        for name in ("inherit_priority", "inherit_queue", "wait_for_descendants", "fail_fast"):
+        for name in ("inherit_priority", "inherit_queue", "wait_for_descendants", "fail_fast", "inherit_trace_context"):
             if not isinstance(getattr(self, name), bool):
                 raise SpawnConfigError(f"{name} must be true or false, not {getattr(self, name)!r}")
         if self.metadata is not None and not isinstance(self.metadata, dict):

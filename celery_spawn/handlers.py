@@ -121,6 +121,8 @@ class SpawnContext:
         self._frozen: set[str] = set()
         #: The strictest max_depth of the spawns above the parent (None at a root).
         self.inherited_max_depth: int | None = None
+        #: The parent's trace context as message headers, stored with each child (``inherit_trace_context``).
+        self.trace_headers: dict[str, Any] | None = None
 
     def next_child_id(self) -> str:
         job_id = child_id(self.operation_id, self._sequence)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import TYPE_CHECKING, Any, Callable
 
 from celery import signals as celery_signals
 
+from . import metrics
 from .engine import copies
 from .engine.redelivery import claims_its_start
 from .errors import StoreError
@@ -182,3 +184,9 @@ def _forks_pool_processes(worker: Any) -> bool:
 @celery_signals.worker_shutdown.connect(weak=False)
 def _worker_stops(**_: Any) -> None:
     flush_all()
+
+
+@celery_signals.worker_process_shutdown.connect(weak=False)
+def _pool_process_stops(**_: Any) -> None:
+    # After the write-behind's flush (connected first): the live gauges of this process go with it.
+    metrics.process_exited(os.getpid())

@@ -99,6 +99,8 @@ class SpawnSettings:
     api_token: str | None = None
     #: Extra keyword arguments for ``sqlalchemy.create_engine``.
     engine_options: dict | None = None
+    #: Port on which a worker's main process serves Prometheus ``/metrics`` (every interface); 0: none.
+    metrics_port: int = 0
 
     @classmethod
     def load(cls, conf: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
@@ -317,4 +319,5 @@ _VALIDATORS = {
     "database_alias": _optional_text,
     "django_migrate": _boolean,
     "engine_options": _mapping,
+    "metrics_port": _integer(0, 65535),
 }

@@ -22,6 +22,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from celery import bootsteps
+from celery.exceptions import ImproperlyConfigured
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -48,17 +49,35 @@ class RecoveryStep(bootsteps.StartStopStep):
 
         # Before any pool process forks (steps are made before any starts): they inherit the driver
         # imported, and every task's guard against running a copy of a child twice.
-        get_state(worker.app).store.load_driver()
+        state = get_state(worker.app)
+        state.store.load_driver()
         guard_copies(worker.app)
         self.process: Any = None
         self._stop: Any = None
         self._watch: Any = None
+        self.exporter: Any = None
+        if state.settings.metrics_port:
+            from .metrics import WorkerExporter
+
+            # Before any process forks: the pool and background processes count in multiprocess mode.
+            self.exporter = WorkerExporter(state.settings.metrics_port)
+            try:
+                self.exporter.prepare(multiprocess=True)
+            except ImportError as exc:
+                raise ImproperlyConfigured(f"setting spawn_metrics_port (env CELERY_SPAWN_METRICS_PORT) is "
+                                           f"{state.settings.metrics_port}, but {exc}") from None
 
     def start(self, worker: Any) -> None:
         from .state import get_state
 
         state = get_state(worker.app)
         logger.info("celery-spawn store: %s", state.store.safe_url)
+        if self.exporter is not None:
+            try:
+                self.exporter.start()
+            except OSError as exc:  # the port is taken: the worker runs on, without its /metrics
+                logger.error("celery-spawn cannot serve /metrics on port %d (spawn_metrics_port, env "
+                             "CELERY_SPAWN_METRICS_PORT): %s", self.exporter.port, exc)
         if state.settings.recovery_interval <= 0 and state.settings.schedule_interval <= 0:
             return
         self._spawn(worker.app)
@@ -80,6 +99,13 @@ class RecoveryStep(bootsteps.StartStopStep):
             self._spawn(app)
 
     def stop(self, worker: Any) -> None:
+        try:
+            self._stop_background()
+        finally:
+            if self.exporter is not None:
+                self.exporter.stop()
+
+    def _stop_background(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None

@@ -7,5 +7,5 @@ if ! pkg-config --exists mysqlclient 2>/dev/null && ! pkg-config --exists mariad
     echo "mysqlclient needs the MariaDB client headers: installing libmariadb-dev" >&2
     bash scripts/system-deps.sh
 fi
-bash scripts/bootstrap.sh test,web,lint,psycopg,django
+bash scripts/bootstrap.sh test,web,lint,psycopg,django,metrics,otel,sentry
 exec .venv/bin/python -m pytest "${@:-tests}"

@@ -8,14 +8,10 @@ from pathlib import Path
 import pytest
 
 from tests.harness import (
-    AMQP_URL,
     COMBINATIONS,
-    REDIS_URL,
-    STORE_OF,
     STORES,
-    Backend,
     Worker,
-    check_broker,
+    make_backend,
     throwaway_database,
     throwaway_store,
 )
@@ -96,26 +92,6 @@ def store_url(request, tmp_path):
         return
     with throwaway_store(request.param) as url:
         yield url
-
-
-def make_backend(name: str, tmp_path_factory) -> tuple[Backend, object]:
-    """Build a Backend for a combination name; returns it with the context that owns its database."""
-    queue = f"spawn-test-{uuid.uuid4().hex[:8]}"
-    if name == "embedded":
-        folder = tmp_path_factory.mktemp("broker")
-        database = tmp_path_factory.mktemp("store") / "spawn.sqlite3"
-        results = tmp_path_factory.mktemp("results")
-        return Backend(name, "spawnfs://", f"file://{results}", f"sqlite:///{database}", queue,
-                       fs_folder=str(folder)), None
-    if name in ("redis-postgresql", "redis-postgresql-psycopg"):
-        check_broker(REDIS_URL)
-        db = throwaway_store(STORE_OF[name])
-        return Backend(name, f"{REDIS_URL}/0", f"{REDIS_URL}/1", db.__enter__(), queue), db
-    if name == "rabbitmq-mariadb":
-        check_broker(AMQP_URL)
-        db = throwaway_database("mysql")
-        return Backend(name, AMQP_URL, f"{REDIS_URL}/1", db.__enter__(), queue), db
-    raise ValueError(name)
 
 
 @pytest.fixture(scope="module", params=COMBINATIONS)

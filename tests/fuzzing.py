@@ -87,6 +87,7 @@ def plausible(parent: str, child: str, deep: st.SearchStrategy = deep_values) ->
         "on_complete": st.none() | st.fixed_dictionaries({"task": st.sampled_from([child, "missing.task"])}),
         "wait_for_descendants": st.booleans(),
         "fail_fast": st.booleans(),
+        "inherit_trace_context": st.booleans() | st.sampled_from([0, 1, "true", None]),
     }
 
 

@@ -140,12 +140,12 @@ class Worker:
 
     def __init__(self, backend: Backend, log_path: Path, concurrency: int = 2, pool: str = "prefork",
                  extra_args: tuple[str, ...] = (), hostname: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, app: str = "tests.app") -> None:
         self.backend = backend
         self.env = {**backend.env(), **(env or {})}
         self.log_path = log_path
         self.hostname = hostname or f"w{uuid.uuid4().hex[:6]}@%h"
-        self.args = [sys.executable, "-m", "celery", "-A", "tests.app", "worker", "-P", pool,
+        self.args = [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool,
                      "-c", str(concurrency), "-Q", backend.queue, "-n", self.hostname,
                      "--loglevel", "INFO", "--without-gossip", "--without-mingle", *extra_args]
         self.proc: subprocess.Popen | None = None
@@ -283,6 +283,26 @@ class StoreBuilder:
                     conn.execute(table.insert(), rows[start:start + 2000])
         self._pending_jobs, self._pending_ops, self.edges = [], [], []
         return self
+
+
+def make_backend(name: str, tmp_path_factory) -> tuple[Backend, object]:
+    """Build a Backend for a combination name; returns it with the context that owns its database."""
+    queue = f"spawn-test-{uuid.uuid4().hex[:8]}"
+    if name == "embedded":
+        folder = tmp_path_factory.mktemp("broker")
+        database = tmp_path_factory.mktemp("store") / "spawn.sqlite3"
+        results = tmp_path_factory.mktemp("results")
+        return Backend(name, "spawnfs://", f"file://{results}", f"sqlite:///{database}", queue,
+                       fs_folder=str(folder)), None
+    if name in ("redis-postgresql", "redis-postgresql-psycopg"):
+        check_broker(REDIS_URL)
+        db = throwaway_store(STORE_OF[name])
+        return Backend(name, f"{REDIS_URL}/0", f"{REDIS_URL}/1", db.__enter__(), queue), db
+    if name == "rabbitmq-mariadb":
+        check_broker(AMQP_URL)
+        db = throwaway_database("mysql")
+        return Backend(name, AMQP_URL, f"{REDIS_URL}/1", db.__enter__(), queue), db
+    raise ValueError(name)
 
 
 # ---- a process with a fast clock (libfaketime) ---------------------------------------------------

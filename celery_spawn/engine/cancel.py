@@ -16,7 +16,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Callable
 
+from .. import metrics
 from ..errors import JobNotFound
+from ..protocol import CANCELLED, REVOKED
 
 if TYPE_CHECKING:
     from ..store import SpawnStore
@@ -67,6 +69,7 @@ class Canceller:
             touched = {j["operation_id"] for j in jobs if j["operation_id"] and j["id"] not in left}
             if operation is not None:
                 touched.add(operation["id"])
+        metrics.children_finished([CANCELLED] * len(done.cancelled) + [REVOKED] * len(done.revoked))
         if done.revoked or done.requested:
             self.revoke_jobs([*done.revoked, *done.requested], terminate=terminate)
         completed: list[str] = []

@@ -192,6 +192,8 @@ class ChildRows:
         headers[HEADER_OPERATION] = context.operation_id
         headers[HEADER_DEPTH] = parent.depth + 1
         headers[HEADER_MAX_DEPTH] = min(config.max_depth, context.inherited_max_depth or config.max_depth)
+        if context.trace_headers:
+            headers.update(context.trace_headers)
         publish["headers"] = headers
         try:
             message = dumps({"task": name, "args": list(sig.args or ()), "kwargs": dict(sig.kwargs or {}),
@@ -274,8 +276,17 @@ def _eta_time(eta: Any) -> datetime | None:
 
 
 def operation_row(parent: ParentJob, config: SpawnConfig | None, operation_id: str,
-                  handler_name: str | None, now: Any) -> dict:
-    """The operation row a spawn records (or, refused, records as failed)."""
+                  handler_name: str | None, now: Any, trace_headers: dict | None = None) -> dict:
+    """The operation row a spawn records (or, refused, records as failed).
+
+    ``trace_headers`` (the parent's trace context) go into the stored
+    ``on_complete`` signature's headers, so the callback joins the parent's trace.
+    """
+    on_complete = config.on_complete if config is not None else None
+    if on_complete and trace_headers:
+        options = dict(on_complete.get("options") or {})
+        options["headers"] = {**(options.get("headers") or {}), **trace_headers}
+        on_complete = {**on_complete, "options": options}
     return {
         "id": operation_id,
         "label": config.operation_id if config is not None else None,
@@ -290,7 +301,7 @@ def operation_row(parent: ParentJob, config: SpawnConfig | None, operation_id: s
         "published_through": -1,
         "config": dumps(config.to_dict()) if config is not None else None,
         "error": None,
-        "on_complete": dumps(config.on_complete) if config is not None and config.on_complete else None,
+        "on_complete": dumps(on_complete) if on_complete else None,
         "wait_for_descendants": bool(config and config.wait_for_descendants),
         "fail_fast": bool(config and config.fail_fast),
         "completed": False,

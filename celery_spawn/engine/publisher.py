@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from kombu.utils.json import loads
 
+from .. import tracing
 from ..protocol import HEADER_RECOVERED
 from .messages import PLAIN_OPTIONS, MessageBuilder, Plan
 
@@ -74,10 +75,13 @@ class Publisher:
         self.publish([{"id": task_id, "parent_id": parent_id, "root_id": root_id, "signature": signature}])
 
     def _apply_signature(self, child: dict) -> str:
-        headers = self.headers(child)
-        options = {"headers": headers} if headers else {}
-        child["signature"].apply_async(task_id=child["id"], parent_id=child["parent_id"], root_id=child["root_id"],
-                                       **options)
+        signature = child["signature"]
+        stored = signature.options.get("headers") or {}
+        headers = {**stored, **(self.headers(child) or {})}
+        options = {"headers": tracing.keep_for_sentry(headers)} if headers else {}
+        with tracing.restored(stored):
+            signature.apply_async(task_id=child["id"], parent_id=child["parent_id"], root_id=child["root_id"],
+                                  **options)
         return child["id"]
 
     def _publish_messages(self, children: Sequence[dict]) -> list[str]:
@@ -102,13 +106,15 @@ class Publisher:
                 if plan is None:
                     message = message or decode_message(raw)
                     options = dict(message.get("options") or {})
-                    if extra:
-                        options["headers"] = {**(options.get("headers") or {}), **extra}
-                    app.send_task(
-                        message["task"], args=message.get("args") or (), kwargs=message.get("kwargs") or {},
-                        task_id=child["id"], producer=producer, parent_id=child["parent_id"],
-                        root_id=child["root_id"], add_to_parent=False, **options,
-                    )
+                    stored = options.get("headers")
+                    if extra or stored:
+                        options["headers"] = tracing.keep_for_sentry({**(stored or {}), **(extra or {})})
+                    with tracing.restored(stored):
+                        app.send_task(
+                            message["task"], args=message.get("args") or (), kwargs=message.get("kwargs") or {},
+                            task_id=child["id"], producer=producer, parent_id=child["parent_id"],
+                            root_id=child["root_id"], add_to_parent=False, **options,
+                        )
                     published.append(child["id"])
                     continue
                 queue = plan.queue
@@ -141,7 +147,9 @@ class Publisher:
             reply_to=app.thread_oid, ignore_result=plan.ignore_result,
         )
         headers = {**plan.custom_headers, **(extra or {})}
-        amqp.send_task_message(producer, plan.name, task_message, headers=headers or None, declare=[], **plan.routed)
+        with tracing.restored(plan.custom_headers):  # publish signals see the child's own trace
+            amqp.send_task_message(producer, plan.name, task_message, headers=headers or None, declare=[],
+                                   **plan.routed)
 
     def _apply_eagerly(self, children: Sequence[dict]) -> list[str]:
         """Eager mode (tests): run each child in-process, as ``apply_async`` would."""

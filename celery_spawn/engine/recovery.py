@@ -7,6 +7,7 @@ import logging
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, NamedTuple
 
+from .. import metrics
 from ..protocol import FAILED, REVOKED, SUCCEEDED
 from ..store import utcnow
 from .completion import has_result_backend
@@ -85,6 +86,8 @@ class Sweeper:
                     callbacks += 1
             except Exception as exc:
                 logger.error("recovery of the callback of operation %s failed: %s", operation["id"], exc)
+        metrics.sweep_republished("stranded", published)
+        metrics.sweep_republished("redelivered", redelivered)
         return SweepReport(published, redelivered, callbacks, filled_in)
 
     def reconcile(self, grace_seconds: float, limit: int = 200) -> int:

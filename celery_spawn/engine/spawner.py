@@ -11,12 +11,13 @@ from __future__ import annotations
 import itertools
 import logging
 import reprlib
+import time
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from celery.canvas import Signature
 from kombu.utils.json import dumps
 
-from .. import signals
+from .. import metrics, signals, tracing
 from ..config import HARD_MAX_PAYLOAD_DEPTH, SpawnConfig, check_size, nesting_depth
 from ..errors import (
     DependencyError,
@@ -69,8 +70,22 @@ class Spawner:
 
         Returns the SpawnResult, or None when the spawn was refused. A
         :class:`~celery_spawn.errors.StoreError` propagates, so that the
-        parent fails (or retries) visibly.
+        parent fails (or retries) visibly. Counted in the metrics by outcome
+        (recorded, refused, failed), and traced as ``celery_spawn.spawn``.
         """
+        started = time.perf_counter()
+        handler_name = requested_handler(task, call_config)
+        outcome = "failed"
+        try:
+            with tracing.spawn_span({"celery_spawn.handler": handler_name,
+                                     "celery_spawn.parent_id": str(task.request.id)}):
+                spawned = self._spawn(task, result, call_config)
+            outcome = "recorded" if spawned is not None else "refused"
+            return spawned
+        finally:
+            metrics.spawn_finished(handler_name, outcome, time.perf_counter() - started)
+
+    def _spawn(self, task: Task, result: Any, call_config: Any) -> SpawnResult | None:
         parent = parent_from_task(task, result)
         operation_id = default_operation_id(parent.id)
         config: SpawnConfig | None = None
@@ -139,8 +154,10 @@ class Spawner:
 
         context = SpawnContext(parent, config, self.app, operation_id)
         context.inherited_max_depth = inherited_max_depth(task)
+        if config.inherit_trace_context:
+            context.trace_headers = tracing.capture() or None
         now = utcnow()
-        record = operation_row(parent, config, operation_id, handler_name, now)
+        record = operation_row(parent, config, operation_id, handler_name, now, context.trace_headers)
         check_size("spawn config", record["config"], self.settings.max_payload_bytes)
         with self.store.begin() as conn:
             if existing is not None:
@@ -162,6 +179,7 @@ class Spawner:
         spawn_result = SpawnResult(parent.id, ids, now, operation_id)
         if not total:
             self.completion.check(operation_id)
+        metrics.children_spawned(handler_name, total)
         self._announce(task, handler, spawn_result)
         return spawn_result
 

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Sequence, cast
 
 from celery.exceptions import Ignore
 
-from ..protocol import FAILED, STARTABLE, STARTED, SUCCEEDED, error_text
+from .. import metrics
+from ..protocol import FAILED, REVOKED, STARTABLE, STARTED, SUCCEEDED, error_text
 from .copies import Liveness, is_copy, worker_identity
 from ..store import Finish, utcnow
 from .completion import has_result_backend
@@ -237,6 +238,7 @@ class Tracker:
         self.canceller.revoke_jobs(changed.to_revoke)
         to_publish = changed.released
         unmarked = self._publish(to_publish, mark=not defer_marks)
+        _count(first, changed.won, len(to_publish) + len(ahead), changed.to_revoke)
         busy = {row["operation_id"] for row in (*to_publish, *ahead)}
         return Finished(changed.won, [op for op in dict.fromkeys(changed.won.values()) if op and op not in busy],
                         len(to_publish) + len(ahead), unmarked)
@@ -325,6 +327,18 @@ class Tracker:
         except Exception as exc:  # an unreachable backend: run it again (at least once), as without the check
             logger.warning("could not read the result of %s[%s]: %s", task.name, task.request.id, exc)
             return False
+
+
+def _count(finishes: Sequence[Finish], won: dict[str, str | None], released: int,
+           revoked: Sequence[str] = ()) -> None:
+    """The metrics of a batch of finishes: the jobs it moved to a final state (and those a fail-fast
+    cancel revoked), and how long after the newest finish the dependents it released were published."""
+    if not won or metrics.active() is None:
+        return
+    metrics.children_finished([*(f.state for f in finishes if f.job_id in won), *(REVOKED for _ in revoked)])
+    if released:
+        newest = max(f.finished_at for f in finishes if f.job_id in won)
+        metrics.dependency_released((utcnow() - newest).total_seconds(), released)
 
 
 __all__ = ["Finished", "HeldRelease", "PUBLISH_AHEAD", "Tracker", "may_publish_ahead"]

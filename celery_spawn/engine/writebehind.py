@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence, cast
 
+from .. import metrics
 from ..errors import StoreError
 from ..store import Finish, utcnow
 
@@ -93,6 +94,7 @@ class WriteBehind:
         with self._wake:
             if len(self._events) >= MAX_QUEUED:
                 lost = self._events.popleft()
+                metrics.tracking_event_dropped()
                 logger.error("celery-spawn dropped the %s of job %s: %d tracking events wait for the store",
                              lost.kind, lost.job_id, MAX_QUEUED)
             self._events.append(event)
@@ -135,6 +137,7 @@ class WriteBehind:
                 while len(self._events) < MAX_BATCH and (left := deadline - time.monotonic()) > 0:
                     self._wait(left, wake_at=MAX_BATCH)
             count = min(len(self._events), MAX_BATCH)
+            metrics.tracking_queue_depth(len(self._events) - count)
             return [self._events.popleft() for _ in range(count)]
 
     def _hold_release(self, job_id: str) -> None:

@@ -38,12 +38,14 @@ from .rows import (  # noqa: F401  (re-exported: the faces read these limits fro
     JOB_FIELDS, MAX_LEVELS, MAX_LIMIT, OPERATION_FIELDS, TOP_N, TREE_FIELDS, _as_utc, _bool_fields, _jobs,
     _non_negative, _num, _ops, _parse_json, _positive, _ratio, _row, _states, _utcnow, progress, seconds_value,
 )
-from .stats import Durations, duration_aggregates, pending, seconds_between, stats  # noqa: F401  (one read API)
+from .stats import (  # noqa: F401  (one read API)
+    Durations, backlog, duration_aggregates, pending, seconds_between, stats,
+)
 
 __all__ = [
     "DEFAULT_LIMIT", "MAX_LIMIT", "MAX_LEVELS", "JOB_FIELDS", "OPERATION_FIELDS",
     "list_operations", "resolve_operation", "get_operation", "get_job", "parent", "spawn_tree", "children", "ancestors",
-    "descendants", "stats", "pending", "find_kind", "progress",
+    "descendants", "stats", "pending", "find_kind", "progress", "backlog",
 ]
 
 

@@ -328,3 +328,20 @@ def pending(conn: Connection, *, queue: str | None = None, limit: int = DEFAULT_
     ).mappings():
         by_id[row["operation_id"]]["jobs"].append(_row(row, JOB_FIELDS))
     return result
+
+
+#: The unfinished states :func:`backlog` counts, in their order through the state machine.
+BACKLOG_STATES = (s.HELD, s.SCHEDULED, s.PENDING, s.DISPATCHED, s.STARTED)
+
+
+def backlog(conn: Connection) -> dict[str, Any]:
+    """What waits or runs now: ``children`` (a count per unfinished state of :data:`BACKLOG_STATES`, zeros
+    included) and ``operations_running``. Two statements: one range of ``ix_spawn_jobs_state_created`` per
+    state, and one of the operations' ``(state, updated_at)`` index."""
+    children = dict.fromkeys(BACKLOG_STATES, 0)
+    for state, count in conn.execute(
+            sa.select(_jobs.c.state, sa.func.count()).where(_jobs.c.state.in_(BACKLOG_STATES))
+            .group_by(_jobs.c.state)):
+        children[state] = int(count)
+    running = conn.execute(sa.select(sa.func.count()).select_from(_ops).where(_ops.c.state == s.OP_RUNNING))
+    return {"children": children, "operations_running": int(running.scalar() or 0)}

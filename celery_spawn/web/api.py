@@ -11,6 +11,7 @@ Endpoints (all JSON; see ``/api/openapi.json`` and ``docs/web.md``)::
     GET  /api/jobs/<job_id>/parent
     GET  /api/openapi.json
     GET  /                      the dashboard (static HTML, CSS and JS)
+    GET  /metrics               Prometheus text: celery_spawn_children{state}, celery_spawn_operations_running
 
 Every answer is JSON, errors included: 400 for a bad parameter, 401/403 for
 the token rules (:mod:`celery_spawn.web.auth`), 404 for an unknown id, 503
@@ -124,6 +125,7 @@ def create_app(app: Celery | None = None, *, database_url: str | None = None, to
                                                safe_url=store.safe_url)
     flask_app.register_blueprint(_api_blueprint())
     flask_app.add_url_rule("/", "dashboard", _dashboard)
+    flask_app.add_url_rule("/metrics", "metrics", _metrics)
     _register_errors(flask_app)
     flask_app.after_request(_secure)
     logger.info("celery-spawn web: store %s, %s, cancel %s", store.safe_url,
@@ -330,6 +332,20 @@ def _dashboard() -> Any:
 
 
 # ---- errors -------------------------------------------------------------------------------------
+def _metrics() -> flask.Response:
+    """Prometheus text of the store-backed gauges, read at each scrape; the API's token rules for reads."""
+    denied = _authorize() or _store_file_exists()
+    if denied is not None:
+        return denied
+    from .. import metrics
+
+    try:
+        body, content_type = metrics.render(metrics.store_collector(lambda: _read(queries.backlog)))
+    except ImportError as exc:
+        return error(str(exc), 501)
+    return flask.Response(body, status=200, content_type=content_type)
+
+
 def _register_errors(flask_app: flask.Flask) -> None:
     @flask_app.errorhandler(ParameterError)
     def bad_parameter(exc: ParameterError) -> flask.Response:

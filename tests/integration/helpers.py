@@ -108,3 +108,14 @@ def run_nested(app, levels: int, fanout: int) -> tuple[str, dict]:
     operation_id = default_operation_id(parent.id)
     [row] = wait_for(lambda: callback_rows(app, operation_id), TIMEOUT, what="callback")
     return parent.id, row
+
+
+def read_lines(path) -> list[dict]:
+    """The JSON lines a worker of :mod:`tests.observed_app` wrote to ``path`` (none yet: ``[]``)."""
+    import json
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

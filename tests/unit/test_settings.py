@@ -19,7 +19,7 @@ SETTING_NAMES = {"database_url", "max_spawn_count_ceiling", "default_max_spawn_c
                  "redeliver_after", "redeliver_limit", "connect_timeout", "statement_timeout", "lock_timeout",
                  "auto_migrate", "track_states", "track_started", "batch_tracking", "synchronous_commit",
                  "prepared_statements", "expires", "add_to_parent", "api_token", "engine_options",
-                 "database_alias", "django_migrate"}
+                 "database_alias", "django_migrate", "metrics_port"}
 
 
 def make_app(**conf) -> Celery:
@@ -144,6 +144,7 @@ INVALID_CONF = [
     ("auto_migrate", "maybe"), ("track_states", "2"),
     ("engine_options", "pool_size=3"), ("engine_options", [("pool_size", 3)]),
     ("api_token", 123), ("recovery_interval", 10 ** 9), ("max_spawn_count_ceiling", HARD_MAX_SPAWN_COUNT + 1),
+    ("metrics_port", -1), ("metrics_port", 65536), ("metrics_port", "http"), ("metrics_port", True),
 ]
 
 
@@ -158,7 +159,7 @@ def test_invalid_app_conf_values_raise_improperly_configured(name, value):
     ("max_spawn_count_ceiling", "-1"), ("max_spawn_count_ceiling", "ten"), ("default_max_spawn_count", "1e3"),
     ("recovery_interval", "-2"), ("recovery_grace", "abc"), ("auto_migrate", "maybe"), ("track_states", "yes please"),
     ("recovery_grace", "nan"), ("engine_options", "{not json"), ("engine_options", "[1, 2]"),
-    ("database_url", "not a url"),
+    ("database_url", "not a url"), ("metrics_port", "9808x"), ("metrics_port", "70000"),
 ])
 def test_invalid_environment_values_raise_improperly_configured(monkeypatch, name, text):
     monkeypatch.setenv(f"CELERY_SPAWN_{name.upper()}", text)
@@ -276,3 +277,9 @@ def test_spawn_expires_defaults_to_30_days_and_takes_every_form():
     assert SpawnSettings.load({}, environ={"CELERY_SPAWN_EXPIRES": "never"}).expires == 0
     with pytest.raises(ImproperlyConfigured, match="spawn_expires"):
         SpawnSettings.load({"spawn_expires": "a month"}, environ={})
+
+
+def test_metrics_port_is_off_by_default_and_read_from_the_environment(monkeypatch):
+    assert SpawnSettings.load({}, environ={}).metrics_port == 0
+    assert SpawnSettings.load({"spawn_metrics_port": 9808}, environ={}).metrics_port == 9808
+    assert SpawnSettings.load({}, environ={"CELERY_SPAWN_METRICS_PORT": " 9809 "}).metrics_port == 9809
