@@ -7,8 +7,8 @@ import logging
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, NamedTuple
 
-from ..protocol import FAILED, REVOKED, SUCCEEDED
-from .completion import has_result_backend
+from ..protocol import CALLBACK_SENT, FAILED, REVOKED, SUCCEEDED
+from .completion import completion_task_id, has_result_backend
 from .outbox import stored_batch_size
 
 if TYPE_CHECKING:
@@ -79,12 +79,39 @@ class Sweeper:
         redelivered = self.redeliverer.redeliver(redeliver_after, limit)
         for operation in self.store.claim_stale_callbacks(grace, limit):
             try:
-                if self.completion.apply_callback(operation):
+                if self.callback_delivered(operation["id"]):
+                    # Published before a store failure hid it: the result backend saw it run.
+                    self.store.set_callback_state(operation["id"], CALLBACK_SENT)
+                    logger.warning("the on_complete callback of operation %s was delivered already; recorded it "
+                                   "as sent", operation["id"])
+                elif self.completion.apply_callback(operation):
                     logger.warning("recovery published the on_complete callback of operation %s", operation["id"])
                     callbacks += 1
             except Exception as exc:
                 logger.error("recovery of the callback of operation %s failed: %s", operation["id"], exc)
         return SweepReport(published, redelivered, callbacks, filled_in)
+
+    def callback_delivered(self, operation_id: str) -> bool:
+        """Whether the result backend holds a state of the operation's ``on_complete`` (so it was delivered).
+
+        Completion publishes the callback, then records it as sent: a store
+        failure between the two leaves it claimed, and publishing it again
+        would run it twice (Celery runs every message of an id). Without a
+        result backend, or for a callback that stores no result, this cannot
+        tell (nor when the backend cannot be read), and the callback is
+        published again.
+        """
+        from celery import states
+
+        if not has_result_backend(self.app):
+            return False
+        try:
+            meta = self.app.backend.get_task_meta(completion_task_id(operation_id))
+        except Exception as exc:  # a backend that cannot answer must not hold the callback back
+            logger.warning("could not read the on_complete result of operation %s (%s); publishing it again",
+                           operation_id, exc)
+            return False
+        return meta.get("status", states.PENDING) != states.PENDING
 
     def reconcile(self, grace_seconds: float, limit: int = 200) -> int:
         """Apply outcomes the store missed, from the result backend; returns how many jobs changed.
