@@ -37,11 +37,13 @@ class SweepReport(NamedTuple):
     callbacks: int = 0
     #: Outcomes the store had missed, filled in from the result backend (nothing published).
     filled_in: int = 0
+    #: Operations whose children had all ended and that nobody had completed, now completed.
+    completed: int = 0
 
     @property
     def total(self) -> int:
         """Everything the sweep did (what :func:`celery_spawn.recover` returns)."""
-        return self.published + self.redelivered + self.callbacks + self.filled_in
+        return self.published + self.redelivered + self.callbacks + self.filled_in + self.completed
 
 
 class Sweeper:
@@ -77,6 +79,7 @@ class Sweeper:
                 logger.error("recovery of operation %s failed: %s", operation_id, exc)
         filled_in = self.reconcile(grace)
         redelivered = self.redeliverer.redeliver(redeliver_after, limit)
+        completed = self.complete_overdue(grace, limit)
         for operation in self.store.claim_stale_callbacks(grace, limit):
             try:
                 if self.callback_delivered(operation["id"]):
@@ -89,7 +92,27 @@ class Sweeper:
                     callbacks += 1
             except Exception as exc:
                 logger.error("recovery of the callback of operation %s failed: %s", operation["id"], exc)
-        return SweepReport(published, redelivered, callbacks, filled_in)
+        return SweepReport(published, redelivered, callbacks, filled_in, completed)
+
+    def complete_overdue(self, grace_seconds: float, limit: int = 50) -> int:
+        """Complete operations whose children have all ended but were never probed; returns how many.
+
+        A child's end is followed by a probe of its operation (deferred by the
+        write-behind, or done by the caller that recorded it): a process killed
+        in between, or a probe that met a store failure, leaves the operation
+        running, and a copy of the child finds it final and probes nothing.
+        """
+        completed = 0
+        for operation_id in self.store.claim_overdue_completions(grace_seconds, limit):
+            try:
+                done = self.completion.check(operation_id)
+            except Exception as exc:  # one bad operation must not stop the others
+                logger.error("recovery could not complete operation %s: %s", operation_id, exc)
+                continue
+            if done:
+                logger.warning("recovery completed operation %s, whose children had all ended", operation_id)
+            completed += len(done)
+        return completed
 
     def callback_delivered(self, operation_id: str) -> bool:
         """Whether the result backend holds a state of the operation's ``on_complete`` (so it was delivered).

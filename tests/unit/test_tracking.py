@@ -162,6 +162,31 @@ def test_a_callback_published_before_the_store_failed_is_not_published_again(sto
         store.dispose()
 
 
+def test_an_operation_whose_completion_probe_was_lost_is_completed_by_the_sweep(eager):
+    """Every child ended, but the process that recorded the last end died before it probed the operation.
+
+    A redelivered copy of that child finds it final and probes nothing: the
+    sweep completes the operation, once, and applies ``on_complete`` once.
+    """
+    app, parent, done, calls = eager
+    config = SpawnConfig(handler="kids").with_on_complete(done.s()).to_dict()
+    result = parent.apply(args=(2,), kwargs={"_spawn_config": config})
+    op_id = default_operation_id(result.id)
+    with get_state(app).store.begin() as conn:  # the children are final; the probe never ran
+        conn.execute(s.operations.update().where(s.operations.c.id == op_id)
+                     .values(completed=False, state="running", callback_state=None, finished_at=None,
+                             updated_at=s.utcnow() - timedelta(hours=1)))
+    calls.clear()
+    # The children ended a moment ago: their own probe may still come.
+    assert control.sweep(app, grace_seconds=60).completed == 0
+    assert control.sweep(app, grace_seconds=0).completed == 1
+    op = operation(app, result.id)
+    assert op["completed"] and op["state"] == "succeeded" and op["callback_state"] == "sent"
+    assert [c["operation_id"] for c in calls] == [op_id]
+    assert recover(app, grace_seconds=0) == 0
+    assert len(calls) == 1
+
+
 def test_an_empty_spawn_completes_at_once(eager):
     app, parent, done, calls = eager
     config = SpawnConfig(handler="kids").with_on_complete(done.s()).to_dict()
