@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.schedules < 1:
         parser.error("--schedules must be at least 1")
+    # Stopped by SIGINT or SIGTERM (even when started in the background, where SIGINT is ignored), the run still
+    # stops its workers and its redis-server and drops its databases on the way out.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     for key in [k for k in os.environ if k.startswith("CELERY_SPAWN_")]:
         del os.environ[key]  # settings of the shell must not reach the workers
     schedules = plan_schedules(args.schedules, args.seed, args.stack)

@@ -58,6 +58,10 @@ VISIBILITY_TIMEOUT = 5
 READY_TIMEOUT = 90
 #: Seconds a healed schedule may take to complete every operation and callback.
 COMPLETION_TIMEOUT = 150
+#: What a worker logs when it gives up: kombu 5.7's Redis transport can fail a lost connection with
+#: "Unrecoverable error: AttributeError(... 'hostname')", and the worker may then hang while stopping
+#: ("Error on stopping Hub") instead of exiting. A supervisor's health check would replace it; so does the runner.
+GIVING_UP = ("Unrecoverable error:", "Error on stopping Hub")
 #: Seconds to wait after completion for late copies (a message Redis hands out again after its visibility
 #: timeout) before checking; copies later still are caught by the re-check at the end of the run.
 SETTLE = 2.0
@@ -93,6 +97,10 @@ class ChaosWorker(RelWorker):
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def going_down(self) -> bool:
+        """Whether the worker gave up (kombu's Redis transport can, on a lost connection) and may hang stopping."""
+        return any(marker in self.log() for marker in GIVING_UP)
+
     def ready(self) -> bool:
         return self.alive() and " ready." in self.log()
 
@@ -124,8 +132,13 @@ class Rig:
         self.worker = ChaosWorker(self.backend, log).launch()
 
     def supervise(self) -> None:
-        """Start a new worker if the last one died by itself."""
-        if self.worker is not None and not self.worker.alive():
+        """Start a new worker if the last one died by itself, or gave up and hangs on its way out."""
+        if self.worker is None:
+            return
+        if self.worker.alive() and self.worker.going_down():
+            self.worker.kill()
+            self.say(f"  the worker gave up ({self.worker.log_path.name}: {GIVING_UP[0]!r}); killed it")
+        if not self.worker.alive():
             self.exits += 1
             self.say(f"  the worker exited by itself (exit {self.worker.proc.returncode}, log "
                      f"{self.worker.log_path.name}); starting another")
