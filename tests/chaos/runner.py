@@ -127,6 +127,8 @@ class Rig:
 
     # ---- the worker ------------------------------------------------------------------------------
     def launch_worker(self) -> None:
+        if self.worker is not None and not self.worker.alive():
+            self.worker.stop()  # a killed worker: closes its log file
         self.workers += 1
         log = self.logs / f"chaos-{self.stack}-{self.backend.queue}-w{self.workers}.log"
         self.worker = ChaosWorker(self.backend, log).launch()
