@@ -39,12 +39,22 @@ def main(argv: list[str] | None = None) -> int:
     for key in [k for k in os.environ if k.startswith("CELERY_SPAWN_")]:
         del os.environ[key]  # settings of the shell must not reach the workers
     schedules = plan_schedules(args.schedules, args.seed, args.stack)
-    with tempfile.TemporaryDirectory(prefix="spawn-chaos-") as workdir:
-        results = explore(schedules, Path(workdir), ARTIFACTS / "chaos", say=lambda line: print(line, flush=True))
-    text = table(results, args.seed)
-    print(text)
-    if args.write_docs:
-        write_docs(text)
+    results: list = []
+    stopped = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="spawn-chaos-") as workdir:
+            explore(schedules, Path(workdir), ARTIFACTS / "chaos", say=lambda line: print(line, flush=True),
+                    results=results)
+    except (KeyboardInterrupt, SystemExit) as exc:
+        stopped = exc
+        print(f"stopped after {len(results)} of {len(schedules)} schedules", flush=True)
+    if results:
+        text = table(results, args.seed, planned=len(schedules))
+        print(text)
+        if args.write_docs:
+            write_docs(text)
+    if stopped is not None:
+        return 130
     return 0 if all(r.ok for r in results) else 1
 
 

@@ -15,10 +15,17 @@ STACK_NAMES = {"redis-postgresql": "Redis + PostgreSQL", "amqp-mysql": "RabbitMQ
 MACHINE = "2-core VM"
 
 
-def table(results: list[ScheduleResult], seed: int, when: datetime.date | None = None) -> str:
-    """Markdown: a row per stack and a total, then the faults by kind and the notes."""
+def table(results: list[ScheduleResult], seed: int, when: datetime.date | None = None,
+          planned: int | None = None) -> str:
+    """Markdown: a row per stack and a total, then the faults by kind and the notes.
+
+    ``planned``: the schedules the run was asked for, when it was stopped before the end.
+    """
     when = when or datetime.date.today()
-    lines = [f"{len(results)} schedules from seed {seed}, {when.isoformat()}, {MACHINE}:", "",
+    cut_short = ""
+    if planned and planned > len(results):
+        cut_short = f" (the run was stopped after these, of {planned} planned)"
+    lines = [f"{len(results)} schedules from seed {seed}{cut_short}, {when.isoformat()}, {MACHINE}:", "",
              "| stack | schedules | faults injected | children | lost | started again after success "
              "| callbacks exactly once |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -31,14 +38,15 @@ def table(results: list[ScheduleResult], seed: int, when: datetime.date | None =
                      f"| {sum(r.children for r in rows):,} | {sum(len(r.lost) for r in rows)} "
                      f"| {sum(len(r.doubled) for r in rows)} "
                      f"| {sum(r.callbacks_once for r in rows):,} of {sum(r.operations for r in rows):,} |")
-    kinds = collections.Counter(kind for r in results for kind in r.injected)
+    kinds = collections.Counter(kind for r in results for kind in r.injected + r.skipped)
     skipped = sum(len(r.skipped) for r in results)
     reruns = sum(r.reruns for r in results)
     backend_only = sum(r.backend_only for r in results)
     exits = sum(r.worker_exits for r in results)
     failed = [r.seed for r in results if not r.ok]
-    lines += ["", "Faults by kind: " + ", ".join(f"{kind} {kinds.get(kind, 0)}" for kind in FAULT_KINDS) + "."
-              + (f" {skipped} more found nothing to hit (a kill while no worker process was up)." if skipped else ""),
+    lines += ["", "Faults drawn, by kind: " + ", ".join(f"{kind} {kinds.get(kind, 0)}" for kind in FAULT_KINDS)
+              + "." + (f" {skipped} of them found nothing to hit (a kill while no worker process was up), "
+                       "so are not counted as injected." if skipped else ""),
               f"Children whose body ran more than once before it succeeded (killed or cut mid-run): {reruns}; "
               f"children whose success only the result backend saw (killed between storing it and "
               f"`task_success`): {backend_only}; workers that exited by themselves and were restarted: {exits}.",

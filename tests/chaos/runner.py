@@ -299,10 +299,14 @@ def plan_schedules(count: int, seed: int, stack: str) -> list[Schedule]:
     return [generate(seed + i, stacks[i % len(stacks)]) for i in range(count)]
 
 
-def explore(schedules: list[Schedule], workdir: Path, logs: Path,
-            say: Callable[[str], None] = print) -> list[ScheduleResult]:
-    """Run every schedule, one rig per stack, and check each; a last re-check catches copies that came late."""
-    results: list[ScheduleResult] = []
+def explore(schedules: list[Schedule], workdir: Path, logs: Path, say: Callable[[str], None] = print,
+            results: list[ScheduleResult] | None = None) -> list[ScheduleResult]:
+    """Run every schedule, one rig per stack, and check each; a last re-check catches copies that came late.
+
+    Each result is appended to ``results`` as soon as its schedule is checked, so a run that is stopped
+    still leaves what it found there.
+    """
+    results = [] if results is None else results
     logs.mkdir(parents=True, exist_ok=True)
     for stack in dict.fromkeys(sch.stack for sch in schedules):
         mine = [sch for sch in schedules if sch.stack == stack]
@@ -313,6 +317,7 @@ def explore(schedules: list[Schedule], workdir: Path, logs: Path,
                 say(f"  {schedule.describe()}")
                 result = rig.run(schedule)
                 done.append((schedule, result, rig.last_tag))
+                results.append(result)
                 say(f"    {summary_line(result)}")
                 if not result.ok:
                     say(f"    replay: {schedule.replay()}")
@@ -325,7 +330,6 @@ def explore(schedules: list[Schedule], workdir: Path, logs: Path,
                     result.problems.extend(f"at the end of the run: {p}" for p in new)
                     result.doubled = sorted(set(result.doubled) | set(late.doubled))
                     result.callbacks_once = min(result.callbacks_once, late.callbacks_once)
-                results.append(result)
     return results
 
 

@@ -134,3 +134,5 @@ def test_the_table_goes_between_the_markers(tmp_path):
     written = doc.read_text()
     assert written.startswith("before\n") and written.endswith("after\n") and "old" not in written
     assert text in written
+    assert "stopped after these, of 3 planned" in table([result], seed=7, planned=3)
+    assert "stopped" not in table([result], seed=7, planned=1)
