@@ -137,8 +137,9 @@ def judge(schedule: Schedule, children: list[dict], ops: list[dict], rows: list[
         if count == 1:
             result.callbacks_once += 1
         else:
-            result.problems.append(f"operation {op['id']} ({op['state']}, completed={op['completed']}) ran its "
-                                   f"on_complete {count} times")
+            result.problems.append(f"operation {op['id']} ({op['state']}, completed={op['completed']}, callback "
+                                   f"{op['callback_state']}, updated {op['updated_at']}) ran its on_complete "
+                                   f"{count} times")
         if op["state"] != "succeeded":
             result.problems.append(f"operation {op['id']} ended {op['state']}")
     strange_callbacks = set(callbacks) - {op["id"] for op in ops}

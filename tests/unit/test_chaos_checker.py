@@ -46,7 +46,8 @@ SCHEDULE = Schedule(7, STACKS[0], PLAN, ())
 
 def tree(states=("succeeded", "succeeded")):
     children = [{"id": f"c{i}", "state": state, "error": None} for i, state in enumerate(states)]
-    ops = [{"id": "op", "parent_id": "root", "state": "succeeded", "completed": True}]
+    ops = [{"id": "op", "parent_id": "root", "state": "succeeded", "completed": True, "callback_state": "sent",
+            "updated_at": None}]
     return children, ops
 
 
