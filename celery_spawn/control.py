@@ -68,7 +68,8 @@ def recover(app: Celery, grace_seconds: float | None = None, limit: int = 50,
 def sweep(app: Celery, grace_seconds: float | None = None, limit: int = 50,
           redeliver_after: float | None = None) -> SweepReport:
     """One recovery sweep, as :func:`recover`, reporting each kind of work apart: children ``published``,
-    ``redelivered``, ``callbacks`` published, and outcomes ``filled_in`` from the result backend."""
+    ``redelivered``, ``callbacks`` published, outcomes ``filled_in`` from the result backend, and operations
+    ``completed`` whose children had all ended unnoticed."""
     return get_state(app).sweeper.sweep(grace_seconds, limit, redeliver_after)
 
 

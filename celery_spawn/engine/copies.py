@@ -7,7 +7,8 @@ a message it believes the broker lost. Such a copy claims the job's start in
 the store before its body runs, whatever the task's class. A job already
 started there is run again only when the run that claimed it is gone (its
 worker process exited, or its worker answers no ping); otherwise the copy is
-dropped, so no body ever runs twice at once.
+dropped, so no body ever runs twice at once. When that worker cannot be
+asked, the copy goes back to the broker to be looked at again.
 """
 from __future__ import annotations
 
@@ -74,11 +75,13 @@ class Liveness:
         self.ping_timeout = ping_timeout
         self._nodes: dict[str, tuple[bool, float]] = {}
 
-    def still_runs(self, claimed_by: str | None, job_id: str, nodename: str | None) -> bool:
-        """Whether the run recorded as ``claimed_by`` (``nodename/pid``) may still go on.
+    def still_runs(self, claimed_by: str | None, job_id: str, nodename: str | None) -> bool | None:
+        """Whether the run recorded as ``claimed_by`` (``nodename/pid``) may still go on; None: cannot tell.
 
         A start recorded without a worker (by an older version, or outside a
-        worker) tells nothing: the copy runs, as a redelivery always did.
+        worker) tells nothing: the copy runs, as a redelivery always did. A
+        run on another worker that cannot be asked (the broker is unreachable)
+        gives None: the copy must neither run nor be dropped.
         """
         if not claimed_by or "/" not in claimed_by:
             return False
@@ -93,14 +96,15 @@ class Liveness:
             return _pid_alive(pid)
         return self.node_alive(node)
 
-    def node_alive(self, node: str) -> bool:
+    def node_alive(self, node: str) -> bool | None:
+        """Whether ``node`` answers a ping (cached for LIVENESS_TTL); None when it could not be asked."""
         known = self._nodes.get(node)
         if known is not None and time.monotonic() - known[1] < LIVENESS_TTL:
             return known[0]
         try:
             alive = bool(self.app.control.ping(destination=[node], timeout=self.ping_timeout))
-        except Exception as exc:  # the broker is unreachable: cannot tell, so do not run a second copy
+        except Exception as exc:  # the broker is unreachable: cannot tell (and nothing is cached)
             logger.warning("could not ping worker %s: %s", node, exc)
-            alive = True
+            return None
         self._nodes[node] = (alive, time.monotonic())
         return alive

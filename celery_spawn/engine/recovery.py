@@ -8,9 +8,9 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, NamedTuple
 
 from .. import metrics
-from ..protocol import FAILED, REVOKED, SUCCEEDED
+from ..protocol import CALLBACK_SENT, FAILED, REVOKED, SUCCEEDED
 from ..store import utcnow
-from .completion import has_result_backend
+from .completion import completion_task_id, has_result_backend
 from .outbox import stored_batch_size
 
 if TYPE_CHECKING:
@@ -39,11 +39,13 @@ class SweepReport(NamedTuple):
     callbacks: int = 0
     #: Outcomes the store had missed, filled in from the result backend (nothing published).
     filled_in: int = 0
+    #: Operations whose children had all ended and that nobody had completed, now completed.
+    completed: int = 0
 
     @property
     def total(self) -> int:
         """Everything the sweep did (what :func:`celery_spawn.recover` returns)."""
-        return self.published + self.redelivered + self.callbacks + self.filled_in
+        return self.published + self.redelivered + self.callbacks + self.filled_in + self.completed
 
 
 class Sweeper:
@@ -79,16 +81,64 @@ class Sweeper:
                 logger.error("recovery of operation %s failed: %s", operation_id, exc)
         filled_in = self.reconcile(grace)
         redelivered = self.redeliverer.redeliver(redeliver_after, limit)
+        completed = self.complete_overdue(grace, limit)
         for operation in self.store.claim_stale_callbacks(grace, limit):
             try:
-                if self.completion.apply_callback(operation):
+                if self.callback_delivered(operation["id"]):
+                    # Published before a store failure hid it: the result backend saw it run.
+                    self.store.set_callback_state(operation["id"], CALLBACK_SENT)
+                    logger.warning("the on_complete callback of operation %s was delivered already; recorded it "
+                                   "as sent", operation["id"])
+                elif self.completion.apply_callback(operation):
                     logger.warning("recovery published the on_complete callback of operation %s", operation["id"])
                     callbacks += 1
             except Exception as exc:
                 logger.error("recovery of the callback of operation %s failed: %s", operation["id"], exc)
         metrics.sweep_republished("stranded", published)
         metrics.sweep_republished("redelivered", redelivered)
-        return SweepReport(published, redelivered, callbacks, filled_in)
+        return SweepReport(published, redelivered, callbacks, filled_in, completed)
+
+    def complete_overdue(self, grace_seconds: float, limit: int = 50) -> int:
+        """Complete operations whose children have all ended but were never probed; returns how many.
+
+        A child's end is followed by a probe of its operation (deferred by the
+        write-behind, or done by the caller that recorded it): a process killed
+        in between, or a probe that met a store failure, leaves the operation
+        running, and a copy of the child finds it final and probes nothing.
+        """
+        completed = 0
+        for operation_id in self.store.claim_overdue_completions(grace_seconds, limit):
+            try:
+                done = self.completion.check(operation_id)
+            except Exception as exc:  # one bad operation must not stop the others
+                logger.error("recovery could not complete operation %s: %s", operation_id, exc)
+                continue
+            if done:
+                logger.warning("recovery completed operation %s, whose children had all ended", operation_id)
+            completed += len(done)
+        return completed
+
+    def callback_delivered(self, operation_id: str) -> bool:
+        """Whether the result backend holds a state of the operation's ``on_complete`` (so it was delivered).
+
+        Completion publishes the callback, then records it as sent: a store
+        failure between the two leaves it claimed, and publishing it again
+        would run it twice (Celery runs every message of an id). Without a
+        result backend, or for a callback that stores no result, this cannot
+        tell (nor when the backend cannot be read), and the callback is
+        published again.
+        """
+        from celery import states
+
+        if not has_result_backend(self.app):
+            return False
+        try:
+            meta = self.app.backend.get_task_meta(completion_task_id(operation_id))
+        except Exception as exc:  # a backend that cannot answer must not hold the callback back
+            logger.warning("could not read the on_complete result of operation %s (%s); publishing it again",
+                           operation_id, exc)
+            return False
+        return meta.get("status", states.PENDING) != states.PENDING
 
     def reconcile(self, grace_seconds: float, limit: int = 200) -> int:
         """Apply outcomes the store missed, from the result backend; returns how many jobs changed.

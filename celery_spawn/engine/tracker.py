@@ -13,7 +13,7 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence, cast
 
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 
 from .. import metrics
 from ..protocol import FAILED, REVOKED, STARTABLE, STARTED, SUCCEEDED, error_text
@@ -302,7 +302,13 @@ class Tracker:
             return
         if copy:
             state, claimed_by = self.store.claim_of(job_id)
-            if state == STARTED and not self.liveness.still_runs(claimed_by, job_id, request.hostname):
+            runs = self.liveness.still_runs(claimed_by, job_id, request.hostname) if state == STARTED else True
+            if runs is None:
+                # Dropping it would strand the child should that run be gone; running it could run it twice.
+                logger.warning("%s[%s] goes back to the broker: cannot tell whether the run that claimed it (%s) "
+                               "goes on", task.name, request.id, claimed_by)
+                raise Reject("the worker that claimed it cannot be asked", requeue=True)
+            if state == STARTED and not runs:
                 if self.store.claim_start(job_id, (STARTED,), self.worker, taking_over=claimed_by):
                     logger.warning("%s[%s] runs again: the run that claimed it (%s) is gone", task.name,
                                    request.id, claimed_by)

@@ -79,6 +79,32 @@ class Recovery(StoreBase):
                 conn.execute(s.operations.update().where(s.operations.c.id.in_(ids)).values(updated_at=utcnow()))
         return ids
 
+    def claim_overdue_completions(self, grace_seconds: float, limit: int = 50) -> list[str]:
+        """Running operations untouched for ``grace_seconds`` whose children all ended before it: leased to this caller.
+
+        Whoever records a child's end probes its operation for completion
+        afterwards; a process killed between the two leaves an operation that
+        nothing would complete. The lease is the refreshed ``updated_at``, as
+        for stale operations.
+        """
+        cutoff = utcnow() - timedelta(seconds=grace_seconds)
+        ops = s.operations
+        with self.begin() as conn:
+            overdue = (
+                sa.select(ops.c.id)
+                .where(ops.c.state == s.OP_RUNNING, ops.c.completed.is_(False), ops.c.updated_at < cutoff)
+                # ... and no child ended within the grace: its own probe may still be on its way
+                .where(~sa.exists().where(s.jobs.c.operation_id == ops.c.id,
+                                          sa.or_(s.jobs.c.state.notin_(s.FINAL_JOB_STATES),
+                                                 s.jobs.c.finished_at >= cutoff)))
+                .order_by(ops.c.updated_at)
+                .limit(limit)
+            )
+            ids = list(conn.execute(self.dialect.for_update(overdue)).scalars())
+            if ids:
+                conn.execute(ops.update().where(ops.c.id.in_(ids)).values(updated_at=utcnow()))
+        return ids
+
     # ---- dispatched children the broker lost ----------------------------------------------
     def stalled_operations(self, cutoff: datetime, limit: int) -> list[str]:
         """Operations with children dispatched before ``cutoff`` and never started, and no child

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import sqlalchemy as sa
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 
 from celery_spawn import get_state
 from celery_spawn.engine import copies
@@ -102,6 +102,26 @@ def test_a_copy_of_a_child_claimed_on_another_worker_asks_that_worker(guarded, m
     get_state(app).tracker.liveness._nodes.clear()
     answers.clear()
     assert deliver(child, job, recovered=True) == 1  # silence: that worker is gone, run it here
+    assert runs == [0]
+
+
+def test_a_copy_goes_back_to_the_broker_while_the_claiming_worker_cannot_be_asked(guarded, monkeypatch):
+    """Neither run (the first may go on) nor dropped (the first may be gone, and the copy is the last message)."""
+    app, parent, child, runs = guarded
+    [job] = spawned(app, parent)
+    set_claim(app, job["id"], s.STARTED, "w2@elsewhere/123")
+
+    def unreachable(destination, timeout):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(app.control, "ping", unreachable)
+    with pytest.raises(Reject) as rejected:
+        deliver(child, job, redelivered=True)
+    assert rejected.value.requeue
+    assert runs == []
+    assert get_state(app).store.claim_of(job["id"]) == (s.STARTED, "w2@elsewhere/123")
+    monkeypatch.setattr(app.control, "ping", lambda destination, timeout: [])  # reachable now: silence
+    assert deliver(child, job, redelivered=True) == 1  # the unknown answer was not cached
     assert runs == [0]
 
 

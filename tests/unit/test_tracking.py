@@ -112,6 +112,81 @@ def test_an_unpublished_callback_is_recovered(eager, monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("ran", [True, False], ids=["ran", "never-ran"])
+def test_a_callback_published_before_the_store_failed_is_not_published_again(store_url, monkeypatch, ran):
+    """Completion published ``on_complete``, then could not record it as sent (the store was cut).
+
+    The sweep finds it claimed and unsent. When the result backend holds the
+    callback's result, it was delivered: recorded as sent, not run again. When
+    the backend knows nothing of it (its message may be lost), it is published.
+    """
+    from celery_spawn.engine.completion import completion_task_id
+    from celery_spawn.errors import StoreError
+    from celery_spawn.protocol import CALLBACK_SENT
+
+    app, parent, _, _ = tracked_app(store_url, backend="cache+memory://")
+    app.conf.update(task_always_eager=True, task_store_eager_result=True)
+    calls = []
+
+    @app.task(name="t.done", shared=False)
+    def done(summary):
+        calls.append(summary["operation_id"])
+        return summary["operation_id"]
+
+    store = get_state(app).store
+    record = store.set_callback_state
+
+    def cut_before_sent(operation_id, state, error=None):
+        if state == CALLBACK_SENT:
+            raise StoreError("spawn store failed: OperationalError: server closed the connection unexpectedly")
+        return record(operation_id, state, error)
+
+    monkeypatch.setattr(store, "set_callback_state", cut_before_sent)
+    try:
+        config = SpawnConfig(handler="kids").with_on_complete(done.s()).to_dict()
+        result = parent.apply(args=(2,), kwargs={"_spawn_config": config})
+        assert result.get() == 2
+        op_id = default_operation_id(result.id)
+        assert calls == [op_id]
+        assert operation(app, result.id)["callback_state"] == "pending"
+        if not ran:  # as if its message had been lost before any worker took it
+            app.backend.forget(completion_task_id(op_id))
+        monkeypatch.undo()
+        report = control.sweep(app, grace_seconds=0)
+        assert calls == [op_id] * (1 if ran else 2)
+        assert report.callbacks == (0 if ran else 1)
+        assert operation(app, result.id)["callback_state"] == "sent"
+        assert recover(app, grace_seconds=0) == 0
+        assert len(calls) == (1 if ran else 2)
+    finally:
+        store.dispose()
+
+
+def test_an_operation_whose_completion_probe_was_lost_is_completed_by_the_sweep(eager):
+    """Every child ended, but the process that recorded the last end died before it probed the operation.
+
+    A redelivered copy of that child finds it final and probes nothing: the
+    sweep completes the operation, once, and applies ``on_complete`` once.
+    """
+    app, parent, done, calls = eager
+    config = SpawnConfig(handler="kids").with_on_complete(done.s()).to_dict()
+    result = parent.apply(args=(2,), kwargs={"_spawn_config": config})
+    op_id = default_operation_id(result.id)
+    with get_state(app).store.begin() as conn:  # the children are final; the probe never ran
+        conn.execute(s.operations.update().where(s.operations.c.id == op_id)
+                     .values(completed=False, state="running", callback_state=None, finished_at=None,
+                             updated_at=s.utcnow() - timedelta(hours=1)))
+    calls.clear()
+    # The children ended a moment ago: their own probe may still come.
+    assert control.sweep(app, grace_seconds=60).completed == 0
+    assert control.sweep(app, grace_seconds=0).completed == 1
+    op = operation(app, result.id)
+    assert op["completed"] and op["state"] == "succeeded" and op["callback_state"] == "sent"
+    assert [c["operation_id"] for c in calls] == [op_id]
+    assert recover(app, grace_seconds=0) == 0
+    assert len(calls) == 1
+
+
 def test_an_empty_spawn_completes_at_once(eager):
     app, parent, done, calls = eager
     config = SpawnConfig(handler="kids").with_on_complete(done.s()).to_dict()

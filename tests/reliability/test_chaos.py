@@ -1,0 +1,46 @@
+"""The randomized fault explorer (``tests/chaos``) under pytest: random fault schedules against real workers.
+
+Ten schedules always (five per stack: Redis + PostgreSQL, RabbitMQ +
+MariaDB), two hundred with ``--run-slow``, which then writes its summary
+table into ``docs/reliability.md``. Each schedule's seed is printed with the
+command that replays it alone; ``SPAWN_TEST_SEED`` picks other schedules.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.chaos.report import table, write_docs
+from tests.chaos.runner import explore, plan_schedules, summary_line
+
+pytestmark = pytest.mark.integration
+
+SEED = int(os.environ.get("SPAWN_TEST_SEED", "1600"))
+
+
+def run(count: int, tmp_path, artifacts, capsys) -> list:
+    with capsys.disabled():  # a run takes minutes: show each schedule as it ends
+        results = explore(plan_schedules(count, SEED, "both"), tmp_path, artifacts / "chaos",
+                          say=lambda line: print(line, flush=True))
+        print(table(results, SEED))
+    return results
+
+
+def assert_clean(results: list) -> None:
+    failed = [r for r in results if not r.ok]
+    assert not failed, "\n".join(f"seed {r.seed} [{r.stack}]: {summary_line(r)}" for r in failed)
+    assert {r.stack for r in results} == {"redis-postgresql", "amqp-mysql"}
+
+
+def test_fault_explorer_10_schedules(tmp_path, artifacts, capsys):
+    results = run(10, tmp_path, artifacts, capsys)
+    assert_clean(results)
+    assert sum(len(r.injected) for r in results) >= 10
+
+
+@pytest.mark.slow
+def test_fault_explorer_200_schedules(tmp_path, artifacts, capsys):
+    results = run(200, tmp_path, artifacts, capsys)
+    write_docs(table(results, SEED))  # the real figures, whatever they are
+    assert_clean(results)
