@@ -58,13 +58,39 @@ def is_copy(request: Any) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, killed and not yet reaped, is not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's process: alive
         return True
-    return True
+    stat = _proc_stat(pid)
+    return stat is None or stat[0] != "Z"
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from ``/proc`` (Linux); None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            text = stat.read()
+        state, parent = text[text.rindex(")") + 2:].split()[:2]
+        return state, int(parent)
+    except (OSError, ValueError):
+        return None
+
+
+def _sibling_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process of this very worker: a sibling of this pool process, or its child.
+
+    A worker restarted under the same name finds the claims of its former
+    pool processes: those ran in another worker instance, now gone, even if
+    their pid is still taken (a zombie not yet reaped, or a pid used again).
+    """
+    stat = _proc_stat(pid)
+    if stat is None:
+        return _pid_alive(pid)
+    return stat[0] != "Z" and stat[1] in (os.getppid(), os.getpid())
 
 
 class Liveness:
@@ -93,7 +119,7 @@ class Liveness:
         if node == nodename:  # this worker: its processes are on this machine
             if pid == os.getpid():
                 return _running_here.get(job_id, 0) > 1  # the copy itself is one of them
-            return _pid_alive(pid)
+            return _sibling_alive(pid)
         return self.node_alive(node)
 
     def node_alive(self, node: str) -> bool | None:

@@ -151,3 +151,42 @@ def test_the_same_process_tells_a_second_run_of_a_job_from_the_copy_itself():
     assert copies._running_here == {}
     assert liveness.still_runs(None, "j", NODE) is False  # no claim recorded: it tells nothing
     assert liveness.still_runs("garbage", "j", NODE) is False
+
+
+def test_a_claim_of_a_process_of_a_former_worker_with_the_same_name_has_ended():
+    """A worker restarted under its old name: a pid of the former instance is no process of this one."""
+    import signal
+    import subprocess
+
+    liveness = copies.Liveness(app=None)
+    # a process that is neither this process's child nor its sibling (its shell parent exits at once)
+    orphan = int(subprocess.run(["sh", "-c", "sleep 30 >/dev/null 2>&1 & echo $!"], capture_output=True,
+                                text=True, check=True).stdout)
+    try:
+        assert copies._pid_alive(orphan)
+        assert liveness.still_runs(f"{NODE}/{orphan}", "j", NODE) is False
+    finally:
+        os.kill(orphan, signal.SIGKILL)
+
+
+def test_a_claim_of_a_sibling_pool_process_still_runs():
+    """Two processes with the same parent, as two pool processes of one worker: the sibling's run goes on."""
+    import multiprocessing
+
+    liveness = copies.Liveness(app=None)
+    ctx = multiprocessing.get_context("fork")
+    asked = ctx.Queue()
+
+    def ask(sibling_pid: int) -> None:
+        asked.put(liveness.still_runs(f"{NODE}/{sibling_pid}", "j", NODE))
+
+    sibling = ctx.Process(target=__import__("time").sleep, args=(30,))
+    sibling.start()
+    try:
+        asker = ctx.Process(target=ask, args=(sibling.pid,))
+        asker.start()
+        asker.join(10)
+        assert asked.get(timeout=5) is True
+    finally:
+        sibling.kill()
+        sibling.join()
