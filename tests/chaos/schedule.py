@@ -24,7 +24,7 @@ OUTAGES = frozenset({BROKER_CUT, BROKER_HANG, STORE_CUT, STORE_HANG})
 #: Faults the issue asks for that the explorer cannot inject yet, and what they wait for. A worker with a
 #: skewed clock needs the retention work's injectable clock; when it lands, add a ``clock-skew`` kind to
 #: FAULT_KINDS and have the runner start a worker with that clock offset (runner.apply_fault).
-PENDING_FAULTS = {"clock-skew": "a worker with a skewed clock: waits for the retention issue's clock work"}
+PENDING_FAULTS = {"clock-skew": "a worker with a skewed clock (tested on its own: `test_clock_skew.py`)"}
 
 #: Seconds after the root is sent within which faults start.
 FAULT_WINDOW = 6.0
