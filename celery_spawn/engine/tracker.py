@@ -289,15 +289,15 @@ class Tracker:
         request = task.request
         job_id = cast(str, request.id)  # a running task has one
         self.worker = worker_identity(request.hostname) or self.worker
-        redelivered = bool((request.delivery_info or {}).get("redelivered"))
-        if redelivered and self._succeeded_before(task):
-            # Its worker died after Celery stored the result and before the store (or the broker's ack)
-            # heard of it: record the success the signal would have, and do not run the body again.
+        copy = is_copy(request)
+        if copy and self._succeeded_before(task):
+            # A copy (redelivered by the broker, or sent again by the sweep) of a run that succeeded before the
+            # store heard of it (its worker died, or the store was out): record the success the signal would
+            # have, and do not run the body again.
             self.finish(job_id, SUCCEEDED)
-            logger.warning("skipping %s[%s]: redelivered after it had succeeded (the result backend says so)",
+            logger.warning("skipping %s[%s]: a copy of a run that had succeeded (the result backend says so)",
                            task.name, request.id)
             raise Ignore()
-        copy = is_copy(request)
         if self.claim_start(job_id, may_restart=bool(request.retries) and not copy):
             return
         if copy:

@@ -190,3 +190,21 @@ def test_a_claim_of_a_sibling_pool_process_still_runs():
     finally:
         sibling.kill()
         sibling.join()
+
+
+@pytest.mark.parametrize("spawntask", [False, True], ids=["plain", "spawntask"])
+def test_a_recovered_copy_of_a_run_that_succeeded_before_the_store_heard_is_not_run(store_url, tmp_path, spawntask):
+    """The run succeeded (the result backend has it) while the store was out, so the store still says
+    started, by this very process: the sweep's copy must not run the body again."""
+    from celery import states
+
+    app, parent, child, runs = tracked_app(store_url, backend=f"db+sqlite:///{tmp_path / 'results.sqlite'}",
+                                           spawned_children=spawntask)
+    guard_copies(app)
+    [job] = spawned(app, parent)
+    set_claim(app, job["id"], s.STARTED, f"{NODE}/{os.getpid()}")
+    app.backend.store_result(job["id"], 0, states.SUCCESS)
+    assert deliver(child, job, recovered=True) == "ignored"
+    assert runs == []
+    assert get_state(app).store.claim_of(job["id"])[0] == s.SUCCEEDED
+    get_state(app).store.dispose()
