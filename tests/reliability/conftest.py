@@ -11,7 +11,7 @@ from typing import Iterator
 import pytest
 
 from tests.harness import AMQP_URL, REDIS_URL, Backend, check_broker, throwaway_database
-from tests.reliability.helpers import RelWorker, private_redis
+from tests.reliability.helpers import RelBackend, RelWorker, delete_amqp_queue, new_queue, private_redis
 from tests.reliability.proxy import TcpProxy
 
 
@@ -82,3 +82,18 @@ def proxies() -> Iterator[callable]:
     yield make
     for proxy in made:
         proxy.stop()
+
+
+#: The two stacks of the load tests: (store kind, broker).
+LOAD_STACKS = {"postgresql": ("postgresql", "redis"), "mariadb": ("mysql", "amqp")}
+
+
+@pytest.fixture(params=sorted(LOAD_STACKS))
+def load_backend(request, shared_redis, shared_amqp):
+    kind, broker = LOAD_STACKS[request.param]
+    queue = new_queue()
+    broker_url = f"{shared_redis}/0" if broker == "redis" else shared_amqp
+    with throwaway_database(kind) as url:
+        yield RelBackend(f"{broker}-{request.param}", broker_url, f"{shared_redis}/1", url, queue)
+    if broker == "amqp":
+        delete_amqp_queue(AMQP_URL, queue)

@@ -38,6 +38,8 @@ from tests.reliability.proxy import TcpProxy
 
 TIMEOUT = 120
 RELIABILITY_APP = "tests.reliability.app"
+#: What a worker logs when its recovery sweep does something (see celery_spawn.engine.recovery/redelivery).
+SWEEP_WORK = ("recovery published", "published again", "recovery applied", "are lost", " is lost:")
 
 
 # ---- backends and workers ---------------------------------------------------------------------

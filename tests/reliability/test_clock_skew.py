@@ -20,33 +20,18 @@ import pytest
 
 from celery_spawn.handlers import default_operation_id
 from celery_spawn.store import schema as s
-from tests.harness import AMQP_URL, SKEW, fast_clock_env, throwaway_database, wait_for
+from tests.harness import SKEW, fast_clock_env, wait_for
 from tests.reliability.helpers import (
-    RelBackend,
+    SWEEP_WORK,
     callback_rows,
     children,
-    delete_amqp_queue,
     ensure_callback_table,
     log_counts,
-    new_queue,
     operation,
 )
 
-COMBINATIONS = {"postgresql": ("postgresql", "redis"), "mariadb": ("mysql", "amqp")}
-SWEEP_WORK = ("recovery published", "published again", "recovery applied", "are lost", " is lost:")
 #: Celery's log line prefix: ``[2026-12-05 21:53:19,258: INFO/MainProcess] ...``
 LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+: ", re.M)
-
-
-@pytest.fixture(params=sorted(COMBINATIONS))
-def skew_backend(request, shared_redis, shared_amqp):
-    kind, broker = COMBINATIONS[request.param]
-    queue = new_queue()
-    broker_url = f"{shared_redis}/0" if broker == "redis" else shared_amqp
-    with throwaway_database(kind) as url:
-        yield RelBackend(f"{broker}-{request.param}", broker_url, f"{shared_redis}/1", url, queue)
-    if broker == "amqp":
-        delete_amqp_queue(AMQP_URL, queue)
 
 
 def clock_lead(log: str) -> timedelta:
@@ -92,10 +77,10 @@ def run_skewed_load(backend, start_worker, parents: int, per_parent: int, timeou
     assert republished == [], "\n".join(republished[:20])
 
 
-def test_a_worker_with_a_fast_clock_republishes_nothing(skew_backend, start_worker):
-    run_skewed_load(skew_backend, start_worker, parents=20, per_parent=100, timeout=300)
+def test_a_worker_with_a_fast_clock_republishes_nothing(load_backend, start_worker):
+    run_skewed_load(load_backend, start_worker, parents=20, per_parent=100, timeout=300)
 
 
 @pytest.mark.slow
-def test_a_worker_with_a_fast_clock_republishes_nothing_50_x_200(skew_backend, start_worker):
-    run_skewed_load(skew_backend, start_worker, parents=50, per_parent=200, timeout=900)
+def test_a_worker_with_a_fast_clock_republishes_nothing_50_x_200(load_backend, start_worker):
+    run_skewed_load(load_backend, start_worker, parents=50, per_parent=200, timeout=900)

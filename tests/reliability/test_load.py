@@ -18,32 +18,17 @@ from celery_spawn import get_state
 from celery_spawn.handlers import default_operation_id
 from celery_spawn.store import queries
 from celery_spawn.store import schema as s
-from tests.harness import AMQP_URL, throwaway_database, wait_for
+from tests.harness import wait_for
 from tests.reliability.helpers import (
-    RelBackend,
+    SWEEP_WORK,
     callback_rows,
     children,
-    delete_amqp_queue,
     ensure_callback_table,
     log_counts,
-    new_queue,
     operation,
 )
 
-COMBINATIONS = {"postgresql": ("postgresql", "redis"), "mariadb": ("mysql", "amqp")}
-#: What the worker logs when its recovery sweep does something (see celery_spawn.engine.recovery/redelivery).
-SWEEP_WORK = ("recovery published", "published again", "recovery applied", "are lost", " is lost:")
 
-
-@pytest.fixture(params=sorted(COMBINATIONS))
-def load_backend(request, shared_redis, shared_amqp):
-    kind, broker = COMBINATIONS[request.param]
-    queue = new_queue()
-    broker_url = f"{shared_redis}/0" if broker == "redis" else shared_amqp
-    with throwaway_database(kind) as url:
-        yield RelBackend(f"{broker}-{request.param}", broker_url, f"{shared_redis}/1", url, queue)
-    if broker == "amqp":
-        delete_amqp_queue(AMQP_URL, queue)
 
 
 def run_load(backend, start_worker, parents: int, per_parent: int, timeout: float) -> None:
