@@ -30,10 +30,12 @@ of ``ix_spawn_jobs_operation_state`` each.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import statistics
 import subprocess
+import tempfile
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -48,10 +50,12 @@ sys.path.insert(0, str(ROOT))
 from celery_spawn import render  # noqa: E402
 from celery_spawn.store import SpawnStore, queries  # noqa: E402
 from celery_spawn.store import schema as s  # noqa: E402
+from celery_spawn.store.rollups import write_task_rollups  # noqa: E402
+from celery_spawn.store.pgcopy import copy_rows, supports_copy  # noqa: E402
 
 BIG_ROOT = "bench-root"
 SMALL_TREE = 100  # a root and 99 children
-ROWS_PER_INSERT = 10_000
+ROWS_PER_INSERT = 20_000
 STATES = [s.SUCCEEDED] * 95 + [s.FAILED] * 3 + [s.STARTED, s.PENDING]
 #: The children of a complete operation: the same odds, every one final.
 FINAL_STATES = [state for state in STATES if state in s.FINAL_JOB_STATES]
@@ -145,12 +149,20 @@ def small_trees(count: int, now: datetime, rng: random.Random,
 
 
 def build(store: SpawnStore, jobs: int, tree_size: int, fanout: int, seed: int,
-          running_hours: float = RUNNING_HOURS) -> None:
+          running_hours: float = RUNNING_HOURS) -> float:
+    """Fill the store (emptied first); returns the seconds the build took.
+
+    The rows go in as the store's bulk path writes a spawn's children (``COPY`` on
+    PostgreSQL, multi-row ``INSERT`` elsewhere), with the secondary indexes
+    dropped during the load and created again after it, as a bulk load is done.
+    """
     rng = random.Random(seed)
     now = utcnow()
     engine = store.engine
+    if engine.dialect.name in ("mysql", "mariadb"):  # LOAD DATA LOCAL needs the client's consent
+        engine = sa.create_engine(engine.url.update_query_dict({"local_infile": "1"}), poolclass=sa.NullPool)
     with engine.begin() as conn:
-        for table in (s.dependencies, s.jobs, s.operations):
+        for table in (s.dependencies, s.jobs, s.task_rollups, s.operations):
             conn.execute(table.delete())
     small = max(0, (jobs - tree_size) // SMALL_TREE)
     buffers: dict[str, list[dict]] = {"job": [], "op": []}
@@ -163,22 +175,68 @@ def build(store: SpawnStore, jobs: int, tree_size: int, fanout: int, seed: int,
         rows = buffers[kind]
         if rows:
             with engine.begin() as conn:
-                conn.execute(tables[kind].insert(), rows)
+                if supports_copy(conn):
+                    copy_rows(conn, tables[kind], rows)
+                elif conn.dialect.name in ("mysql", "mariadb"):
+                    _load_data(conn, tables[kind], rows)
+                else:
+                    conn.execute(tables[kind].insert(), rows)
             if kind == "job":
                 written += len(rows)
             buffers[kind] = []
 
-    for source in (big_tree(tree_size, fanout, now, rng), small_trees(small, now, rng, running_hours)):
-        for kind, row in source:
-            buffers[kind].append(row)
-            if len(buffers[kind]) >= ROWS_PER_INSERT:
-                flush(kind)
-                if kind == "job" and written % 100_000 < ROWS_PER_INSERT:
-                    print(f"  {written:,} jobs written ({time.perf_counter() - started:.0f}s)", flush=True)
-    flush("job")
-    flush("op")
+    with _indexes_dropped(engine, (s.jobs, s.operations)):
+        for source in (big_tree(tree_size, fanout, now, rng), small_trees(small, now, rng, running_hours)):
+            for kind, row in source:
+                buffers[kind].append(row)
+                if len(buffers[kind]) >= ROWS_PER_INSERT:
+                    flush(kind)
+                    if kind == "job" and written % 1_000_000 < ROWS_PER_INSERT:
+                        print(f"  {written:,} jobs written ({time.perf_counter() - started:.0f}s)", flush=True)
+        flush("job")
+        flush("op")
+        print(f"  rows written ({time.perf_counter() - started:.0f}s); creating the indexes", flush=True)
+    with engine.begin() as conn:  # the per-task rollups of the complete operations, as a worker writes them
+        write_task_rollups(conn, s.operations.c.children_timed.isnot(None))
     analyze(engine)
-    print(f"built {written:,} jobs in {time.perf_counter() - started:.1f}s", flush=True)
+    seconds = time.perf_counter() - started
+    print(f"built {written:,} jobs in {seconds:.1f}s", flush=True)
+    return seconds
+
+
+def _load_data(conn: sa.Connection, table: sa.Table, rows: list[dict]) -> None:
+    """MariaDB/MySQL's bulk path: ``LOAD DATA LOCAL INFILE`` from a tab-separated file of ``rows``."""
+    def text(value: object) -> str:
+        if value is None:
+            return "\\N"
+        if isinstance(value, bool):
+            return "1" if value else "0"
+        if isinstance(value, datetime):
+            return value.isoformat(sep=" ")
+        return str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+
+    columns = list(rows[0])
+    with tempfile.NamedTemporaryFile("w", suffix=".tsv", encoding="utf-8") as out:
+        out.writelines("\t".join(map(text, (row[c] for c in columns))) + "\n" for row in rows)
+        out.flush()
+        names = ", ".join(f"`{c}`" for c in columns)
+        conn.exec_driver_sql(f"LOAD DATA LOCAL INFILE '{out.name}' INTO TABLE `{table.name}` "
+                             f"CHARACTER SET utf8mb4 ({names})")
+
+
+@contextlib.contextmanager
+def _indexes_dropped(engine: sa.Engine, tables: tuple[sa.Table, ...]) -> Iterator[None]:
+    """Drop the tables' secondary indexes for the block and create them again after it."""
+    indexes = [index for table in tables for index in table.indexes]
+    with engine.begin() as conn:
+        for index in indexes:
+            index.drop(conn, checkfirst=True)
+    try:
+        yield
+    finally:
+        for index in indexes:
+            with engine.begin() as conn:
+                index.create(conn, checkfirst=True)
 
 
 def analyze(engine: sa.Engine) -> None:
@@ -186,7 +244,8 @@ def analyze(engine: sa.Engine) -> None:
         if engine.dialect.name == "postgresql":
             conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM ANALYZE")
         elif engine.dialect.name in ("mysql", "mariadb"):
-            conn.exec_driver_sql("ANALYZE TABLE spawn_jobs, spawn_operations, spawn_dependencies").all()
+            conn.exec_driver_sql(
+                "ANALYZE TABLE spawn_jobs, spawn_operations, spawn_dependencies, spawn_task_rollups").all()
         else:
             conn.exec_driver_sql("ANALYZE")
             conn.commit()

@@ -15,6 +15,7 @@ from . import schema as s
 from .records import SpawnRecords
 from . import trees
 from .dialects import FINAL
+from .rollups import write_task_rollups
 from .stats import Durations, duration_aggregates
 from .schema import utcnow
 
@@ -55,11 +56,14 @@ class Completions(SpawnRecords):
         """Mark the operation complete once; True for the one caller that did it."""
         now = utcnow()
         with self.begin() as conn:
-            return bool(conn.execute(
+            done = bool(conn.execute(
                 s.operations.update().where(s.operations.c.id == operation_id, s.operations.c.completed.is_(False))
                 .values(completed=True, state=final_state, finished_at=now, updated_at=now,
                         callback_state=s.CALLBACK_PENDING if with_callback else None, **rollup)
             ).rowcount)
+            if done and rollup:
+                write_task_rollups(conn, s.operations.c.id == operation_id)
+            return done
 
     def parent_operation(self, operation_id: str) -> str | None:
         """The operation that spawned this operation's parent job, if it was spawned."""

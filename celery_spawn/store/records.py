@@ -46,6 +46,7 @@ class SpawnRecords(Cancels):
         job_ids = sa.select(s.jobs.c.id).where(s.jobs.c.operation_id == operation_id)
         conn.execute(s.dependencies.delete().where(s.dependencies.c.job_id.in_(job_ids)))
         conn.execute(s.jobs.delete().where(s.jobs.c.operation_id == operation_id))
+        conn.execute(s.task_rollups.delete().where(s.task_rollups.c.operation_id == operation_id))
         conn.execute(s.operations.delete().where(s.operations.c.id == operation_id))
 
     def update_operation(self, conn: Connection, operation_id: str, **values: Any) -> None:

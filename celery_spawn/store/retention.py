@@ -132,7 +132,10 @@ class Retention(StoreBase):
                 if conn.execute(sa.select(jobs.c.id).where(jobs.c.root_id == last).limit(1)).first() is None:
                     touched.append(last)
                 done = touched
+            rollups = s.task_rollups
             for chunk in chunked(done):
+                conn.execute(rollups.delete().where(
+                    rollups.c.operation_id.in_(sa.select(ops.c.id).where(ops.c.root_id.in_(chunk)))))
                 deleted.operations += conn.execute(ops.delete().where(ops.c.root_id.in_(chunk))).rowcount or 0
             deleted.trees = len(done)
         return deleted

@@ -139,3 +139,21 @@ dependencies = sa.Table(
     sa.Column("satisfied", sa.Boolean, nullable=False, default=False),
     sa.Index("ix_spawn_dependencies_depends_on", "depends_on_id"),
 )
+
+#: Per task name, the children of a complete operation: what ``stats --detailed`` breaks down by task,
+#: written with the operation's own rollup (the same snapshot, the same guarantees: every child is final,
+#: so the row never goes stale) and deleted with the operation.
+task_rollups = sa.Table(
+    "spawn_task_rollups",
+    metadata,
+    sa.Column("operation_id", ID, primary_key=True),
+    sa.Column("task_name", NAME, primary_key=True),
+    sa.Column("created_at", TIMESTAMP, nullable=False),  # the operation's: the stats window is on it
+    sa.Column("jobs", sa.Integer, nullable=False),
+    sa.Column("succeeded", sa.Integer, nullable=False),
+    sa.Column("failed", sa.Integer, nullable=False),
+    sa.Column("timed", sa.Integer, nullable=False),
+    sa.Column("seconds", sa.Double, nullable=True),
+    sa.Column("max_seconds", sa.Double, nullable=True),
+    sa.Index("ix_spawn_task_rollups_created", "created_at"),
+)

@@ -41,10 +41,10 @@ def stats(conn: Connection, *, hours: float = 24, queue: str | None = None, deta
     (succeeded / finished children), ``durations`` (seconds: operations from
     creation to completion, children from start to finish), ``by_queue`` and
     ``by_handler`` (lists of dicts). ``detailed`` adds ``by_task`` (children per
-    task name), ``largest`` and ``slowest`` (top operations). Two statements,
-    five with ``detailed``. Without ``detailed`` the cost grows with the
+    task name), ``largest`` and ``slowest`` (top operations). One statement,
+    four with ``detailed``. Without ``detailed`` the cost grows with the
     operations in the window and the children of those still running, not with
-    all their children (see :func:`_children_query`).
+    all their children (see :func:`_window_query`).
     """
     if isinstance(hours, bool) or not isinstance(hours, (int, float)) or not hours > 0:
         raise ValueError(f"hours must be a number above 0, not {hours!r}")
@@ -58,33 +58,21 @@ def stats(conn: Connection, *, hours: float = 24, queue: str | None = None, deta
         window.append(_ops.c.queue == queue)
 
     op_seconds = seconds_between(conn, _ops.c.created_at, _ops.c.finished_at)
-    op_timed, op_sum, op_max = duration_aggregates(conn, _ops.c.created_at, _ops.c.finished_at)
-    grouped = conn.execute(
-        sa.select(
-            _ops.c.queue, _ops.c.handler, _ops.c.state,
-            sa.func.count().label("n"),
-            sa.func.sum(_ops.c.total).label("children"),
-            sa.func.max(_ops.c.total).label("max_children"),
-            op_timed.label("timed"), op_sum.label("seconds"), op_max.label("max_seconds"),
-        ).where(*window).group_by(_ops.c.queue, _ops.c.handler, _ops.c.state)
-    ).all()
-
     overall = _Tally()
     by_queue: dict[Any, _Tally] = {}
     by_handler: dict[Any, _Tally] = {}
     by_state: dict[str, int] = {}
-    for row in grouped:
+    children = _Children()
+    for row in conn.execute(_window_query(conn, window)):
+        if row.child_state is not None:  # children counted one by one
+            children.count({row.child_state: row.child_n}, row.child_timed, row.child_seconds,
+                           row.child_max_seconds)
+            continue
         for tally in (overall, by_queue.setdefault(row.queue, _Tally()), by_handler.setdefault(row.handler, _Tally())):
             tally.add(row)
         by_state[row.state] = by_state.get(row.state, 0) + int(row.n)
-
-    children = _Children()
-    for row in conn.execute(_children_query(conn, window)):
-        if row.state is not None:
-            children.count({row.state: row.n}, row.timed, row.seconds, row.max_seconds)
-        else:
-            children.count({state: row._mapping[column] for state, column in s.CHILD_COUNT_COLUMNS.items()},
-                           row.timed, row.seconds, row.max_seconds)
+        children.count({state: row._mapping[column] for state, column in s.CHILD_COUNT_COLUMNS.items()},
+                       row.child_timed, row.child_seconds, row.child_max_seconds)
     children_by_state = children.by_state
     finished_children = sum(n for state, n in children_by_state.items() if state in s.FINAL_JOB_STATES)
 
@@ -112,9 +100,15 @@ def stats(conn: Connection, *, hours: float = 24, queue: str | None = None, deta
     return result
 
 
-def _children_query(conn: Connection, window: list) -> sa.CompoundSelect:
-    """The children of the operations in ``window``: rows ``(state, n, <a count per final state>, timed,
-    seconds, max_seconds)``, per state for the children counted, one with ``state`` NULL for the rollups.
+def _window_query(conn: Connection, window: list) -> sa.CompoundSelect:
+    """The operations in ``window`` and their children, in one statement (one snapshot), two kinds of rows.
+
+    Operation rows (``child_state`` NULL), grouped by queue, handler and state:
+    ``n``, ``children``, ``max_children``, their durations (``timed``,
+    ``seconds``, ``max_seconds``), and the sums of their children's rollups (a
+    count per final state, ``child_timed``, ``child_seconds``,
+    ``child_max_seconds``). Child rows: ``child_state``, ``child_n`` and the
+    same child durations, for the children counted one by one.
 
     A child is recorded in its operation's transaction with the operation's
     created_at: the children of the operations created in a window are all the
@@ -122,7 +116,7 @@ def _children_query(conn: Connection, window: list) -> sa.CompoundSelect:
     operation carries their rollup (how many ended in each final state, how
     many have both timestamps, the sum and maximum of their durations), written
     by the worker that completed it (``Tracker._try_complete``) from the same
-    aggregate as the first branch. A rollup is exact and stays so: it is written
+    aggregate as the child rows. A rollup is exact and stays so: it is written
     only when every child is final, and a final job never changes again, since
     every UPDATE of a job's state or times is guarded by a non-final (or a
     precise earlier) state: finishes, starts and retries, cancel and fail_fast,
@@ -133,28 +127,34 @@ def _children_query(conn: Connection, window: list) -> sa.CompoundSelect:
     (running, or completed without one: by a store-only cancel, or before
     rollups existed) are counted: one range of ``ix_spawn_jobs_operation_state``
     per operation. So the cost grows with the operations in the window and the
-    children of those still running, not with all the children.
-
-    Both branches are one statement, so they see the same snapshot: an operation
-    that completes meanwhile is counted once, from its rollup or from its children.
+    children of those still running, not with all the children; the window's
+    operations are read once, for their own figures and their rollups alike.
     """
+    op_timed, op_sum, op_max = duration_aggregates(conn, _ops.c.created_at, _ops.c.finished_at)
     timed, seconds, longest = duration_aggregates(conn, _jobs.c.started_at, _jobs.c.finished_at)
+    operations = (
+        sa.select(
+            _ops.c.queue, _ops.c.handler, _ops.c.state, sa.func.count().label("n"),
+            sa.func.sum(_ops.c.total).label("children"), sa.func.max(_ops.c.total).label("max_children"),
+            op_timed.label("timed"), op_sum.label("seconds"), op_max.label("max_seconds"),
+            *(sa.func.sum(_ops.c[column]).label(column) for column in s.CHILD_COUNT_COLUMNS.values()),
+            sa.null().label("child_state"), sa.null().label("child_n"),
+            sa.func.sum(_ops.c.children_timed).label("child_timed"),
+            sa.func.sum(_ops.c.children_seconds).label("child_seconds"),
+            sa.func.max(_ops.c.children_max_seconds).label("child_max_seconds"),
+        ).where(*window).group_by(_ops.c.queue, _ops.c.handler, _ops.c.state)
+    )
     counted = (
-        sa.select(_jobs.c.state, sa.func.count().label("n"),
-                  *(sa.null().label(column) for column in s.CHILD_COUNT_COLUMNS.values()),
-                  timed.label("timed"), seconds.label("seconds"), longest.label("max_seconds"))
-        .select_from(_ops.join(_jobs, _jobs.c.operation_id == _ops.c.id))
+        sa.select(
+            *(sa.null().label(name) for name in ("queue", "handler", "state", "n", "children", "max_children",
+                                                 "timed", "seconds", "max_seconds")),
+            *(sa.null().label(column) for column in s.CHILD_COUNT_COLUMNS.values()),
+            _jobs.c.state.label("child_state"), sa.func.count().label("child_n"), timed.label("child_timed"),
+            seconds.label("child_seconds"), longest.label("child_max_seconds"),
+        ).select_from(_ops.join(_jobs, _jobs.c.operation_id == _ops.c.id))
         .where(*window, _ops.c.children_timed.is_(None)).group_by(_jobs.c.state)
     )
-    rolled_up = (
-        sa.select(sa.null().label("state"), sa.null().label("n"),
-                  *(sa.func.sum(_ops.c[column]).label(column) for column in s.CHILD_COUNT_COLUMNS.values()),
-                  sa.func.sum(_ops.c.children_timed).label("timed"),
-                  sa.func.sum(_ops.c.children_seconds).label("seconds"),
-                  sa.func.max(_ops.c.children_max_seconds).label("max_seconds"))
-        .where(*window, _ops.c.children_timed.isnot(None))
-    )
-    return sa.union_all(counted, rolled_up)
+    return sa.union_all(operations, counted)
 
 
 class Durations:
@@ -229,29 +229,10 @@ def _sorted(buckets: dict[Any, _Tally]) -> list[tuple[Any, _Tally]]:
 
 def _detailed_stats(conn: Connection, window: list, join: bool, since: datetime, until: datetime,
                    op_seconds: Any) -> dict:
-    # Children per task: the spawned jobs created in the window (the children of its operations, see
-    # _children_query), one range of ix_spawn_jobs_state_created (state, created_at, operation_id) and a
-    # row read per child for its task name and times; the IN list of every state makes that range usable
-    # by MySQL/MariaDB and PostgreSQL alike. With a queue (the operation's: the parent's) the jobs are
-    # joined to their operations.
-    job_window = [_jobs.c.state.in_(s.JOB_STATES), _jobs.c.created_at >= since, _jobs.c.created_at <= until,
-                  _jobs.c.operation_id.isnot(None)]
-    job_from: Any = _jobs
-    if join:
-        job_from = _jobs.join(_ops, _jobs.c.operation_id == _ops.c.id)
-        job_window += window
-    timed, total, longest = duration_aggregates(conn, _jobs.c.started_at, _jobs.c.finished_at)
-    by_task = conn.execute(
-        sa.select(
-            _jobs.c.task_name, sa.func.count().label("n"),
-            _count_if(_jobs.c.state == s.SUCCEEDED).label("succeeded"),
-            _count_if(_jobs.c.state == s.FAILED).label("failed"),
-            _count_if(_jobs.c.state.in_(_FINAL)).label("finished"),
-            timed.label("timed"), total.label("seconds"), longest.label("max_seconds"),
-        ).select_from(job_from)
-        .where(*job_window).group_by(_jobs.c.task_name)
-        .order_by(sa.func.count().desc(), _jobs.c.task_name).limit(MAX_LIMIT)
-    ).all()
+    by_task: dict[str, _TaskTally] = {}
+    for row in conn.execute(_by_task_query(conn, window, join, since, until)):
+        by_task.setdefault(row.task_name, _TaskTally()).add_row(row)
+    ranked = sorted(by_task.items(), key=lambda item: (-item[1].jobs, item[0]))[:MAX_LIMIT]
     summary_cols = [_ops.c.id, _ops.c.parent_id, _ops.c.handler, _ops.c.queue, _ops.c.state, _ops.c.total,
                     _ops.c.created_at, _ops.c.finished_at]
     largest = conn.execute(
@@ -262,15 +243,69 @@ def _detailed_stats(conn: Connection, window: list, join: bool, since: datetime,
         .order_by(op_seconds.desc(), _ops.c.id).limit(TOP_N)
     ).mappings().all()
     return {
-        "by_task": [{
-            "task_name": r.task_name, "jobs": int(r.n), "succeeded": int(r.succeeded or 0),
-            "failed": int(r.failed or 0), "success_rate": _ratio(int(r.succeeded or 0), int(r.finished or 0)),
-            "avg_seconds": seconds_value(float(r.seconds) / int(r.timed)) if r.timed else None,
-            "max_seconds": seconds_value(r.max_seconds),
-        } for r in by_task],
+        "by_task": [{"task_name": name, **tally.summary()} for name, tally in ranked],
         "largest": [{k: _num(v) for k, v in r.items()} for r in largest],
         "slowest": [{**{k: _num(v) for k, v in r.items()}, "seconds": seconds_value(r["seconds"])} for r in slowest],
     }
+
+
+def _by_task_query(conn: Connection, window: list, join: bool, since: datetime,
+                   until: datetime) -> sa.CompoundSelect:
+    """The children of the window's operations per task name: rows ``(task_name, n, succeeded, failed,
+    finished, timed, seconds, max_seconds)``, possibly several per task name, to be added up.
+
+    As in :func:`_window_query`, a complete operation's children are read
+    from its per-task rollups (``spawn_task_rollups``, written with the
+    operation's own rollup, in the same transaction), one index range on their
+    ``created_at``; only the children of operations without a rollup are read,
+    a range of their operation's jobs each. One statement, one snapshot.
+    """
+    r = s.task_rollups
+    rolled_from: Any = r
+    rolled_window = [r.c.created_at >= since, r.c.created_at <= until]
+    if join:  # a queue: the operation's (its parent's) queue
+        rolled_from = r.join(_ops, _ops.c.id == r.c.operation_id)
+        rolled_window += window
+    rolled_up = (
+        sa.select(r.c.task_name, sa.func.sum(r.c.jobs).label("n"), sa.func.sum(r.c.succeeded).label("succeeded"),
+                  sa.func.sum(r.c.failed).label("failed"), sa.func.sum(r.c.jobs).label("finished"),
+                  sa.func.sum(r.c.timed).label("timed"), sa.func.sum(r.c.seconds).label("seconds"),
+                  sa.func.max(r.c.max_seconds).label("max_seconds"))
+        .select_from(rolled_from).where(*rolled_window).group_by(r.c.task_name)
+    )
+    timed, total, longest = duration_aggregates(conn, _jobs.c.started_at, _jobs.c.finished_at)
+    counted = (
+        sa.select(
+            _jobs.c.task_name, sa.func.count().label("n"),
+            _count_if(_jobs.c.state == s.SUCCEEDED).label("succeeded"),
+            _count_if(_jobs.c.state == s.FAILED).label("failed"),
+            _count_if(_jobs.c.state.in_(_FINAL)).label("finished"),
+            timed.label("timed"), total.label("seconds"), longest.label("max_seconds"),
+        ).select_from(_ops.join(_jobs, _jobs.c.operation_id == _ops.c.id))
+        .where(*window, _ops.c.children_timed.is_(None)).group_by(_jobs.c.task_name)
+    )
+    return sa.union_all(rolled_up, counted)
+
+
+class _TaskTally(Durations):
+    """One task name's children, added up over its rollup and counted rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.jobs = self.succeeded = self.failed = self.finished = 0
+
+    def add_row(self, row: Any) -> None:
+        self.jobs += int(row.n or 0)
+        self.succeeded += int(row.succeeded or 0)
+        self.failed += int(row.failed or 0)
+        self.finished += int(row.finished or 0)
+        self.add(row.timed, row.seconds, row.max_seconds)
+
+    def summary(self) -> dict:
+        return {"jobs": self.jobs, "succeeded": self.succeeded, "failed": self.failed,
+                "success_rate": _ratio(self.succeeded, self.finished),
+                "avg_seconds": seconds_value(self.seconds / self.timed) if self.timed else None,
+                "max_seconds": self.max_seconds}
 
 
 # ---- undispatched work --------------------------------------------------------------------------

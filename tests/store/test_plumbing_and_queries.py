@@ -96,6 +96,64 @@ def test_upgrading_a_0001_store_keeps_its_rows_and_labels_explicit_ids(store_url
         engine.dispose()
 
 
+def test_upgrading_a_0003_store_fills_the_task_rollups_of_complete_operations(store_url):
+    """0004 adds ``spawn_task_rollups``: the complete operations of an older store get theirs from their
+    children, and ``stats --detailed`` reads the same by task before and after."""
+    from datetime import datetime, timezone
+
+    from celery_spawn.store import migrations
+
+    engine = sa.create_engine(store_url)
+    store = None
+    try:
+        assert migrations.upgrade(engine, "0003") == "0003"
+        created = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0) - timedelta(minutes=5)
+        ops, jobs = [], []
+        for op_id, done in (("op-done", True), ("op-running", False)):
+            states = ["succeeded", "failed", "succeeded"] if done else ["succeeded", "started", "pending"]
+            rollup = {"children_cancelled": 0, "children_failed": 1, "children_revoked": 0, "children_lost": 0,
+                      "children_succeeded": 2, "children_timed": 3, "children_seconds": 6.0,
+                      "children_max_seconds": 3.0}
+            if not done:
+                rollup = dict.fromkeys(rollup)
+            ops.append({**op_row(op_id, parent=f"p-{op_id}", state="succeeded" if done else "running", total=3),
+                        "root_id": f"p-{op_id}", "created_at": created, "updated_at": created,
+                        "completed": done, "finished_at": created + timedelta(seconds=9) if done else None,
+                        **rollup})
+            for position, state in enumerate(states):
+                started = created + timedelta(seconds=position)
+                jobs.append({**job_row(f"{op_id}.{position}", op_id, parent=f"p-{op_id}", root=f"p-{op_id}",
+                                       position=position, state=state),
+                             "task_name": f"tests.t{position % 2}", "created_at": created, "started_at": started,
+                             "finished_at": started + timedelta(seconds=position + 1)
+                             if state in ("succeeded", "failed") else None})
+        old_ops = sa.Table("spawn_operations", sa.MetaData(), autoload_with=engine)
+        old_jobs = sa.Table("spawn_jobs", sa.MetaData(), autoload_with=engine)
+        with engine.begin() as conn:
+            conn.execute(old_ops.insert(), [{k: v for k, v in row.items() if k in old_ops.c} for row in ops])
+            conn.execute(old_jobs.insert(), [{k: v for k, v in row.items() if k in old_jobs.c} for row in jobs])
+        assert migrations.upgrade(engine) == migrations.head_revision()
+        with engine.connect() as conn:
+            rollups = {(r.operation_id, r.task_name): (r.jobs, r.succeeded, r.failed, r.timed)
+                       for r in conn.execute(sa.select(s.task_rollups))}
+        assert rollups == {("op-done", "tests.t0"): (2, 2, 0, 2), ("op-done", "tests.t1"): (1, 0, 1, 1)}
+        store = SpawnStore(store_url)
+        with store.read() as conn:
+            upgraded = queries.stats(conn, detailed=True)["by_task"]
+        with store.begin() as conn:
+            conn.execute(s.task_rollups.delete())
+            conn.execute(s.operations.update().values(children_timed=None))
+        with store.read() as conn:
+            counted = queries.stats(conn, detailed=True)["by_task"]
+        assert [(r["task_name"], r["jobs"], r["succeeded"], r["failed"]) for r in upgraded] == [
+            ("tests.t0", 4, 3, 0), ("tests.t1", 2, 0, 1)]
+        assert upgraded == counted
+    finally:
+        if store is not None:
+            store.dispose()
+        engine.dispose()
+
+
 # ---- schema probes ------------------------------------------------------------------------------
 def test_is_missing_file_has_tables_and_revision(store_url):
     fresh = SpawnStore(store_url, auto_migrate=False)

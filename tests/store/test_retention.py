@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from celery_spawn.engine.retention import Purger, purge
 from celery_spawn.store import schema as s
 from celery_spawn.store import utcnow
+from celery_spawn.store.rollups import write_task_rollups
 from tests.harness import StoreBuilder
 
 DAY = timedelta(days=1)
@@ -36,14 +37,16 @@ def edges(store) -> set[tuple[str, str]]:
 
 
 def orphans(store) -> int:
-    """Jobs whose operation is gone, and dependency edges whose jobs are gone."""
+    """Jobs, per-task rollups whose operation is gone, and dependency edges whose jobs are gone."""
     with store.read() as conn:
+        lost_rollup = conn.execute(sa.select(sa.func.count()).select_from(s.task_rollups).where(
+            ~sa.exists().where(s.operations.c.id == s.task_rollups.c.operation_id))).scalar()
         lost_op = conn.execute(sa.select(sa.func.count()).select_from(s.jobs).where(
             s.jobs.c.operation_id.is_not(None),
             ~sa.exists().where(s.operations.c.id == s.jobs.c.operation_id))).scalar()
         lost_edge = conn.execute(sa.select(sa.func.count()).select_from(s.dependencies).where(
             ~sa.exists().where(s.jobs.c.id == s.dependencies.c.job_id))).scalar()
-    return int(lost_op) + int(lost_edge)
+    return int(lost_op) + int(lost_edge) + int(lost_rollup)
 
 
 @pytest.fixture
@@ -64,6 +67,8 @@ def test_only_the_finished_and_expired_trees_go(store, builder):
     kids = builder.spawn("nested-running", 2, created=at, finished=at, op_state="succeeded")
     builder.spawn(kids[0], 1, created=at, states=["dispatched"])  # op_state running, no finished_at
     builder.flush()
+    with store.begin() as conn:  # the complete operations' per-task rollups, as their completion writes them
+        write_task_rollups(conn, s.operations.c.root_id.in_(["old-a", "old-b", "recent"]))
 
     report = Purger(store).purge(30 * DAY)
 
@@ -74,6 +79,8 @@ def test_only_the_finished_and_expired_trees_go(store, builder):
     assert rows_of(store, s.jobs, "recent") == 6 and rows_of(store, s.operations, "recent") == 2
     assert rows_of(store, s.jobs, "running") == 3 and rows_of(store, s.jobs, "nested-running") == 4
     assert ("recent.1", "recent.0") in edges(store)
+    with store.read() as conn:
+        assert {row.operation_id for row in conn.execute(sa.select(s.task_rollups))} == {"op-recent", "op-recent.0"}
     assert orphans(store) == 0
 
 

@@ -30,6 +30,7 @@ DATA_FILES = (
     "celery_spawn/store/migrations/script.py.mako",
     "celery_spawn/store/migrations/versions/0001_initial.py",
     "celery_spawn/store/migrations/versions/0002_labels_and_schedules.py",
+    "celery_spawn/store/migrations/versions/0004_task_rollups.py",
     "celery_spawn/web/static/index.html",
     # the Django app: its template, migrations and management command
     "celery_spawn/contrib/django/templates/admin/celery_spawn/job/tree.html",

@@ -284,6 +284,11 @@ def test_stats(store):
     assert nothing["success_rate"] is None and nothing["by_queue"] == []
 
 
+def task_rollup_rows(store) -> list[dict]:
+    with store.read() as conn:
+        return [dict(row) for row in conn.execute(sa.select(s.task_rollups)).mappings()]
+
+
 ROLLUP_COLUMNS = [*s.CHILD_COUNT_COLUMNS.values(), "children_timed", "children_seconds", "children_max_seconds"]
 
 
@@ -328,7 +333,7 @@ def test_stats_from_rollups_equal_stats_from_the_children(store, tracker):
         for position, (state, seconds) in enumerate(children):
             started = created + timedelta(seconds=position)
             row = b.job(f"{parent}.{position}", parent, operation=f"op-{parent}", position=position, state=state,
-                        queue=queue, created=created, started=started,
+                        task=f"tests.{handler}.{position % 2}", queue=queue, created=created, started=started,
                         finished=started + timedelta(seconds=seconds) if seconds is not None else None)
             if seconds is None:
                 row["started_at"] = None
@@ -361,7 +366,9 @@ def test_stats_from_rollups_equal_stats_from_the_children(store, tracker):
 
     later = now + timedelta(minutes=1)
     calls = {"all": {}, "images": {"queue": "images"}, "etl": {"queue": "etl"}, "wide": {"hours": 100},
-             "none": {"queue": "nope"}}
+             "none": {"queue": "nope"}, "detailed": {"detailed": True},
+             "images detailed": {"queue": "images", "detailed": True},
+             "wide detailed": {"hours": 100, "detailed": True}}
     with store.read() as conn:
         from_rollups = {name: queries.stats(conn, now=later, **kwargs) for name, kwargs in calls.items()}
     everything = from_rollups["all"]
@@ -376,10 +383,20 @@ def test_stats_from_rollups_equal_stats_from_the_children(store, tracker):
         "cancelled": 1, "dispatched": 1, "failed": 2, "held": 1, "pending": 1, "retrying": 1, "revoked": 1,
         "started": 1, "succeeded": 3}
     assert from_rollups["wide"]["durations"]["child_max_seconds"] == pytest.approx(100, abs=1e-3)
+    by_task = {row["task_name"]: row for row in from_rollups["detailed"]["by_task"]}
+    assert {name: (row["jobs"], row["succeeded"], row["failed"]) for name, row in by_task.items()} == {
+        "tests.resize.0": (7, 2, 2), "tests.resize.1": (5, 1, 0), "tests.split.0": (3, 3, 0),
+        "tests.split.1": (2, 1, 0)}
+    assert by_task["tests.split.1"]["max_seconds"] == pytest.approx(4.5, abs=1e-3)
+    task_rollups = task_rollup_rows(store)
+    assert {(r["operation_id"], r["task_name"]): r["jobs"] for r in task_rollups} == {
+        ("op-p1", "tests.resize.0"): 3, ("op-p1", "tests.resize.1"): 2, ("op-p2", "tests.split.0"): 2,
+        ("op-p2", "tests.split.1"): 1, ("op-p6", "tests.resize.0"): 1, ("op-p6", "tests.resize.1"): 1}
 
     # The same stats from the children alone: without rollups every child is counted.
     with store.begin() as conn:
         conn.execute(s.operations.update().values({c: None for c in ROLLUP_COLUMNS}))
+        conn.execute(s.task_rollups.delete())
     with store.read() as conn:
         from_children = {name: queries.stats(conn, now=later, **kwargs) for name, kwargs in calls.items()}
     assert rounded(from_rollups) == rounded(from_children)
@@ -388,6 +405,7 @@ def test_stats_from_rollups_equal_stats_from_the_children(store, tracker):
     with store.begin() as conn:
         for operation_id, values in written.items():
             conn.execute(s.operations.update().where(s.operations.c.id == operation_id).values(values))
+        conn.execute(s.task_rollups.insert(), task_rollups)
         conn.execute(s.jobs.delete().where(s.jobs.c.operation_id.in_(["op-p1", "op-p2", "op-p6"])))
     with store.read() as conn:
         without_children = {name: queries.stats(conn, now=later, **kwargs) for name, kwargs in calls.items()}
@@ -501,7 +519,7 @@ def test_statement_counts_do_not_grow_with_the_tree(store_url, tmp_path):
         small_store.dispose()
     assert small == big
     assert big == {"tree": 1, "tree_cut": 2, "tree_full": 2, "children": 1, "descendants": 1, "ancestors": 1,
-                   "job": 4, "operation": 3, "list": 2, "stats": 5, "pending": 2}
+                   "job": 4, "operation": 3, "list": 2, "stats": 4, "pending": 2}
     # The deep tree is complete: root, 2,000 children, and a chain to the deepest level the store allows.
     tree = results["tree"]
     assert len(tree["children"]) == 2_000

@@ -1,0 +1,122 @@
+"""Purge in a big store: its rate on its own, and what it costs a spawn load running beside it.
+
+The store is the one :mod:`benchmarks.cli_store` builds: trees of a root and 99
+children created evenly over the last 48 hours, each finished five seconds
+after it began. A cutoff that leaves ``jobs`` of them older than it therefore
+selects about that many jobs for a purge.
+
+The spawn load records a 100-child spawn every ``interval`` seconds through the
+store calls a worker's spawn makes, in one transaction (the operation, its
+parent's row, the children, the operation's total), and times each. It runs
+once with no purge and once while a purge runs, for as long as the purge
+takes, so both sets of latencies come from the same load against the same store.
+"""
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+from celery_spawn.engine.retention import Purger
+from celery_spawn.store import SpawnStore
+from celery_spawn.store import schema as s
+
+from . import cli_store
+
+SPAWN_CHILDREN = 100
+
+
+@dataclass
+class PurgeRun:
+    jobs: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.jobs / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class Latencies:
+    samples: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    @property
+    def p99(self) -> float:
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+def older_than_for(store_jobs: int, tree_size: int, jobs: int, already: int = 0) -> timedelta:
+    """The age beyond which about ``jobs`` more small-tree jobs lie, past the ``already`` oldest ones."""
+    small_jobs = max(1, store_jobs - tree_size)
+    share = min(1.0, (already + jobs) / small_jobs)
+    return timedelta(hours=48 * (1 - share))
+
+
+def purge(store: SpawnStore, older_than: timedelta, batch_size: int) -> PurgeRun:
+    begin = time.perf_counter()
+    report = Purger(store).purge(older_than, batch_size=batch_size)
+    return PurgeRun(report.jobs, time.perf_counter() - begin)
+
+
+class SpawnLoad:
+    """A steady spawn load in a thread: one recorded 100-child spawn per ``interval``."""
+
+    def __init__(self, store: SpawnStore, interval: float = 0.05) -> None:
+        self.store, self.interval = store, interval
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spawn-load", daemon=True)
+
+    def __enter__(self) -> SpawnLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        next_at = time.perf_counter()
+        while not self._stop.is_set():
+            begin = time.perf_counter()
+            self.spawn_once()
+            self.samples.append(time.perf_counter() - begin)
+            next_at += self.interval
+            self._stop.wait(max(0.0, next_at - time.perf_counter()))
+
+    def spawn_once(self) -> None:
+        store = self.store
+        now = s.utcnow()
+        parent = f"load-{uuid.uuid4().hex}"
+        operation = f"op-{parent}"
+        rng = cli_store.random.Random(parent)
+        children = [cli_store.job_row(f"{parent}.{i}", parent, parent, operation, i, 1, "bench.load", "load",
+                                      s.PENDING, now, rng) for i in range(SPAWN_CHILDREN)]
+        with store.begin() as conn:
+            store.insert_operation(conn, cli_store.op_row(operation, parent, parent, 0, "load", "load", children, now))
+            store.ensure_job(conn, cli_store.job_row(parent, None, parent, None, 0, 0, "bench.parent", "load",
+                                                     s.STARTED, now, rng))
+            store.insert_jobs(conn, children)
+            store.update_operation(conn, operation, total=SPAWN_CHILDREN, state=s.OP_RUNNING)
+
+
+def load_for(store: SpawnStore, seconds: float) -> Latencies:
+    """The spawn load alone, for ``seconds``."""
+    with SpawnLoad(store) as load:
+        time.sleep(seconds)
+    return Latencies(load.samples)
+
+
+def purge_under_load(store: SpawnStore, older_than: timedelta, batch_size: int) -> tuple[PurgeRun, Latencies]:
+    with SpawnLoad(store) as load:
+        time.sleep(0.5)  # the load is steady before the purge begins
+        run = purge(store, older_than, batch_size)
+    return run, Latencies(load.samples)
