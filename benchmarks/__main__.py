@@ -36,6 +36,8 @@ AMQP_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 
 FULL = {"dispatch": 10_000, "e2e": 10_000, "hops": 100, "memory": (100_000, 1_000_000),
         "queries": (10_000_000, 100_000), "purge": 1_000_000}
+#: The query case's stores keep 30 days, as ``spawn_expires`` does by default: trees of 100 spread over them.
+SPAN_HOURS = 30 * 24
 SMOKE = {"dispatch": 300, "e2e": 300, "hops": 10, "memory": (2_000, 10_000), "queries": (20_000, 2_000),
          "purge": 2_000}
 
@@ -301,9 +303,9 @@ class Bench:
             if url is None:
                 continue
             store = SpawnStore(url)
-            cli_store.build(store, jobs // 10, tree // 10, 47, 7)
+            cli_store.build(store, jobs // 10, tree // 10, 47, 7, span_hours=SPAN_HOURS)
             small_table = _small_tree_time(store)
-            build = cli_store.build(store, jobs, tree, 47, 7)
+            build = cli_store.build(store, jobs, tree, 47, 7, span_hours=SPAN_HOURS)
             big_tree, statements, nested = cli_store.timed(
                 store, lambda c: queries.spawn_tree(c, cli_store.BIG_ROOT), self.rounds)
             text = statistics.median(_seconds(lambda: render.tree_text(nested)) for _ in range(self.rounds))
@@ -311,10 +313,10 @@ class Bench:
             detailed, _, _ = cli_store.timed(store, lambda c: queries.stats(c, hours=24, detailed=True),
                                              self.rounds)
             big_table = _small_tree_time(store)
-            alone = retention.purge(store, retention.older_than_for(jobs, tree, purged), 2000)
+            alone = retention.purge(store, retention.older_than_for(jobs, tree, SPAN_HOURS, purged), 2000)
             baseline = retention.load_for(store, max(5.0, alone.seconds))
             loaded, during = retention.purge_under_load(
-                store, retention.older_than_for(jobs, tree, purged, already=alone.jobs), 2000)
+                store, retention.older_than_for(jobs, tree, SPAN_HOURS, purged, already=alone.jobs), 2000)
             store.dispose()
             size = f"{jobs:,} jobs, {label}"
             self.rows.append(Row("5 queries", f"tree of {tree:,} nodes, {size}", big_tree, None, "s",

@@ -6,7 +6,8 @@
 The store gets ``--jobs`` jobs (default 1,000,000): one tree of ``--tree-size``
 nodes (default 100,000; a complete tree with ``--fanout`` children per node)
 and, for the rest, trees of one root and 99 children, created over the last
-48 hours so that ``stats --hours 24`` sees about half of the store. The
+``--span-hours`` (default 48, so that ``stats --hours 24`` sees about half of
+the store; 720 spreads them over the 30 days ``spawn_expires`` keeps). The
 tables are emptied first (``--reuse`` keeps a store built by an earlier run).
 Work finishes as it does in a worker: only the operations created in the last
 ``--running-hours`` (default 1) and the big tree's top operation may still have
@@ -60,6 +61,8 @@ STATES = [s.SUCCEEDED] * 95 + [s.FAILED] * 3 + [s.STARTED, s.PENDING]
 #: The children of a complete operation: the same odds, every one final.
 FINAL_STATES = [state for state in STATES if state in s.FINAL_JOB_STATES]
 RUNNING_HOURS = 1.0
+#: The small trees are created over this many hours before now.
+SPAN_HOURS = 48.0
 
 
 def utcnow() -> datetime:
@@ -130,12 +133,12 @@ def big_tree(size: int, fanout: int, now: datetime, rng: random.Random) -> Itera
             children[i] = []
 
 
-def small_trees(count: int, now: datetime, rng: random.Random,
-                running_hours: float = RUNNING_HOURS) -> Iterator[tuple[str, dict]]:
+def small_trees(count: int, now: datetime, rng: random.Random, running_hours: float = RUNNING_HOURS,
+                span_hours: float = SPAN_HOURS) -> Iterator[tuple[str, dict]]:
     queues = ["images", "etl", "reports", "default"]
     handlers = ["image_processor", "dataset_processor", "workflow", "safe_spawner"]
     for t in range(count):
-        age = rng.uniform(0, 48 * 3600)
+        age = rng.uniform(0, span_hours * 3600)
         created = now - timedelta(seconds=age)
         root, op = f"r{t}", f"op{t}"
         queue, handler = queues[t % 4], handlers[t % 4]
@@ -149,7 +152,7 @@ def small_trees(count: int, now: datetime, rng: random.Random,
 
 
 def build(store: SpawnStore, jobs: int, tree_size: int, fanout: int, seed: int,
-          running_hours: float = RUNNING_HOURS) -> float:
+          running_hours: float = RUNNING_HOURS, span_hours: float = SPAN_HOURS) -> float:
     """Fill the store (emptied first); returns the seconds the build took.
 
     The rows go in as the store's bulk path writes a spawn's children (``COPY`` on
@@ -186,7 +189,7 @@ def build(store: SpawnStore, jobs: int, tree_size: int, fanout: int, seed: int,
             buffers[kind] = []
 
     with _indexes_dropped(engine, (s.jobs, s.operations)):
-        for source in (big_tree(tree_size, fanout, now, rng), small_trees(small, now, rng, running_hours)):
+        for source in (big_tree(tree_size, fanout, now, rng), small_trees(small, now, rng, running_hours, span_hours)):
             for kind, row in source:
                 buffers[kind].append(row)
                 if len(buffers[kind]) >= ROWS_PER_INSERT:
@@ -334,6 +337,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--running-hours", type=float, default=RUNNING_HOURS,
                         help="operations younger than this may still run (48: any operation, most of them do)")
+    parser.add_argument("--span-hours", type=float, default=SPAN_HOURS,
+                        help="the small trees are created over this many hours before now (720: the 30 days of "
+                             "spawn_expires, a store that keeps a month)")
     parser.add_argument("--reuse", action="store_true", help="time the store an earlier run built")
     parser.add_argument("--no-cli", action="store_true", help="skip the subprocess timings")
     parser.add_argument("--explain", action="store_true", help="print the plans of the tree and stats statements")
@@ -342,7 +348,8 @@ def main() -> None:
     store = SpawnStore(options.url)
     print(f"store: {store.safe_url} ({store.backend})")
     if not options.reuse:
-        build(store, options.jobs, options.tree_size, options.fanout, options.seed, options.running_hours)
+        build(store, options.jobs, options.tree_size, options.fanout, options.seed, options.running_hours,
+              options.span_hours)
     total = count_rows(store)
     print(f"jobs in store: {total:,}; big tree: {options.tree_size:,} nodes below {BIG_ROOT!r}")
     print()

@@ -1,7 +1,7 @@
 """Purge in a big store: its rate on its own, and what it costs a spawn load running beside it.
 
 The store is the one :mod:`benchmarks.cli_store` builds: trees of a root and 99
-children created evenly over the last 48 hours, each finished five seconds
+children created evenly over the last ``span_hours``, each finished five seconds
 after it began. A cutoff that leaves ``jobs`` of them older than it therefore
 selects about that many jobs for a purge.
 
@@ -53,11 +53,11 @@ class Latencies:
         return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
-def older_than_for(store_jobs: int, tree_size: int, jobs: int, already: int = 0) -> timedelta:
+def older_than_for(store_jobs: int, tree_size: int, span_hours: float, jobs: int, already: int = 0) -> timedelta:
     """The age beyond which about ``jobs`` more small-tree jobs lie, past the ``already`` oldest ones."""
     small_jobs = max(1, store_jobs - tree_size)
     share = min(1.0, (already + jobs) / small_jobs)
-    return timedelta(hours=48 * (1 - share))
+    return timedelta(hours=span_hours * (1 - share))
 
 
 def purge(store: SpawnStore, older_than: timedelta, batch_size: int) -> PurgeRun:

@@ -21,6 +21,8 @@ from .dialects import chunked
 
 #: Roots examined per candidate query.
 ROOT_PAGE = 500
+#: Ids per DELETE statement of a purge batch (fewer, longer statements: a purge is throughput work).
+DELETE_CHUNK = 2000
 
 
 @dataclasses.dataclass
@@ -118,9 +120,9 @@ class Retention(StoreBase):
                 .order_by(jobs.c.root_id, jobs.c.depth.desc(), jobs.c.id).limit(batch_size)
             ).all()
             ids = [row[0] for row in rows]
-            for chunk in chunked(ids):
-                deleted.edges += conn.execute(deps.delete().where(deps.c.job_id.in_(chunk))).rowcount or 0
-                deleted.edges += conn.execute(deps.delete().where(deps.c.depends_on_id.in_(chunk))).rowcount or 0
+            for chunk in chunked(ids, DELETE_CHUNK):
+                deleted.edges += conn.execute(deps.delete().where(
+                    sa.or_(deps.c.job_id.in_(chunk), deps.c.depends_on_id.in_(chunk)))).rowcount or 0
                 deleted.jobs += conn.execute(jobs.delete().where(jobs.c.id.in_(chunk))).rowcount or 0
             if len(rows) < batch_size:
                 done = list(still)  # every job of these trees is gone
@@ -134,9 +136,11 @@ class Retention(StoreBase):
                 done = touched
             rollups = s.task_rollups
             for chunk in chunked(done):
-                conn.execute(rollups.delete().where(
-                    rollups.c.operation_id.in_(sa.select(ops.c.id).where(ops.c.root_id.in_(chunk)))))
-                deleted.operations += conn.execute(ops.delete().where(ops.c.root_id.in_(chunk))).rowcount or 0
+                # the operations' ids first: MariaDB runs a DELETE with an IN (subquery) as a scan of the table
+                op_ids = list(conn.execute(sa.select(ops.c.id).where(ops.c.root_id.in_(chunk))).scalars())
+                for ids in chunked(op_ids):
+                    conn.execute(rollups.delete().where(rollups.c.operation_id.in_(ids)))
+                    deleted.operations += conn.execute(ops.delete().where(ops.c.id.in_(ids))).rowcount or 0
             deleted.trees = len(done)
         return deleted
 
