@@ -115,9 +115,11 @@ class Retention(StoreBase):
             still = self._still_expired(conn, roots, cutoff)
             if not still:
                 return deleted
+            # Deepest first, root by root; both descending, so that the index on (root_id, depth) read
+            # backwards gives the order and the LIMIT stops the read (a mixed order sorts every row of the roots).
             rows = conn.execute(
                 sa.select(jobs.c.id, jobs.c.root_id).where(jobs.c.root_id.in_(still))
-                .order_by(jobs.c.root_id, jobs.c.depth.desc(), jobs.c.id).limit(batch_size)
+                .order_by(jobs.c.root_id.desc(), jobs.c.depth.desc()).limit(batch_size)
             ).all()
             ids = [row[0] for row in rows]
             for chunk in chunked(ids, DELETE_CHUNK):
