@@ -61,7 +61,8 @@ class Completions(SpawnRecords):
                 .values(completed=True, state=final_state, finished_at=now, updated_at=now,
                         callback_state=s.CALLBACK_PENDING if with_callback else None, **rollup)
             ).rowcount)
-            if done and rollup:
+            if done and rollup:  # an operation completed again (reopened by recovery) replaces its rows
+                conn.execute(s.task_rollups.delete().where(s.task_rollups.c.operation_id == operation_id))
                 write_task_rollups(conn, s.operations.c.id == operation_id)
             return done
 
