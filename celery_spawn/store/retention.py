@@ -140,9 +140,9 @@ class Retention(StoreBase):
             for chunk in chunked(done):
                 # the operations' ids first: MariaDB runs a DELETE with an IN (subquery) as a scan of the table
                 op_ids = list(conn.execute(sa.select(ops.c.id).where(ops.c.root_id.in_(chunk))).scalars())
-                for ids in chunked(op_ids):
-                    conn.execute(rollups.delete().where(rollups.c.operation_id.in_(ids)))
-                    deleted.operations += conn.execute(ops.delete().where(ops.c.id.in_(ids))).rowcount or 0
+                for op_chunk in chunked(op_ids):
+                    conn.execute(rollups.delete().where(rollups.c.operation_id.in_(op_chunk)))
+                    deleted.operations += conn.execute(ops.delete().where(ops.c.id.in_(op_chunk))).rowcount or 0
             deleted.trees = len(done)
         return deleted
 
