@@ -93,7 +93,12 @@ def tree(ctx: click.Context, job_id: str, fmt: str, max_depth: int | None, full:
     from .. import render
     from ..store import queries
 
+    # Text reads flat rows and draws them as they are walked: no nested dicts for 100,000 nodes.
+    flat = fmt == "text" and not children_only
+
     def read(conn: Any, job: str) -> tuple[Any, list]:
+        if flat:
+            return queries.tree_rows(conn, job, max_depth=max_depth, full=full), []
         if not children_only:
             return queries.spawn_tree(conn, job, max_depth=max_depth, full=full), []
         start = job
@@ -118,12 +123,17 @@ def tree(ctx: click.Context, job_id: str, fmt: str, max_depth: int | None, full:
         fail_not_found("job", job_id, hint)
     if labelled is not None:
         note_label(job_id, labelled[0]["id"], labelled[1])
-    if children_only and fmt == "json":
+    color = use_colour(ctx)
+    if flat:
+        for chunk in render.tree_text_chunks(data.rows, data.start, data.hidden, color=color,
+                                             highlight=shown if full else None):
+            click.echo(chunk, nl=False, color=color)
+    elif children_only and fmt == "json":
         emit(ctx, render.to_json(rows))
     elif children_only and fmt == "text":
-        emit(ctx, render.jobs_text(rows, color=use_colour(ctx)))
+        emit(ctx, render.jobs_text(rows, color=color))
     else:
-        emit(ctx, render.render_tree(data, fmt, color=use_colour(ctx), highlight=shown if full else None))
+        emit(ctx, render.render_tree(data, fmt, color=color, highlight=shown if full else None))
 
 
 @spawn.command(cls=CeleryCommand)

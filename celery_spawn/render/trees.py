@@ -1,11 +1,11 @@
 """Trees for people and diagrams: text with guides, Mermaid and DOT, walked with an explicit stack."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from operator import itemgetter
 from typing import Any
 
-
-from .escape import printable
+from .escape import has_control, printable
 from .jsonout import tree_json
 from .style import DIAGRAM_FILLS, SHORT_ID, TREE_FORMATS, state_word, style
 
@@ -38,63 +38,139 @@ def tree_summary(tree: dict) -> dict:
 
 
 _TOP = object()  # the "parent queue" of the top node: never equal to a queue
+#: Lines per chunk :func:`tree_text_chunks` yields.
+CHUNK_LINES = 4096
+_SPAWN_ORDER = itemgetter(7, 0)  # position, then id
 
 
-def tree_text(tree: dict, *, color: bool = False, highlight: str | None = None, summary: bool = True,
-              cut_option: str = "--max-depth") -> str:
-    """A tree drawn with ``├──``/``└──`` glyphs: task name, state, id, and the queue where it changes.
+def _children_by_parent(rows: Iterable[tuple], start: str) -> tuple[tuple | None, dict[Any, list[tuple]]]:
+    """The top row and each parent's child rows in spawn order, from rows in no set order."""
+    top = None
+    kids: dict[Any, list[tuple]] = {}
+    unsorted = set()
+    for row in rows:
+        if row[0] == start:  # nobody's child, even below a corrupt parent_id cycle
+            top = row
+            continue
+        siblings = kids.get(row[1])
+        if siblings is None:
+            kids[row[1]] = [row]
+        else:
+            if siblings[-1][7] >= row[7]:
+                unsorted.add(row[1])
+            siblings.append(row)
+    for parent_id in unsorted:
+        kids[parent_id].sort(key=_SPAWN_ORDER)
+    return top, kids
 
-    One explicit stack whose items carry the line's glyphs and the prefix of the
-    node's children already built, so a node costs a few string joins (big
-    trees have 100,000 of them). A node cut off by the query ends with
-    "… N more (raise ``cut_option``)": the option of the command that drew it.
+
+def tree_text_chunks(rows: Iterable[tuple], start: str, hidden: Mapping[str, int] | None = None, *,
+                     color: bool = False, highlight: str | None = None, summary: bool = True,
+                     cut_option: str = "--max-depth") -> Iterator[str]:
+    """The text drawing of a tree given as flat rows, in chunks of lines (each ending with a newline).
+
+    ``rows`` are tuples ``(id, parent_id, task_name, state, depth, queue,
+    operation_id, position)`` in any order, as the store's ``tree_rows``
+    reads them, with unique ids; ``start`` is the top's id and ``hidden`` maps
+    a node cut off by a depth limit to its unread children. Lines are drawn
+    with ``├──``/``└──`` glyphs: task name, state, id, and the queue where it
+    changes; a node cut off ends with "… N more (raise ``cut_option``)", the
+    option of the command that drew it.
+
+    Nothing is nested: siblings are grouped by parent and walked with one
+    explicit stack whose items carry their line's lead and their children's
+    prefix, so a node costs a few string joins (big trees have 100,000). Without
+    colour, a chunk is checked for control characters once and escaped line by
+    line only when it holds one.
     """
+    hidden = hidden or {}
+    top, kids = _children_by_parent(rows, start)
+    if top is None:
+        return
     lines: list[str] = []
     add = lines.append
     jobs = hidden_total = 0
     states: dict[Any, int] = {}
-    top = deepest = tree.get("depth") or 0
-    # (node, its line's lead, its children's prefix, its parent's queue)
-    stack: list[tuple[dict, str, str, Any]] = [(tree, "", "", _TOP)]
+    first = deepest = top[4] or 0
+    stack: list[tuple[tuple, str, str, Any]] = [(top, "", "", _TOP)]  # (row, its lead, its children's prefix, ...)
     pop, push, extend = stack.pop, stack.append, stack.extend
     while stack:
-        node, lead, kid_prefix, parent_queue = pop()
-        state = node.get("state")
+        row, lead, kid_prefix, parent_queue = pop()
+        job, _parent, name, state, depth, queue, _operation, _position = row
         jobs += 1
-        states[state] = states.get(state, 0) + 1
-        depth = node.get("depth") or 0
-        if depth > deepest:
-            deepest = depth
-        name = printable(node.get("task_name") or "?")
-        if color:
-            parts = [style(name, color, bold=True) if parent_queue is _TOP else name, state_word(state, color),
-                     style(printable(node["id"]), color, dim=True)]
+        if state in states:
+            states[state] += 1
         else:
-            parts = [name, printable(state or "-"), printable(node["id"])]
-        queue = node.get("queue")
+            states[state] = 1
+        if depth is not None and depth > deepest:
+            deepest = depth
+        if color:
+            line = lead + "  ".join([
+                style(printable(name or "?"), color, bold=True) if parent_queue is _TOP else printable(name or "?"),
+                state_word(state, color), style(printable(job), color, dim=True)])
+        else:
+            line = f"{lead}{name or '?'}  {state or '-'}  {job}"
         if queue and queue != parent_queue:
-            parts.append(f"queue={printable(queue)}")
-        line = lead + "  ".join(parts)
-        if highlight is not None and node["id"] == highlight:
+            line += f"  queue={printable(queue) if color else queue}"
+        if highlight is not None and job == highlight:
             line += "  " + style("◀", color, bold=True)
         add(line)
-        hidden = node.get("hidden_children")
-        if hidden:
-            hidden_total += hidden
-            add(kid_prefix + "└── " + style(f"… {hidden} more (raise {cut_option})", color, dim=True))
-        kids = node.get("children")
-        if kids:
-            push((kids[-1], kid_prefix + "└── ", kid_prefix + "    ", queue))
-            if len(kids) > 1:
+        if hidden and job in hidden:
+            cut = hidden[job]
+            hidden_total += cut
+            add(kid_prefix + "└── " + style(f"… {cut} more (raise {cut_option})", color, dim=True))
+        children = kids.get(job)
+        if children:
+            push((children[-1], kid_prefix + "└── ", kid_prefix + "    ", queue))
+            if len(children) > 1:
                 mid, deeper = kid_prefix + "├── ", kid_prefix + "│   "
-                extend([(kid, mid, deeper, queue) for kid in kids[-2::-1]])
+                extend([(child, mid, deeper, queue) for child in children[-2::-1]])
+        if len(lines) >= CHUNK_LINES:
+            yield _chunk(lines, color)
+            lines.clear()
     if summary:
-        ordered = sorted(states.items(), key=lambda kv: str(kv[0]))
-        counts = ", ".join(f"{printable(state)} {n}" for state, n in ordered)
+        counts = ", ".join(f"{printable(state)} {n}" for state, n in sorted(states.items(), key=lambda kv: str(kv[0])))
         more = f", {hidden_total} more below" if hidden_total else ""
-        lines.append("")
-        lines.append(f"{jobs} jobs, {deepest - top + 1} levels{more} ({counts})")
-    return "\n".join(lines)
+        add("")
+        add(f"{jobs} jobs, {deepest - first + 1} levels{more} ({counts})")
+    if lines:
+        yield _chunk(lines, color)
+
+
+def _chunk(lines: list[str], color: bool) -> str:
+    """Lines as one text; with no colour (values drawn raw), any line holding a control character escaped."""
+    if not color and has_control("".join(lines)):
+        return "\n".join(map(printable, lines)) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def _flat_rows(tree: dict) -> tuple[list[tuple], dict[str, int]]:
+    """A nested tree as :func:`tree_text_chunks` rows (position: the index among siblings) and cut counts."""
+    rows: list[tuple] = []
+    hidden: dict[str, int] = {}
+    seen: set = set()
+    stack: list[tuple[dict, Any, int]] = [(tree, None, 0)]
+    while stack:
+        node, parent_id, index = stack.pop()
+        job: str = node["id"]
+        if job in seen:  # a repeated id (a corrupt cycle) is drawn once
+            continue
+        seen.add(job)
+        rows.append((job, parent_id, node.get("task_name"), node.get("state"), node.get("depth"), node.get("queue"),
+                     node.get("operation_id"), index))
+        if node.get("hidden_children"):
+            hidden[job] = node["hidden_children"]
+        stack.extend((kid, job, i) for i, kid in enumerate(node.get("children") or ()))
+    return rows, hidden
+
+
+def tree_text(tree: dict, *, color: bool = False, highlight: str | None = None, summary: bool = True,
+              cut_option: str = "--max-depth") -> str:
+    """A nested tree (``spawn_tree``, ``lineage_tree``) drawn as :func:`tree_text_chunks` draws rows."""
+    rows, hidden = _flat_rows(tree)
+    text = "".join(tree_text_chunks(rows, tree["id"], hidden, color=color, highlight=highlight,
+                                    summary=summary, cut_option=cut_option))
+    return text[:-1]
 
 
 def _mermaid_text(value: Any) -> str:

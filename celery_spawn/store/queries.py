@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import itertools
 import operator
 from collections.abc import Iterable, Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import schema as s
 from . import trees
-from .dialects import dialect_of
 from .labels import matches, resolve_operation
 from .rows import (  # noqa: F401  (re-exported: the faces read these limits from here)
     _FINAL, _OP_FINISHED, _UNDISPATCHED, DEFAULT_CHILDREN_LIMIT, DEFAULT_JOBS_PER_OPERATION, DEFAULT_LIMIT,
@@ -44,7 +42,8 @@ from .stats import (  # noqa: F401  (one read API)
 
 __all__ = [
     "DEFAULT_LIMIT", "MAX_LIMIT", "MAX_LEVELS", "JOB_FIELDS", "OPERATION_FIELDS",
-    "list_operations", "resolve_operation", "get_operation", "get_job", "parent", "spawn_tree", "children", "ancestors",
+    "list_operations", "resolve_operation", "get_operation", "get_job", "parent", "spawn_tree", "tree_rows", "TreeRows",
+    "children", "ancestors",
     "descendants", "stats", "pending", "find_kind", "progress", "backlog",
 ]
 
@@ -335,42 +334,46 @@ def _top_start(start: str) -> sa.Subquery:
     return sa.select(me.c.root_id, me.c.depth).where(me.c.id == start, is_top).subquery("tree_top")
 
 
-#: Rows per fetch when a tree streams from MySQL/MariaDB.
-_STREAM_ROWS = 1_000
+def _tuples(conn: Connection, query: sa.Select) -> list[tuple]:
+    """All rows of ``query`` as the driver's own tuples, with no :class:`~sqlalchemy.engine.Row` made for each.
 
-
-def _rows(conn: Connection, query: sa.Select) -> Iterable[Any]:
-    """All rows of ``query``; on MySQL/MariaDB streamed, so the server sends while Python nests.
-
-    mysqlclient otherwise receives and converts every row before the first one
-    is used; streamed (``mysql_use_result``), the server's index range and
-    row lookups overlap with the nesting here. psycopg2 would stream through a
-    named cursor, one round trip per fetch: slower, so PostgreSQL and SQLite
-    fetch everything at once.
+    For the tree's columns (text and integers) SQLAlchemy processes no value,
+    so the DBAPI cursor's rows are the result; building a ``Row`` for each of
+    100,000 nodes costs more than the server's whole index range.
     """
-    if dialect_of(conn).streams_reads:
-        result = conn.execute(query.execution_options(stream_results=True, max_row_buffer=_STREAM_ROWS))
-        return itertools.chain.from_iterable(result.partitions(_STREAM_ROWS))
-    return conn.execute(query).all()
+    result = conn.execute(query)
+    try:
+        return list(result.cursor.fetchall())
+    finally:
+        result.close()
 
 
-def spawn_tree(conn: Connection, job_id: str, *, max_depth: int | None = None, full: bool = False) -> dict | None:
-    """The spawn tree below ``job_id`` as nested dicts, or None when the job is unknown.
+class TreeRows(NamedTuple):
+    """A tree as the store reads it, before anything is nested.
 
-    Each node has :data:`TREE_FIELDS` but ``parent_id`` (``depth`` is the job's
-    depth from its root), ``children`` (in spawn order) and, for a node at
-    ``max_depth`` levels below the start whose children are cut off,
-    ``hidden_children`` (their count). ``full`` starts from the topmost recorded
-    ancestor instead.
+    ``rows`` are :data:`TREE_FIELDS` tuples with unique ids in no set order;
+    the one whose id is ``start`` is the tree's top. A row whose parent is not
+    among them stays detached (a root range may hold other recorded trees of
+    the same Celery workflow). ``hidden`` maps a node cut off by ``max_depth``
+    to the number of its children not read.
+    """
+
+    start: str
+    rows: list[tuple]
+    hidden: dict[str, int]
+
+
+def tree_rows(conn: Connection, job_id: str, *, max_depth: int | None = None, full: bool = False) -> TreeRows | None:
+    """The rows of the spawn tree below ``job_id`` (see :func:`spawn_tree`), or None when the job is unknown.
 
     Every job carries its tree's ``root_id`` and its ``depth`` (a child gets its
     parent's root and depth + 1 when it is recorded), so the tree of a top job
     (one without a recorded parent: what ``full`` and the usual ``tree ROOT``
     ask for) is one range scan of ``ix_spawn_jobs_root_depth``, whatever the
-    size of the table; rows of other trees of the same Celery workflow are left
-    detached when nesting. Below a top, the tree is a recursive walk over
+    size of the table. Below a top, the tree is a recursive walk over
     ``parent_id``. At most three statements (four for ``full`` below a corrupt
-    cycle); the rows are nested here, with no recursion.
+    cycle). A renderer that walks the rows itself (``celery spawn tree``'s
+    text) never pays for 100,000 nested dicts.
     """
     _non_negative("max_depth", max_depth)
     start = job_id
@@ -380,32 +383,51 @@ def spawn_tree(conn: Connection, job_id: str, *, max_depth: int | None = None, f
             return None
         start = found
     levels = _levels(max_depth)
-    fields = [_jobs.c[f] for f in TREE_FIELDS]
     top = _top_start(start)
-    by_root = (sa.select(*fields)
-               .join(top, sa.and_(_jobs.c.root_id == top.c.root_id, _jobs.c.depth >= top.c.depth,
-                                  _jobs.c.depth <= top.c.depth + levels)))
-    # No ORDER BY: sorting 100,000 rows costs the server more than sorting sibling lists here.
-    with _no_gc():
-        root, nodes = _nest(_rows(conn, by_root), start)
-        via_root = bool(nodes)
-        if not via_root:  # not a top (or unknown): walk down parent_id
-            walk = _down(start, levels, TREE_FIELDS, name="spawn_tree")
-            root, nodes = _nest(_unique(conn.execute(sa.select(*[walk.c[f] for f in TREE_FIELDS]))), start)
-    if root is None:
-        return None
+    # No ORDER BY: sorting 100,000 rows costs the server more than sorting sibling lists in Python.
+    rows = _tuples(conn, sa.select(*[_jobs.c[f] for f in TREE_FIELDS]).join(
+        top, sa.and_(_jobs.c.root_id == top.c.root_id, _jobs.c.depth >= top.c.depth,
+                     _jobs.c.depth <= top.c.depth + levels)))
+    via_root = bool(rows)
+    if not via_root:  # not a top (or unknown): walk down parent_id
+        walk = _down(start, levels, TREE_FIELDS, name="spawn_tree")
+        rows = list(_unique(_tuples(conn, sa.select(*[walk.c[f] for f in TREE_FIELDS]))))
+        if not rows:
+            return None
+    hidden: dict[str, int] = {}
     if max_depth is not None:
         if via_root:  # the level below the cut, by the same range
-            hidden = (sa.select(_jobs.c.parent_id, sa.func.count())
-                      .join(top, sa.and_(_jobs.c.root_id == top.c.root_id, _jobs.c.depth == top.c.depth + levels + 1))
-                      .group_by(_jobs.c.parent_id))
+            counted = (sa.select(_jobs.c.parent_id, sa.func.count())
+                       .join(top, sa.and_(_jobs.c.root_id == top.c.root_id,
+                                          _jobs.c.depth == top.c.depth + levels + 1))
+                       .group_by(_jobs.c.parent_id))
         else:
             cut = _down(start, levels, ("id",), name="spawn_cut")
-            hidden = (sa.select(_jobs.c.parent_id, sa.func.count())
-                      .join(cut, _jobs.c.parent_id == cut.c.id)
-                      .where(cut.c.level == levels)
-                      .group_by(_jobs.c.parent_id))
-        for parent_id, count in conn.execute(hidden):
-            if parent_id in nodes and count:
-                nodes[parent_id]["hidden_children"] = int(count)
+            counted = (sa.select(_jobs.c.parent_id, sa.func.count())
+                       .join(cut, _jobs.c.parent_id == cut.c.id)
+                       .where(cut.c.level == levels)
+                       .group_by(_jobs.c.parent_id))
+        ids = {row[0] for row in rows}
+        hidden = {parent_id: int(count) for parent_id, count in conn.execute(counted) if parent_id in ids and count}
+    return TreeRows(start, rows, hidden)
+
+
+def spawn_tree(conn: Connection, job_id: str, *, max_depth: int | None = None, full: bool = False) -> dict | None:
+    """The spawn tree below ``job_id`` as nested dicts, or None when the job is unknown.
+
+    Each node has :data:`TREE_FIELDS` but ``parent_id`` (``depth`` is the job's
+    depth from its root), ``children`` (in spawn order) and, for a node at
+    ``max_depth`` levels below the start whose children are cut off,
+    ``hidden_children`` (their count). ``full`` starts from the topmost recorded
+    ancestor instead. The rows come from :func:`tree_rows` and are nested here,
+    with no recursion; rows of other trees of the same Celery workflow are left
+    detached.
+    """
+    found = tree_rows(conn, job_id, max_depth=max_depth, full=full)
+    if found is None:
+        return None
+    with _no_gc():
+        root, nodes = _nest(found.rows, found.start)
+    for parent_id, count in found.hidden.items():
+        nodes[parent_id]["hidden_children"] = count
     return root

@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 from celery import Celery
 
-from celery_spawn import get_state, install
+from celery_spawn import get_state, install, render
 from celery_spawn.store import SpawnStore, queries
 from celery_spawn.store import schema as s
 from tests.harness import StoreBuilder
@@ -534,3 +534,24 @@ def test_statement_counts_do_not_grow_with_the_tree(store_url, tmp_path):
     assert results["tree_full"]["id"] == "big"
     assert len(results["children"]) == 2_000 + 2
     assert results["tree_cut"]["children"][0]["children"][0]["hidden_children"] == 1
+
+
+def test_tree_rows_are_the_flat_rows_spawn_tree_nests(store, tree):
+    """``tree_rows`` reads what ``spawn_tree`` nests; the text drawn from either is the same, cut or not."""
+    with store.read() as conn:
+        flat = queries.tree_rows(conn, "root")
+        assert queries.tree_rows(conn, "nope") is None and queries.tree_rows(conn, "nope", full=True) is None
+        for args in ({}, {"max_depth": 1}, {"max_depth": 0}, {"full": True}):
+            for start in ("root", "a", "a.0.0"):
+                found = queries.tree_rows(conn, start, **args)
+                nested = queries.spawn_tree(conn, start, **args)
+                drawn = "".join(render.tree_text_chunks(found.rows, found.start, found.hidden))
+                assert drawn[:-1] == render.tree_text(nested), (start, args)
+        cut = queries.tree_rows(conn, "root", max_depth=1)
+    assert flat.start == "root" and flat.hidden == {}
+    assert all(type(row) is tuple and len(row) == len(queries.TREE_FIELDS) for row in flat.rows)
+    by_id = {row[0]: dict(zip(queries.TREE_FIELDS, row)) for row in flat.rows}
+    assert sorted(by_id) == ["a", "a.0", "a.0.0", "a.1", "b", "c", "root"]
+    assert by_id["a.0.0"] == {"id": "a.0.0", "parent_id": "a.0", "task_name": "tests.child", "state": "succeeded",
+                              "depth": 3, "queue": "other", "operation_id": "op-a.0", "position": 0}
+    assert cut.hidden == {"a": 2}

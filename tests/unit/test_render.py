@@ -365,3 +365,30 @@ def test_monitor_text_escapes_control_characters(color):
     assert f"celery spawn monitor: sqlite:///{WRITTEN}, queue {WRITTEN}" in plain
     assert f"  op{WRITTEN}  " in plain and f"parent p{WRITTEN}" in plain
     assert f"store error: {WRITTEN}" in plain
+
+
+def test_text_from_flat_rows_in_any_order_and_in_chunks(tree, monkeypatch):
+    """Rows as the store reads them (no set order, siblings out of spawn order) draw the nested tree's text."""
+    rows = [("a.1", "a", "tests.child", "failed", 2, "other", "op", 1),
+            ("c", "root", "tests.child", "started", 1, "q", "op", 2),
+            ("a.0", "a", "tests.child", "succeeded", 2, "q", "op", 0),  # after its later sibling
+            ("elsewhere", "gone", "tests.other", "pending", 5, "q", "op", 0),  # detached: not drawn
+            ("b", "root", "tests.child", "pending", 1, "q", "op", 1),
+            ("root", None, "tests.parent", "succeeded", 0, "q", "op", 0),
+            ("a", "root", "tests.child", "succeeded", 1, "q", "op", 0)]
+    whole = render.tree_text(tree)
+    assert "".join(render.tree_text_chunks(rows, "root", {"c": 7})) == whole + "\n"
+    monkeypatch.setattr("celery_spawn.render.trees.CHUNK_LINES", 2)
+    chunks = list(render.tree_text_chunks(rows, "root", {"c": 7}))
+    assert len(chunks) > 3 and all(chunk.endswith("\n") for chunk in chunks)
+    assert "".join(chunks) == whole + "\n"
+    assert list(render.tree_text_chunks(rows, "missing")) == []
+
+
+def test_flat_rows_escape_control_characters_only_where_they_are(monkeypatch):
+    monkeypatch.setattr("celery_spawn.render.trees.CHUNK_LINES", 1)
+    rows = [("r", None, "tests.parent", "succeeded", 0, None, None, 0),
+            ("x", "r", HOSTILE, "failed", 1, None, None, 0)]
+    text = "".join(render.tree_text_chunks(rows, "r", summary=False))
+    assert text == f"tests.parent  succeeded  r\n└── {WRITTEN}  failed  x\n"
+    assert_clean(text)
