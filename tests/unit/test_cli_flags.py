@@ -147,3 +147,18 @@ def test_the_spinner_draws_only_on_a_terminal(monkeypatch, capsys):
         pass
     err = capsys.readouterr().err
     assert err.startswith("\rcounting ") and err.endswith("\r")
+
+
+def test_a_command_freezes_the_heap_at_exit_once(monkeypatch, tmp_path):
+    """The process ends with the command: the collector is spared teardown's passes, registered once only."""
+    import gc
+
+    from celery_spawn.cli import group
+
+    registered = []
+    monkeypatch.setattr(group, "_freezing", False)
+    monkeypatch.setattr(group.atexit, "register", registered.append)
+    url = f"sqlite:///{tmp_path / 'store.sqlite3'}"
+    invoke("--database-url", url, "migrate")
+    invoke("--database-url", url, "stats")
+    assert registered == [gc.freeze]
