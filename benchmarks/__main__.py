@@ -306,9 +306,11 @@ class Bench:
             cli_store.build(store, jobs // 10, tree // 10, 47, 7, span_hours=SPAN_HOURS)
             small_table = _small_tree_time(store)
             build = cli_store.build(store, jobs, tree, 47, 7, span_hours=SPAN_HOURS)
-            big_tree, statements, nested = cli_store.timed(
-                store, lambda c: queries.spawn_tree(c, cli_store.BIG_ROOT), self.rounds)
-            text = statistics.median(_seconds(lambda: render.tree_text(nested)) for _ in range(self.rounds))
+            big_tree, statements, flat = cli_store.timed(
+                store, lambda c: queries.tree_rows(c, cli_store.BIG_ROOT), self.rounds)
+            text = statistics.median(_seconds(lambda: list(render.tree_text_chunks(flat.rows, flat.start)))
+                                     for _ in range(self.rounds))
+            command = _tree_command_times(url, self.rounds + 2)
             stats, _, _ = cli_store.timed(store, lambda c: queries.stats(c, hours=24), self.rounds)
             detailed, _, _ = cli_store.timed(store, lambda c: queries.stats(c, hours=24, detailed=True),
                                              self.rounds)
@@ -322,6 +324,11 @@ class Bench:
             self.rows.append(Row("5 queries", f"tree of {tree:,} nodes, {size}", big_tree, None, "s",
                                  target=0.4, note=f"{statements} statements; text render {text:.3f}s more; "
                                                   f"store built in {build:.0f}s"))
+            self.rows.append(Row(
+                "5 queries", f"`celery spawn tree` of {tree:,} nodes, whole process, {label}",
+                command["tree"] - command["celery --help"], command["client"], "s", target=2.0,
+                note=f"tree {command['tree']:.3f}s less `celery --help` {command['celery --help']:.3f}s, "
+                     f"against {_client_name(url)} printing the same rows"))
             self.rows.append(Row("5 queries", f"stats --hours 24, {size}", stats, None, "s", target=0.1))
             self.rows.append(Row("5 queries", f"stats --hours 24 --detailed, {size}", detailed, None, "s",
                                  target=0.5))
@@ -377,6 +384,40 @@ def _small_tree_time(store) -> float:
                                                          s.jobs.c.id != cli_store.BIG_ROOT).limit(1)).scalar()
     seconds, _, _ = cli_store.timed(store, lambda c: queries.spawn_tree(c, root), 25)  # (milliseconds: many runs)
     return seconds
+
+
+def _client_name(url: str) -> str:
+    return "psql -qAt" if url.startswith("postgresql") else "mariadb -N -B"
+
+
+def _tree_command_times(url: str, rounds: int) -> dict[str, float]:
+    """Whole-process wall times, taking turns: ``celery spawn tree`` of the big tree, ``celery --help`` (what
+    every ``celery`` command pays to start) and the database's own client printing the same rows."""
+    import sqlalchemy as sa
+
+    from benchmarks import cli_store
+
+    where = sa.engine.make_url(url)
+    select = (f"SELECT id, parent_id, task_name, state, depth, queue, operation_id, position "
+              f"FROM spawn_jobs WHERE root_id = '{cli_store.BIG_ROOT}'")
+    if where.get_backend_name() == "postgresql":
+        client = ["psql", "-h", where.host or "127.0.0.1", "-p", str(where.port or 5432), "-U",
+                  where.username or "postgres", "-d", where.database or "", "-qAt", "-c", select]
+    else:
+        client = ["mariadb", "-h", where.host or "127.0.0.1", "-P", str(where.port or 3306), "-u",
+                  where.username or "root", "-D", where.database or "", "-N", "-B", "-e", select]
+    celery = [sys.executable, "-m", "celery"]
+    env = {**os.environ, "CELERY_SPAWN_DATABASE_URL": url}
+
+    def run(argv: list[str]) -> Callable[[], float]:
+        def once() -> float:
+            begin = time.perf_counter()
+            subprocess.run(argv, env=env, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+            return time.perf_counter() - begin
+        return once
+
+    return medians_taking_turns(rounds, {"tree": run([*celery, "spawn", "tree", cli_store.BIG_ROOT]),
+                                         "celery --help": run([*celery, "--help"]), "client": run(client)})
 
 
 def _mode(fast: bool) -> str:
