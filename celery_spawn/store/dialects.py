@@ -87,6 +87,9 @@ class Dialect:
         for chunk in chunked(rows):
             conn.execute(s.jobs.insert(), list(chunk))
 
+    #: Whether big reads are streamed from the server (rows arrive while Python works on the first).
+    streams_reads = False
+
     def seconds_between(self, start: Any, end: Any) -> sa.ColumnElement:
         """``end - start`` in seconds (float)."""
         return (sa.func.julianday(end) - sa.func.julianday(start)) * 86400.0
@@ -223,6 +226,8 @@ class MySQLDialect(Dialect):
 
     name = "mysql"
     skip_locked = True
+    #: mysqlclient otherwise receives and converts every row before the first one is used.
+    streams_reads = True
 
     def insert_ignore(self, table: sa.Table) -> sa.Insert:
         return table.insert().prefix_with("IGNORE")

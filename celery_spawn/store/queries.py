@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import operator
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import schema as s
 from . import trees
+from .dialects import dialect_of
 from .labels import matches, resolve_operation
 from .rows import (  # noqa: F401  (re-exported: the faces read these limits from here)
     _FINAL, _OP_FINISHED, _UNDISPATCHED, DEFAULT_CHILDREN_LIMIT, DEFAULT_JOBS_PER_OPERATION, DEFAULT_LIMIT,
@@ -334,16 +336,28 @@ def _top_start(start: str) -> sa.Subquery:
     return sa.select(me.c.root_id, me.c.depth).where(me.c.id == start, is_top).subquery("tree_top")
 
 
-def _tuples(conn: Connection, query: sa.Select) -> list[tuple]:
-    """All rows of ``query`` as the driver's own tuples, with no :class:`~sqlalchemy.engine.Row` made for each.
+#: Rows per fetch when a tree streams from MySQL/MariaDB.
+_STREAM_ROWS = 1_000
+
+
+def _tuples(conn: Connection, query: sa.Select) -> Iterable[tuple]:
+    """The rows of a tree's read: the driver's own tuples, or streamed rows on MySQL/MariaDB.
 
     For the tree's columns (text and integers) SQLAlchemy processes no value,
     so the DBAPI cursor's rows are the result; building a ``Row`` for each of
-    100,000 nodes costs more than the server's whole index range.
+    100,000 nodes costs more than PostgreSQL's whole index range. On
+    MySQL/MariaDB the rows stream (``mysql_use_result``) as SQLAlchemy rows:
+    the server's index range and row lookups overlap with whatever the caller
+    does with the first rows, which saves more than the rows cost. psycopg2
+    would stream through a named cursor, one round trip per fetch: slower, so
+    PostgreSQL and SQLite fetch everything at once.
     """
+    if dialect_of(conn).streams_reads:  # Rows here: the raw cursor would miss the row SQLAlchemy prefetches
+        streamed = conn.execute(query.execution_options(stream_results=True, max_row_buffer=_STREAM_ROWS))
+        return itertools.chain.from_iterable(streamed.partitions(_STREAM_ROWS))
     result = conn.execute(query)
     try:
-        return list(result.cursor.fetchall())
+        return result.cursor.fetchall()
     finally:
         result.close()
 
@@ -351,7 +365,8 @@ def _tuples(conn: Connection, query: sa.Select) -> list[tuple]:
 class TreeRows(NamedTuple):
     """A tree as the store reads it, before anything is nested.
 
-    ``rows`` are :data:`TREE_FIELDS` tuples with unique ids in no set order;
+    ``rows`` are :data:`TREE_FIELDS` tuples (tuple-like rows on MySQL/MariaDB)
+    with unique ids in no set order;
     the one whose id is ``start`` is the tree's top. A row whose parent is not
     among them stays detached (a root range may hold other recorded trees of
     the same Celery workflow). ``hidden`` maps a node cut off by ``max_depth``
@@ -363,17 +378,16 @@ class TreeRows(NamedTuple):
     hidden: dict[str, int]
 
 
-def tree_rows(conn: Connection, job_id: str, *, max_depth: int | None = None, full: bool = False) -> TreeRows | None:
-    """The rows of the spawn tree below ``job_id`` (see :func:`spawn_tree`), or None when the job is unknown.
+_Gathered = TypeVar("_Gathered")
 
-    Every job carries its tree's ``root_id`` and its ``depth`` (a child gets its
-    parent's root and depth + 1 when it is recorded), so the tree of a top job
-    (one without a recorded parent: what ``full`` and the usual ``tree ROOT``
-    ask for) is one range scan of ``ix_spawn_jobs_root_depth``, whatever the
-    size of the table. Below a top, the tree is a recursive walk over
-    ``parent_id``. At most three statements (four for ``full`` below a corrupt
-    cycle). A renderer that walks the rows itself (``celery spawn tree``'s
-    text) never pays for 100,000 nested dicts.
+
+def _read_tree(conn: Connection, job_id: str, max_depth: int | None, full: bool,
+               gather: Callable[[Iterable[tuple], str], tuple[_Gathered, Collection[str]]],
+               ) -> tuple[str, _Gathered, dict[str, int]] | None:
+    """The one read of a tree: (start, what ``gather`` made of the rows as they came, cut counts), or None.
+
+    ``gather`` takes the rows (streamed where the driver streams) and the start,
+    and returns what it built and the ids it saw.
     """
     _non_negative("max_depth", max_depth)
     start = job_id
@@ -385,15 +399,15 @@ def tree_rows(conn: Connection, job_id: str, *, max_depth: int | None = None, fu
     levels = _levels(max_depth)
     top = _top_start(start)
     # No ORDER BY: sorting 100,000 rows costs the server more than sorting sibling lists in Python.
-    rows = _tuples(conn, sa.select(*[_jobs.c[f] for f in TREE_FIELDS]).join(
+    gathered, ids = gather(_tuples(conn, sa.select(*[_jobs.c[f] for f in TREE_FIELDS]).join(
         top, sa.and_(_jobs.c.root_id == top.c.root_id, _jobs.c.depth >= top.c.depth,
-                     _jobs.c.depth <= top.c.depth + levels)))
-    via_root = bool(rows)
+                     _jobs.c.depth <= top.c.depth + levels))), start)
+    via_root = bool(ids)
     if not via_root:  # not a top (or unknown): walk down parent_id
         walk = _down(start, levels, TREE_FIELDS, name="spawn_tree")
-        rows = list(_unique(_tuples(conn, sa.select(*[walk.c[f] for f in TREE_FIELDS]))))
-        if not rows:
-            return None
+        gathered, ids = gather(_unique(_tuples(conn, sa.select(*[walk.c[f] for f in TREE_FIELDS]))), start)
+    if start not in ids:
+        return None
     hidden: dict[str, int] = {}
     if max_depth is not None:
         if via_root:  # the level below the cut, by the same range
@@ -407,9 +421,29 @@ def tree_rows(conn: Connection, job_id: str, *, max_depth: int | None = None, fu
                        .join(cut, _jobs.c.parent_id == cut.c.id)
                        .where(cut.c.level == levels)
                        .group_by(_jobs.c.parent_id))
-        ids = {row[0] for row in rows}
         hidden = {parent_id: int(count) for parent_id, count in conn.execute(counted) if parent_id in ids and count}
-    return TreeRows(start, rows, hidden)
+    return start, gathered, hidden
+
+
+def _listed(rows: Iterable[tuple], _start: str) -> tuple[list[tuple], set[str]]:
+    listed = list(rows)
+    return listed, {row[0] for row in listed}
+
+
+def _nested(rows: Iterable[tuple], start: str) -> tuple[tuple[dict | None, dict[str, dict]], dict[str, dict]]:
+    with _no_gc():
+        root, nodes = _nest(rows, start)
+    return (root, nodes), nodes
+
+
+def tree_rows(conn: Connection, job_id: str, *, max_depth: int | None = None, full: bool = False) -> TreeRows | None:
+    """The rows of the spawn tree below ``job_id`` (see :func:`spawn_tree`), or None when the job is unknown.
+
+    A renderer that walks the rows itself (``celery spawn tree``'s text) never
+    pays for 100,000 nested dicts.
+    """
+    found = _read_tree(conn, job_id, max_depth, full, _listed)
+    return None if found is None else TreeRows(*found)
 
 
 def spawn_tree(conn: Connection, job_id: str, *, max_depth: int | None = None, full: bool = False) -> dict | None:
@@ -419,15 +453,21 @@ def spawn_tree(conn: Connection, job_id: str, *, max_depth: int | None = None, f
     depth from its root), ``children`` (in spawn order) and, for a node at
     ``max_depth`` levels below the start whose children are cut off,
     ``hidden_children`` (their count). ``full`` starts from the topmost recorded
-    ancestor instead. The rows come from :func:`tree_rows` and are nested here,
-    with no recursion; rows of other trees of the same Celery workflow are left
-    detached.
+    ancestor instead.
+
+    Every job carries its tree's ``root_id`` and its ``depth`` (a child gets its
+    parent's root and depth + 1 when it is recorded), so the tree of a top job
+    (one without a recorded parent: what ``full`` and the usual ``tree ROOT``
+    ask for) is one range scan of ``ix_spawn_jobs_root_depth``, whatever the
+    size of the table; rows of other trees of the same Celery workflow are left
+    detached when nesting. Below a top, the tree is a recursive walk over
+    ``parent_id``. At most three statements (four for ``full`` below a corrupt
+    cycle); the rows are nested as they arrive, with no recursion.
     """
-    found = tree_rows(conn, job_id, max_depth=max_depth, full=full)
+    found = _read_tree(conn, job_id, max_depth, full, _nested)
     if found is None:
         return None
-    with _no_gc():
-        root, nodes = _nest(found.rows, found.start)
-    for parent_id, count in found.hidden.items():
+    _start, (root, nodes), hidden = found
+    for parent_id, count in hidden.items():
         nodes[parent_id]["hidden_children"] = count
     return root

@@ -549,8 +549,8 @@ def test_tree_rows_are_the_flat_rows_spawn_tree_nests(store, tree):
                 assert drawn[:-1] == render.tree_text(nested), (start, args)
         cut = queries.tree_rows(conn, "root", max_depth=1)
     assert flat.start == "root" and flat.hidden == {}
-    assert all(type(row) is tuple and len(row) == len(queries.TREE_FIELDS) for row in flat.rows)
-    by_id = {row[0]: dict(zip(queries.TREE_FIELDS, row)) for row in flat.rows}
+    assert all(len(row) == len(queries.TREE_FIELDS) for row in flat.rows)
+    by_id = {row[0]: dict(zip(queries.TREE_FIELDS, tuple(row))) for row in flat.rows}
     assert sorted(by_id) == ["a", "a.0", "a.0.0", "a.1", "b", "c", "root"]
     assert by_id["a.0.0"] == {"id": "a.0.0", "parent_id": "a.0", "task_name": "tests.child", "state": "succeeded",
                               "depth": 3, "queue": "other", "operation_id": "op-a.0", "position": 0}
