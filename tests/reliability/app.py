@@ -218,7 +218,12 @@ def make_reliability_app(broker: str, backend: str | None, database_url: str, qu
 
 def _from_environment() -> Celery:
     timeout = os.environ.get("SPAWN_TEST_VISIBILITY_TIMEOUT")
-    return make_reliability_app(**settings_from_environment(), visibility_timeout=float(timeout) if timeout else None)
+    app = make_reliability_app(**settings_from_environment(), visibility_timeout=float(timeout) if timeout else None)
+    redeliver_after = os.environ.get("SPAWN_TEST_REDELIVER_AFTER")
+    if redeliver_after:  # a test about something else than lost messages keeps the sweep out of its way
+        app.conf.spawn_redeliver_after = float(redeliver_after)
+        get_state(app).reload()
+    return app
 
 
 app = _from_environment()
