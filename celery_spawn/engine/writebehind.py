@@ -206,10 +206,19 @@ class WriteBehind:
                     logger.error("celery-spawn could not record %d tracking events (retrying in %gs): %s",
                                  len(batch), delay, exc)
                 attempt += 1
-                time.sleep(delay)
+                _pause(delay)
             except Exception as exc:  # a bug must not kill the thread and strand every later event
                 logger.exception("celery-spawn lost %d tracking events: %s", len(batch), exc)
                 return Written(set(), 0, ())
+
+
+def _pause(seconds: float) -> None:
+    """Wait before a retry. A sleep that fails (``EINVAL`` from a wrapped ``clock_nanosleep``, as under
+    libfaketime) ends the wait early instead of the writer thread, which would take its batch with it."""
+    try:
+        time.sleep(seconds)
+    except OSError as exc:
+        logger.debug("celery-spawn could not sleep %gs before a retry: %s", seconds, exc)
 
 
 class Written(NamedTuple):

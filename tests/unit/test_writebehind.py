@@ -202,6 +202,26 @@ def test_a_store_outage_delays_events_and_loses_none(caplog, monkeypatch):
     assert "***" in caplog.text
 
 
+def test_a_sleep_that_fails_between_retries_loses_no_event(monkeypatch):
+    # libfaketime's clock_nanosleep can answer EINVAL: the writer thread, and its batch, must outlive that
+    monkeypatch.setattr("celery_spawn.engine.writebehind.RETRY_DELAYS", (0.01, 0.02))
+    real_sleep = time.sleep
+    refused = []
+
+    def refusing(seconds):
+        if not refused:
+            refused.append(seconds)
+            raise OSError(22, "Invalid argument")
+        real_sleep(seconds)
+
+    monkeypatch.setattr("celery_spawn.engine.writebehind.time.sleep", refusing)
+    tracker = FlakyTracker(failures=2)
+    queue = WriteBehind(tracker)
+    queue.add(Event(FINISH, "a", state=s.SUCCEEDED))
+    assert tracker.done.wait(10)
+    assert refused and tracker.finished == ["a"] and tracker.checked == ["op"]
+
+
 def test_busy_writers_gather_bigger_batches(rig):
     app, parent = rig
     operation_id, children = spawn(app, parent, 40)
