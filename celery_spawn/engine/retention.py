@@ -93,10 +93,7 @@ class Purger:
             report.edges += deleted.edges
             if progress is not None and deleted.jobs:
                 progress(deleted.jobs)
-            if not deleted.jobs and not deleted.trees:
-                return  # what is left of these roots came alive, or is gone
-            if deleted.jobs < batch_size:
-                return  # the last batch of these roots
+            roots = deleted.remaining
 
 
 def purge(store: SpawnStore, expires: float, older_than: timedelta | float | str | None = None, *,

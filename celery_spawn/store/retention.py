@@ -33,12 +33,8 @@ class Deleted:
     operations: int = 0
     jobs: int = 0
     edges: int = 0
-
-    def add(self, other: Deleted) -> None:
-        self.trees += other.trees
-        self.operations += other.operations
-        self.jobs += other.jobs
-        self.edges += other.edges
+    #: The roots, in order, that :meth:`Retention.delete_trees` has yet to delete (or to look at).
+    remaining: list[str] = dataclasses.field(default_factory=list)
 
 
 class Retention(StoreBase):
@@ -100,51 +96,70 @@ class Retention(StoreBase):
         return operations, jobs
 
     def delete_trees(self, roots: Sequence[str], cutoff: datetime, batch_size: int) -> Deleted:
-        """Delete up to ``batch_size`` jobs of the trees of ``roots`` in one transaction.
+        """Delete the next whole trees of ``roots``, up to ``batch_size`` jobs, in one transaction.
 
-        The trees are checked again inside it (a tree that came alive or
-        finished too recently is left whole). A tree's operations go in the
-        transaction that deletes its last jobs; a tree larger than one batch
-        loses its deepest jobs first, over several calls, and stays a finished
-        tree until its operations go. Returns what went; ``jobs == 0`` with
-        ``trees == 0`` means nothing of ``roots`` is left to delete.
+        The batch is the trees, in the database's order of ``roots``, whose
+        jobs all fit in ``batch_size``: they go by ``root_id``, with their
+        edges, operations and rollups. When the first tree alone is larger, the
+        batch is its ``batch_size`` deepest jobs instead, and the tree keeps its
+        operations (it stays a finished tree) until a later call takes its last
+        jobs. The trees are checked again inside the transaction, and a tree
+        that came alive or finished too recently is left whole. Returns what
+        went, with the roots still to go in ``remaining``.
         """
-        jobs, ops, deps = s.jobs, s.operations, s.dependencies
+        jobs = s.jobs
         deleted = Deleted()
         with self.begin() as conn:
-            still = self._still_expired(conn, roots, cutoff)
+            self.dialect.relax_commit(conn)  # a batch lost in a crash comes back: the next purge takes it
+            # the next batch_size + 1 jobs' roots, in the database's order: one index-only range that stops there
+            seen = list(conn.execute(sa.select(jobs.c.root_id).where(jobs.c.root_id.in_(roots))
+                                     .order_by(jobs.c.root_id).limit(batch_size + 1)).scalars())
+            oversized = False
+            if len(seen) <= batch_size:
+                candidates = list(roots)  # every tree of roots fits: the jobless ones too
+            else:
+                candidates = list(dict.fromkeys(seen))[:-1]  # the last one is cut by the limit: not whole
+                if not candidates:  # one tree bigger than a batch: its deepest jobs
+                    candidates, oversized = [seen[0]], True
+            still = self._still_expired(conn, candidates, cutoff)
+            taken = set(candidates)
+            deleted.remaining = [root for root in roots if root not in taken]
             if not still:
                 return deleted
-            # Deepest first, root by root; both descending, so that the index on (root_id, depth) read
-            # backwards gives the order and the LIMIT stops the read (a mixed order sorts every row of the roots).
-            rows = conn.execute(
-                sa.select(jobs.c.id, jobs.c.root_id).where(jobs.c.root_id.in_(still))
-                .order_by(jobs.c.root_id.desc(), jobs.c.depth.desc()).limit(batch_size)
-            ).all()
-            ids = [row[0] for row in rows]
-            for chunk in chunked(ids, DELETE_CHUNK):
-                deleted.edges += conn.execute(deps.delete().where(
-                    sa.or_(deps.c.job_id.in_(chunk), deps.c.depends_on_id.in_(chunk)))).rowcount or 0
-                deleted.jobs += conn.execute(jobs.delete().where(jobs.c.id.in_(chunk))).rowcount or 0
-            if len(rows) < batch_size:
-                done = list(still)  # every job of these trees is gone
-            else:
-                # rows come root by root: every root before the last is whole; the last may have more jobs,
-                # and the roots after it were not reached. Trees keep their operations until their last job goes.
-                touched = list(dict.fromkeys(row[1] for row in rows))
-                last = touched.pop()
-                if conn.execute(sa.select(jobs.c.id).where(jobs.c.root_id == last).limit(1)).first() is None:
-                    touched.append(last)
-                done = touched
-            rollups = s.task_rollups
-            for chunk in chunked(done):
-                # the operations' ids first: MariaDB runs a DELETE with an IN (subquery) as a scan of the table
-                op_ids = list(conn.execute(sa.select(ops.c.id).where(ops.c.root_id.in_(chunk))).scalars())
-                for op_chunk in chunked(op_ids):
-                    conn.execute(rollups.delete().where(rollups.c.operation_id.in_(op_chunk)))
-                    deleted.operations += conn.execute(ops.delete().where(ops.c.id.in_(op_chunk))).rowcount or 0
-            deleted.trees = len(done)
+            if oversized:
+                return self._delete_deepest(conn, still[0], batch_size, deleted)
+            deleted.edges += self.dialect.delete_tree_edges(conn, still)
+            for chunk in chunked(still):
+                deleted.jobs += conn.execute(jobs.delete().where(jobs.c.root_id.in_(chunk))).rowcount or 0
+            self._delete_operations(conn, still, deleted)
         return deleted
+
+    def _delete_deepest(self, conn: Connection, root: str, batch_size: int, deleted: Deleted) -> Deleted:
+        """The ``batch_size`` deepest jobs of a tree too big for one batch; its operations with its last jobs."""
+        jobs, deps = s.jobs, s.dependencies
+        # deepest first: the index on (root_id, depth) read backwards, stopped by the LIMIT
+        ids = list(conn.execute(sa.select(jobs.c.id).where(jobs.c.root_id == root)
+                                .order_by(jobs.c.depth.desc()).limit(batch_size)).scalars())
+        for chunk in chunked(ids, DELETE_CHUNK):
+            deleted.edges += conn.execute(deps.delete().where(
+                sa.or_(deps.c.job_id.in_(chunk), deps.c.depends_on_id.in_(chunk)))).rowcount or 0
+            deleted.jobs += conn.execute(jobs.delete().where(jobs.c.id.in_(chunk))).rowcount or 0
+        if conn.execute(sa.select(jobs.c.id).where(jobs.c.root_id == root).limit(1)).first() is None:
+            self._delete_operations(conn, [root], deleted)
+        else:
+            deleted.remaining.insert(0, root)
+        return deleted
+
+    def _delete_operations(self, conn: Connection, roots: Sequence[str], deleted: Deleted) -> None:
+        """The operations and per-task rollups of trees whose jobs are gone: the trees are gone."""
+        ops, rollups = s.operations, s.task_rollups
+        for chunk in chunked(list(roots)):
+            # the operations' ids first: MariaDB runs a DELETE with an IN (subquery) as a scan of the table
+            op_ids = list(conn.execute(sa.select(ops.c.id).where(ops.c.root_id.in_(chunk))).scalars())
+            for op_chunk in chunked(op_ids):
+                conn.execute(rollups.delete().where(rollups.c.operation_id.in_(op_chunk)))
+                deleted.operations += conn.execute(ops.delete().where(ops.c.id.in_(op_chunk))).rowcount or 0
+        deleted.trees += len(roots)
 
     def _still_expired(self, conn: Connection, roots: Sequence[str], cutoff: datetime) -> list[str]:
         """Of ``roots``, in order, those whose trees still may go (the checks of :meth:`expired_roots`)."""

@@ -114,6 +114,46 @@ def test_small_batches_delete_big_trees_whole_in_the_end(store, builder):
         assert conn.execute(sa.select(sa.func.count()).select_from(s.operations)).scalar() == 0
 
 
+def test_batches_take_whole_trees_and_cut_only_a_tree_bigger_than_a_batch(store, builder):
+    at = builder.now - 40 * DAY
+    for root in ("a-small", "b-small", "d-small"):  # 1 + 3 + 2 = 6 jobs each
+        finished_tree(builder, root, age=40 * DAY)
+    builder.job("c-big", created=at, finished=at)  # 1 + 9 + 4 = 14 jobs: bigger than a batch of 8
+    kids = builder.spawn("c-big", 9, created=at, finished=at, op_state="succeeded")
+    builder.spawn(kids[2], 4, created=at, finished=at, op_state="succeeded")
+    builder.job("e-live", created=at, finished=at)  # vetoed inside the page: left whole, the rest goes on
+    builder.spawn("e-live", 2, created=at, finished=at, op_state="succeeded", states=["succeeded", "started"])
+    finished_tree(builder, "f-small", age=40 * DAY)
+    builder.flush()
+    roots = ["a-small", "b-small", "c-big", "d-small", "e-live", "f-small"]
+    batches = []
+    while roots:
+        deleted = store.delete_trees(roots, builder.now - 30 * DAY, batch_size=8)
+        batches.append((deleted.jobs, deleted.trees))
+        roots = deleted.remaining
+
+    assert all(jobs <= 8 for jobs, _ in batches)
+    assert sum(jobs for jobs, _ in batches) == 4 * 6 + 14 and sum(trees for _, trees in batches) == 5
+    assert (6, 1) in batches  # a small tree goes whole, never cut in two
+    assert rows_of(store, s.jobs, "e-live") == 3 and rows_of(store, s.operations, "e-live") == 1
+    assert orphans(store) == 0
+
+
+def test_edges_to_a_purged_tree_from_a_finished_tree_go_with_it(store, builder):
+    finished_tree(builder, "old", age=40 * DAY, nested=False)
+    at = builder.now - 2 * DAY
+    builder.job("later", created=at, finished=at)
+    builder.spawn("later", 1, created=at, finished=at, op_state="succeeded")
+    builder.depends("later.0", "old.2", satisfied=True)
+    builder.flush()
+
+    report = Purger(store).purge(30 * DAY)
+
+    assert (report.trees, report.edges) == (1, 2)
+    assert edges(store) == set() and rows_of(store, s.jobs, "later") == 2
+    assert orphans(store) == 0
+
+
 def test_a_dry_run_counts_and_deletes_nothing(store, builder):
     finished_tree(builder, "old", age=40 * DAY)
     builder.flush()
