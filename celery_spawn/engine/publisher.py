@@ -18,8 +18,10 @@ unchanged, and exchanges or connected publish signals through Celery's
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, Sequence
+import os
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from kombu.utils.json import loads
 
@@ -39,6 +41,10 @@ def decode_message(raw: str) -> dict[str, Any]:
 
 #: The header a message sent again by the recovery sweep carries (it may be a copy).
 _RECOVERED = {HEADER_RECOVERED: 1}
+#: Seconds an ``on_complete`` publish waits for an AMQP broker's confirm before it counts as not sent.
+CONFIRM_TIMEOUT = 10.0
+#: Connections with publisher confirms kept per process, for callbacks sent from several threads at once.
+CONFIRMING_CONNECTIONS = 4
 
 
 class Publisher:
@@ -46,6 +52,8 @@ class Publisher:
 
     def __init__(self, app: Celery) -> None:
         self.app = app
+        self._confirms: bool | None = None  # whether the broker confirms publishes (decided on first use)
+        self._confirming: tuple[int, Any] | None = None  # (pid, pool of connections with confirms)
 
     def publish(self, children: Sequence[dict]) -> list[str]:
         """Publish each row's message; returns the ids that reached the broker.
@@ -78,11 +86,42 @@ class Publisher:
         signature = child["signature"]
         stored = signature.options.get("headers") or {}
         headers = {**stored, **(self.headers(child) or {})}
-        options = {"headers": tracing.keep_for_sentry(headers)} if headers else {}
-        with tracing.restored(stored):
+        options: dict[str, Any] = {"headers": tracing.keep_for_sentry(headers)} if headers else {}
+        with tracing.restored(stored), self._confirmed() as connection:
+            if connection is not None:
+                options.update(connection=connection, confirm_timeout=CONFIRM_TIMEOUT)
             signature.apply_async(task_id=child["id"], parent_id=child["parent_id"], root_id=child["root_id"],
                                   **options)
         return child["id"]
+
+    @contextlib.contextmanager
+    def _confirmed(self) -> Iterator[Any]:
+        """A connection whose publishes wait for the broker's confirm, on AMQP brokers (else None).
+
+        An ``on_complete`` is recorded as sent once its publish returns, and
+        nothing sends it again. Without confirms, a publish into an AMQP
+        connection that stopped answering returns as soon as its bytes are
+        written, and the callback is lost with the connection. Redis answers
+        every command, so its publishes fail instead of vanishing. These
+        connections are kept apart from Celery's pool, whose publishes stay
+        unconfirmed (a child lost that way is sent again by the redelivery
+        sweep, as it never starts).
+        """
+        if self._confirms is None:
+            with self.app.connection_for_write() as probe:
+                self._confirms = getattr(probe.transport, "driver_name", None) == "py-amqp"
+        if not self._confirms or self.app.conf.task_always_eager:
+            yield None
+            return
+        if self._confirming is None or self._confirming[0] != os.getpid():  # (a forked pool process: its own)
+            connection = self.app.connection_for_write(transport_options={"confirm_publish": True})
+            self._confirming = (os.getpid(), connection.Pool(limit=CONFIRMING_CONNECTIONS))
+        with self._confirming[1].acquire(block=True) as connection:
+            try:
+                yield connection
+            except BaseException:
+                connection.close()  # a timed-out exchange leaves it out of step: the next use connects again
+                raise
 
     def _publish_messages(self, children: Sequence[dict]) -> list[str]:
         app = self.app

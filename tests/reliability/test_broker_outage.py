@@ -53,7 +53,7 @@ def broker_rig(request, postgres_url, shared_redis, tmp_path, start_worker):
         ensure_callback_table(app)
         worker = start_worker(backend, request.param)
         try:
-            yield request.param, app, worker, proxy, runs, lambda: start_worker(backend, "restarted")
+            yield request.param, app, worker, proxy, runs, lambda **kw: start_worker(backend, "restarted", **kw)
         finally:
             proxy.resume()
             proxy.stop()
@@ -113,3 +113,26 @@ def test_broker_cut_mid_spawn(broker_rig):
     time.sleep(2)
     assert len(callback_rows(app, operation_id)) == 1
     assert proxy.cuts == 1 and proxy.accepted > 1  # the worker did reconnect through the proxy
+
+
+@pytest.mark.parametrize("broker_rig", ["rabbitmq"], indirect=True)
+def test_an_on_complete_sent_into_a_hung_rabbitmq_arrives_once(broker_rig):
+    """The fault explorer's lost callbacks on RabbitMQ (seeds 1621, 1625, ...): without publisher confirms, an
+    ``on_complete`` published into a connection that had stopped answering was recorded as sent, and lost with
+    the connection. With confirms its publish fails, and the recovery sweep sends it once the broker is back."""
+    kind, app, worker, proxy, runs, restart = broker_rig
+    worker.stop()
+    restart(concurrency=1)  # one pool process: the one that published the child completes its operation
+    config = {"on_complete": dict(app.signature("tests.record_callback"))}
+    parent = app.signature("rel.fanout", kwargs={"count": 1, "child_pause": 3, "_spawn_config": config}).delay()
+    wait_for(lambda: body_runs(runs), 60, interval=0.05, what="the child to start")
+    proxy.hang()  # the child ends, and its operation completes, while the broker answers nothing
+    wait_for(lambda: (operation(app, parent.id) or {}).get("completed"), 60, what="the operation to complete")
+    time.sleep(3)  # its callback goes out into the hung connection
+    proxy.cut()  # the hang ends as a dead peer's does: the connections are reset
+    proxy.resume()
+    operation_id = default_operation_id(parent.id)
+    wait_for(lambda: callback_rows(app, operation_id), 120, what="the on_complete callback after the hang")
+    time.sleep(3)  # a second copy would show now
+    assert len(callback_rows(app, operation_id)) == 1
+    assert [r["state"] for r in children(app, parent.id)] == [s.SUCCEEDED]
