@@ -170,22 +170,30 @@ class Worker:
         except FileNotFoundError:
             return ""
 
-    def stop(self, timeout: float = 30) -> None:
+    def stop(self, timeout: float = 30, warm: bool = False) -> None:
+        """SIGTERM to the whole process group: pool processes die mid-task, as in a container's stop. ``warm``:
+        to the main process only, Celery's warm shutdown (running tasks finish first); the rest is killed after."""
         if self.proc is None or self.proc.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            if warm:
+                os.kill(self.proc.pid, signal.SIGTERM)
+            else:
+                os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.kill()
+            pass
+        self.kill()
         self._log.close()
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
+        """SIGKILL to the process group: the main process and whatever of its own outlived it."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 60, interval: float = 0.2, what: str = "condition"):
