@@ -173,19 +173,19 @@ class Worker:
     def stop(self, timeout: float = 30, warm: bool = False) -> None:
         """SIGTERM to the whole process group: pool processes die mid-task, as in a container's stop. ``warm``:
         to the main process only, Celery's warm shutdown (running tasks finish first); the rest is killed after."""
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            if warm:
-                os.kill(self.proc.pid, signal.SIGTERM)
-            else:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
-        self.kill()
-        self._log.close()
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                if warm:
+                    os.kill(self.proc.pid, signal.SIGTERM)
+                else:
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        self.kill()  # the main process, if still there, and any orphaned pool child of its group
+        if not self._log.closed:
+            self._log.close()
 
     def kill(self) -> None:
         """SIGKILL to the process group: the main process and whatever of its own outlived it."""

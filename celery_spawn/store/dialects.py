@@ -92,13 +92,17 @@ class Dialect:
 
     def delete_tree_edges(self, conn: Connection, roots: Sequence[str]) -> int:
         """Delete the dependency edges from or to a job of the trees of ``roots`` (before their jobs go)."""
-        deps, jobs = s.dependencies, s.jobs
+        deps = s.dependencies
         deleted = 0
         for chunk in chunked(roots):
-            of_trees = sa.select(jobs.c.id).where(jobs.c.root_id.in_(chunk))
-            for column in (deps.c.job_id, deps.c.depends_on_id):  # two statements: each one an index's semi-join
-                deleted += conn.execute(deps.delete().where(column.in_(of_trees))).rowcount or 0
+            for column in (deps.c.job_id, deps.c.depends_on_id):  # two statements: each one an index's
+                deleted += conn.execute(self._delete_edges_on(column, chunk)).rowcount or 0
         return deleted
+
+    def _delete_edges_on(self, column: sa.Column, roots: Sequence[str]) -> sa.Delete:
+        """Delete the edges whose ``column`` is a job of the trees of ``roots``: a semi-join."""
+        of_trees = sa.select(s.jobs.c.id).where(s.jobs.c.root_id.in_(roots))
+        return s.dependencies.delete().where(column.in_(of_trees))
 
     def seconds_between(self, start: Any, end: Any) -> sa.ColumnElement:
         """``end - start`` in seconds (float)."""
@@ -242,15 +246,9 @@ class MySQLDialect(Dialect):
     def insert_ignore(self, table: sa.Table) -> sa.Insert:
         return table.insert().prefix_with("IGNORE")
 
-    def delete_tree_edges(self, conn: Connection, roots: Sequence[str]) -> int:
+    def _delete_edges_on(self, column: sa.Column, roots: Sequence[str]) -> sa.Delete:
         # a join: MariaDB runs a DELETE with an IN (subquery) as a scan of the table it deletes from
-        deps, jobs = s.dependencies, s.jobs
-        deleted = 0
-        for chunk in chunked(roots):
-            for column in (deps.c.job_id, deps.c.depends_on_id):
-                deleted += conn.execute(deps.delete().where(column == jobs.c.id, jobs.c.root_id.in_(chunk))
-                                        ).rowcount or 0
-        return deleted
+        return s.dependencies.delete().where(column == s.jobs.c.id, s.jobs.c.root_id.in_(roots))
 
     def seconds_between(self, start: Any, end: Any) -> sa.ColumnElement:
         return self._microseconds(start, end) / 1000000.0

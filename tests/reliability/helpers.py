@@ -11,9 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import os
 import shutil
-import signal
 import subprocess
 import uuid
 from datetime import timezone
@@ -75,29 +73,9 @@ class RelWorker(Worker):
         super().__init__(backend, log_path, concurrency=concurrency, **kwargs)
         self.args[self.args.index("tests.app")] = RELIABILITY_APP
 
-    def stop(self, timeout: float = 30) -> None:
-        """Warm shutdown: SIGTERM to the main process alone (the pool's children follow it)."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout)
-        self.kill()  # the main process, if still there, and any orphaned pool child of its group
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        if not self._log.closed:
-            self._log.close()
-
-    def kill(self) -> None:
-        """SIGKILL the whole worker: main process and pool children at once."""
-        if self.proc is None:
-            return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(10)
+    def stop(self, timeout: float = 30, warm: bool = True) -> None:
+        """Warm shutdown by default: SIGTERM to the main process alone (the pool's children follow it)."""
+        super().stop(timeout, warm=warm)
 
     def pool_children(self) -> list[int]:
         """Pids of the prefork pool's processes."""
