@@ -9,8 +9,8 @@ if ! pkg-config --exists mysqlclient 2>/dev/null && ! pkg-config --exists mariad
 fi
 bash scripts/bootstrap.sh test,web,lint,psycopg,django,metrics,otel,sentry
 # Test modules run in SPAWN_TEST_PROCESSES processes (pytest-xdist, a module per process: its worker and
-# databases stay its own; most of the time is spent waiting on workers and servers); default 1: one process.
-processes="${SPAWN_TEST_PROCESSES:-1}"
+# databases stay its own; most of the time is spent waiting on workers and servers); default 3.
+processes="${SPAWN_TEST_PROCESSES:-3}"
 if [ "$processes" -gt 1 ]; then
     exec .venv/bin/python -m pytest -n "$processes" --dist loadfile "${@:-tests}"
 fi

@@ -4,11 +4,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -333,7 +335,33 @@ def libfaketime() -> str:
     pytest.skip(message)
 
 
+#: Sleeps that bypass libfaketime (see the file's comment); built once per source version.
+REAL_SLEEP_SOURCE = Path(__file__).with_name("realsleep.c")
+
+
+def real_sleep_library() -> str:
+    """Compile :data:`REAL_SLEEP_SOURCE` into a shared library, once, and return its path.
+
+    The file name carries the source's hash, and the library is renamed into place, so test
+    processes running side by side build it at most once each and never load half a file.
+    """
+    source = REAL_SLEEP_SOURCE.read_bytes()
+    digest = hashlib.sha256(source).hexdigest()[:16]
+    library = Path(tempfile.gettempdir()) / f"celery-spawn-realsleep-{digest}.so"
+    if not library.exists():
+        partial = library.with_name(f"{library.name}.{os.getpid()}.tmp")
+        subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(partial), str(REAL_SLEEP_SOURCE)],
+                       check=True, capture_output=True)
+        os.replace(partial, library)
+    return str(library)
+
+
 def fast_clock_env() -> dict[str, str]:
-    """Environment that runs a process (and its children) with a clock :data:`SKEW` ahead; monotonic stays true."""
-    return {"LD_PRELOAD": libfaketime(), "FAKETIME": f"+{int(SKEW.total_seconds())}s",
-            "DONT_FAKE_MONOTONIC": "1", "FAKETIME_DONT_RESET": "1"}
+    """Environment that runs a process (and its children) with a clock :data:`SKEW` ahead.
+
+    Only the wall clock moves: the monotonic clock stays true, and sleeps go to the kernel
+    unchanged (libfaketime's own ``clock_nanosleep`` fails them; see ``tests/realsleep.c``).
+    """
+    return {"LD_PRELOAD": f"{real_sleep_library()}:{libfaketime()}",
+            "FAKETIME": f"+{int(SKEW.total_seconds())}s",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_DONT_RESET": "1"}

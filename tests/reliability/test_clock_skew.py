@@ -4,7 +4,8 @@ The store takes every time it writes or compares from the database server's cloc
 (celery_spawn.store.clock), so the fast worker sees no live operation as stale: its
 recovery sweep republishes nothing, and every plain child runs exactly once. The
 fast clock is libfaketime's (Debian's ``faketime``), preloaded into the worker and
-its pool processes; the monotonic clock stays true, as Celery's timers need.
+its pool processes; the monotonic clock stays true, as Celery's timers need, and sleeps
+bypass libfaketime (tests/realsleep.c), whose own fail.
 
 On PostgreSQL (Redis broker) and on MariaDB (RabbitMQ broker). Short variant: 20 x 100;
 ``--run-slow``: 50 parents x 200 children.
@@ -12,7 +13,10 @@ On PostgreSQL (Redis broker) and on MariaDB (RabbitMQ broker). Short variant: 20
 from __future__ import annotations
 
 import collections
+import json
 import re
+import subprocess
+import sys
 import time
 from datetime import datetime, timedelta
 
@@ -81,6 +85,27 @@ def run_skewed_load(backend, start_worker, parents: int, per_parent: int, timeou
     republished = [line for text in logs.values() for line in text.splitlines()
                    if any(mark in line for mark in SWEEP_WORK)]
     assert republished == [], "\n".join(republished[:20])
+    assert "Errno 22" not in logs["fast"], "a sleep failed under the fast clock"
+
+
+PROBE = """
+import json, time
+wall, mono = time.time(), time.monotonic()
+time.sleep(0.2)
+print(json.dumps({"wall": wall, "mono": mono, "slept": time.monotonic() - mono}))
+"""
+
+
+def test_the_fast_clock_leads_by_the_skew_and_sleeps_for_real():
+    """The harness's fast clock: wall time ahead, monotonic true, ``time.sleep`` neither failing nor skipped."""
+    wall, mono = time.time(), time.monotonic()
+    probe = subprocess.run([sys.executable, "-c", PROBE], env={**fast_clock_env(), "PATH": "/usr/bin:/bin"},
+                           capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    seen = json.loads(probe.stdout)
+    assert abs(seen["wall"] - wall - SKEW.total_seconds()) < 30, seen
+    assert abs(seen["mono"] - mono) < 30, seen
+    assert 0.2 <= seen["slept"] < 5, seen
 
 
 def test_a_worker_with_a_fast_clock_republishes_nothing(load_backend, start_worker):
