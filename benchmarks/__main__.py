@@ -22,7 +22,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import redis
 
@@ -292,6 +292,14 @@ class Bench:
 
     # ---- case 5 ----------------------------------------------------------------------------
     def queries(self, pg_url: str, mysql_url: str | None) -> None:
+        for label, url in (("PostgreSQL", pg_url), ("MariaDB", mysql_url)):
+            if url is None:
+                continue
+            pool = self.args.mysql_buffer_pool if label == "MariaDB" else 0
+            with mysql_buffer_pool(url, pool):
+                self._queries_on(label, url, pool)
+
+    def _queries_on(self, label: str, url: str, buffer_pool: int) -> None:
         from benchmarks import cli_store
         from benchmarks import retention
         from celery_spawn import render
@@ -299,49 +307,47 @@ class Bench:
 
         jobs, tree = self.sizes["queries"]
         purged = self.sizes["purge"]
-        for label, url in (("PostgreSQL", pg_url), ("MariaDB", mysql_url)):
-            if url is None:
-                continue
-            store = SpawnStore(url)
-            cli_store.build(store, jobs // 10, tree // 10, 47, 7, span_hours=SPAN_HOURS)
-            small_table = _small_tree_time(store)
-            build = cli_store.build(store, jobs, tree, 47, 7, span_hours=SPAN_HOURS)
-            big_tree, statements, flat = cli_store.timed(
-                store, lambda c: queries.tree_rows(c, cli_store.BIG_ROOT), self.rounds)
-            text = statistics.median(_seconds(lambda: list(render.tree_text_chunks(flat.rows, flat.start)))
-                                     for _ in range(self.rounds))
-            command = _tree_command_times(url, self.rounds + 2)
-            stats, _, _ = cli_store.timed(store, lambda c: queries.stats(c, hours=24), self.rounds)
-            detailed, _, _ = cli_store.timed(store, lambda c: queries.stats(c, hours=24, detailed=True),
-                                             self.rounds)
-            big_table = _small_tree_time(store)
-            alone = retention.purge(store, retention.older_than_for(jobs, tree, SPAN_HOURS, purged), 2000)
-            baseline = retention.load_for(store, max(5.0, alone.seconds))
-            loaded, during = retention.purge_under_load(
-                store, retention.older_than_for(jobs, tree, SPAN_HOURS, purged, already=alone.jobs), 2000)
-            store.dispose()
-            size = f"{jobs:,} jobs, {label}"
-            self.rows.append(Row("5 queries", f"tree of {tree:,} nodes, {size}", big_tree, None, "s",
-                                 target=0.4, note=f"{statements} statements; text render {text:.3f}s more; "
-                                                  f"store built in {build:.0f}s"))
-            self.rows.append(Row(
-                "5 queries", f"`celery spawn tree` of {tree:,} nodes, whole process, {label}",
-                command["tree"] - command["celery --help"], command["client"], "s", target=2.0,
-                note=f"tree {command['tree']:.3f}s less `celery --help` {command['celery --help']:.3f}s, "
-                     f"against {_client_name(url)} printing the same rows"))
-            self.rows.append(Row("5 queries", f"stats --hours 24, {size}", stats, None, "s", target=0.1))
-            self.rows.append(Row("5 queries", f"stats --hours 24 --detailed, {size}", detailed, None, "s",
-                                 target=0.5))
-            self.rows.append(Row("5 queries", f"100-node tree in {jobs:,} vs {jobs // 10:,} rows, {label}",
-                                 big_table, small_table, "s", target=1.5,
-                                 note="ratio near 1: a fixed tree does not slow down as the table grows"))
-            self.rows.append(Row("6 purge", f"purge {alone.jobs:,} jobs of {size}, jobs/s", alone.rate,
-                                 None, "jobs/s", target=20_000, lower_is_better=False,
-                                 note=f"{alone.seconds:.1f}s"))
-            self.rows.append(Row("6 purge", f"spawn p99 during a purge of {loaded.jobs:,} jobs, {label}",
-                                 during.p99, baseline.p99, "s", target=2.0,
-                                 note=f"100-child spawns; median {during.median * 1000:.1f} vs "
-                                      f"{baseline.median * 1000:.1f} ms; purge {loaded.rate:,.0f} jobs/s under load"))
+        store = SpawnStore(url)
+        cli_store.build(store, jobs // 10, tree // 10, 47, 7, span_hours=SPAN_HOURS)
+        small_table = _small_tree_time(store)
+        build = cli_store.build(store, jobs, tree, 47, 7, span_hours=SPAN_HOURS)
+        big_tree, statements, flat = cli_store.timed(
+            store, lambda c: queries.tree_rows(c, cli_store.BIG_ROOT), self.rounds)
+        text = statistics.median(_seconds(lambda: list(render.tree_text_chunks(flat.rows, flat.start)))
+                                 for _ in range(self.rounds))
+        command = _tree_command_times(url, self.rounds + 2)
+        stats, _, _ = cli_store.timed(store, lambda c: queries.stats(c, hours=24), self.rounds)
+        detailed, _, _ = cli_store.timed(store, lambda c: queries.stats(c, hours=24, detailed=True),
+                                         self.rounds)
+        big_table = _small_tree_time(store)
+        alone = retention.purge(store, retention.older_than_for(jobs, tree, SPAN_HOURS, purged), 2000)
+        baseline = retention.load_for(store, max(5.0, alone.seconds))
+        loaded, during = retention.purge_under_load(
+            store, retention.older_than_for(jobs, tree, SPAN_HOURS, purged, already=alone.jobs), 2000)
+        store.dispose()
+        size = f"{jobs:,} jobs, {label}"
+        self.rows.append(Row("5 queries", f"tree of {tree:,} nodes, {size}", big_tree, None, "s",
+                             target=0.4, note=f"{statements} statements; text render {text:.3f}s more; "
+                                              f"store built in {build:.0f}s"
+                                              + (f"; InnoDB buffer pool {buffer_pool:,} MiB" if buffer_pool else "")))
+        self.rows.append(Row(
+            "5 queries", f"`celery spawn tree` of {tree:,} nodes, whole process, {label}",
+            command["tree"] - command["celery --help"], command["client"], "s", target=2.0,
+            note=f"tree {command['tree']:.3f}s less `celery --help` {command['celery --help']:.3f}s, "
+                 f"against {_client_name(url)} printing the same rows"))
+        self.rows.append(Row("5 queries", f"stats --hours 24, {size}", stats, None, "s", target=0.1))
+        self.rows.append(Row("5 queries", f"stats --hours 24 --detailed, {size}", detailed, None, "s",
+                             target=0.5))
+        self.rows.append(Row("5 queries", f"100-node tree in {jobs:,} vs {jobs // 10:,} rows, {label}",
+                             big_table, small_table, "s", target=1.5,
+                             note="ratio near 1: a fixed tree does not slow down as the table grows"))
+        self.rows.append(Row("6 purge", f"purge {alone.jobs:,} jobs of {size}, jobs/s", alone.rate,
+                             None, "jobs/s", target=20_000, lower_is_better=False,
+                             note=f"{alone.seconds:.1f}s"))
+        self.rows.append(Row("6 purge", f"spawn p99 during a purge of {loaded.jobs:,} jobs, {label}",
+                             during.p99, baseline.p99, "s", target=2.0,
+                             note=f"100-child spawns; median {during.median * 1000:.1f} vs "
+                                  f"{baseline.median * 1000:.1f} ms; purge {loaded.rate:,.0f} jobs/s under load"))
 
     # ---- output ----------------------------------------------------------------------------
     def report(self) -> None:
@@ -363,6 +369,33 @@ class Bench:
             "rows": [row.as_dict() for row in self.rows],
         }, indent=2))
         print(f"\nwritten to {out}")
+
+
+@contextlib.contextmanager
+def mysql_buffer_pool(url: str, mib: int) -> Iterator[None]:
+    """Size MariaDB's InnoDB buffer pool to ``mib`` MiB while the block runs, then restore it (0: leave it).
+
+    Debian's MariaDB keeps 128 MiB with ``O_DIRECT``: a 10,000,000-job store then reads most pages from the
+    disk, which measures the server's configuration more than the queries. A server that holds such a store
+    gives it gigabytes; the runner says which size it used.
+    """
+    import sqlalchemy as sa
+
+    if not mib:
+        yield
+        return
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            before = conn.execute(sa.text("SELECT @@innodb_buffer_pool_size")).scalar()
+            conn.execute(sa.text("SET GLOBAL innodb_buffer_pool_size = :size"), {"size": mib * 1024 * 1024})
+        print(f"MariaDB innodb_buffer_pool_size {int(before) // 2**20} MiB -> {mib} MiB for the query case",
+              flush=True)
+        yield
+    finally:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SET GLOBAL innodb_buffer_pool_size = :size"), {"size": before})
+        engine.dispose()
 
 
 def _seconds(fn: Callable[[], object]) -> float:
@@ -440,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one round (CI)")
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds after one warm-up (median)")
     parser.add_argument("--mysql", action="store_true", help="also run the query case on MariaDB")
+    parser.add_argument("--mysql-buffer-pool", type=int, default=4096, metavar="MIB",
+                        help="MariaDB's innodb_buffer_pool_size during the query case, restored after "
+                             "(default 4096; 0 keeps the server's)")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results.json"))
     args = parser.parse_args(argv)
     chosen = CASES if "all" in args.cases else tuple(args.cases)
