@@ -5,16 +5,16 @@ children created evenly over the last ``span_hours``, each finished five seconds
 after it began. A cutoff that leaves ``jobs`` of them older than it therefore
 selects about that many jobs for a purge.
 
-The spawn load records a 100-child spawn every ``interval`` seconds through the
-store calls a worker's spawn makes, in one transaction (the operation, its
+The spawn load, in a process of its own, records a 100-child spawn every ``interval``
+seconds through the store calls a worker's spawn makes, in one transaction (the operation, its
 parent's row, the children, the operation's total), and times each. It runs
 once with no purge and once while a purge runs, for as long as the purge
 takes, so both sets of latencies come from the same load against the same store.
 """
 from __future__ import annotations
 
+import multiprocessing
 import statistics
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -67,45 +67,65 @@ def purge(store: SpawnStore, older_than: timedelta, batch_size: int) -> PurgeRun
 
 
 class SpawnLoad:
-    """A steady spawn load in a thread: one recorded 100-child spawn per ``interval``."""
+    """A steady spawn load in a process of its own: one recorded 100-child spawn per ``interval``.
+
+    A process, as the workers that spawn are: a thread beside the purge would measure the GIL the two
+    share, not the database. The samples come back when the load stops.
+    """
 
     def __init__(self, store: SpawnStore, interval: float = 0.05) -> None:
-        self.store, self.interval = store, interval
+        context = multiprocessing.get_context("spawn")
         self.samples: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="spawn-load", daemon=True)
+        self._stop = context.Event()
+        self._ready = context.Event()
+        self._results, sender = context.Pipe(duplex=False)
+        self._process = context.Process(target=_spawn_loop, name="spawn-load", daemon=True,
+                                         args=(store.holder.url.render_as_string(hide_password=False), interval,
+                                               self._ready, self._stop, sender))
 
     def __enter__(self) -> SpawnLoad:
-        self._thread.start()
+        self._process.start()
+        if not self._ready.wait(120):
+            self._process.kill()
+            raise RuntimeError("the spawn load did not start")
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        self.samples = self._results.recv()
+        self._process.join()
 
-    def _run(self) -> None:
-        next_at = time.perf_counter()
-        while not self._stop.is_set():
-            begin = time.perf_counter()
-            self.spawn_once()
-            self.samples.append(time.perf_counter() - begin)
-            next_at += self.interval
-            self._stop.wait(max(0.0, next_at - time.perf_counter()))
 
-    def spawn_once(self) -> None:
-        store = self.store
-        now = s.utcnow()
-        parent = f"load-{uuid.uuid4().hex}"
-        operation = f"op-{parent}"
-        rng = cli_store.random.Random(parent)
-        children = [cli_store.job_row(f"{parent}.{i}", parent, parent, operation, i, 1, "bench.load", "load",
-                                      s.PENDING, now, rng) for i in range(SPAWN_CHILDREN)]
-        with store.begin() as conn:
-            store.insert_operation(conn, cli_store.op_row(operation, parent, parent, 0, "load", "load", children, now))
-            store.ensure_job(conn, cli_store.job_row(parent, None, parent, None, 0, 0, "bench.parent", "load",
-                                                     s.STARTED, now, rng))
-            store.insert_jobs(conn, children)
-            store.update_operation(conn, operation, total=SPAWN_CHILDREN, state=s.OP_RUNNING)
+def _spawn_loop(url: str, interval: float, ready, stop, results) -> None:
+    store = SpawnStore(url)
+    spawn_once(store)  # connected and warm before the timing starts
+    samples: list[float] = []
+    ready.set()
+    next_at = time.perf_counter()
+    while not stop.is_set():
+        begin = time.perf_counter()
+        spawn_once(store)
+        samples.append(time.perf_counter() - begin)
+        next_at += interval
+        stop.wait(max(0.0, next_at - time.perf_counter()))
+    results.send(samples)
+    store.dispose()
+
+
+def spawn_once(store: SpawnStore) -> None:
+    """One spawn's store calls: the operation, its parent's row, 100 children and the operation's total."""
+    now = s.utcnow()
+    parent = f"load-{uuid.uuid4().hex}"
+    operation = f"op-{parent}"
+    rng = cli_store.random.Random(parent)
+    children = [cli_store.job_row(f"{parent}.{i}", parent, parent, operation, i, 1, "bench.load", "load",
+                                  s.PENDING, now, rng) for i in range(SPAWN_CHILDREN)]
+    with store.begin() as conn:
+        store.insert_operation(conn, cli_store.op_row(operation, parent, parent, 0, "load", "load", children, now))
+        store.ensure_job(conn, cli_store.job_row(parent, None, parent, None, 0, 0, "bench.parent", "load",
+                                                 s.STARTED, now, rng))
+        store.insert_jobs(conn, children)
+        store.update_operation(conn, operation, total=SPAWN_CHILDREN, state=s.OP_RUNNING)
 
 
 def load_for(store: SpawnStore, seconds: float) -> Latencies:

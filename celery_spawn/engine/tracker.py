@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence, cast
 
 from celery.exceptions import Ignore, Reject
@@ -34,6 +35,9 @@ logger = logging.getLogger("celery_spawn.tracking")
 
 #: The states a first delivery may start from (a job already started is claimed by another delivery).
 _NOT_STARTED = tuple(state for state in STARTABLE if state != STARTED)
+#: Seconds a Celery retry that found its child started by another live process waits before it goes back to
+#: the broker (so that it does not spin while that run goes on).
+RETRY_RECHECK_PAUSE = 1.0
 
 #: Successes written together at most for which the dependents they release are published ahead of the write.
 PUBLISH_AHEAD = 8
@@ -128,15 +132,12 @@ class Tracker:
         self.liveness = Liveness(app)
 
     # ---- job transitions -------------------------------------------------------------------
-    def claim_start(self, job_id: str, may_restart: bool = True) -> bool:
-        """Mark a job started; False for a duplicate delivery, whose body must not run.
+    def claim_start(self, job_id: str) -> bool:
+        """Mark a job started; False when it has started or finished already (see :meth:`skip_duplicate`).
 
-        A job already finished is a duplicate. A job already *started* is one
-        too, unless ``may_restart`` (a Celery retry: the attempt before it has
-        ended). A job the store does not know (not recorded here) may run.
+        A job the store does not know (not recorded here) may run.
         """
-        startable = STARTABLE if may_restart else _NOT_STARTED
-        return self.store.claim_start(job_id, startable, self.worker) is not False
+        return self.store.claim_start(job_id, _NOT_STARTED, self.worker) is not False
 
     def retried(self, job_id: str, reason: Any) -> None:
         self.store.mark_retrying(job_id, error_text(reason))
@@ -283,8 +284,9 @@ class Tracker:
         Every SpawnTask child claims; any other child claims when its message
         may be a copy (see :mod:`~celery_spawn.engine.copies`). A job already
         final is never run again. A job already started is run again by a
-        copy only when the run that claimed it is gone (a crash), and by a
-        Celery retry of it.
+        copy, or by a Celery retry, only when the run that claimed it is gone
+        (a crash, or the attempt before the retry in this same process); a
+        retry that finds another live run's claim goes back to the broker.
         """
         request = task.request
         job_id = cast(str, request.id)  # a running task has one
@@ -298,9 +300,12 @@ class Tracker:
             logger.warning("skipping %s[%s]: a copy of a run that had succeeded (the result backend says so)",
                            task.name, request.id)
             raise Ignore()
-        if self.claim_start(job_id, may_restart=bool(request.retries) and not copy):
+        if self.claim_start(job_id):
             return
-        if copy:
+        # A Celery retry follows an attempt that has ended; a start it finds may still be that attempt's (its
+        # retry not recorded yet), or a copy's that runs now (a message sent twice): the claim tells them apart.
+        retry = bool(request.retries) and not copy
+        if copy or retry:
             state, claimed_by = self.store.claim_of(job_id)
             runs = self.liveness.still_runs(claimed_by, job_id, request.hostname) if state == STARTED else True
             if runs is None:
@@ -310,9 +315,18 @@ class Tracker:
                 raise Reject("the worker that claimed it cannot be asked", requeue=True)
             if state == STARTED and not runs:
                 if self.store.claim_start(job_id, (STARTED,), self.worker, taking_over=claimed_by):
-                    logger.warning("%s[%s] runs again: the run that claimed it (%s) is gone", task.name,
-                                   request.id, claimed_by)
+                    if copy:
+                        logger.warning("%s[%s] runs again: the run that claimed it (%s) is gone", task.name,
+                                       request.id, claimed_by)
                     return
+            if state == STARTED and retry:
+                # Another process's claim: a copy that runs now, or the attempt before whose retry the store has
+                # not heard yet (its write waits for the store). Either way the retry must not be lost: it goes
+                # back to the broker, after a pause, until that run has finished or its retry is recorded.
+                logger.warning("%s[%s] goes back to the broker: its retry found the child started by %s",
+                               task.name, request.id, claimed_by)
+                time.sleep(RETRY_RECHECK_PAUSE)
+                raise Reject("a retry of a child another run has started", requeue=True)
             if state == STARTED:
                 logger.warning("skipping %s[%s]: a copy of a child that still runs (on %s)", task.name,
                                request.id, claimed_by)

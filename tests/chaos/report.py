@@ -6,7 +6,7 @@ import datetime
 from pathlib import Path
 
 from tests.chaos.checker import ScheduleResult
-from tests.chaos.schedule import FAULT_KINDS, PENDING_FAULTS
+from tests.chaos.schedule import FAULT_KINDS
 
 DOCS = Path(__file__).resolve().parent.parent.parent / "docs" / "reliability.md"
 BEGIN = "<!-- chaos-explorer-table:begin -->"
@@ -50,7 +50,6 @@ def table(results: list[ScheduleResult], seed: int, when: datetime.date | None =
               f"Children whose body ran more than once before it succeeded (killed or cut mid-run): {reruns}; "
               f"children whose success only the result backend saw (killed between storing it and "
               f"`task_success`): {backend_only}; workers that exited by themselves and were restarted: {exits}.",
-              "Not injected yet: " + "; ".join(PENDING_FAULTS.values()) + ".",
               "Schedules with a problem: " + (", ".join(f"seed {seed}" for seed in failed) if failed else "none") + "."]
     return "\n".join(lines)
 

@@ -5,7 +5,8 @@ A rig is what one stack needs: a broker and a store, each behind a
 of its own, or its own queue on the shared RabbitMQ; a throwaway PostgreSQL
 or MariaDB database), a history database beside the store, and one prefork
 worker (concurrency 2) that is restarted at once when a fault kills it, as a
-supervisor would. Each schedule sends its root, injects its faults at their
+supervisor would; a ``clock-skew`` fault adds a second worker, its wall clock
+10 minutes ahead, for the fault's duration. Each schedule sends its root, injects its faults at their
 moments, heals everything (outages ended, a worker running and ready), waits
 for every operation of its tree to complete and every callback to run, then
 hands over to :mod:`tests.chaos.checker`.
@@ -33,13 +34,14 @@ from tests.chaos.checker import ScheduleResult, check, tree_operations
 from tests.chaos.schedule import (
     BROKER_CUT,
     BROKER_HANG,
+    CLOCK_SKEW,
     KILL_CHILD,
     KILL_WORKER,
     STORE_CUT,
     Fault,
     Schedule,
 )
-from tests.harness import AMQP_URL, REDIS_URL, ROOT, check_broker, throwaway_database
+from tests.harness import AMQP_URL, REDIS_URL, ROOT, check_broker, fast_clock_env, throwaway_database
 from tests.reliability.helpers import (
     RELIABILITY_APP,
     RelBackend,
@@ -84,8 +86,8 @@ class ChaosBackend(RelBackend):
 class ChaosWorker(RelWorker):
     """A ``celery -A tests.chaos.app worker`` that can be launched without waiting (its broker may be cut)."""
 
-    def __init__(self, backend: ChaosBackend, log_path: Path) -> None:
-        super().__init__(backend, log_path, concurrency=2)
+    def __init__(self, backend: ChaosBackend, log_path: Path, env: dict[str, str] | None = None) -> None:
+        super().__init__(backend, log_path, concurrency=2, env=env)
         self.args[self.args.index(RELIABILITY_APP)] = CHAOS_APP
 
     def launch(self) -> ChaosWorker:
@@ -118,6 +120,8 @@ class Rig:
         self.logs = logs
         self.say = say
         self.worker: ChaosWorker | None = None
+        #: The second worker of a ``clock-skew`` fault, its wall clock ahead (tests.harness.fast_clock_env).
+        self.skewed: ChaosWorker | None = None
         self.workers = 0
         #: Times the worker died without being killed (kombu's Redis transport can, on a lost connection).
         self.exits = 0
@@ -146,6 +150,17 @@ class Rig:
                      f"{self.worker.log_path.name}); starting another")
             self.launch_worker()
 
+    def launch_skewed_worker(self) -> None:
+        self.stop_skewed_worker()
+        log = self.logs / f"chaos-{self.stack}-{self.backend.queue}-w{self.workers}-skewed.log"
+        self.skewed = ChaosWorker(self.backend, log, env=fast_clock_env()).launch()
+
+    def stop_skewed_worker(self) -> None:
+        """A warm shutdown, as a deploy that retires a host: its tasks finish, its prefetched messages go back."""
+        if self.skewed is not None:
+            self.skewed.stop()
+            self.skewed = None
+
     def wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
@@ -164,6 +179,9 @@ class Rig:
             self.worker.kill()
             self.launch_worker()
             return True
+        if fault.kind == CLOCK_SKEW:
+            self.launch_skewed_worker()
+            return True
         if fault.kind == KILL_CHILD:
             forked = self.worker.pool_children() if self.worker and self.worker.alive() else []
             if not forked:
@@ -177,6 +195,9 @@ class Rig:
         return True
 
     def end_fault(self, fault: Fault) -> None:
+        if fault.kind == CLOCK_SKEW:
+            self.stop_skewed_worker()
+            return
         side = "broker" if fault.kind in (BROKER_CUT, BROKER_HANG) else "store"
         self._outages[side].remove(fault.kind)
         self._apply(side)
@@ -194,6 +215,7 @@ class Rig:
             proxy.hang()
 
     def heal(self) -> None:
+        self.stop_skewed_worker()
         for side, active in self._outages.items():
             active.clear()
             self._apply(side)
@@ -253,6 +275,7 @@ class Rig:
     def close(self) -> None:
         for proxy in self.proxies.values():
             proxy.resume()
+        self.stop_skewed_worker()
         if self.worker is not None:
             self.worker.stop()
         self.history.dispose()

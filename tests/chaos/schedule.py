@@ -19,12 +19,23 @@ BROKER_CUT = "broker-cut"        # every broker connection reset, new ones refus
 BROKER_HANG = "broker-hang"      # broker connections accepted and never answered, reset when the hang ends
 STORE_CUT = "store-cut"
 STORE_HANG = "store-hang"
-FAULT_KINDS = (KILL_WORKER, KILL_CHILD, BROKER_CUT, BROKER_HANG, STORE_CUT, STORE_HANG)
+CLOCK_SKEW = "clock-skew"        # a second worker whose wall clock runs SKEW ahead joins for ``duration`` seconds
+#: The kinds drawn one by one (1 to 4 per schedule).
+DRAWN_KINDS = (KILL_WORKER, KILL_CHILD, BROKER_CUT, BROKER_HANG, STORE_CUT, STORE_HANG)
+FAULT_KINDS = (*DRAWN_KINDS, CLOCK_SKEW)
 OUTAGES = frozenset({BROKER_CUT, BROKER_HANG, STORE_CUT, STORE_HANG})
-#: Faults the issue asks for that the explorer cannot inject yet, and what they wait for. A worker with a
-#: skewed clock needs the retention work's injectable clock; when it lands, add a ``clock-skew`` kind to
-#: FAULT_KINDS and have the runner start a worker with that clock offset (runner.apply_fault).
-PENDING_FAULTS = {"clock-skew": "a worker with a skewed clock (tested on its own: `test_clock_skew.py`)"}
+#: Faults that last ``duration`` seconds (the others are instants).
+LASTING = OUTAGES | {CLOCK_SKEW}
+#: Share of schedules with a skewed-clock worker, drawn from a generator of its own so that adding this
+#: fault left every earlier seed's tree and faults as they were.
+SKEW_SHARE = 0.3
+#: Stacks that get a skewed-clock worker. Not Redis: kombu's Redis transport hands unacknowledged messages out
+#: again by the clock of the worker that looks (``restore_visible``: older than ``visibility_timeout`` by its
+#: ``time()``), so a worker 10 minutes ahead redelivers every message the other worker holds. Children skip such
+#: copies; an ``on_complete`` runs again (docs/reliability.md, "Not guaranteed").
+SKEW_STACKS = ("amqp-mysql",)
+#: Shortest and longest stay of the skewed-clock worker, in seconds (its recovery sweep runs every 2 s).
+SKEW_SECONDS = (4.0, 12.0)
 
 #: Seconds after the root is sent within which faults start.
 FAULT_WINDOW = 6.0
@@ -79,12 +90,15 @@ def generate(seed: int, stack: str) -> Schedule:
         raise ValueError(f"unknown stack {stack!r}; known: {', '.join(STACKS)}")
     rng = random.Random(seed)
     plan = make_plan(rng, depth=0, budget=[MAX_CHILDREN])
-    faults = tuple(sorted((make_fault(rng) for _ in range(rng.randint(1, 4))), key=lambda f: f.at))
-    return Schedule(seed, stack, plan, faults)
+    faults = [make_fault(rng) for _ in range(rng.randint(1, 4))]
+    skew = random.Random(f"clock-skew {seed}")
+    if skew.random() < SKEW_SHARE and stack in SKEW_STACKS:
+        faults.append(Fault(round(skew.uniform(0, FAULT_WINDOW), 2), CLOCK_SKEW, round(skew.uniform(*SKEW_SECONDS), 2)))
+    return Schedule(seed, stack, plan, tuple(sorted(faults, key=lambda f: f.at)))
 
 
 def make_fault(rng: random.Random) -> Fault:
-    kind = rng.choice(FAULT_KINDS)
+    kind = rng.choice(DRAWN_KINDS)
     duration = round(rng.uniform(*OUTAGE_SECONDS), 2) if kind in OUTAGES else 0.0
     return Fault(round(rng.uniform(0, FAULT_WINDOW), 2), kind, duration)
 

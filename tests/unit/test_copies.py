@@ -28,11 +28,11 @@ def guarded(request, store_url):
     get_state(app).store.dispose()
 
 
-def deliver(child, job, *, redelivered=False, recovered=False, node=NODE):
+def deliver(child, job, *, redelivered=False, recovered=False, node=NODE, retries=0):
     """Run ``child``'s call path for one delivery of ``job``, as the worker's tracer would."""
     headers = {HEADER_OPERATION: job["operation_id"], **({HEADER_RECOVERED: 1} if recovered else {})}
     child.push_request(id=job["id"], called_directly=False, delivery_info={"redelivered": redelivered},
-                       headers=headers, hostname=node, retries=0)
+                       headers=headers, hostname=node, retries=retries)
     copies.entered(job["id"])
     try:
         return child(job["position"])
@@ -123,6 +123,54 @@ def test_a_copy_goes_back_to_the_broker_while_the_claiming_worker_cannot_be_aske
     monkeypatch.setattr(app.control, "ping", lambda destination, timeout: [])  # reachable now: silence
     assert deliver(child, job, redelivered=True) == 1  # the unknown answer was not cached
     assert runs == [0]
+
+
+@pytest.fixture()
+def spawntask_child(store_url, monkeypatch):
+    from celery_spawn.engine import tracker
+
+    monkeypatch.setattr(tracker, "RETRY_RECHECK_PAUSE", 0)
+    app, parent, child, runs = tracked_app(store_url, spawned_children=True)
+    yield app, parent, child, runs
+    get_state(app).store.dispose()
+
+
+def test_a_retry_never_runs_beside_a_copy_that_runs_in_another_process(spawntask_child):
+    """A child sent twice (a scheduler's publish whose mark was lost): one message's first attempt waited for
+    the store and retried; the other copy started meanwhile. The retry goes back to the broker, and runs only
+    once that copy is gone."""
+    app, parent, child, runs = spawntask_child
+    [job] = spawned(app, parent)
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        set_claim(app, job["id"], s.STARTED, f"{NODE}/{sibling.pid}")
+        with pytest.raises(Reject) as rejected:
+            deliver(child, job, retries=1)
+        assert rejected.value.requeue
+        assert runs == []
+    finally:
+        sibling.kill()
+        sibling.wait()
+    assert deliver(child, job, retries=1) == 1  # that run is gone: the retry runs
+    assert runs == [0]
+
+
+def test_a_retry_runs_after_its_own_attempt_or_a_recorded_retry(spawntask_child):
+    app, parent, child, runs = spawntask_child
+    first, second = spawned(app, parent, 2)
+    set_claim(app, first["id"], s.STARTED, f"{NODE}/{os.getpid()}")  # the attempt before, in this process
+    assert deliver(child, first, retries=1) == 1
+    set_claim(app, second["id"], s.RETRYING, f"{NODE}/{os.getpid() + 1}")
+    assert deliver(child, second, retries=3) == 2
+    assert runs == [0, 1]
+
+
+def test_a_retry_of_a_finished_child_never_runs(spawntask_child):
+    app, parent, child, runs = spawntask_child
+    [job] = spawned(app, parent)
+    set_claim(app, job["id"], s.SUCCEEDED, f"{NODE}/{os.getpid()}")
+    assert deliver(child, job, retries=1) == "ignored"
+    assert runs == []
 
 
 def test_first_deliveries_do_not_claim_in_the_task_path(store_url):
