@@ -286,7 +286,7 @@ class Tracker:
         final is never run again. A job already started is run again by a
         copy, or by a Celery retry, only when the run that claimed it is gone
         (a crash, or the attempt before the retry in this same process); a
-        retry that finds another live run's claim goes back to the broker.
+        retry that finds another live run's claim goes back to the broker once.
         """
         request = task.request
         job_id = cast(str, request.id)  # a running task has one
@@ -321,8 +321,8 @@ class Tracker:
                     return
             if state == STARTED and retry:
                 # Another process's claim: a copy that runs now, or the attempt before whose retry the store has
-                # not heard yet (its write waits for the store). Either way the retry must not be lost: it goes
-                # back to the broker, after a pause, until that run has finished or its retry is recorded.
+                # not heard yet (its write waits for the store). The retry goes back to the broker after a pause
+                # (for the claim to change), and comes back as a copy, judged as copies are.
                 logger.warning("%s[%s] goes back to the broker: its retry found the child started by %s",
                                task.name, request.id, claimed_by)
                 time.sleep(RETRY_RECHECK_PAUSE)
