@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 
-from celery_spawn.engine.retention import Purger
+from celery_spawn.engine.retention import DEFAULT_PAUSE_RATIO, Purger
 from celery_spawn.store import SpawnStore
 from celery_spawn.store import schema as s
 
@@ -60,9 +60,10 @@ def older_than_for(store_jobs: int, tree_size: int, span_hours: float, jobs: int
     return timedelta(hours=span_hours * (1 - share))
 
 
-def purge(store: SpawnStore, older_than: timedelta, batch_size: int) -> PurgeRun:
+def purge(store: SpawnStore, older_than: timedelta, batch_size: int,
+          pause_ratio: float = DEFAULT_PAUSE_RATIO) -> PurgeRun:
     begin = time.perf_counter()
-    report = Purger(store).purge(older_than, batch_size=batch_size)
+    report = Purger(store).purge(older_than, batch_size=batch_size, pause_ratio=pause_ratio)
     return PurgeRun(report.jobs, time.perf_counter() - begin)
 
 
@@ -73,7 +74,7 @@ class SpawnLoad:
     share, not the database. The samples come back when the load stops.
     """
 
-    def __init__(self, store: SpawnStore, interval: float = 0.05) -> None:
+    def __init__(self, store: SpawnStore, interval: float = 0.02) -> None:
         context = multiprocessing.get_context("spawn")
         self.samples: list[float] = []
         self._stop = context.Event()
@@ -135,8 +136,9 @@ def load_for(store: SpawnStore, seconds: float) -> Latencies:
     return Latencies(load.samples)
 
 
-def purge_under_load(store: SpawnStore, older_than: timedelta, batch_size: int) -> tuple[PurgeRun, Latencies]:
+def purge_under_load(store: SpawnStore, older_than: timedelta, batch_size: int,
+                     pause_ratio: float = DEFAULT_PAUSE_RATIO) -> tuple[PurgeRun, Latencies]:
     with SpawnLoad(store) as load:
         time.sleep(0.5)  # the load is steady before the purge begins
-        run = purge(store, older_than, batch_size)
+        run = purge(store, older_than, batch_size, pause_ratio)
     return run, Latencies(load.samples)

@@ -5,6 +5,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from .handlers import SpawnManager
+from .settings import DEFAULT_PURGE_BATCH_SIZE, DEFAULT_PURGE_PAUSE_RATIO
 from .state import SpawnState, attach_state, get_state, peek_state
 
 if TYPE_CHECKING:
@@ -39,9 +40,10 @@ def register_tasks(app: Celery) -> None:
     """Register ``celery_spawn.purge_expired``: :func:`celery_spawn.purge` with the app's ``spawn_expires``."""
 
     @app.task(name=PURGE_TASK, shared=False)
-    def purge_expired() -> dict[str, Any]:
+    def purge_expired(batch_size: int = DEFAULT_PURGE_BATCH_SIZE,
+                      pause_ratio: float = DEFAULT_PURGE_PAUSE_RATIO) -> dict[str, Any]:
         """Delete the finished trees older than ``spawn_expires`` (schedule it with Celery beat)."""
         from .engine.retention import purge
 
         state = get_state(app)
-        return purge(state.store, state.settings.expires)
+        return purge(state.store, state.settings.expires, batch_size=batch_size, pause_ratio=pause_ratio)

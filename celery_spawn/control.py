@@ -6,6 +6,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from .engine.completion import completion_task_id
+from .settings import DEFAULT_PURGE_BATCH_SIZE, DEFAULT_PURGE_PAUSE_RATIO
 from .state import get_state
 
 if TYPE_CHECKING:
@@ -73,8 +74,9 @@ def sweep(app: Celery, grace_seconds: float | None = None, limit: int = 50,
     return get_state(app).sweeper.sweep(grace_seconds, limit, redeliver_after)
 
 
-def purge(app: Celery, older_than: timedelta | float | str | None = None, *, batch_size: int = 2000,
-          dry_run: bool = False) -> dict[str, Any]:
+def purge(app: Celery, older_than: timedelta | float | str | None = None, *,
+          batch_size: int = DEFAULT_PURGE_BATCH_SIZE, dry_run: bool = False,
+          pause_ratio: float = DEFAULT_PURGE_PAUSE_RATIO) -> dict[str, Any]:
     """Delete the trees that finished more than ``older_than`` ago (default: the app's ``spawn_expires``).
 
     A tree (every operation and job under one root) goes only when all its
@@ -83,7 +85,9 @@ def purge(app: Celery, older_than: timedelta | float | str | None = None, *, bat
     its jobs; its operations, jobs and dependency edges go together.
     ``older_than`` is a ``timedelta``, seconds, or text such as ``"30d"``.
     Deletes run in transactions of at most ``batch_size`` jobs, so spawns and
-    tracking go on meanwhile. With ``spawn_expires`` 0 (or None) and no
+    tracking go on meanwhile, and after each one the purge rests
+    ``pause_ratio`` times as long as it took (0: full speed; the default 1
+    leaves the database half its time). With ``spawn_expires`` 0 (or None) and no
     ``older_than``, nothing is purged. Returns the counts (``trees``,
     ``operations``, ``jobs``, ``dependencies``), the ``cutoff`` (UTC, on the
     database's clock) and ``dry_run``; with ``dry_run`` nothing is deleted.
@@ -91,5 +95,6 @@ def purge(app: Celery, older_than: timedelta | float | str | None = None, *, bat
     from .engine.retention import purge as purge_trees
 
     state = get_state(app)
-    return purge_trees(state.store, state.settings.expires, older_than, batch_size=batch_size, dry_run=dry_run)
+    return purge_trees(state.store, state.settings.expires, older_than, batch_size=batch_size, dry_run=dry_run,
+                       pause_ratio=pause_ratio)
 

@@ -28,6 +28,9 @@ from .dburl import DJANGO_APP, django_database_url, mask_password
 DEFAULT_DATABASE_URL = "sqlite:///celery_spawn.sqlite3"
 #: ``spawn_expires``: finished trees are kept 30 days, as Celery keeps results a day by default.
 DEFAULT_EXPIRES = 30 * 86_400.0
+#: A purge's jobs per transaction, and the rest after each step as a multiple of the step's time.
+DEFAULT_PURGE_BATCH_SIZE = 2000
+DEFAULT_PURGE_PAUSE_RATIO = 1.0
 ENV_PREFIX = "CELERY_SPAWN_"
 CONF_PREFIX = "spawn_"
 #: What SQLAlchemy's ``make_url`` accepts as the start of a URL: ``name[+driver]://``.

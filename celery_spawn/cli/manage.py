@@ -25,6 +25,7 @@ from ..options import (
     store_options,
     user_app,
 )
+from ..settings import DEFAULT_PURGE_BATCH_SIZE, DEFAULT_PURGE_PAUSE_RATIO
 from .group import spawn
 from .progress import on_terminal, working
 
@@ -165,14 +166,18 @@ def _canceller(ctx: click.Context, app: Any, database_url: str | None) -> Iterat
               help="Purge trees whose last operation finished longer ago than this: 30d, 12h, 90m or seconds "
                    "(default: the app's spawn_expires, env CELERY_SPAWN_EXPIRES; 30 days unless set).")
 @click.option("--dry-run", is_flag=True, help="Only count what would go.")
-@click.option("--batch-size", type=click.IntRange(min=1, max=100_000), default=2000, show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1, max=100_000), default=DEFAULT_PURGE_BATCH_SIZE,
+              show_default=True,
               help="Jobs deleted per transaction (short transactions let spawns and tracking go on).")
+@click.option("--pause-ratio", type=FiniteFloatRange(min=0, max=100), default=DEFAULT_PURGE_PAUSE_RATIO,
+              show_default=True,
+              help="After each batch, rest this many times as long as the batch took (0: full speed).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation on a terminal.")
 @format_option(("text", "json"))
 @store_options
 @click.pass_context
-def purge(ctx: click.Context, older_than: float | None, dry_run: bool, batch_size: int, yes: bool, fmt: str,
-          database_url: str | None) -> None:
+def purge(ctx: click.Context, older_than: float | None, dry_run: bool, batch_size: int, pause_ratio: float,
+          yes: bool, fmt: str, database_url: str | None) -> None:
     """Delete finished trees older than a duration: their operations, jobs and dependency edges.
 
     A tree (everything under one root job) goes only when every operation in
@@ -206,7 +211,7 @@ def purge(ctx: click.Context, older_than: float | None, dry_run: bool, batch_siz
                 click.confirm(f"Delete {_count(plan.trees, 'finished tree', 'finished trees')} "
                               f"({_count(plan.jobs, 'job', 'jobs')}) from {store.safe_url}?", abort=True)
             with _purge_progress(plan.jobs) as advance:
-                report = purger.purge(age, batch_size=batch_size, progress=advance)
+                report = purger.purge(age, batch_size=batch_size, pause_ratio=pause_ratio, progress=advance)
     if fmt == "json":
         emit(ctx, render.to_json(report.as_dict()))
         return

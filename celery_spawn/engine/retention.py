@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
+from ..settings import DEFAULT_PURGE_BATCH_SIZE, DEFAULT_PURGE_PAUSE_RATIO
 from ..store import utcnow
 
 if TYPE_CHECKING:
@@ -17,8 +19,39 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("celery_spawn.retention")
 
-#: Jobs deleted per transaction unless told otherwise.
-DEFAULT_BATCH_SIZE = 2000
+_T = TypeVar("_T")
+
+DEFAULT_BATCH_SIZE = DEFAULT_PURGE_BATCH_SIZE
+DEFAULT_PAUSE_RATIO = DEFAULT_PURGE_PAUSE_RATIO
+#: The longest rest after one step, in seconds: a step slowed by a stall does not stop the purge for long.
+MAX_PAUSE = 5.0
+
+
+class Pace:
+    """Rests after each step of a purge for ``ratio`` times as long as the step took.
+
+    A purge at full speed keeps the database and a core busy, and every spawn
+    and tracking write beside it waits its turn; resting in proportion to the
+    work leaves them a fixed share of the time, on a fast server as on a slow
+    one. ``ratio`` 0 runs flat out; 1 purges at about half its full speed.
+    """
+
+    def __init__(self, ratio: float, sleep: Callable[[float], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not ratio >= 0:  # NaN too
+            raise ValueError(f"pause ratio must be 0 or more, not {ratio}")
+        self.ratio, self._sleep, self._clock = ratio, sleep or time.sleep, clock
+        self.rested = 0.0
+
+    def step(self, work: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``work(*args, **kwargs)``, then the rest it earns."""
+        begin = self._clock()
+        result = work(*args, **kwargs)
+        rest = min(MAX_PAUSE, self.ratio * (self._clock() - begin))
+        if rest > 0:
+            self._sleep(rest)
+            self.rested += rest
+        return result
 
 
 @dataclasses.dataclass
@@ -61,21 +94,24 @@ class Purger:
         return report, roots
 
     def purge(self, older_than: timedelta, *, batch_size: int = DEFAULT_BATCH_SIZE, dry_run: bool = False,
+              pause_ratio: float = DEFAULT_PAUSE_RATIO,
               progress: Callable[[int], None] | None = None) -> PurgeReport:
         """Remove the expired trees (or count them, with ``dry_run``).
 
         Each transaction deletes at most ``batch_size`` jobs; ``progress`` is
-        called with the jobs each one deleted.
+        called with the jobs each one deleted. After each query or batch the
+        purge rests ``pause_ratio`` times as long as it took (see :class:`Pace`).
         """
         if batch_size < 1:
             raise ValueError(f"batch size must be 1 or more, not {batch_size}")
+        pace = Pace(pause_ratio)
         if dry_run:
             return self.plan(older_than)[0]
         report = PurgeReport(self.cutoff(older_than), dry_run=False)
         after: str | None = None
         while True:
-            roots, after = self.store.expired_roots(report.cutoff, after=after)
-            self._delete(roots, report, batch_size, progress)
+            roots, after = pace.step(self.store.expired_roots, report.cutoff, after=after)
+            self._delete(roots, report, batch_size, pace, progress)
             if after is None:
                 break
         if report.trees:
@@ -83,10 +119,10 @@ class Purger:
                         report.trees, report.operations, report.jobs, report.cutoff.isoformat())
         return report
 
-    def _delete(self, roots: list[str], report: PurgeReport, batch_size: int,
+    def _delete(self, roots: list[str], report: PurgeReport, batch_size: int, pace: Pace,
                 progress: Callable[[int], None] | None) -> None:
         while roots:
-            deleted = self.store.delete_trees(roots, report.cutoff, batch_size)
+            deleted = pace.step(self.store.delete_trees, roots, report.cutoff, batch_size)
             report.trees += deleted.trees
             report.operations += deleted.operations
             report.jobs += deleted.jobs
@@ -97,7 +133,8 @@ class Purger:
 
 
 def purge(store: SpawnStore, expires: float, older_than: timedelta | float | str | None = None, *,
-          batch_size: int = DEFAULT_BATCH_SIZE, dry_run: bool = False) -> dict[str, Any]:
+          batch_size: int = DEFAULT_BATCH_SIZE, dry_run: bool = False,
+          pause_ratio: float = DEFAULT_PAUSE_RATIO) -> dict[str, Any]:
     """:meth:`Purger.purge` with ``older_than`` in any form :func:`parse_duration` reads, else ``expires``
     seconds (0: nothing expires, nothing is purged). Returns :meth:`PurgeReport.as_dict`."""
     from ..settings import parse_duration
@@ -105,4 +142,5 @@ def purge(store: SpawnStore, expires: float, older_than: timedelta | float | str
     seconds = expires if older_than is None else parse_duration(older_than)
     if older_than is None and not seconds:
         return {"cutoff": None, "dry_run": dry_run, "trees": 0, "operations": 0, "jobs": 0, "dependencies": 0}
-    return Purger(store).purge(timedelta(seconds=seconds), batch_size=batch_size, dry_run=dry_run).as_dict()
+    return Purger(store).purge(timedelta(seconds=seconds), batch_size=batch_size, dry_run=dry_run,
+                               pause_ratio=pause_ratio).as_dict()

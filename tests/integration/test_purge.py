@@ -125,3 +125,11 @@ def test_purge_in_batches_reports_the_total(aged_store):
     assert result.exit_code == RET_OK
     assert result.output.startswith("purged 1 tree (1 operation, 4 jobs, 0 dependency edges)")
     assert invoke("purge", "-u", aged_store, "--older-than", "1d", "--batch-size", "0").exit_code == RET_USAGE
+
+
+def test_purge_pause_ratio_is_checked_and_zero_runs_flat_out(aged_store):
+    for bad in ("-1", "nan", "many"):
+        refused = CliRunner().invoke(spawn, ["purge", "-u", aged_store, "--older-than", "1d", "--pause-ratio", bad])
+        assert refused.exit_code == RET_USAGE and "--pause-ratio" in refused.output
+    done = invoke("purge", "-u", aged_store, "--older-than", "1d", "--pause-ratio", "0", "--yes", "--json")
+    assert done.exit_code == RET_OK and json.loads(done.output)["jobs"] == 4

@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
+from celery_spawn.engine import retention
 from celery_spawn.engine.retention import Purger, purge
 from celery_spawn.store import schema as s
 from celery_spawn.store import utcnow
@@ -170,3 +171,40 @@ def test_expires_zero_keeps_everything_and_durations_are_read(store, builder):
     assert purge(store, 0, "45d")["trees"] == 0
     assert purge(store, 0, "30d")["trees"] == 1
     assert rows_of(store, s.jobs, "old") == 0
+
+
+def test_a_purge_rests_in_proportion_to_its_work(store, builder, monkeypatch):
+    for root in ("old-a", "old-b", "old-c"):
+        finished_tree(builder, root, age=40 * DAY)
+    builder.flush()
+    rests: list[float] = []
+    monkeypatch.setattr(retention.time, "sleep", rests.append)
+
+    report = Purger(store).purge(30 * DAY, batch_size=6, pause_ratio=2.0)
+
+    assert report.trees == 3 and orphans(store) == 0
+    assert len(rests) == 4  # after the page of roots, and after each of the three batches
+    assert all(0 < rest <= retention.MAX_PAUSE for rest in rests)
+    rests.clear()
+    finished_tree(builder, "old-d", age=40 * DAY)
+    builder.flush()
+    assert Purger(store).purge(30 * DAY, pause_ratio=0).trees == 1
+    assert rests == []  # full speed
+    for bad in (-1, float("nan")):
+        with pytest.raises(ValueError, match="pause ratio"):
+            Purger(store).purge(30 * DAY, pause_ratio=bad)
+
+
+def test_a_pace_rests_its_ratio_of_each_step_up_to_a_cap():
+    now = [0.0]
+    rests: list[float] = []
+
+    def work(seconds: float) -> str:
+        now[0] += seconds
+        return "done"
+
+    pace = retention.Pace(0.5, sleep=rests.append, clock=lambda: now[0])
+    assert pace.step(work, 2.0) == "done"
+    pace.step(work, 60.0)
+    assert rests == [1.0, retention.MAX_PAUSE]
+    assert pace.rested == 1.0 + retention.MAX_PAUSE
