@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from celery import signals as celery_signals
 
@@ -92,6 +92,20 @@ def guard_copies(app: Any) -> None:
 
 
 GUARDED = "__spawn_guarded__"
+#: Set on the request of an attempt that could not claim its start (the store was out): it never started.
+UNCLAIMED = "spawn_unclaimed"
+
+
+def wait_for_store(task: Task, exc: StoreError) -> NoReturn:
+    """Retry a child that could not claim its start for want of the store: later, never twice at once.
+
+    The attempt never started, so its retry is not recorded: by the time the
+    write reached the store, a copy of the child may have claimed the start,
+    and a retry written over that claim would free it for a second run.
+    """
+    logger.warning("%s[%s] waits for the spawn store: %s", task.name, task.request.id, exc)
+    setattr(task.request, UNCLAIMED, True)
+    raise task.retry(exc=exc, countdown=STORE_RETRY_DELAY, max_retries=None) from exc
 
 
 def _guarded(task: Task, run: Callable[..., Any]) -> Callable[..., Any]:
@@ -103,8 +117,7 @@ def _guarded(task: Task, run: Callable[..., Any]) -> Callable[..., Any]:
                 try:
                     tracker.skip_duplicate(task)
                 except StoreError as exc:  # without the store a copy cannot be told: run later, not twice
-                    logger.warning("%s[%s] waits for the spawn store: %s", task.name, task.request.id, exc)
-                    raise task.retry(exc=exc, countdown=STORE_RETRY_DELAY, max_retries=None) from exc
+                    wait_for_store(task, exc)
         return run(*args, **kwargs)
 
     setattr(guarded, GUARDED, True)
@@ -143,6 +156,8 @@ def _on_failure(sender=None, task_id=None, exception=None, **_: Any) -> None:
 @celery_signals.task_retry.connect(weak=False)
 def _on_retry(sender=None, request=None, reason=None, **_: Any) -> None:
     if sender is None or request is None or not request_headers(request).get(HEADER_OPERATION):
+        return
+    if getattr(request, UNCLAIMED, False):  # (see wait_for_store)
         return
     tracker = tracker_for(sender)
     if tracker is not None:

@@ -57,6 +57,8 @@ HEADER_MAX_DEPTH = "spawn_max_depth"
 #: Set on a message the recovery sweep sends (again): it may be a copy, so the child claims its start
 #: in the store before its body runs, whatever its task class.
 HEADER_RECOVERED = "spawn_recovered"
+#: How many times a copy was sent back to look again later because its child was running elsewhere.
+HEADER_DEFERRALS = "spawn_deferrals"
 
 #: The task keyword argument that carries a call's spawn configuration.
 SPAWN_CONFIG_KWARG = "_spawn_config"

@@ -9,7 +9,7 @@ from celery import Task
 from .config import SpawnConfig
 from .errors import StoreError
 from .handlers import SpawnHandler, SpawnResult
-from .hooks import STORE_RETRY_DELAY, is_spawned, tracker_for
+from .hooks import is_spawned, tracker_for, wait_for_store
 from .protocol import SPAWN_CONFIG_KWARG
 from .state import get_state
 
@@ -50,10 +50,8 @@ class SpawnTask(Task):  # type: ignore[type-arg]
         if tracker is not None:
             try:
                 tracker.skip_duplicate(self)  # a child that already finished is not run twice
-            except StoreError as exc:
-                # Without the store we cannot tell a duplicate: run later, not twice.
-                logger.warning("%s[%s] waits for the spawn store: %s", self.name, self.request.id, exc)
-                raise self.retry(exc=exc, countdown=STORE_RETRY_DELAY, max_retries=None) from exc
+            except StoreError as exc:  # without the store we cannot tell a duplicate: run later, not twice
+                wait_for_store(self, exc)
         result = self.run(*args, **kwargs)
         if self.spawns(call_config):
             try:

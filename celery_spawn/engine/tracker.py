@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
-from typing import TYPE_CHECKING, Any, NamedTuple, Sequence, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, Sequence, cast
 
 from celery.exceptions import Ignore, Reject
 
 from .. import metrics
-from ..protocol import FAILED, REVOKED, STARTABLE, STARTED, SUCCEEDED, error_text
+from ..protocol import FAILED, HEADER_DEFERRALS, REVOKED, STARTABLE, STARTED, SUCCEEDED, error_text, request_header
 from .copies import Liveness, is_copy, worker_identity
 from ..store import Finish, utcnow
 from .completion import has_result_backend
@@ -35,9 +34,17 @@ logger = logging.getLogger("celery_spawn.tracking")
 
 #: The states a first delivery may start from (a job already started is claimed by another delivery).
 _NOT_STARTED = tuple(state for state in STARTABLE if state != STARTED)
-#: Seconds a Celery retry that found its child started by another live process waits before it goes back to
-#: the broker (so that it does not spin while that run goes on).
-RETRY_RECHECK_PAUSE = 1.0
+#: Seconds before a copy whose child runs elsewhere is looked at again; doubled at each look, up to
+#: DEFER_MOST (under Redis's visibility timeout, so the delayed message is never restored early).
+DEFER_FIRST = 1.0
+DEFER_MOST = 60.0
+
+
+def defer_countdown(deferrals: int, visibility_timeout: float | None = None) -> float:
+    """Seconds until the next look at a copy already sent back ``deferrals`` times: doubling, up to
+    DEFER_MOST and to half the broker's visibility timeout (a delayed message held longer is restored)."""
+    most = min(DEFER_MOST, visibility_timeout / 2) if visibility_timeout else DEFER_MOST
+    return min(most, DEFER_FIRST * 2 ** min(deferrals, 32))
 
 #: Successes written together at most for which the dependents they release are published ahead of the write.
 PUBLISH_AHEAD = 8
@@ -285,8 +292,9 @@ class Tracker:
         may be a copy (see :mod:`~celery_spawn.engine.copies`). A job already
         final is never run again. A job already started is run again by a
         copy, or by a Celery retry, only when the run that claimed it is gone
-        (a crash, or the attempt before the retry in this same process); a
-        retry that finds another live run's claim goes back to the broker once.
+        (a crash, or the attempt before the retry in this same process); one
+        that finds another live process's claim is sent again for a later look
+        (:meth:`_defer`) until the claim changes.
         """
         request = task.request
         job_id = cast(str, request.id)  # a running task has one
@@ -319,20 +327,40 @@ class Tracker:
                         logger.warning("%s[%s] runs again: the run that claimed it (%s) is gone", task.name,
                                        request.id, claimed_by)
                     return
-            if state == STARTED and retry:
-                # Another process's claim: a copy that runs now, or the attempt before whose retry the store has
-                # not heard yet (its write waits for the store). The retry goes back to the broker after a pause
-                # (for the claim to change), and comes back as a copy, judged as copies are.
-                logger.warning("%s[%s] goes back to the broker: its retry found the child started by %s",
-                               task.name, request.id, claimed_by)
-                time.sleep(RETRY_RECHECK_PAUSE)
-                raise Reject("a retry of a child another run has started", requeue=True)
             if state == STARTED:
-                logger.warning("skipping %s[%s]: a copy of a child that still runs (on %s)", task.name,
-                               request.id, claimed_by)
-                raise Ignore()
+                # Another live process claimed it: a run that goes on, or an attempt that has ended and whose
+                # retry (or failure) the store has not heard yet, its write waiting for the store. Only time
+                # tells them apart, so this message is neither run nor dropped: it comes back later.
+                self._defer(task, claimed_by)
         logger.warning("skipping %s[%s]: another copy already ran or runs (duplicate delivery)",
                        task.name, request.id)
+        raise Ignore()
+
+    def _defer(self, task: Task, claimed_by: str | None) -> NoReturn:
+        """Send this delivery back through the publisher to be looked at again after a countdown, and drop it.
+
+        The message goes out as it came (same id, arguments, options and
+        headers), marked as recovered so it claims its start when it comes
+        back. Should the publish fail, it goes back to the broker instead.
+        """
+        request = task.request
+        if self.app.conf.task_always_eager:  # no broker to send it to: the run that claimed it is this one
+            logger.warning("skipping %s[%s]: a copy of a child started by %s", task.name, request.id, claimed_by)
+            raise Ignore()
+        deferrals = int(request_header(request, HEADER_DEFERRALS) or 0)
+        transport = self.app.conf.broker_transport_options or {}
+        countdown = defer_countdown(deferrals, transport.get("visibility_timeout"))
+        signature = task.signature_from_request(request, countdown=countdown)
+        signature.options["headers"] = {**(signature.options.get("headers") or {}), HEADER_DEFERRALS: deferrals + 1}
+        try:
+            self.publisher.publish([{"id": request.id, "parent_id": request.parent_id, "root_id": request.root_id,
+                                     "signature": signature, "recovered": True}])
+        except Exception as exc:  # the broker is out: the message stays with it
+            logger.warning("%s[%s] goes back to the broker: sending it for a later look failed (%s)",
+                           task.name, request.id, exc)
+            raise Reject("a copy of a child another run has claimed", requeue=True) from exc
+        logger.warning("%s[%s] comes back in %.0fs: the child is started by %s, which still runs", task.name,
+                       request.id, countdown, claimed_by)
         raise Ignore()
 
     @staticmethod

@@ -10,12 +10,12 @@ import sqlalchemy as sa
 from celery.exceptions import Ignore, Reject
 
 from celery_spawn import get_state
-from celery_spawn.engine import copies
+from celery_spawn.engine import copies, tracker
 from celery_spawn.handlers import default_operation_id
 from celery_spawn.hooks import guard_copies
-from celery_spawn.protocol import HEADER_OPERATION, HEADER_RECOVERED
+from celery_spawn.protocol import HEADER_DEFERRALS, HEADER_OPERATION, HEADER_RECOVERED
 from celery_spawn.store import schema as s
-from tests.unit.helpers import tracked_app
+from tests.unit.helpers import fail_publishing, tracked_app
 
 NODE = "w1@host"
 
@@ -28,11 +28,13 @@ def guarded(request, store_url):
     get_state(app).store.dispose()
 
 
-def deliver(child, job, *, redelivered=False, recovered=False, node=NODE, retries=0):
+def deliver(child, job, *, redelivered=False, recovered=False, node=NODE, retries=0, headers=None):
     """Run ``child``'s call path for one delivery of ``job``, as the worker's tracer would."""
-    headers = {HEADER_OPERATION: job["operation_id"], **({HEADER_RECOVERED: 1} if recovered else {})}
+    headers = {HEADER_OPERATION: job["operation_id"], **({HEADER_RECOVERED: 1} if recovered else {}),
+               **(headers or {})}
     child.push_request(id=job["id"], called_directly=False, delivery_info={"redelivered": redelivered},
-                       headers=headers, hostname=node, retries=retries)
+                       headers=headers, hostname=node, retries=retries, args=(job["position"],), kwargs={},
+                       parent_id=job["parent_id"], root_id=job["root_id"])
     copies.entered(job["id"])
     try:
         return child(job["position"])
@@ -41,6 +43,17 @@ def deliver(child, job, *, redelivered=False, recovered=False, node=NODE, retrie
     finally:
         copies.left(job["id"])
         child.pop_request()
+
+
+def sent_again(app, job_id):
+    """The messages of ``job_id`` waiting in the memory broker (the others are taken off and dropped)."""
+    found = []
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        while (message := channel.basic_get(app.conf.task_default_queue, no_ack=True)) is not None:
+            if message.headers.get("id") == job_id:
+                found.append(message)
+    return found
 
 
 def spawned(app, parent, n=1):
@@ -70,9 +83,13 @@ def test_a_copy_of_a_succeeded_child_never_runs(guarded):
     assert runs == []
 
 
-def test_a_copy_of_a_child_running_in_a_live_process_is_dropped(guarded):
+def test_a_copy_of_a_child_claimed_by_a_live_process_comes_back_later(guarded):
+    """The claiming pool process is alive, but idle: its attempt ended in a retry the store has not heard yet
+    (the write waits for the store). The copy is neither run nor dropped: it is sent again with a countdown,
+    and runs when it comes back to find the retry recorded and no other message left."""
     app, parent, child, runs = guarded
     [job] = spawned(app, parent)
+    sent_again(app, job["id"])  # the spawn's own message: taken, as a worker had
     sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         set_claim(app, job["id"], s.STARTED, f"{NODE}/{sibling.pid}")
@@ -80,6 +97,46 @@ def test_a_copy_of_a_child_running_in_a_live_process_is_dropped(guarded):
     finally:
         sibling.kill()
         sibling.wait()
+    assert runs == []
+    [again] = sent_again(app, job["id"])
+    assert again.headers[HEADER_RECOVERED] and again.headers[HEADER_DEFERRALS] == 1
+    assert again.headers["eta"] and again.headers["parent_id"] == job["parent_id"]
+    set_claim(app, job["id"], s.RETRYING, f"{NODE}/{sibling.pid}")  # the retry's write landed
+    assert deliver(child, job, recovered=True, headers={HEADER_DEFERRALS: 1}) == 1
+    assert runs == [0]
+
+
+def test_a_copy_is_looked_at_less_often_the_longer_the_first_runs(guarded):
+    app, parent, child, runs = guarded
+    [job] = spawned(app, parent)
+    sent_again(app, job["id"])
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        set_claim(app, job["id"], s.STARTED, f"{NODE}/{sibling.pid}")
+        assert deliver(child, job, recovered=True, headers={HEADER_DEFERRALS: 3}) == "ignored"
+        [again] = sent_again(app, job["id"])
+        assert again.headers[HEADER_DEFERRALS] == 4
+    finally:
+        sibling.kill()
+        sibling.wait()
+    assert [tracker.defer_countdown(n) for n in (0, 1, 3, 6, 50)] == [1, 2, 8, 60, 60]
+    assert tracker.defer_countdown(10, visibility_timeout=30) == 15  # Redis would restore it after 30 s
+    assert runs == []
+
+
+def test_a_copy_goes_back_to_the_broker_when_it_cannot_be_sent_for_a_later_look(guarded, monkeypatch):
+    app, parent, child, runs = guarded
+    [job] = spawned(app, parent)
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    fail_publishing(monkeypatch)
+    try:
+        set_claim(app, job["id"], s.STARTED, f"{NODE}/{sibling.pid}")
+        with pytest.raises(Reject) as rejected:
+            deliver(child, job, redelivered=True)
+    finally:
+        sibling.kill()
+        sibling.wait()
+    assert rejected.value.requeue
     assert runs == []
 
 
@@ -126,10 +183,7 @@ def test_a_copy_goes_back_to_the_broker_while_the_claiming_worker_cannot_be_aske
 
 
 @pytest.fixture()
-def spawntask_child(store_url, monkeypatch):
-    from celery_spawn.engine import tracker
-
-    monkeypatch.setattr(tracker, "RETRY_RECHECK_PAUSE", 0)
+def spawntask_child(store_url):
     app, parent, child, runs = tracked_app(store_url, spawned_children=True)
     yield app, parent, child, runs
     get_state(app).store.dispose()
@@ -137,16 +191,17 @@ def spawntask_child(store_url, monkeypatch):
 
 def test_a_retry_never_runs_beside_a_copy_that_runs_in_another_process(spawntask_child):
     """A child sent twice (a scheduler's publish whose mark was lost): one message's first attempt waited for
-    the store and retried; the other copy started meanwhile. The retry goes back to the broker, and runs only
-    once that copy is gone."""
+    the store and retried; the other copy started meanwhile. The retry is sent again for a later look, and
+    runs only once that copy is gone."""
     app, parent, child, runs = spawntask_child
     [job] = spawned(app, parent)
+    sent_again(app, job["id"])
     sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         set_claim(app, job["id"], s.STARTED, f"{NODE}/{sibling.pid}")
-        with pytest.raises(Reject) as rejected:
-            deliver(child, job, retries=1)
-        assert rejected.value.requeue
+        assert deliver(child, job, retries=1) == "ignored"
+        [again] = sent_again(app, job["id"])
+        assert again.headers[HEADER_RECOVERED] and again.headers["retries"] == 1
         assert runs == []
     finally:
         sibling.kill()
@@ -256,3 +311,39 @@ def test_a_recovered_copy_of_a_run_that_succeeded_before_the_store_heard_is_not_
     assert runs == []
     assert get_state(app).store.claim_of(job["id"])[0] == s.SUCCEEDED
     get_state(app).store.dispose()
+
+
+def test_an_attempt_that_could_not_claim_for_the_store_records_no_retry(spawntask_child, monkeypatch):
+    """Seed 1605: an attempt waited for the store before claiming and retried; its retry's write reached the
+    store after a copy had claimed the start, freed it (``retrying``), and the next message ran the child
+    a second time. An attempt that never claimed never started: its retry is not recorded."""
+    from celery.exceptions import Retry
+
+    from celery_spawn import hooks
+    from celery_spawn.errors import StoreError
+
+    app, parent, child, runs = spawntask_child
+    [job] = spawned(app, parent)
+    store = get_state(app).store
+
+    def store_out(*args, **kwargs):
+        raise StoreError("spawn store failed: connection refused")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "claim_start", store_out)
+        child.push_request(id=job["id"], called_directly=False, delivery_info={}, hostname=NODE, retries=0,
+                           headers={HEADER_OPERATION: job["operation_id"]}, args=(job["position"],), kwargs={},
+                           parent_id=job["parent_id"], root_id=job["root_id"])
+        try:
+            with pytest.raises(Retry):
+                child(job["position"])
+            waited = child.request
+        finally:
+            child.pop_request()
+    assert runs == []
+    set_claim(app, job["id"], s.STARTED, f"{NODE}/{os.getpid() + 1}")  # a copy claimed it meanwhile
+    hooks._on_retry(sender=child, request=waited, reason=StoreError("spawn store failed"))
+    assert store.claim_of(job["id"]) == (s.STARTED, f"{NODE}/{os.getpid() + 1}")
+    waited.spawn_unclaimed = False  # an attempt that had claimed: its retry is recorded
+    hooks._on_retry(sender=child, request=waited, reason=ValueError("boom"))
+    assert store.claim_of(job["id"])[0] == s.RETRYING
