@@ -131,6 +131,7 @@ def _on_success(sender=None, result=None, **_: Any) -> None:
     tracker = tracker_for(sender)
     if tracker is not None:
         job_id = sender.request.id
+        copies.finished(job_id)
         if getattr(sender.request, "is_eager", False):  # no result is stored: the summary keeps it
             tracker.completion.remember_result(job_id, result)
         operation_id = request_headers(sender.request).get(HEADER_OPERATION) or getattr(
@@ -149,6 +150,7 @@ def _on_failure(sender=None, task_id=None, exception=None, **_: Any) -> None:
         return
     tracker = tracker_for(sender)
     if tracker is not None:
+        copies.finished(task_id)
         _record(tracker, "a failure", Event(FINISH, task_id, state=FAILED, error=error_text(exception)),
                 tracker.failed, task_id, exception)
 

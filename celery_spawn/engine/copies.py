@@ -32,6 +32,10 @@ LIVENESS_TTL = 5.0
 #: How many runs of each job id this process is inside right now (a threads pool runs several at once).
 _running_here: collections.Counter[str] = collections.Counter()
 _running_lock = threading.Lock()
+#: Jobs whose body ended for good (succeeded or failed) in this process lately, oldest first. The store may
+#: not have heard yet (the write waits for it): this process knows, and runs none of them again.
+_finished_here: collections.OrderedDict[str, None] = collections.OrderedDict()
+FINISHED_REMEMBERED = 10_000
 
 
 def entered(job_id: str) -> None:
@@ -45,6 +49,20 @@ def left(job_id: str) -> None:
             _running_here.pop(job_id, None)
         else:
             _running_here[job_id] -= 1
+
+
+def finished(job_id: str) -> None:
+    """Remember that ``job_id``'s body ended for good in this process."""
+    with _running_lock:
+        _finished_here[job_id] = None
+        _finished_here.move_to_end(job_id)
+        while len(_finished_here) > FINISHED_REMEMBERED:
+            _finished_here.popitem(last=False)
+
+
+def finished_here(job_id: str) -> bool:
+    """Whether ``job_id``'s body ended for good in this process (of the last FINISHED_REMEMBERED)."""
+    return job_id in _finished_here
 
 
 def worker_identity(nodename: str | None) -> str | None:

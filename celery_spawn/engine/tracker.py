@@ -17,6 +17,7 @@ from celery.exceptions import Ignore, Reject
 
 from .. import metrics
 from ..protocol import FAILED, HEADER_DEFERRALS, REVOKED, STARTABLE, STARTED, SUCCEEDED, error_text, request_header
+from . import copies
 from .copies import Liveness, is_copy, worker_identity
 from ..store import Finish, utcnow
 from .completion import has_result_backend
@@ -299,6 +300,12 @@ class Tracker:
         request = task.request
         job_id = cast(str, request.id)  # a running task has one
         self.worker = worker_identity(request.hostname) or self.worker
+        if copies.finished_here(job_id):
+            # Its run here ended for good, and the store may not know yet (the write waits for it): a start
+            # freed meanwhile by a late write, or this process's own claim, must not run it again.
+            logger.warning("skipping %s[%s]: it already ran in this process (its outcome may not be written "
+                           "yet)", task.name, request.id)
+            raise Ignore()
         copy = is_copy(request)
         if copy and self._succeeded_before(task):
             # A copy (redelivered by the broker, or sent again by the sweep) of a run that succeeded before the

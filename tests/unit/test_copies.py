@@ -347,3 +347,37 @@ def test_an_attempt_that_could_not_claim_for_the_store_records_no_retry(spawntas
     waited.spawn_unclaimed = False  # an attempt that had claimed: its retry is recorded
     hooks._on_retry(sender=child, request=waited, reason=ValueError("boom"))
     assert store.claim_of(job["id"])[0] == s.RETRYING
+
+
+def test_a_child_that_ended_in_this_process_never_runs_here_again(spawntask_child):
+    """Seed 1605 again: a copy ran the child and succeeded in this pool process, whose tracking writes were
+    waiting for the store; a Celery retry of another message then found the start claimed by this very
+    process and took it for its own attempt's. The process knows the body ended: no message runs it again."""
+    app, parent, child, runs = spawntask_child
+    first, second = spawned(app, parent, 2)
+    me = f"{NODE}/{os.getpid()}"
+    set_claim(app, first["id"], s.STARTED, me)  # the success not written yet
+    set_claim(app, second["id"], s.RETRYING, me)  # a late retry write freed the start
+    for job in (first, second):
+        copies.finished(job["id"])
+    try:
+        assert deliver(child, first, retries=2) == "ignored"
+        assert deliver(child, first, redelivered=True) == "ignored"
+        assert deliver(child, second) == "ignored"
+        assert runs == []
+    finally:
+        for job in (first, second):
+            copies._finished_here.pop(job["id"], None)
+    assert deliver(child, first, retries=2) == 1  # not known here: its own attempt's claim, taken over
+    assert runs == [0]
+
+
+def test_finished_jobs_are_remembered_up_to_a_bound(monkeypatch):
+    monkeypatch.setattr(copies, "_finished_here", __import__("collections").OrderedDict())
+    monkeypatch.setattr(copies, "FINISHED_REMEMBERED", 3)
+    for job_id in "abcd":
+        copies.finished(job_id)
+    copies.finished("b")  # seen again: the newest
+    copies.finished("e")
+    assert list(copies._finished_here) == ["d", "b", "e"]
+    assert copies.finished_here("e") and not copies.finished_here("a")
