@@ -11,7 +11,10 @@ It listens on 127.0.0.1 only and forwards to one loopback upstream. A test can
 * ``stop()``: close everything and stop listening.
 
 Bounded: at most ``max_connections`` live connections (more are closed at
-once), 64 KiB reads, daemon threads that end with their sockets.
+once), 64 KiB reads, daemon threads that end with their sockets. Sockets are
+watched with ``poll``, not ``select``: a long run opens more than 1,024 file
+descriptors, and ``select`` refuses those (the relay would drop a healthy
+connection).
 """
 from __future__ import annotations
 
@@ -111,7 +114,7 @@ class TcpProxy:
     def _accept_loop(self) -> None:
         while self._running:
             try:
-                readable, _, _ = select.select([self._listener], [], [], POLL)
+                readable = _readable([self._listener], POLL)
                 if not readable:
                     continue
                 client, _ = self._listener.accept()
@@ -160,7 +163,7 @@ class TcpProxy:
                     if pair not in self._pairs:
                         return
                 try:
-                    readable, _, _ = select.select([client, server], [], [], POLL)
+                    readable = _readable([client, server], POLL)
                 except (OSError, ValueError):
                     return
                 for sock in readable:
@@ -177,10 +180,23 @@ class TcpProxy:
             _close_pair(pair, reset=False)
 
 
+def _readable(socks: list[socket.socket], timeout: float) -> list[socket.socket]:
+    """Those of ``socks`` with something to read (or closed), waiting up to ``timeout`` seconds."""
+    poller = select.poll()
+    by_fd = {}
+    for sock in socks:
+        fd = sock.fileno()
+        if fd < 0:
+            raise ValueError("a closed socket")
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+        by_fd[fd] = sock
+    return [by_fd[fd] for fd, _ in poller.poll(timeout * 1000)]
+
+
 def _swallow_into_void(sock: socket.socket, running: Callable[[], bool]) -> None:
     with contextlib.suppress(OSError, ValueError):
         while running():
-            readable, _, _ = select.select([sock], [], [], POLL)
+            readable = _readable([sock], POLL)
             if readable and not sock.recv(BUFFER):
                 break
     _close(sock, reset=False)
