@@ -9,7 +9,8 @@ The spawn load, in a process of its own, records a 100-child spawn every ``inter
 seconds through the store calls a worker's spawn makes, in one transaction (the operation, its
 parent's row, the children, the operation's total), and times each. It runs
 once with no purge and once while a purge runs, for as long as the purge
-takes, so both sets of latencies come from the same load against the same store.
+takes, so both sets of latencies come from the same load against the same store. The load alone runs
+first, on the store at rest.
 """
 from __future__ import annotations
 
