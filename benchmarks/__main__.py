@@ -352,9 +352,9 @@ class Bench:
                                   f"{retention.DEFAULT_PAUSE_RATIO:g}"))
         self.rows.append(Row("6 purge", f"spawn p99 during a purge of {loaded.jobs:,} jobs, {label}",
                              during.p99, baseline.p99, "s", target=2.0,
-                             note=f"100-child spawns every 20 ms, {len(during.samples)} vs {len(baseline.samples)}; median "
-                                  f"{during.median * 1000:.1f} vs {baseline.median * 1000:.1f} ms; purge "
-                                  f"{loaded.rate:,.0f} jobs/s under load"))
+                             note=f"100-child spawns every 20 ms, {len(during.samples)} vs "
+                                  f"{len(baseline.samples)}; median {during.median * 1000:.1f} vs "
+                                  f"{baseline.median * 1000:.1f} ms; purge {loaded.rate:,.0f} jobs/s under load"))
 
     # ---- output ----------------------------------------------------------------------------
     def report(self) -> None:
