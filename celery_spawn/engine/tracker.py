@@ -17,8 +17,7 @@ from celery.exceptions import Ignore, Reject
 
 from .. import metrics
 from ..protocol import FAILED, HEADER_DEFERRALS, REVOKED, STARTABLE, STARTED, SUCCEEDED, error_text, request_header
-from . import copies
-from .copies import Liveness, is_copy, worker_identity
+from .copies import Liveness, finished_here, is_copy, worker_identity
 from ..store import Finish, utcnow
 from .completion import has_result_backend
 
@@ -300,7 +299,7 @@ class Tracker:
         request = task.request
         job_id = cast(str, request.id)  # a running task has one
         self.worker = worker_identity(request.hostname) or self.worker
-        if copies.finished_here(job_id):
+        if finished_here(job_id):
             # Its run here ended for good, and the store may not know yet (the write waits for it): a start
             # freed meanwhile by a late write, or this process's own claim, must not run it again.
             logger.warning("skipping %s[%s]: it already ran in this process (its outcome may not be written "

@@ -1,6 +1,7 @@
 """A copy of a child's message claims the start, whatever the task class, and never runs beside the first."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -68,6 +69,18 @@ def set_claim(app, job_id, state, worker):
         conn.execute(s.jobs.update().where(s.jobs.c.id == job_id).values(state=state, worker=worker))
 
 
+@contextlib.contextmanager
+def claimed_by_a_live_process(app, job_id):
+    """The job's start claimed by a live process of this worker (a sibling pool process), for the block."""
+    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        set_claim(app, job_id, s.STARTED, f"{NODE}/{sibling.pid}")
+        yield sibling.pid
+    finally:
+        sibling.kill()
+        sibling.wait()
+
+
 def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -90,18 +103,13 @@ def test_a_copy_of_a_child_claimed_by_a_live_process_comes_back_later(guarded):
     app, parent, child, runs = guarded
     [job] = spawned(app, parent)
     sent_again(app, job["id"])  # the spawn's own message: taken, as a worker had
-    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        set_claim(app, job["id"], s.STARTED, f"{NODE}/{sibling.pid}")
+    with claimed_by_a_live_process(app, job["id"]) as sibling_pid:
         assert deliver(child, job, redelivered=True) == "ignored"
-    finally:
-        sibling.kill()
-        sibling.wait()
     assert runs == []
     [again] = sent_again(app, job["id"])
     assert again.headers[HEADER_RECOVERED] and again.headers[HEADER_DEFERRALS] == 1
     assert again.headers["eta"] and again.headers["parent_id"] == job["parent_id"]
-    set_claim(app, job["id"], s.RETRYING, f"{NODE}/{sibling.pid}")  # the retry's write landed
+    set_claim(app, job["id"], s.RETRYING, f"{NODE}/{sibling_pid}")  # the retry's write landed
     assert deliver(child, job, recovered=True, headers={HEADER_DEFERRALS: 1}) == 1
     assert runs == [0]
 
@@ -110,15 +118,10 @@ def test_a_copy_is_looked_at_less_often_the_longer_the_first_runs(guarded):
     app, parent, child, runs = guarded
     [job] = spawned(app, parent)
     sent_again(app, job["id"])
-    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        set_claim(app, job["id"], s.STARTED, f"{NODE}/{sibling.pid}")
+    with claimed_by_a_live_process(app, job["id"]):
         assert deliver(child, job, recovered=True, headers={HEADER_DEFERRALS: 3}) == "ignored"
         [again] = sent_again(app, job["id"])
         assert again.headers[HEADER_DEFERRALS] == 4
-    finally:
-        sibling.kill()
-        sibling.wait()
     assert [tracker.defer_countdown(n) for n in (0, 1, 3, 6, 50)] == [1, 2, 8, 60, 60]
     assert tracker.defer_countdown(10, visibility_timeout=30) == 15  # Redis would restore it after 30 s
     assert runs == []
@@ -127,15 +130,9 @@ def test_a_copy_is_looked_at_less_often_the_longer_the_first_runs(guarded):
 def test_a_copy_goes_back_to_the_broker_when_it_cannot_be_sent_for_a_later_look(guarded, monkeypatch):
     app, parent, child, runs = guarded
     [job] = spawned(app, parent)
-    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     fail_publishing(monkeypatch)
-    try:
-        set_claim(app, job["id"], s.STARTED, f"{NODE}/{sibling.pid}")
-        with pytest.raises(Reject) as rejected:
-            deliver(child, job, redelivered=True)
-    finally:
-        sibling.kill()
-        sibling.wait()
+    with claimed_by_a_live_process(app, job["id"]), pytest.raises(Reject) as rejected:
+        deliver(child, job, redelivered=True)
     assert rejected.value.requeue
     assert runs == []
 
@@ -196,16 +193,11 @@ def test_a_retry_never_runs_beside_a_copy_that_runs_in_another_process(spawntask
     app, parent, child, runs = spawntask_child
     [job] = spawned(app, parent)
     sent_again(app, job["id"])
-    sibling = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        set_claim(app, job["id"], s.STARTED, f"{NODE}/{sibling.pid}")
+    with claimed_by_a_live_process(app, job["id"]):
         assert deliver(child, job, retries=1) == "ignored"
         [again] = sent_again(app, job["id"])
         assert again.headers[HEADER_RECOVERED] and again.headers["retries"] == 1
         assert runs == []
-    finally:
-        sibling.kill()
-        sibling.wait()
     assert deliver(child, job, retries=1) == 1  # that run is gone: the retry runs
     assert runs == [0]
 
