@@ -66,12 +66,24 @@ class Retention(StoreBase):
         return [root for root in roots if root not in vetoed], (roots[-1] if len(roots) == limit else None)
 
     def _live_roots(self, conn: Connection, roots: Sequence[str]) -> set[str]:
-        """Of ``roots``, those with an unfinished job, or with a job an unfinished job of another tree needs."""
-        jobs, deps = s.jobs, s.dependencies
+        """Of ``roots``, those with an unfinished job, or with a job an unfinished job of another tree needs.
+
+        A tree's jobs are its operations' children and the jobs no operation
+        spawned: its top, at depth 0. The children are looked up per operation
+        in the index on (operation_id, state), which holds the answer, and the
+        top in the index on (root_id, depth): a few rows are read per tree,
+        where reading its jobs by root would read every one.
+        """
+        jobs, deps, ops = s.jobs, s.dependencies, s.operations
         live: set[str] = set()
         for chunk in chunked(list(roots)):
             live.update(conn.execute(
-                sa.select(jobs.c.root_id).where(jobs.c.root_id.in_(chunk), jobs.c.state.in_(NON_FINAL)).distinct()
+                sa.select(ops.c.root_id).select_from(ops.join(jobs, jobs.c.operation_id == ops.c.id))
+                .where(ops.c.root_id.in_(chunk), jobs.c.state.in_(NON_FINAL)).distinct()
+            ).scalars())
+            live.update(conn.execute(
+                sa.select(jobs.c.root_id).where(jobs.c.root_id.in_(chunk), jobs.c.depth == 0,
+                                                jobs.c.state.in_(NON_FINAL)).distinct()
             ).scalars())
             target, dependent = jobs.alias("target"), jobs.alias("dependent")
             live.update(conn.execute(

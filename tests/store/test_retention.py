@@ -96,6 +96,20 @@ def test_a_tree_a_live_job_depends_on_stays(store, builder):
     assert rows_of(store, s.jobs, "needed") == 4
 
 
+def test_a_tree_whose_top_job_is_unfinished_stays(store, builder):
+    """Every operation finished long ago, but the job at the top (spawned by no operation) still runs."""
+    at = builder.now - 40 * DAY
+    builder.job("top", created=at, state="started")
+    builder.spawn("top", 2, created=at, finished=at, op_state="succeeded")
+    finished_tree(builder, "done", age=40 * DAY, nested=False)
+    builder.flush()
+
+    report = Purger(store).purge(30 * DAY)
+
+    assert report.trees == 1
+    assert rows_of(store, s.jobs, "top") == 3 and rows_of(store, s.operations, "top") == 1
+
+
 def test_small_batches_delete_big_trees_whole_in_the_end(store, builder):
     at = builder.now - 40 * DAY
     for root in ("big-1", "big-2"):
