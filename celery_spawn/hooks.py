@@ -19,7 +19,8 @@ from .engine import copies
 from .engine.redelivery import claims_its_start
 from .errors import StoreError
 from .engine.writebehind import FINISH, RETRY, START, Event, enable_in_this_process, flush_all, submit
-from .protocol import FAILED, HEADER_OPERATION, REVOKED, SUCCEEDED, error_text, request_header, request_headers
+from .protocol import (FAILED, HEADER_CALLBACK, HEADER_OPERATION, REVOKED, SUCCEEDED, error_text, request_header,
+                       request_headers)
 from .state import peek_state
 
 if TYPE_CHECKING:
@@ -36,6 +37,11 @@ STORE_RETRY_DELAY = 5.0
 def is_spawned(task: Task) -> bool:
     """Whether the running task was spawned: a header check, no database round trip."""
     return bool(request_header(task.request, HEADER_OPERATION))
+
+
+def callback_of(task: Any) -> str | None:
+    """The operation whose ``on_complete`` the running task is, from its message's header; else None."""
+    return request_header(task.request, HEADER_CALLBACK) or None
 
 
 def tracker_for(task: Any) -> Tracker | None:
@@ -59,7 +65,12 @@ def _record(tracker: Tracker, action: str, event: Event, write_now: Callable[...
 
 @celery_signals.task_prerun.connect(weak=False)
 def _on_prerun(sender=None, task_id=None, task=None, **_: Any) -> None:
-    if task is None or not is_spawned(task):
+    if task is None:
+        return
+    if callback_of(task):
+        copies.entered(task_id)  # (a copy of the callback asks whether the run that claimed it goes on)
+        return
+    if not is_spawned(task):
         return
     copies.entered(task_id)
     if claims_its_start(task) or copies.is_copy(task.request):
@@ -72,7 +83,7 @@ def _on_prerun(sender=None, task_id=None, task=None, **_: Any) -> None:
 
 @celery_signals.task_postrun.connect(weak=False)
 def _on_postrun(sender=None, task_id=None, task=None, **_: Any) -> None:
-    if task is not None and task_id is not None and is_spawned(task):
+    if task is not None and task_id is not None and (is_spawned(task) or callback_of(task)):
         copies.left(task_id)
 
 
@@ -108,9 +119,23 @@ def wait_for_store(task: Task, exc: StoreError) -> NoReturn:
     raise task.retry(exc=exc, countdown=STORE_RETRY_DELAY, max_retries=None) from exc
 
 
+def claim_callback(task: Task) -> None:
+    """Claim the start of the ``on_complete`` callback the task runs as, if it is one (every delivery does:
+    see :mod:`celery_spawn.engine.callbacks`); a delivery that must not run raises Ignore."""
+    operation_id = callback_of(task)
+    tracker = tracker_for(task) if operation_id else None
+    if tracker is None or operation_id is None:
+        return
+    try:
+        tracker.callbacks.claim(task, operation_id)
+    except StoreError as exc:  # without the store a copy cannot be told: run later, not twice
+        wait_for_store(task, exc)
+
+
 def _guarded(task: Task, run: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(run)
     def guarded(*args: Any, **kwargs: Any) -> Any:
+        claim_callback(task)
         if copies.is_copy(task.request) and is_spawned(task):
             tracker = tracker_for(task)
             if tracker is not None:
@@ -124,9 +149,27 @@ def _guarded(task: Task, run: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
+def _callback_ended(task: Any, task_id: str, operation_id: str) -> None:
+    """An ``on_complete`` returned or failed for good: this process, and then the store, remember it."""
+    copies.finished(task_id)
+    tracker = tracker_for(task)
+    if tracker is not None:
+        try:
+            tracker.callbacks.ended(operation_id)
+        except Exception as exc:  # tracking must never take the worker down
+            logger.error("celery-spawn could not record the end of the on_complete of operation %s: %s",
+                         operation_id, exc)
+
+
 @celery_signals.task_success.connect(weak=False)
 def _on_success(sender=None, result=None, **_: Any) -> None:
-    if sender is None or not is_spawned(sender):
+    if sender is None:
+        return
+    callback = callback_of(sender)
+    if callback:
+        _callback_ended(sender, sender.request.id, callback)
+        return
+    if not is_spawned(sender):
         return
     tracker = tracker_for(sender)
     if tracker is not None:
@@ -144,6 +187,10 @@ def _on_success(sender=None, result=None, **_: Any) -> None:
 def _on_failure(sender=None, task_id=None, exception=None, **_: Any) -> None:
     if sender is None or task_id is None:
         return
+    callback = callback_of(sender) if getattr(sender.request, "id", None) == task_id else None
+    if callback:
+        _callback_ended(sender, task_id, callback)
+        return
     # In the worker's main process (hard time limit, lost worker) the request is empty:
     # then the id alone tells, with one primary-key update.
     if getattr(sender.request, "id", None) == task_id and not is_spawned(sender):
@@ -157,9 +204,19 @@ def _on_failure(sender=None, task_id=None, exception=None, **_: Any) -> None:
 
 @celery_signals.task_retry.connect(weak=False)
 def _on_retry(sender=None, request=None, reason=None, **_: Any) -> None:
-    if sender is None or request is None or not request_headers(request).get(HEADER_OPERATION):
+    if sender is None or request is None or getattr(request, UNCLAIMED, False):  # (see wait_for_store)
         return
-    if getattr(request, UNCLAIMED, False):  # (see wait_for_store)
+    callback = request_headers(request).get(HEADER_CALLBACK)
+    if callback:
+        tracker = tracker_for(sender)
+        try:
+            if tracker is not None:
+                tracker.callbacks.retried(callback, request)
+        except Exception as exc:  # tracking must never take the worker down
+            logger.error("celery-spawn could not free the on_complete of operation %s for its retry: %s",
+                         callback, exc)
+        return
+    if not request_headers(request).get(HEADER_OPERATION):
         return
     tracker = tracker_for(sender)
     if tracker is not None:

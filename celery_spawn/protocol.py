@@ -47,6 +47,15 @@ OPERATION_STATES = (OP_RUNNING, OP_SUCCEEDED, OP_FAILED, OP_PARTIALLY_FAILED, OP
 CALLBACK_PENDING = "pending"
 CALLBACK_SENT = "sent"
 CALLBACK_FAILED = "failed"
+#: What became of a published ``on_complete``'s run (``callback_run``), apart from its publishing: sent and
+#: not started yet, started (by ``callback_worker``), ended for good, or given up after being sent again
+#: ``spawn_redeliver_limit`` times without ever starting.
+CALLBACK_WAITING = "waiting"
+CALLBACK_STARTED = "started"
+CALLBACK_ENDED = "ended"
+CALLBACK_LOST = "lost"
+#: Run states in which the callback may (still) start.
+CALLBACK_STARTABLE = (CALLBACK_WAITING, CALLBACK_LOST)
 
 # ---- message headers and call options ---------------------------------------------------------
 #: Message headers every spawned child carries: its operation and its depth.
@@ -59,6 +68,9 @@ HEADER_MAX_DEPTH = "spawn_max_depth"
 HEADER_RECOVERED = "spawn_recovered"
 #: How many times a copy was sent back to look again later because its child was running elsewhere.
 HEADER_DEFERRALS = "spawn_deferrals"
+#: Carried by an ``on_complete`` callback's message: the operation whose callback it is. Every delivery
+#: claims the callback's start in the store before the body runs, so it runs once however often it comes.
+HEADER_CALLBACK = "spawn_callback"
 
 #: The task keyword argument that carries a call's spawn configuration.
 SPAWN_CONFIG_KWARG = "_spawn_config"

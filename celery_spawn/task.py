@@ -9,7 +9,7 @@ from celery import Task
 from .config import SpawnConfig
 from .errors import StoreError
 from .handlers import SpawnHandler, SpawnResult
-from .hooks import is_spawned, tracker_for, wait_for_store
+from .hooks import claim_callback, is_spawned, tracker_for, wait_for_store
 from .protocol import SPAWN_CONFIG_KWARG
 from .state import get_state
 
@@ -46,6 +46,7 @@ class SpawnTask(Task):  # type: ignore[type-arg]
         if self.request.called_directly:
             # A plain function call: no task id, so nothing to spawn from.
             return super().__call__(*args, **kwargs)
+        claim_callback(self)  # an on_complete runs once, whatever its class
         tracker = tracker_for(self) if is_spawned(self) else None
         if tracker is not None:
             try:

@@ -13,7 +13,7 @@ from kombu.utils.json import dumps, loads
 
 from .. import signals
 from ..handlers import child_id
-from ..protocol import CALLBACK_FAILED, CALLBACK_SENT, OP_FAILED, error_text, operation_state
+from ..protocol import CALLBACK_FAILED, OP_FAILED, error_text, operation_state
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -134,14 +134,26 @@ class Completion:
             self.store.set_callback_state(operation["id"], CALLBACK_FAILED, error=f"on_complete: {error_text(exc)}")
             return False
         try:
-            self.publisher.publish_callback(callback, completion_task_id(operation["id"]), operation["parent_id"],
-                                            operation["root_id"])
+            self.publisher.publish_callback(callback, completion_task_id(operation["id"]), operation)
         except Exception as exc:
             logger.warning("on_complete of operation %s not published (%s); the recovery sweep will retry",
                            operation["id"], exc)
             return False
-        self.store.set_callback_state(operation["id"], CALLBACK_SENT)
+        self.store.callback_published(operation["id"])
         return True
+
+    def callback_queue(self, operation: dict) -> str | None:
+        """The queue ``operation``'s ``on_complete`` goes to (None: the default queue, or it cannot tell)."""
+        if self.publisher is None:
+            return None
+        try:
+            callback = callback_signature(loads(operation["on_complete"]), self.publisher.app)
+            queue = callback.options.get("queue")
+            if queue is None:
+                queue = self.publisher.app.amqp.router.route(dict(callback.options), callback.task).get("queue")
+        except Exception:  # an unusable signature: the default queue is the best guess
+            return None
+        return getattr(queue, "name", queue)
 
     def summary(self, operation: dict, counts: dict[str, int], final_state: str) -> dict:
         """The first argument of ``on_complete``: JSON-serialisable, like a chord header's results."""

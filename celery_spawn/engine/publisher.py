@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 from kombu.utils.json import loads
 
 from .. import tracing
-from ..protocol import HEADER_RECOVERED
+from ..protocol import HEADER_CALLBACK, HEADER_RECOVERED
 from .messages import PLAIN_OPTIONS, MessageBuilder, Plan
 
 if TYPE_CHECKING:
@@ -39,8 +39,6 @@ def decode_message(raw: str) -> dict[str, Any]:
     return loads(raw)
 
 
-#: The header a message sent again by the recovery sweep carries (it may be a copy).
-_RECOVERED = {HEADER_RECOVERED: 1}
 #: Seconds an ``on_complete`` publish waits for an AMQP broker's confirm before it counts as not sent.
 CONFIRM_TIMEOUT = 10.0
 #: Connections with publisher confirms kept per process, for callbacks sent from several threads at once.
@@ -73,14 +71,22 @@ class Publisher:
         return self._publish_messages(children)
 
     def headers(self, child: dict) -> dict | None:
-        """Headers added to a row's message as it leaves: the stored message carries the spawn headers, and
-        a row the recovery sweep sends (``recovered``) says so, so that the child claims its start before
-        it runs. The one place to add per-message headers, on every path."""
-        return _RECOVERED if child.get("recovered") else None
+        """Headers added to a row's message as it leaves: the stored message carries the spawn headers, a
+        row the recovery sweep sends (``recovered``) says so, so that the child claims its start before it
+        runs, and a callback names its operation, whose store row every delivery claims its start in. The
+        one place to add per-message headers, on every path."""
+        headers: dict[str, Any] = {}
+        if child.get("recovered"):
+            headers[HEADER_RECOVERED] = 1
+        if child.get("callback"):
+            headers[HEADER_CALLBACK] = child["callback"]
+        return headers or None
 
-    def publish_callback(self, signature: Any, task_id: str, parent_id: str | None, root_id: str | None) -> None:
-        """Publish an ``on_complete`` callback (already given its summary) under its deterministic id."""
-        self.publish([{"id": task_id, "parent_id": parent_id, "root_id": root_id, "signature": signature}])
+    def publish_callback(self, signature: Any, task_id: str, operation: dict) -> None:
+        """Publish ``operation``'s ``on_complete`` callback (already given its summary) under its
+        deterministic id."""
+        self.publish([{"id": task_id, "parent_id": operation["parent_id"], "root_id": operation["root_id"],
+                       "signature": signature, "callback": operation["id"]}])
 
     def _apply_signature(self, child: dict) -> str:
         signature = child["signature"]

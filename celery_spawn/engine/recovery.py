@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, NamedTuple
 
 from .. import metrics
-from ..protocol import CALLBACK_SENT, FAILED, REVOKED, SUCCEEDED
+from ..protocol import CALLBACK_ENDED, CALLBACK_SENT, CALLBACK_STARTED, FAILED, REVOKED, SUCCEEDED
 from ..store import utcnow
 from .completion import completion_task_id, has_result_backend
 from .outbox import stored_batch_size
@@ -35,7 +35,7 @@ class SweepReport(NamedTuple):
     published: int = 0
     #: Dispatched children the broker lost, published again.
     redelivered: int = 0
-    #: ``on_complete`` callbacks claimed and never sent, now published.
+    #: ``on_complete`` callbacks claimed and never sent, or sent and lost by the broker, now published.
     callbacks: int = 0
     #: Outcomes the store had missed, filled in from the result backend (nothing published).
     filled_in: int = 0
@@ -84,9 +84,11 @@ class Sweeper:
         completed = self.complete_overdue(grace, limit)
         for operation in self.store.claim_stale_callbacks(grace, limit):
             try:
-                if self.callback_delivered(operation["id"]):
+                if operation["callback_run"] in (CALLBACK_STARTED, CALLBACK_ENDED) or self.callback_delivered(
+                        operation["id"]):
                     # Published before a store failure hid it: the result backend saw it run.
                     self.store.set_callback_state(operation["id"], CALLBACK_SENT)
+                    self.store.end_callback(operation["id"])
                     logger.warning("the on_complete callback of operation %s was delivered already; recorded it "
                                    "as sent", operation["id"])
                 elif self.completion.apply_callback(operation):
@@ -94,6 +96,7 @@ class Sweeper:
                     callbacks += 1
             except Exception as exc:
                 logger.error("recovery of the callback of operation %s failed: %s", operation["id"], exc)
+        callbacks += self.redeliver_callbacks(redeliver_after, limit)
         metrics.sweep_republished("stranded", published)
         metrics.sweep_republished("redelivered", redelivered)
         return SweepReport(published, redelivered, callbacks, filled_in, completed)
@@ -117,6 +120,41 @@ class Sweeper:
                 logger.warning("recovery completed operation %s, whose children had all ended", operation_id)
             completed += len(done)
         return completed
+
+    def redeliver_callbacks(self, after_seconds: float | None = None, limit: int = 50) -> int:
+        """Publish again ``on_complete`` callbacks the broker lost; returns how many.
+
+        The rule is the one for children (see :mod:`.redelivery`): a callback
+        sent ``after_seconds`` ago (``spawn_redeliver_after``; 0: never) that
+        no worker has started, while its queue holds no ready message. Every
+        delivery of a callback claims its start (see :mod:`.callbacks`), so a
+        copy of one that turns up after all never runs twice. One sent
+        ``spawn_redeliver_limit`` times more without ever starting is given up
+        (``callback_run`` lost).
+        """
+        after = self.redeliverer.after_seconds if after_seconds is None else after_seconds
+        if not after:
+            return 0
+        sent = 0
+        idle: dict[str | None, bool] = {}
+        for operation in self.store.lease_waiting_callbacks(utcnow() - timedelta(seconds=after), limit):
+            try:
+                queue = self.completion.callback_queue(operation)
+                if queue not in idle:
+                    idle[queue] = self.redeliverer.queue_is_idle(queue, missing_is_idle=True)
+                if not idle[queue]:  # it may wait there behind others
+                    continue
+                if operation["callback_sends"] > self.redeliverer.limit:
+                    self.store.lose_callback(operation["id"])
+                    logger.error("the on_complete callback of operation %s is lost: it was sent %d times and "
+                                 "never started", operation["id"], operation["callback_sends"])
+                elif self.completion.apply_callback(operation):
+                    logger.warning("published again the on_complete callback of operation %s that no worker "
+                                   "started (lost by the broker?)", operation["id"])
+                    sent += 1
+            except Exception as exc:  # one bad operation must not stop the others
+                logger.error("redelivery of the callback of operation %s failed: %s", operation["id"], exc)
+        return sent
 
     def callback_delivered(self, operation_id: str) -> bool:
         """Whether the result backend holds a state of the operation's ``on_complete`` (so it was delivered).

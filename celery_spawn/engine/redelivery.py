@@ -45,6 +45,12 @@ def claims_its_start(task: object) -> bool:
     return bool(getattr(task, CLAIMS_START, False))
 
 
+def _no_such_queue(exc: Exception) -> bool:
+    """Whether a passive queue declaration failed because the broker has no such queue (AMQP's 404, which
+    kombu's virtual transports such as Redis give too), not for want of a broker."""
+    return getattr(exc, "code", None) == 404 or getattr(exc, "reply_code", None) == 404 or "NOT_FOUND" in str(exc)
+
+
 class Redeliverer:
     """Finds and publishes again the lost dispatched children of one store's stalled operations."""
 
@@ -80,9 +86,15 @@ class Redeliverer:
                 logger.error("redelivery for operation %s failed: %s", operation_id, exc)
         return published
 
-    def queue_is_idle(self, queue: str | None) -> bool:
+    def queue_is_idle(self, queue: str | None, missing_is_idle: bool = False) -> bool:
         """Whether the broker holds no message ready in ``queue`` (None: the default queue); False when
-        it cannot tell. A child that waits there behind others is not lost, however long it waits."""
+        it cannot tell. A child that waits there behind others is not lost, however long it waits.
+
+        A queue the broker does not know holds nothing, but Redis knows only
+        queues that hold a message, so "no such queue" is taken as idle only
+        with ``missing_is_idle``: for messages whose every delivery claims its
+        start (callbacks), where a copy sent too early costs nothing.
+        """
         name = queue or self.app.conf.task_default_queue
         try:
             with self.app.connection_for_read() as conn:
@@ -90,7 +102,7 @@ class Redeliverer:
                 ok = channel.queue_declare(queue=name, passive=True)
         except Exception as exc:  # no such queue, or no broker: it cannot tell
             logger.debug("could not size queue %s: %s", name, exc)
-            return False
+            return missing_is_idle and _no_such_queue(exc)
         return not getattr(ok, "message_count", 1)
 
     def _redeliver_operation(self, operation_id: str, cutoff, idle: dict[str | None, bool]) -> int:

@@ -19,6 +19,7 @@ from .. import metrics
 from ..protocol import FAILED, HEADER_DEFERRALS, REVOKED, STARTABLE, STARTED, SUCCEEDED, error_text, request_header
 from .copies import Liveness, finished_here, is_copy, worker_identity
 from ..store import Finish, utcnow
+from .callbacks import CallbackClaims
 from .completion import has_result_backend
 
 if TYPE_CHECKING:
@@ -137,6 +138,7 @@ class Tracker:
         #: ``nodename/pid`` of this process once it has run a spawned task (what its claims record).
         self.worker: str | None = None
         self.liveness = Liveness(app)
+        self.callbacks = CallbackClaims(self)
 
     # ---- job transitions -------------------------------------------------------------------
     def claim_start(self, job_id: str) -> bool:
@@ -294,7 +296,7 @@ class Tracker:
         copy, or by a Celery retry, only when the run that claimed it is gone
         (a crash, or the attempt before the retry in this same process); one
         that finds another live process's claim is sent again for a later look
-        (:meth:`_defer`) until the claim changes.
+        (:meth:`defer`) until the claim changes.
         """
         request = task.request
         job_id = cast(str, request.id)  # a running task has one
@@ -337,12 +339,12 @@ class Tracker:
                 # Another live process claimed it: a run that goes on, or an attempt that has ended and whose
                 # retry (or failure) the store has not heard yet, its write waiting for the store. Only time
                 # tells them apart, so this message is neither run nor dropped: it comes back later.
-                self._defer(task, claimed_by)
+                self.defer(task, claimed_by)
         logger.warning("skipping %s[%s]: another copy already ran or runs (duplicate delivery)",
                        task.name, request.id)
         raise Ignore()
 
-    def _defer(self, task: Task, claimed_by: str | None) -> NoReturn:
+    def defer(self, task: Task, claimed_by: str | None) -> NoReturn:
         """Send this delivery back through the publisher to be looked at again after a countdown, and drop it.
 
         The message goes out as it came (same id, arguments, options and
@@ -365,7 +367,7 @@ class Tracker:
             logger.warning("%s[%s] goes back to the broker: sending it for a later look failed (%s)",
                            task.name, request.id, exc)
             raise Reject("a copy of a child another run has claimed", requeue=True) from exc
-        logger.warning("%s[%s] comes back in %.0fs: the child is started by %s, which still runs", task.name,
+        logger.warning("%s[%s] comes back in %.0fs: it is started by %s, which still runs", task.name,
                        request.id, countdown, claimed_by)
         raise Ignore()
 

@@ -15,7 +15,8 @@ from .clock import utcnow as server_now
 
 # The states live in the protocol module; re-exported here for the store's own code.
 from ..protocol import (  # noqa: F401
-    CALLBACK_FAILED, CALLBACK_PENDING, CALLBACK_SENT, CANCELLED, CHILD_COUNT_COLUMNS, DISPATCHED, FAILED, LOST,
+    CALLBACK_ENDED, CALLBACK_FAILED, CALLBACK_LOST, CALLBACK_PENDING, CALLBACK_SENT, CALLBACK_STARTABLE,
+    CALLBACK_STARTED, CALLBACK_WAITING, CANCELLED, CHILD_COUNT_COLUMNS, DISPATCHED, FAILED, LOST,
     FINAL_JOB_STATES, HELD, JOB_STATES, OP_CANCELLED, OP_FAILED, OP_PARTIALLY_FAILED, OP_RUNNING, OP_SUCCEEDED,
     OPERATION_STATES, PENDING, RETRYING, REVOKED, SCHEDULED, STARTED, SUCCEEDED, UNDISPATCHED_JOB_STATES,
 )
@@ -60,6 +61,11 @@ operations = sa.Table(
     sa.Column("fail_fast", sa.Boolean, nullable=False, default=False),
     sa.Column("completed", sa.Boolean, nullable=False, default=False),
     sa.Column("callback_state", sa.String(16), nullable=True),
+    # The ``on_complete`` run (CALLBACK_WAITING ... CALLBACK_LOST; NULL: none sent yet, or sent by a version
+    # before claims), who claimed its start (``hostname/pid``), and how many times it was published.
+    sa.Column("callback_run", sa.String(16), nullable=True),
+    sa.Column("callback_worker", NAME, nullable=True),
+    sa.Column("callback_sends", sa.Integer, nullable=False, default=0, server_default="0"),
     sa.Column("created_at", TIMESTAMP, nullable=False),
     sa.Column("updated_at", TIMESTAMP, nullable=False),
     sa.Column("finished_at", TIMESTAMP, nullable=True),
@@ -77,6 +83,8 @@ operations = sa.Table(
     sa.Index("ix_spawn_operations_queue_created", "queue", "created_at"),
     sa.Index("ix_spawn_operations_state_updated", "state", "updated_at"),
     sa.Index("ix_spawn_operations_callback", "callback_state", "updated_at"),
+    # callbacks sent and never started, for the sweep that sends again what the broker lost
+    sa.Index("ix_spawn_operations_callback_run", "callback_run", "updated_at"),
     # the operations of a label, newest first (tree/cancel/list --operation LABEL)
     sa.Index("ix_spawn_operations_label_created", "label", "created_at"),
     # the trees whose operations all finished before a cutoff (purge: group by root, max finished_at)

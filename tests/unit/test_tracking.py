@@ -116,13 +116,16 @@ def test_an_unpublished_callback_is_recovered(eager, monkeypatch):
 def test_a_callback_published_before_the_store_failed_is_not_published_again(store_url, monkeypatch, ran):
     """Completion published ``on_complete``, then could not record it as sent (the store was cut).
 
-    The sweep finds it claimed and unsent. When the result backend holds the
-    callback's result, it was delivered: recorded as sent, not run again. When
-    the backend knows nothing of it (its message may be lost), it is published.
+    The sweep finds it claimed and unsent. When its run is recorded, or the
+    result backend holds the callback's result, it was delivered: recorded as
+    sent, not run again. When neither knows anything of it (its message may
+    be lost), it is published.
     """
+    import sqlalchemy as sa
+
     from celery_spawn.engine.completion import completion_task_id
     from celery_spawn.errors import StoreError
-    from celery_spawn.protocol import CALLBACK_SENT
+    from celery_spawn.store import schema as s
 
     app, parent, _, _ = tracked_app(store_url, backend="cache+memory://")
     app.conf.update(task_always_eager=True, task_store_eager_result=True)
@@ -134,14 +137,11 @@ def test_a_callback_published_before_the_store_failed_is_not_published_again(sto
         return summary["operation_id"]
 
     store = get_state(app).store
-    record = store.set_callback_state
 
-    def cut_before_sent(operation_id, state, error=None):
-        if state == CALLBACK_SENT:
-            raise StoreError("spawn store failed: OperationalError: server closed the connection unexpectedly")
-        return record(operation_id, state, error)
+    def cut_before_sent(operation_id):
+        raise StoreError("spawn store failed: OperationalError: server closed the connection unexpectedly")
 
-    monkeypatch.setattr(store, "set_callback_state", cut_before_sent)
+    monkeypatch.setattr(store, "callback_published", cut_before_sent)
     try:
         config = SpawnConfig(handler="kids").with_on_complete(done.s()).to_dict()
         result = parent.apply(args=(2,), kwargs={"_spawn_config": config})
@@ -149,13 +149,17 @@ def test_a_callback_published_before_the_store_failed_is_not_published_again(sto
         op_id = default_operation_id(result.id)
         assert calls == [op_id]
         assert operation(app, result.id)["callback_state"] == "pending"
+        assert operation(app, result.id)["callback_run"] == s.CALLBACK_ENDED
         if not ran:  # as if its message had been lost before any worker took it
             app.backend.forget(completion_task_id(op_id))
+            with store.begin() as conn:
+                conn.execute(sa.update(s.operations).where(s.operations.c.id == op_id).values(callback_run=None))
         monkeypatch.undo()
         report = control.sweep(app, grace_seconds=0)
         assert calls == [op_id] * (1 if ran else 2)
         assert report.callbacks == (0 if ran else 1)
         assert operation(app, result.id)["callback_state"] == "sent"
+        assert operation(app, result.id)["callback_run"] == s.CALLBACK_ENDED
         assert recover(app, grace_seconds=0) == 0
         assert len(calls) == (1 if ran else 2)
     finally:

@@ -127,7 +127,8 @@ class OperationAdmin(SpawnAdmin):
         (None, {"fields": ["id", "label", "state", "progress", "handler", "queue", "error"]}),
         ("Lineage", {"fields": ["parent", "children", "tree", "root_id", "depth", "parent_task"]}),
         ("Completion", {"fields": ["completed", "wait_for_descendants", "fail_fast", "on_complete",
-                                   "callback_state", "created_at", "updated_at", "finished_at"]}),
+                                   "callback_state", "callback_run", "callback_worker", "callback_sends",
+                                   "created_at", "updated_at", "finished_at"]}),
         ("Config", {"fields": ["config"], "classes": ["collapse"]}),
     ]
     readonly_fields = ["progress", "parent", "children", "tree"]
