@@ -16,6 +16,7 @@ from celery import signals as celery_signals
 
 from . import metrics
 from .engine import copies
+from .engine.completion import completion_task_id
 from .engine.redelivery import claims_its_start
 from .errors import StoreError
 from .engine.writebehind import FINISH, RETRY, START, Event, enable_in_this_process, flush_all, submit
@@ -40,8 +41,16 @@ def is_spawned(task: Task) -> bool:
 
 
 def callback_of(task: Any) -> str | None:
-    """The operation whose ``on_complete`` the running task is, from its message's header; else None."""
-    return request_header(task.request, HEADER_CALLBACK) or None
+    """The operation whose ``on_complete`` the running task is, from its message's header; else None.
+
+    Only the task that carries the callback's own id claims it: the members
+    of a group (or the first task of a chain) given as ``on_complete`` get the
+    header too, under ids of their own, and run as they would without claims.
+    """
+    operation_id = request_header(task.request, HEADER_CALLBACK)
+    if not operation_id or task.request.id != completion_task_id(operation_id):
+        return None
+    return operation_id
 
 
 def tracker_for(task: Any) -> Tracker | None:
@@ -207,7 +216,7 @@ def _on_retry(sender=None, request=None, reason=None, **_: Any) -> None:
     if sender is None or request is None or getattr(request, UNCLAIMED, False):  # (see wait_for_store)
         return
     callback = request_headers(request).get(HEADER_CALLBACK)
-    if callback:
+    if callback and request.id == completion_task_id(callback):
         tracker = tracker_for(sender)
         try:
             if tracker is not None:

@@ -133,13 +133,15 @@ class Completion:
             logger.error("on_complete of operation %s is not a usable signature: %s", operation["id"], exc)
             self.store.set_callback_state(operation["id"], CALLBACK_FAILED, error=f"on_complete: {error_text(exc)}")
             return False
+        # One task claims its run (see engine.callbacks); a group or chain runs as Celery runs it.
+        claimed = not callback.subtask_type
         try:
-            self.publisher.publish_callback(callback, completion_task_id(operation["id"]), operation)
+            self.publisher.publish_callback(callback, completion_task_id(operation["id"]), operation, claimed)
         except Exception as exc:
             logger.warning("on_complete of operation %s not published (%s); the recovery sweep will retry",
                            operation["id"], exc)
             return False
-        self.store.callback_published(operation["id"])
+        self.store.callback_published(operation["id"], waiting=claimed)
         return True
 
     def callback_queue(self, operation: dict) -> str | None:

@@ -82,11 +82,11 @@ class Publisher:
             headers[HEADER_CALLBACK] = child["callback"]
         return headers or None
 
-    def publish_callback(self, signature: Any, task_id: str, operation: dict) -> None:
+    def publish_callback(self, signature: Any, task_id: str, operation: dict, claimed: bool = True) -> None:
         """Publish ``operation``'s ``on_complete`` callback (already given its summary) under its
-        deterministic id."""
+        deterministic id; ``claimed``: its message names the operation, whose run its deliveries claim."""
         self.publish([{"id": task_id, "parent_id": operation["parent_id"], "root_id": operation["root_id"],
-                       "signature": signature, "callback": operation["id"]}])
+                       "signature": signature, "callback": operation["id"] if claimed else None}])
 
     def _apply_signature(self, child: dict) -> str:
         signature = child["signature"]

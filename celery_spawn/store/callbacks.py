@@ -23,19 +23,22 @@ ops = s.operations
 class CallbackRuns(StoreBase):
     """Claims on callbacks' starts, their ends, and the callbacks that never started."""
 
-    def callback_published(self, operation_id: str) -> None:
-        """The callback went to the broker (again): sent, waiting for a worker, one more send counted.
+    def callback_published(self, operation_id: str, waiting: bool = True) -> None:
+        """The callback went to the broker (again): sent, one more send counted, and (``waiting``) its run
+        waiting for a worker to claim it (a group or chain claims nothing: its run is not followed).
 
         A run that began meanwhile (an eager call, a worker quicker than this
         write) keeps its claim; so does a callback already recorded unusable.
         """
+        values: dict = {"callback_sends": ops.c.callback_sends + 1}
+        if waiting:
+            values["callback_run"] = sa.case(
+                (sa.or_(ops.c.callback_run.is_(None), ops.c.callback_run == s.CALLBACK_LOST), s.CALLBACK_WAITING),
+                else_=ops.c.callback_run)
         with self.begin() as conn:
             conn.execute(ops.update().where(ops.c.id == operation_id, ops.c.callback_state == s.CALLBACK_PENDING)
                          .values(callback_state=s.CALLBACK_SENT, updated_at=utcnow()))
-            conn.execute(ops.update().where(ops.c.id == operation_id).values(
-                callback_sends=ops.c.callback_sends + 1,
-                callback_run=sa.case((sa.or_(ops.c.callback_run.is_(None), ops.c.callback_run == s.CALLBACK_LOST),
-                                      s.CALLBACK_WAITING), else_=ops.c.callback_run)))
+            conn.execute(ops.update().where(ops.c.id == operation_id).values(**values))
 
     def claim_callback(self, operation_id: str, worker: str | None) -> bool | None:
         """Mark the callback started by ``worker`` unless a run claimed it or it ended; True when it did.

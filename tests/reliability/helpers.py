@@ -208,6 +208,22 @@ def ensure_callback_table(app) -> None:
         callbacks.create(conn, checkfirst=True)
 
 
+def drop_message(broker_url: str, queue: str, task_id: str) -> bool:
+    """Remove one task message from a Redis queue, as a consumer killed right after BRPOP loses it."""
+    import json
+
+    import redis
+
+    client = redis.Redis.from_url(broker_url)
+    try:
+        for raw in client.lrange(queue, 0, -1):
+            if json.loads(raw)["headers"].get("id") == task_id:
+                return bool(client.lrem(queue, 1, raw))
+        return False
+    finally:
+        client.close()
+
+
 def callback_rows(app, operation_id: str | None = None) -> list[dict]:
     query = sa.select(callbacks)
     if operation_id is not None:

@@ -23,8 +23,7 @@ from celery_spawn.store import schema as s
 from tests.app import callbacks
 from tests.harness import wait_for
 from tests.reliability.app import REDELIVER_AFTER
-from tests.reliability.helpers import RelBackend, callback_rows, new_queue, operation, private_redis
-from tests.reliability.test_worker_crash import drop_message
+from tests.reliability.helpers import RelBackend, callback_rows, drop_message, new_queue, operation, private_redis
 
 
 @pytest.fixture(scope="module")

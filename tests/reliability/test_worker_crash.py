@@ -28,6 +28,7 @@ from tests.reliability.helpers import (
     RelBackend,
     body_runs,
     children,
+    drop_message,
     log_counts,
     new_queue,
     operation,
@@ -219,22 +220,6 @@ def test_a_copy_delivered_while_the_first_still_runs_does_not_run(crash_rig, sta
     wait_completed(app, parent.id)
     time.sleep(4)  # the copy has run (or been skipped) by now
     assert len(body_runs(runs)[row["id"]]) == 1
-
-
-def drop_message(broker_url: str, queue: str, task_id: str) -> bool:
-    """Remove one task message from a Redis queue, as a consumer killed right after BRPOP loses it."""
-    import json
-
-    import redis
-
-    client = redis.Redis.from_url(broker_url)
-    try:
-        for raw in client.lrange(queue, 0, -1):
-            if json.loads(raw)["headers"].get("id") == task_id:
-                return bool(client.lrem(queue, 1, raw))
-        return False
-    finally:
-        client.close()
 
 
 @pytest.mark.parametrize("plain", [False, True], ids=["spawntask", "plain"])

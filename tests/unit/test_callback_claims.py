@@ -193,3 +193,24 @@ def test_a_queue_the_broker_does_not_know_is_idle_only_for_callbacks(rig):
     never = f"never-{uuid.uuid4().hex[:8]}"
     assert redeliverer.queue_is_idle(never) is False
     assert redeliverer.queue_is_idle(never, missing_is_idle=True) is True
+
+
+def test_a_group_given_as_on_complete_claims_nothing_and_is_never_sent_again(rig):
+    """Each member of a group would claim the one run: a group (or a chain) runs as Celery runs it."""
+    import json
+
+    from celery import group
+
+    app, done, calls = rig
+    store = get_state(app).store
+    op_id = f"op-{uuid.uuid4().hex[:8]}"
+    seed(store, [op_row(op_id, state=s.OP_SUCCEEDED, callback_state=s.CALLBACK_PENDING,
+                        on_complete=json.dumps(dict(group(app.signature("cb.a"), app.signature("cb.b")))))])
+    waiting(app)
+    assert get_state(app).completion.apply_callback(operation(store, op_id))
+    members = waiting(app)
+    assert len(members) == 2 and not any(HEADER_CALLBACK in m.headers for m in members)
+    got = operation(store, op_id)
+    assert (got["callback_state"], got["callback_run"], got["callback_sends"]) == (s.CALLBACK_SENT, None, 1)
+    age(app, op_id)
+    assert control.sweep(app, grace_seconds=60, redeliver_after=60).callbacks == 0
