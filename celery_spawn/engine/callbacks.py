@@ -36,6 +36,8 @@ class Tracking(Protocol):
 
     def defer(self, task: Task, claimed_by: str | None) -> NoReturn: ...
 
+    def succeeded_before(self, task: Any) -> bool: ...
+
 
 class CallbackClaims:
     """The claim, end and retry of callbacks' runs, for one app's tracker."""
@@ -68,6 +70,12 @@ class CallbackClaims:
                                claimed_by)
                 raise Reject("the worker that claimed it cannot be asked", requeue=True)
             if not runs:
+                if self.tracker.succeeded_before(task):
+                    # Its worker died after Celery stored the result, before the end was written: it ran.
+                    self.ended(operation_id)
+                    logger.warning("skipping %s[%s]: the on_complete of operation %s already ran (the result "
+                                   "backend says so)", task.name, request.id, operation_id)
+                    raise Ignore()
                 if self.store.take_over_callback(operation_id, worker, claimed_by):
                     logger.warning("%s[%s] runs the on_complete of operation %s again: the run that claimed it "
                                    "(%s) is gone", task.name, request.id, operation_id, claimed_by)

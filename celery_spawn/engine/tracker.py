@@ -308,7 +308,7 @@ class Tracker:
                            "yet)", task.name, request.id)
             raise Ignore()
         copy = is_copy(request)
-        if copy and self._succeeded_before(task):
+        if copy and self.succeeded_before(task):
             # A copy (redelivered by the broker, or sent again by the sweep) of a run that succeeded before the
             # store heard of it (its worker died, or the store was out): record the success the signal would
             # have, and do not run the body again.
@@ -372,7 +372,7 @@ class Tracker:
         raise Ignore()
 
     @staticmethod
-    def _succeeded_before(task: Any) -> bool:
+    def succeeded_before(task: Any) -> bool:
         """Whether the result backend holds a success for this call (False when it cannot tell)."""
         from celery import states
 

@@ -26,7 +26,6 @@ from typing import Any
 
 from celery import Celery
 from celery import signals as celery_signals
-from celery.exceptions import Ignore
 
 from celery_spawn import SpawnConfig, SpawnTask, StoreError, depends_on, get_state
 from celery_spawn.protocol import SPAWN_CONFIG_KWARG
@@ -90,13 +89,7 @@ def make_chaos_app(broker: str, backend: str | None, database_url: str, queue: s
 
     @app.task(shared=False, name=CALLBACK, bind=True)
     def callback(self, summary, tag):
-        # Celery runs any acks_late task again when its worker dies before the ack, even after its result
-        # was stored; a callback that must act once skips such a redelivered copy (as Celery's
-        # worker_deduplicate_successful_tasks would). A callback published twice is not skipped: both
-        # copies are first deliveries.
-        if (self.request.delivery_info or {}).get("redelivered") and \
-                self.AsyncResult(self.request.id).state == "SUCCESS":
-            raise Ignore()  # no second task_success, so no second history row
+        # A plain task: that it runs once, whatever the broker delivers, is celery-spawn's to ensure.
         history.write(tag, summary["operation_id"], history.CALLBACK_START)
         return summary["operation_id"]
 

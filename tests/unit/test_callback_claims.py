@@ -123,6 +123,30 @@ def test_a_callback_whose_claimant_is_gone_runs_again_once(rig, caplog):
     assert "is gone" in caplog.text and len(calls) == 1
 
 
+def test_a_callback_whose_claimant_died_after_its_result_was_stored_never_runs_again(store_url):
+    """The claimant's worker died after Celery stored the callback's result and before its end was written:
+    the broker's copy (``acks_late``) finds the run claimed by a process that is gone, and the result."""
+    app = Celery("callbacks-backend", broker="memory://", backend="cache+memory://", set_as_current=False)
+    install(app, SpawnManager(), database_url=store_url)
+    calls = []
+
+    @app.task(name="cb.done", shared=False)
+    def done(summary):
+        calls.append(summary)
+
+    guard_copies(app)
+    try:
+        op_id = published(app)
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        claim(app, op_id, f"{HERE}/{dead.pid}")
+        app.backend.mark_as_done(completion_task_id(op_id), op_id)
+        assert deliver(done, op_id, headers={"redelivered": True}) == "IGNORED"
+        assert calls == [] and operation(get_state(app).store, op_id)["callback_run"] == s.CALLBACK_ENDED
+    finally:
+        get_state(app).store.dispose()
+
+
 def test_a_callback_the_store_does_not_know_runs(rig):
     """Its operation purged, or the header set by hand: it runs as it would without claims."""
     app, done, calls = rig
