@@ -208,6 +208,17 @@ def ensure_callback_table(app) -> None:
         callbacks.create(conn, checkfirst=True)
 
 
+
+@contextlib.contextmanager
+def redis_crash_rig(tmp_path_factory, postgres_url: str) -> Iterator[tuple[RelBackend, object, Path]]:
+    """A redis-server of our own (5 s visibility timeout, so a dead worker's messages come back quickly) with
+    a PostgreSQL store: the backend, its app and the folder the children's runs are written to."""
+    with private_redis(tmp_path_factory.mktemp("redis")) as port:
+        runs = tmp_path_factory.mktemp("runs")
+        backend = RelBackend("redis-postgresql", f"redis://127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/1",
+                             postgres_url, new_queue(), visibility_timeout=5, runs_dir=str(runs))
+        yield backend, backend.make_app(), runs
+
 def drop_message(broker_url: str, queue: str, task_id: str) -> bool:
     """Remove one task message from a Redis queue, as a consumer killed right after BRPOP loses it."""
     import json

@@ -23,17 +23,12 @@ from celery_spawn.store import schema as s
 from tests.app import callbacks
 from tests.harness import wait_for
 from tests.reliability.app import REDELIVER_AFTER
-from tests.reliability.helpers import RelBackend, callback_rows, drop_message, new_queue, operation, private_redis
+from tests.reliability.helpers import callback_rows, drop_message, new_queue, operation, redis_crash_rig
 
 
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory, postgres_url):
-    folder = tmp_path_factory.mktemp("redis")
-    with private_redis(folder) as port:
-        runs = tmp_path_factory.mktemp("runs")
-        backend = RelBackend("redis-postgresql", f"redis://127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/1",
-                             postgres_url, new_queue(), visibility_timeout=5, runs_dir=str(runs))
-        app = backend.make_app()
+    with redis_crash_rig(tmp_path_factory, postgres_url) as (backend, app, _):
         with get_state(app).store.begin() as conn:  # (tests.record_callback creates it on its first run)
             callbacks.create(conn, checkfirst=True)
         yield backend, app

@@ -25,15 +25,13 @@ from celery_spawn.store import schema as s
 from tests.harness import wait_for
 from tests.reliability.app import REDELIVER_AFTER
 from tests.reliability.helpers import (
-    RelBackend,
     body_runs,
     children,
     drop_message,
     log_counts,
-    new_queue,
     operation,
     operations_of,
-    private_redis,
+    redis_crash_rig,
     rows,
     runs_after_success,
     state_counts,
@@ -50,13 +48,8 @@ SHORT_TRIALS = [("spawn", "worker"), ("children", "worker")]
 
 @pytest.fixture(scope="module")
 def crash_rig(tmp_path_factory, postgres_url):
-    folder = tmp_path_factory.mktemp("redis")
-    with private_redis(folder) as port:
-        runs = tmp_path_factory.mktemp("runs")
-        backend = RelBackend("redis-postgresql", f"redis://127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/1",
-                             postgres_url, new_queue(), visibility_timeout=5, runs_dir=str(runs))
-        app = backend.make_app()
-        yield backend, app, runs
+    with redis_crash_rig(tmp_path_factory, postgres_url) as rig:
+        yield rig
 
 
 def succeeded_children(app, parent_id: str) -> int:
