@@ -219,9 +219,14 @@ def make_reliability_app(broker: str, backend: str | None, database_url: str, qu
 def _from_environment() -> Celery:
     timeout = os.environ.get("SPAWN_TEST_VISIBILITY_TIMEOUT")
     app = make_reliability_app(**settings_from_environment(), visibility_timeout=float(timeout) if timeout else None)
+    # A test about something else than lost or stranded messages keeps the sweep out of its way.
     redeliver_after = os.environ.get("SPAWN_TEST_REDELIVER_AFTER")
-    if redeliver_after:  # a test about something else than lost messages keeps the sweep out of its way
+    recovery_grace = os.environ.get("SPAWN_TEST_RECOVERY_GRACE")
+    if redeliver_after:
         app.conf.spawn_redeliver_after = float(redeliver_after)
+    if recovery_grace:
+        app.conf.spawn_recovery_grace = float(recovery_grace)
+    if redeliver_after or recovery_grace:
         get_state(app).reload()
     return app
 

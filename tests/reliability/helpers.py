@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import shutil
 import subprocess
+import sys
 import uuid
 from datetime import timezone
 from pathlib import Path
@@ -94,6 +95,24 @@ class RelWorker(Worker):
 
     def succeeded(self, task: str, task_id: str) -> int:
         return self.log().count(f"Task {task}[{task_id}] succeeded")
+
+    def diagnosis(self, log_lines: int = 40) -> str:
+        """What a stuck worker is doing: every thread's stack in its processes (py-spy), and its last log lines.
+
+        For a failure message: a hang seen once on a loaded machine is explained by this, not by a re-run.
+        """
+        lines = [line for line in self.log().splitlines() if not line.endswith(" received")]
+        parts = ["--- the worker's last log lines:", *lines[-log_lines:]]
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if self.proc is not None and self.proc.poll() is None and Path(spy).exists():
+            for pid in [self.proc.pid, *self.pool_children()]:
+                try:
+                    dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True,
+                                          timeout=30)
+                    parts += [f"--- py-spy dump of {pid}:", dump.stdout.strip() or dump.stderr.strip()]
+                except (OSError, subprocess.SubprocessError) as exc:
+                    parts.append(f"--- py-spy dump of {pid} failed: {exc}")
+        return "\n".join(parts)
 
 
 # ---- services -------------------------------------------------------------------------------------

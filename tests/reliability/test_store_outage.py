@@ -60,10 +60,13 @@ def on_complete(app) -> dict:
     return {"on_complete": dict(app.signature("tests.record_callback"))}
 
 
-def assert_tree_whole(app, parent_id: str, count: int, runs, timeout: float = 90) -> dict:
+def assert_tree_whole(app, parent_id: str, count: int, runs, worker: RelWorker, timeout: float = 90) -> dict:
     """Every child succeeded exactly once, one operation, one callback."""
-    op = wait_for(lambda: (o := operation(app, parent_id)) and o["completed"] and o, timeout, interval=0.5,
-                  what=f"the operation to complete ({state_counts(app, parent_id)})")
+    try:
+        op = wait_for(lambda: (o := operation(app, parent_id)) and o["completed"] and o, timeout, interval=0.5,
+                      what=f"the operation to complete ({state_counts(app, parent_id)})")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc} ({state_counts(app, parent_id)} now)\n{worker.diagnosis()}") from None
     assert op["state"] == s.OP_SUCCEEDED, (op, state_counts(app, parent_id))
     assert op["total"] == count
     assert len(operations_of(app, parent_id)) == 1
@@ -89,7 +92,7 @@ def test_store_cut_mid_spawn_retries_the_parent(outage_rig):
         wait_for(lambda: f"Task rel.fanout[{parent.id}] retry" in worker.log(), 30, what="the parent to retry")
         time.sleep(OUTAGE)
     assert parent.get(timeout=90) == 400
-    assert_tree_whole(app, parent.id, 400, runs)
+    assert_tree_whole(app, parent.id, 400, runs, worker)
     log = worker.log()
     # A clear error, naming the store without its password; the parent retried on it.
     assert "StoreError('spawn store " in log and "failed: OperationalError" in log
@@ -109,7 +112,7 @@ def test_store_cut_mid_completions_still_completes_once(outage_rig):
     assert "celery-spawn could not record" in log or "StoreError" in log  # the outage is visible in the log
     # SpawnTask children that could not claim their start wait for the store (retry); outcomes whose
     # write was lost are read back from the result backend by the recovery sweep (every 2 s, grace 5 s).
-    assert_tree_whole(app, parent.id, 200, runs, timeout=60)
+    assert_tree_whole(app, parent.id, 200, runs, worker)
 
 
 def test_store_cut_mid_completions_of_plain_children(outage_rig):
