@@ -10,8 +10,19 @@ fi
 bash scripts/bootstrap.sh test,web,lint,psycopg,django,metrics,otel,sentry
 # Test modules run in SPAWN_TEST_PROCESSES processes (pytest-xdist, a module per process: its worker and
 # databases stay its own; most of the time is spent waiting on workers and servers); default 3.
+# Tests marked `alone` (the fault explorer: it kills workers and cuts services) run after the rest, by
+# themselves, so that their load does not slow the tests beside them past their waits.
 processes="${SPAWN_TEST_PROCESSES:-3}"
-if [ "$processes" -gt 1 ]; then
-    exec .venv/bin/python -m pytest -n "$processes" --dist loadfile "${@:-tests}"
+if [ "$processes" -le 1 ]; then
+    exec .venv/bin/python -m pytest "${@:-tests}"
 fi
-exec .venv/bin/python -m pytest "${@:-tests}"
+rest=0
+.venv/bin/python -m pytest -n "$processes" --dist loadfile -m "not alone" "${@:-tests}" || rest=$?
+alone=0
+.venv/bin/python -m pytest -m alone "${@:-tests}" || alone=$?
+# pytest's 5 is "no tests collected": one of the two runs may select none; both selecting none is an error.
+for status in "$rest" "$alone"; do
+    if [ "$status" -ne 0 ] && [ "$status" -ne 5 ]; then exit "$status"; fi
+done
+if [ "$rest" -eq 5 ] && [ "$alone" -eq 5 ]; then exit 5; fi
+exit 0

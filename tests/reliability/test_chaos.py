@@ -9,7 +9,8 @@ command that replays it alone; ``SPAWN_TEST_SEED`` picks other schedules.
 The ten always-on schedules may meet, by the chance of timing, an open problem
 ``docs/reliability.md`` lists under "Not guaranteed". A schedule that fails is
 replayed once, on a fresh rig, and fails the test if it fails again; the first
-failure is printed either way.
+failure is printed either way. ``scripts/test.sh`` runs this module by itself, after
+the other modules (the ``alone`` marker).
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ import pytest
 from tests.chaos.report import table, write_docs
 from tests.chaos.runner import explore, plan_schedules, summary_line
 
-pytestmark = pytest.mark.integration
+#: ``alone``: scripts/test.sh runs this module after the rest, by itself: its killed workers and cut services
+#: would load the machine under the tests beside it (whose waits are sized for a busy, not a thrashing, host).
+pytestmark = [pytest.mark.integration, pytest.mark.alone]
 
 SEED = int(os.environ.get("SPAWN_TEST_SEED", "1600"))
 
