@@ -65,7 +65,7 @@ class StoreBase:
         try:
             return upgrade(engine or self.holder.get())
         except SQLAlchemyError as exc:
-            raise StoreError(f"could not migrate the spawn store at {self.safe_url}: {type(exc).__name__}") from exc
+            raise StoreError(f"could not migrate the spawn store at {self.safe_url}: {_short(exc)}") from exc
 
     def delete_all(self) -> None:
         """Delete every row of the spawn tables, which stay (a test's fresh start on a shared database)."""

@@ -160,6 +160,21 @@ def test_an_unreachable_store_fails_the_parent_without_showing_the_password(url,
         made.close()
 
 
+@pytest.mark.parametrize("url", [
+    f"postgresql+psycopg2://u:{SECRET}@127.0.0.1:1/x",
+    f"mysql+mysqldb://u:{SECRET}@127.0.0.1:1/x",
+])
+def test_a_store_that_cannot_be_migrated_says_why(url):
+    """The driver's own reason (refused, too many connections, a lock wait), not only its class name."""
+    store = SpawnStore(url)
+    with pytest.raises(StoreError) as raised:
+        store.migrate()
+    text = str(raised.value)
+    assert text.startswith("could not migrate the spawn store at ") and "OperationalError: " in text
+    assert ("Connection refused" in text or "Can't connect" in text), text
+    assert SECRET not in text
+
+
 def test_redact_hides_passwords():
     assert SECRET not in redact(f"postgresql+psycopg2://user:{SECRET}@db:5432/spawn")
     assert redact("sqlite:///tmp/x.sqlite3") == "sqlite:///tmp/x.sqlite3"
