@@ -84,11 +84,14 @@ class Sweeper:
         completed = self.complete_overdue(grace, limit)
         for operation in self.store.claim_stale_callbacks(grace, limit):
             try:
-                if operation["callback_run"] in (CALLBACK_STARTED, CALLBACK_ENDED) or self.callback_delivered(
-                        operation["id"]):
-                    # Published before a store failure hid it: the result backend saw it run.
+                run = operation["callback_run"]
+                if run in (CALLBACK_STARTED, CALLBACK_ENDED) or self.callback_delivered(operation["id"]):
+                    # Published before a store failure hid it: a worker claimed its run, or the result backend
+                    # saw it. A run still going (started) records its own end, or is taken over by a copy if its
+                    # worker dies; ending it here would keep a retry of it from claiming its run again.
                     self.store.set_callback_state(operation["id"], CALLBACK_SENT)
-                    self.store.end_callback(operation["id"])
+                    if run != CALLBACK_STARTED:
+                        self.store.end_callback(operation["id"])
                     logger.warning("the on_complete callback of operation %s was delivered already; recorded it "
                                    "as sent", operation["id"])
                 elif self.completion.apply_callback(operation):

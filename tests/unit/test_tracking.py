@@ -112,6 +112,44 @@ def test_an_unpublished_callback_is_recovered(eager, monkeypatch):
     assert len(calls) == 1
 
 
+def test_a_callback_running_when_the_sweep_finds_it_unsent_is_recorded_sent_and_left_running(store_url):
+    """Completion published ``on_complete`` but could not record it as sent; its run has started meanwhile.
+
+    The sweep records it as sent and publishes nothing; the run is not ended
+    under the feet of the worker running it (a Celery retry of the callback
+    frees its claim and runs again, which an ended run would forbid).
+    """
+    import sqlalchemy as sa
+
+    from celery_spawn.store import schema as s
+
+    app, parent, _, _ = tracked_app(store_url, backend="cache+memory://")
+    app.conf.update(task_always_eager=True, task_store_eager_result=True)
+    calls = []
+
+    @app.task(name="t.done", shared=False)
+    def done(summary):
+        calls.append(summary["operation_id"])
+
+    store = get_state(app).store
+    try:
+        config = SpawnConfig(handler="kids").with_on_complete(done.s()).to_dict()
+        result = parent.apply(args=(2,), kwargs={"_spawn_config": config})
+        op_id = default_operation_id(result.id)
+        assert calls == [op_id]
+        with store.begin() as conn:  # as if the sent mark was lost and the callback's run is still going
+            conn.execute(sa.update(s.operations).where(s.operations.c.id == op_id)
+                         .values(callback_state=s.CALLBACK_PENDING, callback_run=s.CALLBACK_STARTED,
+                                 callback_worker="elsewhere@host/1"))
+        report = control.sweep(app, grace_seconds=0)
+        assert report.callbacks == 0 and calls == [op_id]
+        row = operation(app, result.id)
+        assert row["callback_state"] == "sent"
+        assert row["callback_run"] == s.CALLBACK_STARTED and row["callback_worker"] == "elsewhere@host/1"
+    finally:
+        store.dispose()
+
+
 @pytest.mark.parametrize("ran", [True, False], ids=["ran", "never-ran"])
 def test_a_callback_published_before_the_store_failed_is_not_published_again(store_url, monkeypatch, ran):
     """Completion published ``on_complete``, then could not record it as sent (the store was cut).
