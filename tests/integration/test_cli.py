@@ -222,8 +222,10 @@ def test_monitor_refreshes_and_stops(backend, trees):
 
 def test_monitor_exits_cleanly_on_ctrl_c(backend, trees):
     command = [sys.executable, "-m", "celery", "-A", "tests.app", "spawn", "monitor", "--interval", "0.3"]
+    # A terminal's Ctrl-C: SIGINT handled as the shell would (a suite started in the background inherits it
+    # ignored, and a Python started with SIGINT ignored never turns it into KeyboardInterrupt).
     proc = subprocess.Popen(command, cwd=ROOT, env=backend.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         seen = []
         deadline = time.monotonic() + 60
