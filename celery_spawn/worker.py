@@ -12,11 +12,18 @@ checks the schema, then publishes due children every
 ``spawn_recovery_interval`` seconds. A store that hangs or is down there is
 logged and retried, and touches nothing else: tasks that need no store run
 normally, and pool processes are replaced as always.
+
+The worker stops it with a byte down a pipe (:class:`StopSignal`), not a
+multiprocessing ``Event``: an ``Event``'s ``set`` waits for every process
+sleeping on it to acknowledge, and a background process killed while it
+slept (``SIGTERM`` to the worker's whole process group, as systemd's default
+``KillMode`` sends) never does, which left the worker hanging in its shutdown.
 """
 from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import time
 from typing import TYPE_CHECKING, Any
@@ -35,6 +42,35 @@ IDLE_WAIT = 1.0
 STOP_TIMEOUT = 10.0
 #: Seconds between the worker's checks that its background process lives (a new one if it died).
 WATCH_INTERVAL = 5.0
+
+
+class StopSignal:
+    """A stop the background process waits for: a byte written down a pipe.
+
+    Setting it never waits on the other side, which may be dead (see the
+    module's docstring); a stop set before the wait is still seen.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe()
+
+    def set(self) -> None:
+        try:
+            os.write(self._write, b"s")
+        except OSError:  # closed already: nothing waits on it any more
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the stop came within ``timeout`` seconds."""
+        readable, _, _ = select.select([self._read], [], [], timeout)
+        return bool(readable)
+
+    def close(self) -> None:
+        for fd in (self._read, self._write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 class RecoveryStep(bootsteps.StartStopStep):
@@ -87,7 +123,7 @@ class RecoveryStep(bootsteps.StartStopStep):
         from billiard import get_context
 
         context: Any = get_context("fork")
-        self._stop = context.Event()
+        self._stop = StopSignal()
         self.process = context.Process(target=run_background, args=(app, self._stop, os.getpid()),
                                        name="celery-spawn", daemon=True)
         self.process.start()
@@ -96,6 +132,7 @@ class RecoveryStep(bootsteps.StartStopStep):
         if self.process is not None and not self.process.is_alive():
             logger.error("the celery-spawn background process exited (%s): starting another",
                          self.process.exitcode)
+            self._stop.close()
             self._spawn(app)
 
     def stop(self, worker: Any) -> None:
@@ -116,10 +153,11 @@ class RecoveryStep(bootsteps.StartStopStep):
         if self.process.is_alive():  # stuck on a hung store: nothing of its work is lost by a kill
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.join(STOP_TIMEOUT)
+        self._stop.close()
         self.process = None
 
 
-def run_background(app: Celery, stop: Any, parent_pid: int) -> None:
+def run_background(app: Celery, stop: StopSignal, parent_pid: int) -> None:
     """The background process: schema check, then due children and sweeps until the worker stops."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker's Ctrl-C is the worker's: it stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
