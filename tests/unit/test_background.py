@@ -96,3 +96,22 @@ def test_zero_means_no_limit():
     assert Timeouts(0, 0, 0).connect_args("mariadb") == {}
     assert Timeouts(connect=2.5, statement=0.2, lock=0).connect_args("mysql") == {
         "connect_timeout": 3, "read_timeout": 1, "write_timeout": 1}
+
+
+def test_the_stop_signal_is_seen_whenever_it_was_set_and_setting_it_never_waits():
+    from celery_spawn.worker import StopSignal
+
+    stop = StopSignal()
+    try:
+        assert stop.wait(0.05) is False
+        stop.set()  # before the wait, as when the worker stops while the background process sweeps
+        assert stop.wait(5) is True
+        pid = os.fork()
+        if pid == 0:  # a process that would wait on it dies: setting it must not wait for that process
+            os._exit(0)
+        os.waitpid(pid, 0)
+        stop.set()
+        assert stop.wait(0) is True
+    finally:
+        stop.close()
+    stop.set()  # closed: nothing to stop, and no error
