@@ -10,7 +10,9 @@ schedule has healed and completed:
   after Celery had stored its success (a ``start`` row later than its first
   ``succeeded`` row), or that succeeded twice;
 * **callbacks**: every operation of the tree completed and ran its
-  ``on_complete`` exactly once (one ``callback`` row);
+  ``on_complete`` exactly once (one ``callback`` row, or none and its success
+  in the result backend: a callback's pool process killed between the two,
+  as for children below);
 * **agreement**: the store says ``succeeded`` exactly for the children the
   history saw succeed. A pool process killed between Celery storing a
   child's result and ``task_success`` leaves no ``succeeded`` row; the store
@@ -28,6 +30,7 @@ from typing import Callable
 import sqlalchemy as sa
 
 from celery_spawn import get_state
+from celery_spawn.engine.completion import completion_task_id
 from celery_spawn.protocol import FINAL_JOB_STATES, SUCCEEDED
 from celery_spawn.store import schema as s
 from tests.chaos import history
@@ -48,6 +51,8 @@ class ScheduleResult:
     problems: list[str] = dataclasses.field(default_factory=list)
     #: Children whose success only the result backend saw (killed between storing it and task_success).
     backend_only: int = 0
+    #: Callbacks whose success only the result backend saw (the same, for an ``on_complete``).
+    callbacks_backend_only: int = 0
     #: Bodies that ran more than once before succeeding (a kill or a copy, then a run to success).
     reruns: int = 0
     injected: list[str] = dataclasses.field(default_factory=list)
@@ -136,6 +141,9 @@ def judge(schedule: Schedule, children: list[dict], ops: list[dict], rows: list[
         count = callbacks.get(op["id"], 0)
         if count == 1:
             result.callbacks_once += 1
+        elif count == 0 and backend_succeeded(completion_task_id(op["id"])):
+            result.callbacks_once += 1
+            result.callbacks_backend_only += 1
         else:
             result.problems.append(f"operation {op['id']} ({op['state']}, completed={op['completed']}, callback "
                                    f"{op['callback_state']}, updated {op['updated_at']}) ran its on_complete "

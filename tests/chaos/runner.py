@@ -362,7 +362,10 @@ def summary_line(result: ScheduleResult) -> str:
     line = (f"{verdict} in {result.seconds:.1f}s: {len(result.injected)} faults{skipped}, {result.children} children "
             f"({result.reruns} ran more than once before succeeding, {result.backend_only} known from the result "
             f"backend only), lost {len(result.lost)}, doubled {len(result.doubled)}, callbacks once "
-            f"{result.callbacks_once}/{result.operations}, workers started {result.workers_started}")
+            f"{result.callbacks_once}/{result.operations}"
+            + (f" ({result.callbacks_backend_only} known from the result backend only)"
+               if result.callbacks_backend_only else "")
+            + f", workers started {result.workers_started}")
     if result.worker_exits:
         line += f" ({result.worker_exits} exited by themselves)"
     for problem in result.problems[:10]:

@@ -119,6 +119,20 @@ def test_a_callback_not_run_exactly_once_is_caught(callbacks):
     assert result.callbacks_once == 0 and not result.ok
 
 
+def test_a_callback_whose_success_only_the_result_backend_holds_ran_once():
+    """Its pool process was killed between Celery storing its result and ``task_success`` (no history row)."""
+    from celery_spawn.engine.completion import completion_task_id
+
+    rows = [r for r in clean_history() if r["event"] != history.CALLBACK]
+    result = verdict(*tree(), rows, backend=lambda task_id: task_id == completion_task_id("op"))
+    assert result.ok and result.callbacks_once == 1 and result.callbacks_backend_only == 1
+    # A second run alongside it is still caught.
+    rows.append(row("op", history.CALLBACK, 6))
+    both = verdict(*tree(), rows + [row("op", history.CALLBACK, 7)],
+                   backend=lambda task_id: task_id == completion_task_id("op"))
+    assert not both.ok
+
+
 def test_the_store_and_the_history_must_agree():
     # The store says succeeded, but no run of the child ever succeeded, even in the result backend.
     rows = [r for r in clean_history() if not (r["job_id"] == "c1" and r["event"] == history.SUCCEEDED)]
