@@ -192,6 +192,44 @@ class Bench:
             self.rows.append(Row("1 dispatch", f"kombu Producer.batch ceiling, {label}", fastest, ceiling, "s",
                                  note=f"ceiling {n / ceiling:,.0f} msg/s: the faster spawn reaches "
                                       f"{ceiling / fastest:.0%} of it"))
+            self._dispatch_through_worker(label, broker, with_driver(pg_url, drivers[0]), n)
+
+    def _dispatch_through_worker(self, label: str, broker: str, database_url: str, n: int) -> None:
+        """What a user waits for: from the parent's ``apply_async`` to the last child message in the broker.
+
+        A real worker takes the parent (its delivery, its start and the handler's
+        generator count too) and spawns ``n`` plain children to a queue nobody
+        consumes; the baseline sends a ``group`` of the same ``n`` to that queue
+        from the client.
+        """
+        from celery import group
+
+        queue = f"bench-parents-{uuid.uuid4().hex[:6]}"
+        out = f"{queue}-out"
+        client = self.app(broker, database_url, queue, out)
+        noop, parent = client.tasks["bench.noop"], client.tasks["bench.parent"]
+        count, purge = self._queue_tools(client, broker, out)
+
+        def timed(send: Callable[[], object]) -> float:
+            start = time.perf_counter()
+            send()
+            wait_until(lambda: count() >= n, 120, "messages in the consumed-by-nobody queue")
+            elapsed = time.perf_counter() - start
+            purge()
+            return elapsed
+
+        def spawn() -> float:
+            return timed(lambda: parent.apply_async(kwargs={
+                "key": "unused", "n": n, "_spawn_config": {"handler": "stream", "max_spawn_count": n}}))
+
+        def baseline() -> float:
+            return timed(lambda: group(noop.signature(("unused",), queue=out) for _ in range(n)).apply_async())
+
+        with self.worker(broker, database_url, queue, dead_queue=out):
+            times = medians_taking_turns(self.rounds, {"spawn": spawn, "group": baseline})
+        self.rows.append(Row("1 dispatch", f"{n:,} children, parent sent to a worker, {label}",
+                             times["spawn"], times["group"], "s",
+                             note="the parent's delivery, start and handler included; group sent by the client"))
 
     def _queue_tools(self, app, broker: str, queue: str):
         if broker.startswith("redis"):
