@@ -93,8 +93,8 @@ def tree(ctx: click.Context, job_id: str, fmt: str, max_depth: int | None, full:
     from .. import render
     from ..store import queries
 
-    # Text reads flat rows and draws them as they are walked: no nested dicts for 100,000 nodes.
-    flat = fmt == "text" and not children_only
+    # Text and JSON read flat rows and write them as they are walked: no nested dicts for 100,000 nodes.
+    flat = fmt in ("text", "json") and not children_only
 
     def read(conn: Any, job: str) -> tuple[Any, list]:
         if flat:
@@ -125,8 +125,10 @@ def tree(ctx: click.Context, job_id: str, fmt: str, max_depth: int | None, full:
         note_label(job_id, labelled[0]["id"], labelled[1])
     color = use_colour(ctx)
     if flat:
-        for chunk in render.tree_text_chunks(data.rows, data.start, data.hidden, color=color,
-                                             highlight=shown if full else None):
+        chunks = (render.tree_json_chunks(data.rows, data.start, data.hidden) if fmt == "json" else
+                  render.tree_text_chunks(data.rows, data.start, data.hidden, color=color,
+                                          highlight=shown if full else None))
+        for chunk in chunks:
             click.echo(chunk, nl=False, color=color)
     elif children_only and fmt == "json":
         emit(ctx, render.to_json(rows))

@@ -14,11 +14,11 @@ from .escape import printable
 from .jsonout import jsonable, to_json, tree_json
 from .listings import jobs_text, monitor_text, operations_text, pending_text, stats_text
 from .style import FORMATS, STATE_COLOURS, TREE_FORMATS
-from .trees import (lineage_tree, render_tree, tree_dot, tree_mermaid, tree_summary, tree_text,
+from .trees import (lineage_tree, render_tree, tree_dot, tree_json_chunks, tree_mermaid, tree_summary, tree_text,
                     tree_text_chunks)
 
 __all__ = [
     "FORMATS", "TREE_FORMATS", "STATE_COLOURS", "jsonable", "to_json", "render_tree", "tree_text", "tree_json",
     "tree_mermaid", "tree_dot", "tree_summary", "operations_text", "jobs_text", "stats_text", "pending_text",
-    "lineage_tree", "monitor_text", "printable", "tree_text_chunks",
+    "lineage_tree", "monitor_text", "printable", "tree_text_chunks", "tree_json_chunks",
 ]

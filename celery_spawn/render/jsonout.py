@@ -57,6 +57,8 @@ def _fast_encoder() -> Callable[[Any], str]:
 
 
 _encode = _fast_encoder()
+#: One tree node's fields as compact JSON (the encoder :func:`tree_json` writes nodes with).
+encode_node = _encode
 
 
 def to_json(value: Any) -> str:

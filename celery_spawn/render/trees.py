@@ -6,7 +6,7 @@ from operator import itemgetter
 from typing import Any
 
 from .escape import has_control, printable
-from .jsonout import tree_json
+from .jsonout import encode_node, tree_json
 from .style import DIAGRAM_FILLS, SHORT_ID, TREE_FORMATS, state_word, style
 
 
@@ -135,6 +135,52 @@ def tree_text_chunks(rows: Iterable[tuple], start: str, hidden: Mapping[str, int
         add(f"{jobs} jobs, {deepest - first + 1} levels{more} ({counts})")
     if lines:
         yield _chunk(lines, color)
+
+
+def tree_json_chunks(rows: Iterable[tuple], start: str, hidden: Mapping[str, int] | None = None) -> Iterator[str]:
+    """The JSON of a tree given as flat rows (see :func:`tree_text_chunks`), in chunks; the last ends with a newline.
+
+    The same text as :func:`~celery_spawn.render.jsonout.tree_json` of the
+    nested tree ``spawn_tree`` reads (nodes in spawn order, ``hidden_children``
+    on a node cut off by a depth limit), written as the rows are walked: no
+    nested dicts for 100,000 nodes, and no recursion for 1,000 levels.
+    """
+    hidden = hidden or {}
+    top, kids = _children_by_parent(rows, start)
+    if top is None:
+        return
+    out: list[str] = []
+    add = out.append
+    # Stack items: (row, its indent, what goes before its line), or text to write as it is.
+    stack: list[Any] = [(top, "", "")]
+    pop, push = stack.pop, stack.append
+    while stack:
+        item = pop()
+        if item.__class__ is str:
+            add(item)
+            continue
+        row, pad, before = item
+        job, _parent, name, state, depth, queue, operation, position = row
+        fields = {"id": job, "task_name": name, "state": state, "depth": depth, "queue": queue,
+                  "operation_id": operation, "position": position}
+        if job in hidden:
+            fields["hidden_children"] = hidden[job]
+        head = encode_node(fields)[:-1]  # the object without its closing brace
+        children = kids.get(job)
+        if not children:
+            add(f'{before}{pad}{head}, "children": []}}')
+        else:
+            add(f'{before}{pad}{head}, "children": [\n')
+            push(f"\n{pad}]}}")
+            inner = pad + "  "
+            for index in range(len(children) - 1, 0, -1):
+                push((children[index], inner, ",\n"))
+            push((children[0], inner, ""))
+        if len(out) >= CHUNK_LINES:
+            yield "".join(out)
+            out.clear()
+    add("\n")
+    yield "".join(out)
 
 
 def _chunk(lines: list[str], color: bool) -> str:

@@ -547,6 +547,8 @@ def test_tree_rows_are_the_flat_rows_spawn_tree_nests(store, tree):
                 nested = queries.spawn_tree(conn, start, **args)
                 drawn = "".join(render.tree_text_chunks(found.rows, found.start, found.hidden))
                 assert drawn[:-1] == render.tree_text(nested), (start, args)
+                written = "".join(render.tree_json_chunks(found.rows, found.start, found.hidden))
+                assert written == render.tree_json(nested) + "\n", (start, args)
         cut = queries.tree_rows(conn, "root", max_depth=1)
     assert flat.start == "root" and flat.hidden == {}
     assert all(len(row) == len(queries.TREE_FIELDS) for row in flat.rows)

@@ -385,6 +385,31 @@ def test_text_from_flat_rows_in_any_order_and_in_chunks(tree, monkeypatch):
     assert list(render.tree_text_chunks(rows, "missing")) == []
 
 
+def test_json_from_flat_rows_in_any_order_and_in_chunks(tree, monkeypatch):
+    """The JSON written from flat rows is the nested tree's JSON, whatever the chunk size; cut nodes say so."""
+    import json
+
+    rows = [("a.1", "a", "tests.child", "failed", 2, "other", "op", 1),
+            ("c", "root", "tests.child", "started", 1, "q", "op", 2),
+            ("a.0", "a", "tests.child", "succeeded", 2, "q", "op", 0),
+            ("elsewhere", "gone", "tests.other", "pending", 5, "q", "op", 0),  # detached: not written
+            ("b", "root", "tests.child", "pending", 1, "q", "op", 1),
+            ("root", None, "tests.parent", "succeeded", 0, "q", "op", 0),
+            ("a", "root", "tests.child", "succeeded", 1, "q", "op", 0)]
+    whole = "".join(render.tree_json_chunks(rows, "root", {"c": 7}))
+    parsed = json.loads(whole)
+    assert [kid["id"] for kid in parsed["children"]] == ["a", "b", "c"]
+    assert [kid["id"] for kid in parsed["children"][0]["children"]] == ["a.0", "a.1"]
+    assert parsed["children"][2]["hidden_children"] == 7 and "elsewhere" not in whole
+    monkeypatch.setattr("celery_spawn.render.trees.CHUNK_LINES", 2)
+    chunks = list(render.tree_json_chunks(rows, "root", {"c": 7}))
+    assert len(chunks) > 2 and "".join(chunks) == whole and whole.endswith("}\n")
+    assert list(render.tree_json_chunks(rows, "missing")) == []
+    deep = [(f"n{i}", f"n{i - 1}" if i else None, "t", "succeeded", i, None, None, 0) for i in range(1_500)]
+    written = "".join(render.tree_json_chunks(deep, "n0"))  # no recursion in the writer, 1,500 levels deep
+    assert written.count('"children": [\n') == 1_499 and '"id": "n1499"' in written
+
+
 def test_flat_rows_escape_control_characters_only_where_they_are(monkeypatch):
     monkeypatch.setattr("celery_spawn.render.trees.CHUNK_LINES", 1)
     rows = [("r", None, "tests.parent", "succeeded", 0, None, None, 0),
