@@ -129,6 +129,8 @@ class RecoveryStep(bootsteps.StartStopStep):
         self.process.start()
 
     def _keep_alive(self, app: Celery) -> None:
+        if _shutting_down():  # the background process died of the worker's own stop (SIGTERM to its group)
+            return
         if self.process is not None and not self.process.is_alive():
             logger.error("the celery-spawn background process exited (%s): starting another",
                          self.process.exitcode)
@@ -155,6 +157,13 @@ class RecoveryStep(bootsteps.StartStopStep):
             self.process.join(STOP_TIMEOUT)
         self._stop.close()
         self.process = None
+
+
+def _shutting_down() -> bool:
+    """Whether the worker is stopping: Celery's shutdown handlers set these flags (see ``maybe_shutdown``)."""
+    from celery.worker import state
+
+    return any(flag is not None and flag is not False for flag in (state.should_stop, state.should_terminate))
 
 
 def run_background(app: Celery, stop: StopSignal, parent_pid: int) -> None:

@@ -115,3 +115,30 @@ def test_the_stop_signal_is_seen_whenever_it_was_set_and_setting_it_never_waits(
     finally:
         stop.close()
     stop.set()  # closed: nothing to stop, and no error
+
+
+def test_a_stopping_worker_starts_no_new_background_process(monkeypatch):
+    """SIGTERM to the worker's process group kills the background process too: no ERROR, no new one, mid-stop."""
+    from celery.worker import state
+
+    from celery_spawn.worker import RecoveryStep
+
+    spawned = []
+
+    class Dead:
+        exitcode = -15
+
+        def is_alive(self):
+            return False
+
+    from celery_spawn.worker import StopSignal
+
+    step = RecoveryStep.__new__(RecoveryStep)
+    step.process, step._stop = Dead(), StopSignal()
+    monkeypatch.setattr(step, "_spawn", lambda app: spawned.append(app), raising=False)
+    monkeypatch.setattr(state, "should_stop", 0)  # a warm shutdown (its exit code, EX_OK, is 0)
+    step._keep_alive("app")
+    assert spawned == []
+    monkeypatch.setattr(state, "should_stop", None)
+    step._keep_alive("app")  # not stopping: a background process that died is replaced
+    assert spawned == ["app"]
