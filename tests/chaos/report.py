@@ -42,6 +42,7 @@ def table(results: list[ScheduleResult], seed: int, when: datetime.date | None =
     skipped = sum(len(r.skipped) for r in results)
     reruns = sum(r.reruns for r in results)
     backend_only = sum(r.backend_only for r in results)
+    callbacks_backend_only = sum(r.callbacks_backend_only for r in results)
     exits = sum(r.worker_exits for r in results)
     failed = [r.seed for r in results if not r.ok]
     lines += ["", "Faults drawn, by kind: " + ", ".join(f"{kind} {kinds.get(kind, 0)}" for kind in FAULT_KINDS)
@@ -49,7 +50,8 @@ def table(results: list[ScheduleResult], seed: int, when: datetime.date | None =
                        "so are not counted as injected." if skipped else ""),
               f"Children whose body ran more than once before it succeeded (killed or cut mid-run): {reruns}; "
               f"children whose success only the result backend saw (killed between storing it and "
-              f"`task_success`): {backend_only}; workers that exited by themselves and were restarted: {exits}.",
+              f"`task_success`): {backend_only}, and callbacks: {callbacks_backend_only}; workers that exited by "
+              f"themselves and were restarted: {exits}.",
               "Schedules with a problem: " + (", ".join(f"seed {seed}" for seed in failed) if failed else "none") + "."]
     return "\n".join(lines)
 
