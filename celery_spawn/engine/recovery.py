@@ -4,6 +4,7 @@ outcomes the store missed, publish callbacks never sent, and redeliver what the 
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -60,6 +61,8 @@ class Sweeper:
         self.completion = completion
         self.redeliverer = redeliverer
         self.grace_seconds = grace_seconds
+        #: When (this process's monotonic clock) reconcile first saw each outcome dated ahead of its own clock.
+        self._ahead_since: dict[str, float] = {}
 
     def sweep(self, grace_seconds: float | None = None, limit: int = 50,
               redeliver_after: float | None = None) -> SweepReport:
@@ -192,21 +195,35 @@ class Sweeper:
         stored less than ``grace_seconds`` ago is left alone: the worker's own
         write of it may still be on its way (it is not missed, only late).
         Without a result backend nothing can be learnt, and nothing changes.
+
+        ``date_done`` is the clock of the worker that stored the result. One
+        dated ahead of this process's clock (that worker's clock runs ahead, by
+        minutes maybe) says nothing of its age: it is applied once this sweeper
+        has seen it stored for ``grace_seconds`` by its own monotonic clock.
         """
         from celery import states
 
         if not has_result_backend(self.app):
             return 0
         changed = 0
-        # date_done is the clock of the worker that ran the task; the store's clock is the server's. A worker
-        # whose clock runs ahead only makes its outcomes wait longer here, never shorter.
-        settled_before = utcnow().replace(tzinfo=timezone.utc) - timedelta(seconds=grace_seconds)
+        now = utcnow().replace(tzinfo=timezone.utc)
+        settled_before = now - timedelta(seconds=grace_seconds)
+        if len(self._ahead_since) > MAX_AHEAD_REMEMBERED:
+            self._ahead_since.clear()
         for job in self.store.stale_unfinished_jobs(grace_seconds, limit):
             try:
                 meta = self.app.backend.get_task_meta(job["id"])
                 outcome = meta.get("status")
-                if outcome not in states.READY_STATES or not _done_before(meta.get("date_done"), settled_before):
+                if outcome not in states.READY_STATES:
                     continue
+                done_at = meta.get("date_done")
+                if not _done_before(done_at, settled_before):
+                    if _done_before(done_at, now):  # stored within the grace: its own write may come yet
+                        continue
+                    seen = self._ahead_since.setdefault(job["id"], time.monotonic())
+                    if time.monotonic() - seen < grace_seconds:
+                        continue
+                self._ahead_since.pop(job["id"], None)
                 if outcome == states.SUCCESS:
                     done = self.tracker.finish(job["id"], SUCCEEDED, operation_id=job["operation_id"])
                 elif outcome == states.FAILURE:
@@ -235,6 +252,10 @@ class Sweeper:
         if count:
             logger.warning("recovery published %d stranded children of operation %s", count, operation_id)
         return count
+
+
+#: Outcomes dated ahead of the sweeper's clock it remembers at most (then it forgets them all and looks afresh).
+MAX_AHEAD_REMEMBERED = 10_000
 
 
 def _done_before(date_done: object, moment: datetime) -> bool:

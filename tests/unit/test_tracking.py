@@ -284,6 +284,53 @@ def test_recovery_applies_outcomes_the_store_missed(store_url):
     state.store.dispose()
 
 
+def test_recovery_applies_an_outcome_dated_ahead_once_it_has_seen_it_for_the_grace(store_url, monkeypatch):
+    """The worker that stored the result has a clock 10 minutes ahead: its ``date_done`` says nothing of its age.
+
+    Before, such an outcome waited the whole skew (10 minutes) before the sweep applied it; now it waits the
+    grace, measured by the sweeper's own monotonic clock from when it first saw it.
+    """
+    from datetime import datetime, timezone
+
+    from celery import states
+
+    import celery_spawn.engine.recovery as recovery
+
+    app = Celery("reconcile-ahead", broker="memory://", backend="cache+memory://", set_as_current=False)
+    app.conf.update(task_always_eager=True, task_store_eager_result=True)
+    manager = SpawnManager()
+    state = install(app, manager, database_url=store_url)
+
+    @app.task(name="r.parent", base=SpawnTask, shared=False)
+    def parent(n):
+        return n
+
+    @app.task(name="r.child", shared=False)
+    def child(i):
+        return i
+
+    manager.register_handler("kids", lambda context: [child.s(i) for i in range(context.parent.result)])
+    result = parent.apply(args=(2,), kwargs={"_spawn_config": {"handler": "kids"}})
+    op_id = default_operation_id(result.id)
+    with state.store.begin() as conn:  # both success writes lost, the jobs started long ago
+        conn.execute(s.jobs.update().where(s.jobs.c.operation_id == op_id)
+                     .values(state="started", created_at=s.utcnow() - timedelta(hours=1)))
+        conn.execute(s.operations.update().where(s.operations.c.id == op_id).values(completed=False, state="running"))
+    ahead = datetime.now(timezone.utc) + timedelta(minutes=10)
+    monkeypatch.setattr(app.backend, "get_task_meta",
+                        lambda task_id: {"status": states.SUCCESS, "result": 1, "date_done": ahead.isoformat()})
+    clock = [1000.0]
+    monkeypatch.setattr(recovery.time, "monotonic", lambda: clock[0])
+    assert control.sweep(app, grace_seconds=60).filled_in == 0  # first seen now
+    clock[0] += 30
+    assert control.sweep(app, grace_seconds=60).filled_in == 0  # seen for 30 s of the 60
+    assert operation(app, result.id)["state"] == "running"
+    clock[0] += 31
+    assert control.sweep(app, grace_seconds=60).filled_in == 2  # seen for the grace: applied, not 10 min later
+    assert operation(app, result.id)["completed"] and operation(app, result.id)["state"] == "succeeded"
+    state.store.dispose()
+
+
 @pytest.fixture
 def with_backend(store_url):
     """An app whose children are SpawnTasks, with a real Redis result backend."""
