@@ -6,9 +6,11 @@ passed; RabbitMQ after a lost connection), and the recovery sweep sends again
 a message it believes the broker lost. Such a copy claims the job's start in
 the store before its body runs, whatever the task's class. A job already
 started there is run again only when the run that claimed it is gone (its
-worker process exited, or its worker answers no ping); otherwise the copy is
-dropped, so no body ever runs twice at once. When that worker cannot be
-asked, the copy goes back to the broker to be looked at again.
+worker process exited, or its worker answers no ``stats`` request, or
+answers without that process: a worker restarted under the same name);
+otherwise the copy is dropped, so no body ever runs twice at once. When
+that worker cannot be asked, the copy goes back to the broker to be looked
+at again.
 """
 from __future__ import annotations
 
@@ -117,7 +119,8 @@ class Liveness:
     def __init__(self, app: Celery, ping_timeout: float = 1.0) -> None:
         self.app = app
         self.ping_timeout = ping_timeout
-        self._nodes: dict[str, tuple[bool, float]] = {}
+        #: Per worker name: its processes' pids (None: it did not answer), and when it was asked.
+        self._nodes: dict[str, tuple[frozenset[int] | None, float]] = {}
 
     def still_runs(self, claimed_by: str | None, job_id: str, nodename: str | None) -> bool | None:
         """Whether the run recorded as ``claimed_by`` (``nodename/pid``) may still go on; None: cannot tell.
@@ -138,17 +141,38 @@ class Liveness:
             if pid == os.getpid():
                 return _running_here.get(job_id, 0) > 1  # the copy itself is one of them
             return _sibling_alive(pid)
-        return self.node_alive(node)
+        return self.process_of(node, pid)
 
-    def node_alive(self, node: str) -> bool | None:
-        """Whether ``node`` answers a ping (cached for LIVENESS_TTL); None when it could not be asked."""
+    def process_of(self, node: str, pid: int) -> bool | None:
+        """Whether ``pid`` is a process of the worker ``node`` (its main or a pool process); None: cannot tell.
+
+        The worker's ``stats`` reply lists them (cached for LIVENESS_TTL). A
+        worker that does not answer is gone; one that answers without that
+        pid was restarted under the same name, and the claim is its former
+        instance's. A reply that lists no process at all is taken at its word
+        that the worker lives.
+        """
         known = self._nodes.get(node)
-        if known is not None and time.monotonic() - known[1] < LIVENESS_TTL:
-            return known[0]
-        try:
-            alive = bool(self.app.control.ping(destination=[node], timeout=self.ping_timeout))
-        except Exception as exc:  # the broker is unreachable: cannot tell (and nothing is cached)
-            logger.warning("could not ping worker %s: %s", node, exc)
-            return None
-        self._nodes[node] = (alive, time.monotonic())
-        return alive
+        if known is None or time.monotonic() - known[1] >= LIVENESS_TTL:
+            try:
+                replies = self.app.control.inspect(destination=[node], timeout=self.ping_timeout).stats() or {}
+            except Exception as exc:  # the broker is unreachable: cannot tell (and nothing is cached)
+                logger.warning("could not ask worker %s for its processes: %s", node, exc)
+                return None
+            known = (_worker_pids(replies.get(node)), time.monotonic())
+            self._nodes[node] = known
+        pids = known[0]
+        if pids is None:
+            return False
+        return pid in pids or not pids
+
+
+def _worker_pids(stats: Any) -> frozenset[int] | None:
+    """The pids of a worker's ``stats`` reply (main process and pool processes); None when it sent none."""
+    if not isinstance(stats, dict):
+        return None
+    pids = {stats.get("pid")}
+    pool = stats.get("pool")
+    if isinstance(pool, dict) and isinstance(pool.get("processes"), list):
+        pids.update(pool["processes"])
+    return frozenset(pid for pid in pids if isinstance(pid, int))

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import sqlalchemy as sa
+from celery import Celery
 from celery.exceptions import Ignore, Reject
 
 from celery_spawn import get_state
@@ -146,17 +147,54 @@ def test_a_copy_runs_again_a_child_whose_claiming_process_is_gone(guarded):
     assert get_state(app).store.claim_of(job["id"]) == (s.STARTED, f"{NODE}/{os.getpid()}")
 
 
+def answer_stats(app, monkeypatch, answers: dict) -> None:
+    """Workers answer ``inspect().stats()`` from ``answers`` (worker name -> its stats); the others are silent."""
+
+    class Inspect:
+        def __init__(self, destination, timeout):
+            self.node = destination[0]
+
+        def stats(self):
+            return {self.node: answers[self.node]} if self.node in answers else None
+
+    monkeypatch.setattr(app.control, "inspect", Inspect)
+
+
 def test_a_copy_of_a_child_claimed_on_another_worker_asks_that_worker(guarded, monkeypatch):
     app, parent, child, runs = guarded
     [job] = spawned(app, parent)
     set_claim(app, job["id"], s.STARTED, "w2@elsewhere/123")
-    answers = {"w2@elsewhere": [{"w2@elsewhere": {"ok": "pong"}}]}
-    monkeypatch.setattr(app.control, "ping", lambda destination, timeout: answers.get(destination[0], []))
-    assert deliver(child, job, recovered=True) == "ignored"  # it answers: the first still runs
+    answers = {"w2@elsewhere": {"pid": 100, "pool": {"processes": [123, 124]}}}
+    answer_stats(app, monkeypatch, answers)
+    assert deliver(child, job, recovered=True) == "ignored"  # its process 123 is there: the first still runs
     get_state(app).tracker.liveness._nodes.clear()
     answers.clear()
     assert deliver(child, job, recovered=True) == 1  # silence: that worker is gone, run it here
     assert runs == [0]
+
+
+def test_a_copy_of_a_child_claimed_by_a_former_instance_of_another_worker_runs(guarded, monkeypatch):
+    """The claiming worker was restarted under the same name (systemd, a supervisor): it answers, without the pid."""
+    app, parent, child, runs = guarded
+    [job] = spawned(app, parent)
+    set_claim(app, job["id"], s.STARTED, "w2@elsewhere/123")
+    answer_stats(app, monkeypatch, {"w2@elsewhere": {"pid": 200, "pool": {"processes": [201, 202]}}})
+    assert deliver(child, job, recovered=True) == 1
+    assert runs == [0]
+    assert get_state(app).store.claim_of(job["id"]) == (s.STARTED, f"{NODE}/{os.getpid()}")
+
+
+@pytest.mark.parametrize("stats, alive", [
+    ({"pid": 123, "pool": {"max-concurrency": 8}}, True),  # threads, gevent: tasks run in the main process
+    ({"pid": 9, "pool": {"processes": [123]}}, True),
+    ({"pid": 9, "pool": {"processes": [10]}}, False),
+    ({"total": {}}, True),  # no process listed at all: taken at its word that it lives
+    (None, False),
+])
+def test_which_stats_replies_hold_the_claiming_process(stats, alive, monkeypatch):
+    liveness = copies.Liveness(app=Celery("liveness", broker="memory://", set_as_current=False))
+    answer_stats(liveness.app, monkeypatch, {} if stats is None else {"w2@elsewhere": stats})
+    assert liveness.still_runs("w2@elsewhere/123", "j", NODE) is alive
 
 
 def test_a_copy_goes_back_to_the_broker_while_the_claiming_worker_cannot_be_asked(guarded, monkeypatch):
@@ -168,13 +206,13 @@ def test_a_copy_goes_back_to_the_broker_while_the_claiming_worker_cannot_be_aske
     def unreachable(destination, timeout):
         raise ConnectionResetError(104, "Connection reset by peer")
 
-    monkeypatch.setattr(app.control, "ping", unreachable)
+    monkeypatch.setattr(app.control, "inspect", unreachable)
     with pytest.raises(Reject) as rejected:
         deliver(child, job, redelivered=True)
     assert rejected.value.requeue
     assert runs == []
     assert get_state(app).store.claim_of(job["id"]) == (s.STARTED, "w2@elsewhere/123")
-    monkeypatch.setattr(app.control, "ping", lambda destination, timeout: [])  # reachable now: silence
+    answer_stats(app, monkeypatch, {})  # reachable now: silence
     assert deliver(child, job, redelivered=True) == 1  # the unknown answer was not cached
     assert runs == [0]
 
