@@ -88,12 +88,18 @@ class Sweeper:
         for operation in self.store.claim_stale_callbacks(grace, limit):
             try:
                 run = operation["callback_run"]
-                if run in (CALLBACK_STARTED, CALLBACK_ENDED) or self.callback_delivered(operation["id"]):
+                seen = run if run in (CALLBACK_STARTED, CALLBACK_ENDED) else self.callback_delivered(operation["id"])
+                if seen is not None:
                     # Published before a store failure hid it: a worker claimed its run, or the result backend
                     # saw it. A run still going (started) records its own end, or is taken over by a copy if its
-                    # worker dies; ending it here would keep a retry of it from claiming its run again.
-                    self.store.set_callback_state(operation["id"], CALLBACK_SENT)
-                    if run != CALLBACK_STARTED:
+                    # worker dies; ending it here would keep a retry of it from claiming its run again. One the
+                    # backend saw retried or started, not ended, waits for its next delivery to claim it (and
+                    # is sent again if the broker loses that).
+                    if seen == DELIVERED:
+                        self.store.callback_published(operation["id"])
+                    else:
+                        self.store.set_callback_state(operation["id"], CALLBACK_SENT)
+                    if seen == CALLBACK_ENDED:
                         self.store.end_callback(operation["id"])
                     logger.warning("the on_complete callback of operation %s was delivered already; recorded it "
                                    "as sent", operation["id"])
@@ -162,27 +168,33 @@ class Sweeper:
                 logger.error("redelivery of the callback of operation %s failed: %s", operation["id"], exc)
         return sent
 
-    def callback_delivered(self, operation_id: str) -> bool:
-        """Whether the result backend holds a state of the operation's ``on_complete`` (so it was delivered).
+    def callback_delivered(self, operation_id: str) -> str | None:
+        """What the result backend says of the operation's ``on_complete``: ``ended`` (a final state),
+        ``delivered`` (retried or started: its run goes on), or None (no state: not delivered, or unknown).
 
         Completion publishes the callback, then records it as sent: a store
         failure between the two leaves it claimed, and publishing it again
-        would run it twice (Celery runs every message of an id). Without a
-        result backend, or for a callback that stores no result, this cannot
-        tell (nor when the backend cannot be read), and the callback is
-        published again.
+        would run it twice (Celery runs every message of an id). An attempt
+        that met the store failure too retries, and the backend then says
+        RETRY of a callback that has not run: only a final state ends it.
+        Without a result backend, or for a callback that stores no result,
+        this cannot tell (nor when the backend cannot be read), and the
+        callback is published again.
         """
         from celery import states
 
         if not has_result_backend(self.app):
-            return False
+            return None
         try:
             meta = self.app.backend.get_task_meta(completion_task_id(operation_id))
         except Exception as exc:  # a backend that cannot answer must not hold the callback back
             logger.warning("could not read the on_complete result of operation %s (%s); publishing it again",
                            operation_id, exc)
-            return False
-        return meta.get("status", states.PENDING) != states.PENDING
+            return None
+        status = meta.get("status", states.PENDING)
+        if status == states.PENDING:
+            return None
+        return CALLBACK_ENDED if status in states.READY_STATES else DELIVERED
 
     def reconcile(self, grace_seconds: float, limit: int = 200) -> int:
         """Apply outcomes the store missed, from the result backend; returns how many jobs changed.
@@ -253,6 +265,9 @@ class Sweeper:
             logger.warning("recovery published %d stranded children of operation %s", count, operation_id)
         return count
 
+
+#: What :meth:`Recovery.callback_delivered` says of a callback the result backend saw retried or started.
+DELIVERED = "delivered"
 
 #: Outcomes dated ahead of the sweeper's clock it remembers at most (then it forgets them all and looks afresh).
 MAX_AHEAD_REMEMBERED = 10_000
