@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
 from celery.bin.base import CeleryCommand
 
 from ..options import (
+    CONNECT_TIMEOUT,
     JOB_ID,
     LIST_FORMATS,
     MONITOR_HOURS,
@@ -24,6 +26,7 @@ from ..options import (
     note_label,
     open_store,
     queue_option,
+    resolve_database_url,
     store_options,
     usage_errors,
     use_colour,
@@ -91,12 +94,13 @@ def tree(ctx: click.Context, job_id: str, fmt: str, max_depth: int | None, full:
     marked ◀.
     """
     from .. import render
-    from ..store import queries
 
     # Text and JSON read flat rows and write them as they are walked: no nested dicts for 100,000 nodes.
     flat = fmt in ("text", "json") and not children_only
 
     def read(conn: Any, job: str) -> tuple[Any, list]:
+        from ..store import queries
+
         if flat:
             return queries.tree_rows(conn, job, max_depth=max_depth, full=full), []
         if not children_only:
@@ -108,15 +112,11 @@ def tree(ctx: click.Context, job_id: str, fmt: str, max_depth: int | None, full:
         data = queries.spawn_tree(conn, start, max_depth=1)
         return data, queries.children(conn, start) if data is not None and fmt in ("text", "json") else []
 
-    shown, labelled = job_id, None
-    with open_store(ctx, database_url) as store, store.read() as conn:
-        data, rows = read(conn, job_id)
-        if data is None:
-            operation, others = queries.resolve_operation(conn, job_id)
-            if operation is not None and operation["label"] == job_id:
-                labelled, shown = (operation, others), operation["parent_id"]
-                data, rows = read(conn, shown)
-        kind = None if data is not None else queries.find_kind(conn, job_id)
+    shown, labelled, kind = job_id, None, None
+    rows: list = []
+    data = _direct_tree(ctx, database_url, job_id, max_depth) if flat and not full else None
+    if data is None:
+        data, rows, shown, labelled, kind = _store_tree(ctx, database_url, job_id, read)
     if data is None:
         hint = (" (that is an operation id: `celery spawn list` shows its parent job)"
                 if kind == "operation" else "")
@@ -136,6 +136,34 @@ def tree(ctx: click.Context, job_id: str, fmt: str, max_depth: int | None, full:
         emit(ctx, render.jobs_text(rows, color=color))
     else:
         emit(ctx, render.render_tree(data, fmt, color=color, highlight=shown if full else None))
+
+
+def _direct_tree(ctx: click.Context, database_url: str | None, job_id: str, max_depth: int | None) -> Any:
+    """The tree's rows read without SQLAlchemy where the store's URL allows it (see ``store.direct``), or None."""
+    from ..store import direct
+    from ..store.timeouts import Timeouts
+
+    url, engine_options = resolve_database_url(ctx, database_url)
+    if engine_options:  # options the driver must see: the store applies them
+        return None
+    return direct.read_tree(url, job_id, max_depth=max_depth, timeouts=Timeouts(connect=CONNECT_TIMEOUT))
+
+
+def _store_tree(ctx: click.Context, database_url: str | None, job_id: str,
+                read: Callable[[Any, str], tuple[Any, list]]) -> tuple[Any, list, str, Any, str | None]:
+    """The tree read through the store, the job id taken as a label too: (data, rows, shown, labelled, kind)."""
+    from ..store import queries
+
+    shown, labelled = job_id, None
+    with open_store(ctx, database_url) as store, store.read() as conn:
+        data, rows = read(conn, job_id)
+        if data is None:
+            operation, others = queries.resolve_operation(conn, job_id)
+            if operation is not None and operation["label"] == job_id:
+                labelled, shown = (operation, others), operation["parent_id"]
+                data, rows = read(conn, shown)
+        kind = None if data is not None else queries.find_kind(conn, job_id)
+    return data, rows, shown, labelled, kind
 
 
 @spawn.command(cls=CeleryCommand)

@@ -1,9 +1,7 @@
 """Engines made per process, safely after a prefork worker forks, and schema creation."""
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import os
 import threading
 from pathlib import Path
@@ -15,6 +13,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from .clock import follow_server_clock
 from ..errors import StoreError
 from .prepared import OPTION as PREPARED_OPTION
+from .timeouts import Timeouts
 
 logger = logging.getLogger(__name__)
 
@@ -31,41 +30,6 @@ def redact(url: str | URL) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return "<unparseable database URL>"
-
-
-@dataclasses.dataclass(frozen=True)
-class Timeouts:
-    """Seconds a store call may wait, each 0 for no limit: to connect, for one statement, for a row lock.
-
-    PostgreSQL: libpq's ``connect_timeout``, and the session's ``statement_timeout`` and ``lock_timeout``
-    (enforced by the server). MySQL/MariaDB: the client's ``connect_timeout`` and ``read_timeout`` /
-    ``write_timeout`` (enforced by the client, so a server that never answers is bounded too), and
-    ``innodb_lock_wait_timeout``. SQLite: the lock timeout is its busy timeout.
-    """
-
-    connect: float = 10.0
-    statement: float = 60.0
-    lock: float = 30.0
-
-    def connect_args(self, backend: str) -> dict[str, Any]:
-        """The DBAPI ``connect()`` arguments that apply them on ``backend``."""
-        whole = {name: max(1, math.ceil(value)) for name, value in dataclasses.asdict(self).items() if value > 0}
-        if backend == "sqlite":
-            return {"timeout": self.lock if self.lock > 0 else 30.0}
-        args: dict[str, Any] = {}
-        if "connect" in whole:
-            args["connect_timeout"] = whole["connect"]
-        if backend == "postgresql":
-            settings = [f"-c {name}_timeout={int(value * 1000)}"
-                        for name, value in (("statement", self.statement), ("lock", self.lock)) if value > 0]
-            if settings:
-                args["options"] = " ".join(settings)
-        elif backend in ("mysql", "mariadb"):
-            if "statement" in whole:
-                args["read_timeout"] = args["write_timeout"] = whole["statement"]
-            if "lock" in whole:
-                args["init_command"] = f"SET SESSION innodb_lock_wait_timeout = {whole['lock']}"
-        return args
 
 
 class EngineHolder:

@@ -24,7 +24,7 @@ import itertools
 import operator
 from collections.abc import Callable, Collection, Iterable, Iterator
 from datetime import datetime
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -38,6 +38,7 @@ from .rows import (  # noqa: F401  (re-exported: the faces read these limits fro
     JOB_FIELDS, MAX_LEVELS, MAX_LIMIT, OPERATION_FIELDS, TOP_N, TREE_FIELDS, _as_utc, _bool_fields, _jobs,
     _non_negative, _num, _ops, _parse_json, _positive, _ratio, _row, _states, _utcnow, progress, seconds_value,
 )
+from .treerows import TreeRows
 from .stats import (  # noqa: F401  (one read API)
     Durations, backlog, duration_aggregates, pending, seconds_between, stats,
 )
@@ -360,22 +361,6 @@ def _tuples(conn: Connection, query: sa.Select) -> Iterable[tuple]:
         return result.cursor.fetchall()
     finally:
         result.close()
-
-
-class TreeRows(NamedTuple):
-    """A tree as the store reads it, before anything is nested.
-
-    ``rows`` are :data:`TREE_FIELDS` tuples (tuple-like rows on MySQL/MariaDB)
-    with unique ids in no set order;
-    the one whose id is ``start`` is the tree's top. A row whose parent is not
-    among them stays detached (a root range may hold other recorded trees of
-    the same Celery workflow). ``hidden`` maps a node cut off by ``max_depth``
-    to the number of its children not read.
-    """
-
-    start: str
-    rows: list[tuple]
-    hidden: dict[str, int]
 
 
 _Gathered = TypeVar("_Gathered")

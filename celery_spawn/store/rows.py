@@ -15,6 +15,7 @@ from typing import Any
 from ..protocol import HARD_MAX_DEPTH
 from . import schema as s
 from .clock import utcnow as server_now
+from .treerows import TREE_FIELDS  # noqa: F401  (re-exported with the other columns)
 
 #: Rows a listing returns unless asked otherwise, and the most it will return.
 DEFAULT_LIMIT = 50
@@ -38,9 +39,6 @@ JOB_FIELDS = ("id", "parent_id", "root_id", "operation_id", "position", "depth",
 OPERATION_FIELDS = ("id", "label", "parent_id", "root_id", "parent_task", "handler", "queue", "depth", "state",
                     "total", "error", "wait_for_descendants", "fail_fast", "completed", "created_at",
                     "updated_at", "finished_at")
-#: Columns read for each node of :func:`spawn_tree`; a node carries all of them but ``parent_id``
-#: (its place in the nesting says it), plus ``children`` and, where cut, ``hidden_children``.
-TREE_FIELDS = ("id", "parent_id", "task_name", "state", "depth", "queue", "operation_id", "position")
 
 _FINAL = tuple(sorted(s.FINAL_JOB_STATES))
 _UNDISPATCHED = (s.PENDING, s.HELD, s.SCHEDULED)

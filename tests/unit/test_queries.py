@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from celery import Celery
 
 from celery_spawn import get_state, install, render
-from celery_spawn.store import SpawnStore, queries
+from celery_spawn.store import SpawnStore, direct, queries
 from celery_spawn.store import schema as s
 from tests.harness import StoreBuilder
 
@@ -557,3 +557,27 @@ def test_tree_rows_are_the_flat_rows_spawn_tree_nests(store, tree):
     assert by_id["a.0.0"] == {"id": "a.0.0", "parent_id": "a.0", "task_name": "tests.child", "state": "succeeded",
                               "depth": 3, "queue": "other", "operation_id": "op-a.0", "position": 0}
     assert cut.hidden == {"a": 2}
+
+
+def test_the_direct_read_gives_the_rows_the_store_reads(store, tree, store_url):
+    """``store.direct`` (no SQLAlchemy) reads a top's tree as ``tree_rows`` does, cut or not, on every driver;
+    a start below the top, an unknown id and a bad depth are left to the store."""
+    with store.read() as conn:
+        for max_depth in (None, 0, 1, 2, 3, 10_000):
+            expected = queries.tree_rows(conn, "root", max_depth=max_depth)
+            found = direct.read_tree(store_url, "root", max_depth=max_depth)
+            assert found is not None, (store_url, max_depth)  # taken: this is no fallback
+            assert found.start == "root" and found.hidden == expected.hidden, max_depth
+            assert sorted(map(tuple, found.rows)) == sorted(map(tuple, expected.rows)), max_depth
+            assert (list(render.tree_text_chunks(found.rows, found.start, found.hidden))
+                    == list(render.tree_text_chunks(expected.rows, expected.start, expected.hidden)))
+    for start, max_depth in (("a", None), ("a.0.0", 0), ("nope", None), ("root", -1), ("root", True)):
+        assert direct.read_tree(store_url, start, max_depth=max_depth) is None, (start, max_depth)
+
+
+def test_the_direct_read_binds_what_it_is_given(store, tree, store_url):
+    """An id that is SQL reaches the statement as a value: nothing found, nothing dropped."""
+    assert direct.read_tree(store_url, "root' OR '1'='1") is None
+    assert direct.read_tree(store_url, NASTY_QUEUE) is None
+    with store.read() as conn:
+        assert len(queries.tree_rows(conn, "root").rows) == 7
