@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import uuid
 from datetime import datetime
@@ -25,7 +26,31 @@ def child_id(operation_id: str, sequence: int) -> str:
     Derived from the operation id, not its label (a later parent's spawn with
     a label runs as ``label~hash``): see :func:`celery_spawn.resolve_operation`.
     """
-    return str(uuid.uuid5(CHILD_ID_NAMESPACE, f"{operation_id}/{sequence}"))
+    return ChildIds(operation_id).at(sequence)
+
+
+class ChildIds:
+    """The ids :func:`child_id` gives an operation's children, the operation's part hashed once.
+
+    ``uuid5(CHILD_ID_NAMESPACE, f"{operation_id}/{sequence}")`` as a string,
+    without building a ``UUID`` per child (a spawn of 10,000 children spent
+    more on those objects than on the hashing).
+    """
+
+    __slots__ = ("_prefix",)
+
+    def __init__(self, operation_id: str) -> None:
+        self._prefix = hashlib.sha1(CHILD_ID_NAMESPACE.bytes, usedforsecurity=False)
+        self._prefix.update(f"{operation_id}/".encode())
+
+    def at(self, sequence: int) -> str:
+        digest = self._prefix.copy()
+        digest.update(str(sequence).encode())
+        raw = bytearray(digest.digest()[:16])
+        raw[6] = (raw[6] & 0x0F) | 0x50  # version 5
+        raw[8] = (raw[8] & 0x3F) | 0x80  # the RFC 4122 variant
+        text = raw.hex()
+        return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def default_operation_id(parent_id: str) -> str:
@@ -118,6 +143,7 @@ class SpawnContext:
         self.app = app
         self.operation_id = operation_id
         self._sequence = 0
+        self._ids = ChildIds(operation_id)
         self._frozen: set[str] = set()
         #: The strictest max_depth of the spawns above the parent (None at a root).
         self.inherited_max_depth: int | None = None
@@ -125,7 +151,7 @@ class SpawnContext:
         self.trace_headers: dict[str, Any] | None = None
 
     def next_child_id(self) -> str:
-        job_id = child_id(self.operation_id, self._sequence)
+        job_id = self._ids.at(self._sequence)
         self._sequence += 1
         return job_id
 

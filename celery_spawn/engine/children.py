@@ -152,7 +152,12 @@ class ChildRows:
         self._route_cache: dict[str, str | None] = {}
 
     def child_row(self, sig: Any, position: int, context: SpawnContext, seen: set[str],
-                   now: Any) -> tuple[dict, list[dict], bool]:
+                   now: Any, eager: bool = False) -> tuple[dict, list[dict], bool]:
+        """One child's job row, its dependency edges, and whether its id was the caller's own.
+
+        ``eager``: the app's ``task_always_eager``, looked up once per spawn by
+        the caller (a Celery setting costs more to read than a row to build).
+        """
         where = f"child #{position}"
         if not isinstance(sig, Signature) or type(sig) is not Signature:
             kind = type(sig).__name__
@@ -160,8 +165,11 @@ class ChildRows:
         name = sig.task
         if not isinstance(name, str) or not name or not name.isprintable():
             raise HandlerError(f"{where} has no valid task name: {name!r}")
-        for part, value in (("args", sig.args), ("kwargs", sig.kwargs), ("options", sig.options)):
-            check_depth(f"{where} ({name}) {part}", value, self.max_payload_depth)
+        parts = (sig.args, sig.kwargs, sig.options)
+        limit = self.max_payload_depth
+        if nesting_depth(parts, limit + 1) > limit + 1:  # one walk for all three; then name the deep one
+            for part, value in zip(("args", "kwargs", "options"), parts):
+                check_depth(f"{where} ({name}) {part}", value, limit)
         options = dict(sig.options)
         user_chosen = bool(options.get("task_id")) and not context.generated(options["task_id"])
         job_id = options.get("task_id") or context.next_child_id()
@@ -184,7 +192,6 @@ class ChildRows:
         if config.inherit_queue and parent.queue and not publish.get("queue"):
             publish["queue"] = parent.queue
         try:
-            eager = self.app.conf.task_always_eager
             not_before = None if depends or eager else due_time(publish, position, config, now)
         except (TypeError, ValueError, OverflowError) as exc:
             raise HandlerError(f"{where} ({name}) has an unusable countdown or eta: {exc}") from None

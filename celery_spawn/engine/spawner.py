@@ -202,6 +202,7 @@ class Spawner:
         total = edge_count = 0
         seen: set[str] = set()
         recorded = Recorded()
+        eager = bool(self.app.conf.task_always_eager)
         for batch in _batched(self._generate(handler, handler_name, context), config.batch_size):
             rows, edges, chosen = [], [], []
             for sig in batch:
@@ -210,7 +211,7 @@ class Spawner:
                         f"handler {handler_name!r} produced more than max_spawn_count={config.max_spawn_count} "
                         "children; nothing was dispatched")
                 try:
-                    row, child_edges, user_chosen = self.rows.child_row(sig, total, context, seen, now)
+                    row, child_edges, user_chosen = self.rows.child_row(sig, total, context, seen, now, eager)
                 except SpawnError:
                     raise
                 except (TypeError, ValueError, AttributeError) as exc:

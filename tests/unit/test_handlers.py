@@ -335,3 +335,17 @@ def test_register_handler_is_also_a_decorator_and_config_has_new():
 
     assert manager.has_handler("decorated") and decorated(None) == []
     assert SpawnConfig.new() == SpawnConfig()
+
+
+@pytest.mark.parametrize("operation_id", ["op", "9f3a1c2e-0b7d-5e4f-8a6b-1c2d3e4f5a6b", "tenant:42.report~1a2b3c4d",
+                                          "é/ü", "x" * 255])
+def test_child_ids_are_uuid5_of_the_operation_and_sequence(operation_id):
+    """The hashed-once ids are exactly ``uuid5(CHILD_ID_NAMESPACE, "<operation>/<n>")``: stored ids stay valid."""
+    import uuid
+
+    from celery_spawn.handlers import CHILD_ID_NAMESPACE, ChildIds, child_id
+
+    ids = ChildIds(operation_id)
+    for sequence in [*range(20), 999, 10_000, 123_456_789]:
+        expected = str(uuid.uuid5(CHILD_ID_NAMESPACE, f"{operation_id}/{sequence}"))
+        assert ids.at(sequence) == child_id(operation_id, sequence) == expected
