@@ -13,6 +13,7 @@ import os
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from celery import signals as celery_signals
+from celery.exceptions import Reject
 
 from . import metrics
 from .engine import copies
@@ -122,10 +123,24 @@ def wait_for_store(task: Task, exc: StoreError) -> NoReturn:
     The attempt never started, so its retry is not recorded: by the time the
     write reached the store, a copy of the child may have claimed the start,
     and a retry written over that claim would free it for a second run.
+
+    When the retry cannot be sent either (the broker is out too), Celery
+    would drop the message and record a failure of a child that never ran:
+    it goes back to the broker instead (an early-acknowledged one is then
+    lost, and published again by the recovery sweep, as the child is still
+    recorded dispatched).
     """
     logger.warning("%s[%s] waits for the spawn store: %s", task.name, task.request.id, exc)
     setattr(task.request, UNCLAIMED, True)
-    raise task.retry(exc=exc, countdown=STORE_RETRY_DELAY, max_retries=None) from exc
+    try:
+        raise task.retry(exc=exc, countdown=STORE_RETRY_DELAY, max_retries=None) from exc
+    except Reject as unsent:
+        if getattr(unsent, "requeue", False):
+            raise
+        reason = getattr(unsent, "reason", None)
+        logger.warning("%s[%s] goes back to the broker: its retry could not be sent (%s)", task.name,
+                       task.request.id, reason)
+        raise Reject(reason, requeue=True) from exc
 
 
 def claim_callback(task: Task) -> None:

@@ -1,0 +1,48 @@
+"""A child that cannot claim its start for want of the store retries later; when the broker cannot take that
+retry either, the message goes back to the broker instead of being dropped as a failure."""
+from __future__ import annotations
+
+import pytest
+from celery import Celery
+from celery.canvas import Signature
+from celery.exceptions import Reject, Retry
+
+from celery_spawn.errors import StoreError
+from celery_spawn.hooks import UNCLAIMED, wait_for_store
+
+OUTAGE = StoreError("spawn store failed: OperationalError: server closed the connection unexpectedly")
+
+
+@pytest.fixture
+def task():
+    app = Celery("store-wait", broker="memory://", set_as_current=False)
+
+    @app.task(name="t.child", bind=True, acks_late=True, shared=False)
+    def child(self):
+        return "ran"
+
+    child.push_request(id="child-1", retries=0, is_eager=False, called_directly=False, delivery_info={})
+    yield child
+    child.pop_request()
+
+
+def test_it_retries_later_and_the_attempt_is_marked_unclaimed(task, monkeypatch):
+    sent = []
+    monkeypatch.setattr(Signature, "apply_async", lambda sig, *a, **kw: sent.append(sig))
+    with pytest.raises(Retry):
+        wait_for_store(task, OUTAGE)
+    assert len(sent) == 1 and sent[0].options["countdown"] > 0
+    assert getattr(task.request, UNCLAIMED) is True
+
+
+def test_a_retry_the_broker_cannot_take_goes_back_to_the_broker(task, monkeypatch, caplog):
+    def broker_out(sig, *args, **kwargs):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(Signature, "apply_async", broker_out)
+    with pytest.raises(Reject) as rejected:
+        wait_for_store(task, OUTAGE)
+    # Celery itself rejects without requeue, which drops the message and records a failure of a child that
+    # never ran; requeued, it runs once the broker and the store are back.
+    assert rejected.value.requeue is True
+    assert "goes back to the broker: its retry could not be sent" in caplog.text
