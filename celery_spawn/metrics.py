@@ -93,8 +93,8 @@ def _build() -> Metrics | None:
 
 def available() -> bool:
     """Whether ``prometheus_client`` can be imported."""
-    if "prometheus_client" in sys.modules:
-        return True
+    if "prometheus_client" in sys.modules:  # imported already, or blocked (None: its import raises)
+        return sys.modules["prometheus_client"] is not None
     import importlib.util
 
     return importlib.util.find_spec("prometheus_client") is not None
