@@ -123,17 +123,24 @@ def wait_for_store(task: Task, exc: StoreError) -> NoReturn:
     The attempt never started, so its retry is not recorded: by the time the
     write reached the store, a copy of the child may have claimed the start,
     and a retry written over that claim would free it for a second run.
-
-    When the retry cannot be sent either (the broker is out too), Celery
-    would drop the message and record a failure of a child that never ran:
-    it goes back to the broker instead (an early-acknowledged one is then
-    lost, and published again by the recovery sweep, as the child is still
-    recorded dispatched).
     """
     logger.warning("%s[%s] waits for the spawn store: %s", task.name, task.request.id, exc)
     setattr(task.request, UNCLAIMED, True)
+    retry_later(task, exc, countdown=STORE_RETRY_DELAY, max_retries=None)
+
+
+def retry_later(task: Task, exc: Exception, **options: Any) -> NoReturn:
+    """``task.retry(exc=exc, **options)`` for a store failure; the message back to the broker if that fails.
+
+    When the retry cannot be sent (the broker is out too), Celery rejects
+    the message without requeue: dropped, and recorded as a failure of a
+    task whose spawn, or whose very start, only waited for the store. It
+    goes back to the broker instead (an early-acknowledged message is then
+    lost; a child of it is published again by the recovery sweep, as it is
+    still recorded dispatched).
+    """
     try:
-        raise task.retry(exc=exc, countdown=STORE_RETRY_DELAY, max_retries=None) from exc
+        raise task.retry(exc=exc, **options) from exc
     except Reject as unsent:
         if getattr(unsent, "requeue", False):
             raise

@@ -9,7 +9,7 @@ from celery import Task
 from .config import SpawnConfig
 from .errors import StoreError
 from .handlers import SpawnHandler, SpawnResult
-from .hooks import claim_callback, is_spawned, tracker_for, wait_for_store
+from .hooks import claim_callback, is_spawned, retry_later, tracker_for, wait_for_store
 from .protocol import SPAWN_CONFIG_KWARG
 from .state import get_state
 
@@ -61,7 +61,7 @@ class SpawnTask(Task):  # type: ignore[type-arg]
                 # autoretry_for wraps only run(): honour it for the spawn too.
                 retry_for = tuple(getattr(self, "autoretry_for", None) or ())
                 if retry_for and isinstance(exc, retry_for):
-                    raise self.retry(exc=exc, **(getattr(self, "retry_kwargs", None) or {})) from exc
+                    retry_later(self, exc, **(getattr(self, "retry_kwargs", None) or {}))
                 raise
         return result
 

@@ -46,3 +46,32 @@ def test_a_retry_the_broker_cannot_take_goes_back_to_the_broker(task, monkeypatc
     # never ran; requeued, it runs once the broker and the store are back.
     assert rejected.value.requeue is True
     assert "goes back to the broker: its retry could not be sent" in caplog.text
+
+
+def test_a_spawn_whose_retry_the_broker_cannot_take_goes_back_to_the_broker(monkeypatch):
+    """A parent that retries its spawn on a store failure (``autoretry_for``): its result stands, and its
+    message is not dropped as a failure when the broker cannot take the retry either."""
+    from celery_spawn import SpawnTask
+
+    app = Celery("store-wait-parent", broker="memory://", set_as_current=False)
+
+    @app.task(name="t.parent", base=SpawnTask, bind=True, shared=False, spawn_handler="fan", acks_late=True,
+              autoretry_for=(StoreError,), retry_kwargs={"countdown": 1, "max_retries": 5})
+    def parent(self):
+        return 7
+
+    def store_out(result, call_config):
+        raise OUTAGE
+
+    def broker_out(sig, *args, **kwargs):
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    monkeypatch.setattr(parent, "spawn", store_out)
+    monkeypatch.setattr(Signature, "apply_async", broker_out)
+    parent.push_request(id="parent-1", retries=0, is_eager=False, called_directly=False, delivery_info={})
+    try:
+        with pytest.raises(Reject) as rejected:
+            parent()
+    finally:
+        parent.pop_request()
+    assert rejected.value.requeue is True
