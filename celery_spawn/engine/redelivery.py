@@ -16,12 +16,16 @@ original turn up after all, only one of them runs. A child sent again
 ``spawn_redeliver_limit`` times without ever starting, or with no stored
 message to send, ends ``lost``: its operation completes, and ``on_complete``
 counts it.
+
+A child that started, whose whole worker then died, waits for its message
+to come back from the broker. Should that message be lost too, the same
+rule applies to it (see :meth:`Redeliverer.take_over_orphans`).
 """
 from __future__ import annotations
 
 import logging
 import math
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from ..protocol import LOST
@@ -84,7 +88,73 @@ class Redeliverer:
                 published += self._redeliver_operation(operation_id, cutoff, idle)
             except Exception as exc:  # one bad operation must not strand the others
                 logger.error("redelivery for operation %s failed: %s", operation_id, exc)
+        try:
+            published += self.take_over_orphans(cutoff, limit)
+        except Exception as exc:
+            logger.error("redelivery of children whose worker is gone failed: %s", exc)
         return published
+
+    def take_over_orphans(self, cutoff: datetime, limit: int = 50) -> int:
+        """Publish again, marked recovered, started children whose run is gone; returns how many.
+
+        A child whose whole worker died while it ran is ``started`` in the
+        store, and its message should come back from the broker (``acks_late``)
+        to a copy that takes the run over. Should the broker have lost that
+        message too, nothing would: so a child started before ``cutoff``, in
+        an operation that has not moved since, whose claiming process its
+        worker no longer lists (or whose worker answers no ``stats`` request),
+        is sent again. The copy asks the same question before it runs, so a
+        run that only looked gone is not run beside itself. A task that does
+        not ack late is not run again after its worker died, as in Celery:
+        it ends ``lost``.
+        """
+        published = 0
+        gone: dict[str | None, bool] = {}  # claim -> its run is known to be gone (asked once per sweep)
+        for operation_id, claims in self.store.quiet_starts(cutoff, limit).items():
+            for claim in claims:
+                if claim not in gone:
+                    gone[claim] = self._run_is_gone(claim)
+            try:
+                published += self._take_over(operation_id, [c for c in claims if c and gone[c]], cutoff)
+            except Exception as exc:  # one bad operation must not strand the others
+                logger.error("redelivery of the children of operation %s whose worker is gone failed: %s",
+                             operation_id, exc)
+        return published
+
+    def _take_over(self, operation_id: str, gone: list[str], cutoff: datetime) -> int:
+        again = []
+        for row in self.store.lease_orphaned_starts(operation_id, gone, cutoff):
+            reason = self._orphan_lost(row)
+            if reason is None:
+                again.append({**row, "recovered": True})
+                continue
+            self.tracker.finish(row["id"], LOST, reason, operation_id=operation_id)
+            logger.error("child %s of operation %s is %s", row["id"], operation_id, reason)
+        if again:
+            self.publisher.publish(again)
+            for row in again:
+                logger.warning("published again child %s of operation %s: the run that started it (%s) is gone",
+                               row["id"], operation_id, row["worker"])
+        return len(again)
+
+    def _run_is_gone(self, claimed_by: str | None) -> bool:
+        """Whether the run recorded as ``claimed_by`` (``nodename/pid``) is known to be gone (not: cannot tell)."""
+        node, _, pid = (claimed_by or "").rpartition("/")
+        if not node or not pid.isdigit():
+            return False  # a start recorded outside a worker tells nothing about its run
+        return self.tracker.liveness.process_of(node, int(pid)) is False
+
+    def _orphan_lost(self, row: dict) -> str | None:
+        """Why a started child whose run is gone cannot be sent again (it ends ``lost``), or None."""
+        task = self.app.tasks.get(row["task_name"])
+        acks_late = task.acks_late if task is not None else self.app.conf.task_acks_late
+        if not acks_late:
+            return "lost: its worker died while it ran, and its task does not ack late (it is not run again)"
+        if not row["message"]:
+            return "lost: its worker died while it ran, and no message is stored to send again"
+        if row["redeliveries"] > self.limit:
+            return f"lost: its worker died while it ran, and it was sent again {self.limit} times"
+        return None
 
     def queue_is_idle(self, queue: str | None, missing_is_idle: bool = False) -> bool:
         """Whether the broker holds no message ready in ``queue`` (None: the default queue); False when

@@ -1,5 +1,6 @@
 """What the recovery sweep reads and leases: operations with unpublished children, outcomes the store
-missed, callbacks never published, and dispatched children the broker lost.
+missed, callbacks never published, dispatched children the broker lost, and started children whose
+run is gone.
 
 Mixed into :class:`~celery_spawn.store.SpawnStore`. Every lease is a
 refreshed timestamp taken under ``FOR UPDATE SKIP LOCKED`` where the database
@@ -114,18 +115,8 @@ class Recovery(StoreBase):
             .where(_never_started(cutoff), s.jobs.c.operation_id.is_not(None))
             .limit(limit)
         )
-        stalled = []
         with self.read() as conn:
-            for operation_id in list(conn.execute(candidates).scalars()):
-                progressed = conn.execute(
-                    sa.select(s.jobs.c.id).where(
-                        s.jobs.c.operation_id == operation_id,
-                        sa.or_(s.jobs.c.started_at >= cutoff, s.jobs.c.finished_at >= cutoff,
-                               s.jobs.c.dispatched_at >= cutoff)).limit(1)
-                ).first()
-                if progressed is None:
-                    stalled.append(operation_id)
-        return stalled
+            return [op for op in list(conn.execute(candidates).scalars()) if not _moved_since(conn, op, cutoff)]
 
     def waiting_queues(self, operation_id: str, cutoff: datetime) -> set[str | None]:
         """The queues of an operation's children dispatched before ``cutoff`` and never started."""
@@ -166,6 +157,48 @@ class Recovery(StoreBase):
         return rows
 
 
+    # ---- started children whose run is gone -----------------------------------------------
+    def quiet_starts(self, cutoff: datetime, limit: int) -> dict[str, set[str | None]]:
+        """Operations with children started before ``cutoff`` (and not sent again since) and no child
+        activity since then, each with who claimed those children (``nodename/pid``): the runs the caller
+        asks after. Claims are few (one per worker process), however many children they hold."""
+        candidates = (sa.select(s.jobs.c.operation_id).distinct()
+                      .where(_old_start(cutoff), s.jobs.c.operation_id.is_not(None)).limit(limit))
+        quiet: dict[str, set[str | None]] = {}
+        with self.read() as conn:
+            ids = [op for op in list(conn.execute(candidates).scalars()) if not _moved_since(conn, op, cutoff)]
+            if ids:
+                for operation_id, worker in conn.execute(
+                        sa.select(s.jobs.c.operation_id, s.jobs.c.worker).distinct()
+                        .where(s.jobs.c.operation_id.in_(ids), _old_start(cutoff))):
+                    quiet.setdefault(operation_id, set()).add(worker)
+        return quiet
+
+    def lease_orphaned_starts(self, operation_id: str, claims: Iterable[str], cutoff: datetime,
+                              limit: int = REDELIVERY_PAGE) -> list[dict]:
+        """An operation's children started before ``cutoff`` by one of ``claims`` and not sent again since,
+        leased as :meth:`lease_lost_children` leases: their ``dispatched_at`` refreshed, their
+        ``redeliveries`` counted. Returns the rows leased, with their stored message and claim."""
+        workers = list(claims)
+        if not workers:
+            return []
+        with self.begin() as conn:
+            query = self.dialect.for_update(
+                sa.select(s.jobs.c.id, s.jobs.c.parent_id, s.jobs.c.root_id, s.jobs.c.message, s.jobs.c.operation_id,
+                          s.jobs.c.task_name, s.jobs.c.redeliveries, s.jobs.c.worker)
+                .where(s.jobs.c.operation_id == operation_id, _old_start(cutoff), s.jobs.c.worker.in_(workers))
+                .order_by(s.jobs.c.position).limit(limit)
+            )
+            rows = [dict(r) for r in conn.execute(query).mappings()]
+            if rows:
+                conn.execute(s.jobs.update().where(s.jobs.c.id.in_([r["id"] for r in rows]),
+                                                   s.jobs.c.state == s.STARTED)
+                             .values(dispatched_at=utcnow(), redeliveries=s.jobs.c.redeliveries + 1))
+            for row in rows:
+                row["redeliveries"] = (row["redeliveries"] or 0) + 1
+        return rows
+
+
 def _overtaken() -> sa.ColumnElement[bool]:
     """A job recorded and dispatched after this one, bound for the same queue, has started: the queue moved
     past it. A child that merely waits behind a long queue has not been overtaken, whatever its age."""
@@ -182,6 +215,22 @@ def _overtaken() -> sa.ColumnElement[bool]:
         later.c.queue.is_not_distinct_from(s.jobs.c.queue),
         behind,
     )
+
+
+def _moved_since(conn: sa.Connection, operation_id: str, cutoff: datetime) -> bool:
+    """Whether a child of the operation started, finished or was dispatched since ``cutoff``."""
+    return conn.execute(
+        sa.select(s.jobs.c.id).where(
+            s.jobs.c.operation_id == operation_id,
+            sa.or_(s.jobs.c.started_at >= cutoff, s.jobs.c.finished_at >= cutoff,
+                   s.jobs.c.dispatched_at >= cutoff)).limit(1)
+    ).first() is not None
+
+
+def _old_start(cutoff: datetime) -> sa.ColumnElement[bool]:
+    """Started before ``cutoff``, still running, and not sent again (by the sweep) since."""
+    return sa.and_(s.jobs.c.state == s.STARTED, s.jobs.c.started_at < cutoff,
+                   sa.or_(s.jobs.c.dispatched_at.is_(None), s.jobs.c.dispatched_at < cutoff))
 
 
 def _never_started(cutoff: datetime) -> sa.ColumnElement[bool]:

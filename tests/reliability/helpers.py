@@ -254,6 +254,24 @@ def drop_message(broker_url: str, queue: str, task_id: str) -> bool:
         client.close()
 
 
+def drop_unacked(broker_url: str, task_id: str) -> bool:
+    """Remove one task message from kombu's unacknowledged hash on Redis, so that it never comes back to a
+    queue: what the fault explorer saw of a child whose whole worker was killed while it ran."""
+    import json
+
+    import redis
+
+    client = redis.Redis.from_url(broker_url)
+    try:
+        for tag, raw in client.hgetall("unacked").items():
+            if json.loads(raw)[0]["headers"].get("id") == task_id:
+                client.zrem("unacked_index", tag)
+                return bool(client.hdel("unacked", tag))
+        return False
+    finally:
+        client.close()
+
+
 def callback_rows(app, operation_id: str | None = None) -> list[dict]:
     query = sa.select(callbacks)
     if operation_id is not None:

@@ -28,6 +28,7 @@ from tests.reliability.helpers import (
     body_runs,
     children,
     drop_message,
+    drop_unacked,
     log_counts,
     operation,
     operations_of,
@@ -231,6 +232,32 @@ def test_a_child_message_lost_by_the_broker_is_published_again(crash_rig, start_
     assert (operation(app, parent.id) or {}).get("completed"), stuck_children(app, parent.id, [worker])
     assert len(body_runs(runs)[lost["id"]]) == 1
     assert "published again 1 children" in worker.log()
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["spawntask", "plain"])
+def test_a_started_child_lost_with_its_worker_and_its_message_runs_again(crash_rig, start_worker, plain):
+    """The whole worker is SIGKILLed while a child runs, and the broker loses that child's message (taken out
+    of kombu's unacknowledged hash here): the store says ``started`` by a process that is gone. The worker
+    restarted under the same name lists other processes, so its recovery sweep sends the child again and
+    the copy takes the run over; nothing runs twice after a success."""
+    backend, app, runs = crash_rig
+    worker = start_worker(backend, "orphan")
+    parent = app.signature("rel.fanout", kwargs={"count": 2, "child_pause": 6, "plain": plain}).delay()
+    assert parent.get(timeout=60) == 2
+    started = wait_for(lambda: [r for r in children(app, parent.id) if r["state"] == s.STARTED], 30,
+                       interval=0.05, what="a child to start")
+    worker.kill()
+    orphan = started[0]
+    assert drop_unacked(backend.broker, orphan["id"]), "the child's message was not in the unacknowledged hash"
+    again = start_worker(backend, "orphan-again", hostname=worker.hostname)
+    deadline = time.monotonic() + REDELIVER_AFTER + 40
+    while time.monotonic() < deadline and not (operation(app, parent.id) or {}).get("completed"):
+        time.sleep(1)
+    assert (operation(app, parent.id) or {}).get("completed"), stuck_children(app, parent.id, [worker, again])
+    assert {r["state"] for r in children(app, parent.id)} == {s.SUCCEEDED}
+    assert len(body_runs(runs)[orphan["id"]]) == 2  # the run killed with its worker, and the copy's
+    assert f"published again child {orphan['id']}" in again.log()
+    assert not runs_after_success(app, parent.id, runs)
 
 
 @pytest.mark.parametrize("plain", [False, True], ids=["spawntask", "plain"])

@@ -144,3 +144,45 @@ def test_a_child_waiting_in_a_busy_queue_is_not_leased_until_the_queue_moves_pas
     seed(store, [], [job_row("z", "later", state=s.SUCCEEDED, queue=None, created=ago(HOUR - 10),
                              dispatched_at=ago(HOUR - 10), started_at=ago(HOUR - 20))])
     assert [r["id"] for r in store.lease_lost_children("op", cutoff)] == ["n"]
+
+
+def running(job_id, operation_id, position=0, *, started_ago=HOUR, worker="w@h/1", **over):
+    """A child started ``started_ago`` seconds ago by ``worker`` and not finished."""
+    row = {"state": s.STARTED, "dispatched_at": ago(started_ago + 5), "started_at": ago(started_ago),
+           "worker": worker, **over}
+    return job_row(job_id, operation_id, position=position, created=ago(started_ago + 10), **row)
+
+
+def test_quiet_starts_are_the_claims_of_old_starts_in_operations_that_stopped_moving(store):
+    old = ago(2 * HOUR)
+    seed(store, [op_row(o, total=2, created=old) for o in ("quiet", "moving", "fresh", "sent")],
+         [running("q0", "quiet", worker="a@h/1"), running("q1", "quiet", 1, worker="a@h/1"),
+          running("q2", "quiet", 2, worker="b@h/2"), running("q3", "quiet", 3, worker=None),
+          running("q4", "quiet", 4, state=s.SUCCEEDED, finished_at=old, worker="c@h/3"),
+          running("m0", "moving"),
+          running("m1", "moving", 1, state=s.SUCCEEDED, finished_at=ago(5)),
+          running("f0", "fresh", started_ago=5),
+          running("s0", "sent", dispatched_at=ago(5)),  # sent again by a sweep lately
+          running("d0", "quiet", 5, state=s.DISPATCHED, started_at=None, worker=None)])
+    cutoff = ago(60)
+    assert store.quiet_starts(cutoff, limit=10) == {"quiet": {"a@h/1", "b@h/2", None}}
+    assert store.quiet_starts(ago(3 * HOUR), limit=10) == {}
+    assert len(store.quiet_starts(utcnow(), limit=1)) == 1
+
+
+def test_lease_orphaned_starts_takes_the_children_of_the_claims_given_once_per_cutoff(store):
+    seed(store, [op_row("op", total=4, created=ago(2 * HOUR)), op_row("other", total=1, created=ago(2 * HOUR))],
+         [running("a", "op", 0, worker="a@h/1"), running("b", "op", 1, worker="b@h/2"),
+          running("c", "op", 2, worker="a@h/1"), running("d", "op", 3, worker="a@h/1", started_ago=5),
+          running("x", "other", worker="a@h/1")])
+    cutoff = ago(60)
+    leased = store.lease_orphaned_starts("op", ["a@h/1"], cutoff, limit=1)
+    assert leased == [{"id": "a", "parent_id": "root", "root_id": "root", "message": '{"id": "a"}',
+                       "operation_id": "op", "task_name": "tests.child", "redeliveries": 1, "worker": "a@h/1"}]
+    assert job(store, "a")["state"] == s.STARTED and job(store, "a")["dispatched_at"] > cutoff
+    assert [r["id"] for r in store.lease_orphaned_starts("op", ["a@h/1"], cutoff)] == ["c"]  # not d: too young
+    assert store.lease_orphaned_starts("op", ["a@h/1"], cutoff) == []  # leased: a whole cutoff away
+    assert job(store, "b")["redeliveries"] == 0 and job(store, "x")["dispatched_at"] < cutoff
+    assert store.lease_orphaned_starts("op", [], cutoff) == []
+    set_job(store, "b", state=s.SUCCEEDED, finished_at=utcnow())
+    assert store.lease_orphaned_starts("op", ["b@h/2"], cutoff) == []  # ended meanwhile

@@ -196,3 +196,79 @@ def test_children_waiting_behind_a_busy_queue_are_not_lost_however_long_they_wai
     assert len(queued(app)) == 3  # the originals, and no copy
     age(app, operation_id, 120)
     assert redeliver(app, after_seconds=60) == 3  # drained, and still never started: lost
+
+
+def start_by(app, job_id: str, worker: str | None, seconds_ago: float = 120) -> None:
+    """Record ``job_id`` started by ``worker`` (``nodename/pid``) ``seconds_ago``, its operation quiet since."""
+    then = utcnow() - timedelta(seconds=seconds_ago)
+    with get_state(app).store.begin() as conn:
+        conn.execute(s.jobs.update().where(s.jobs.c.id == job_id)
+                     .values(state=s.STARTED, started_at=then, worker=worker))
+
+
+@pytest.fixture
+def late_acks(rig):
+    app, parent = rig
+    for name in ("r.child", "r.plain"):
+        app.tasks[name].acks_late = True
+    return app, parent
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["spawntask", "plain"])
+def test_a_started_child_whose_worker_is_gone_is_published_again_once(late_acks, plain, caplog):
+    """Its whole worker died while it ran and the broker lost its message (seen on Redis): nothing else
+    would ever run it. No worker answers for ``gone@nowhere`` on this broker: its run is gone."""
+    app, parent = late_acks
+    operation_id = spawn(app, parent, 2, plain=plain)
+    queued(app)
+    age(app, operation_id, 120)
+    orphan, done = (r["id"] for r in jobs(app, operation_id))
+    start_by(app, orphan, "gone@nowhere/4242")
+    with get_state(app).store.begin() as conn:
+        conn.execute(s.jobs.update().where(s.jobs.c.id == done).values(
+            state=s.SUCCEEDED, started_at=utcnow() - timedelta(seconds=110),
+            finished_at=utcnow() - timedelta(seconds=100)))
+    with caplog.at_level(logging.WARNING, logger="celery_spawn.redelivery"):
+        assert redeliver(app, after_seconds=60) == 1
+    [message] = queued_messages(app)
+    assert message.headers["id"] == orphan and message.headers.get(HEADER_RECOVERED) == 1
+    assert "the run that started it (gone@nowhere/4242) is gone" in caplog.text
+    row = next(r for r in jobs(app, operation_id) if r["id"] == orphan)
+    assert row["state"] == s.STARTED and row["worker"] == "gone@nowhere/4242" and row["redeliveries"] == 1
+    assert redeliver(app, after_seconds=60) == 0  # leased: not again before another quiet minute
+    assert queued(app) == []
+
+
+@pytest.mark.parametrize("alive", [True, None], ids=["alive", "cannot-tell"])
+def test_a_started_child_whose_run_goes_on_or_cannot_be_judged_is_left_alone(late_acks, monkeypatch, alive):
+    app, parent = late_acks
+    operation_id = spawn(app, parent, 1)
+    queued(app)
+    age(app, operation_id, 120)
+    [row] = jobs(app, operation_id)
+    start_by(app, row["id"], "busy@host/77")
+    asked = []
+    liveness = get_state(app).tracker.liveness
+    monkeypatch.setattr(liveness, "process_of", lambda node, pid: asked.append((node, pid)) or alive)
+    assert redeliver(app, after_seconds=60) == 0
+    assert asked == [("busy@host/77".split("/")[0], 77)] and queued(app) == []
+    start_by(app, row["id"], None)  # a start recorded outside a worker tells nothing
+    assert redeliver(app, after_seconds=60) == 0 and len(asked) == 1
+
+
+def test_a_started_child_that_does_not_ack_late_ends_lost_with_its_worker(rig, caplog):
+    """As in Celery: a task acknowledged on receipt is not run again after its worker died."""
+    app, parent = rig
+    operation_id = spawn(app, parent, 1)
+    queued(app)
+    age(app, operation_id, 120)
+    [row] = jobs(app, operation_id)
+    start_by(app, row["id"], "gone@nowhere/4242")
+    with caplog.at_level(logging.ERROR, logger="celery_spawn.redelivery"):
+        assert redeliver(app, after_seconds=60) == 0
+    assert queued(app) == []
+    [row] = jobs(app, operation_id)
+    assert row["state"] == s.LOST and "does not ack late" in row["error"]
+    with get_state(app).store.read() as conn:
+        operation = get_state(app).store.get_operation(conn, operation_id)
+    assert operation["completed"] and operation["children_lost"] == 1
