@@ -24,6 +24,7 @@ from .engine.writebehind import FINISH, RETRY, START, Event, enable_in_this_proc
 from .protocol import (FAILED, HEADER_CALLBACK, HEADER_OPERATION, REVOKED, SUCCEEDED, error_text, request_header,
                        request_headers)
 from .state import peek_state
+from .store.clock import server_eta
 
 if TYPE_CHECKING:
     from celery import Task
@@ -137,8 +138,12 @@ def retry_later(task: Task, exc: Exception, **options: Any) -> NoReturn:
     task whose spawn, or whose very start, only waited for the store. It
     goes back to the broker instead (an early-acknowledged message is then
     lost; a child of it is published again by the recovery sweep, as it is
-    still recorded dispatched).
+    still recorded dispatched). A ``countdown`` becomes an ``eta`` on the
+    database server's clock, so that a host whose clock runs ahead does not
+    hold its retries back by as much on the other workers.
     """
+    if options.get("countdown") is not None and options.get("eta") is None:
+        options["eta"] = server_eta(options.pop("countdown"))
     try:
         raise task.retry(exc=exc, **options) from exc
     except Reject as unsent:

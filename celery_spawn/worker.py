@@ -87,6 +87,7 @@ class RecoveryStep(bootsteps.StartStopStep):
         # imported, and every task's guard against running a copy of a child twice.
         state = get_state(worker.app)
         state.store.load_driver()
+        state.store.measure_clock()  # ... and the database server's clock (each process measures again)
         guard_copies(worker.app)
         self.process: Any = None
         self._stop: Any = None

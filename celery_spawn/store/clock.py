@@ -57,6 +57,14 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None) + timedelta(seconds=OFFSET.seconds)
 
 
+def server_eta(seconds: float) -> datetime:
+    """``seconds`` from now on the database server's clock (this host's, where it was never measured): the
+    ``eta`` of a message this process sends for later, which another host holds until then by its own
+    clock. A ``countdown`` is dated by the sender's clock, so a host whose clock runs ahead would delay
+    every retry it sends by as much."""
+    return datetime.now(timezone.utc) + timedelta(seconds=OFFSET.seconds + seconds)
+
+
 def offset_seconds() -> float:
     """How far the database server's clock is ahead of this host's (negative: behind), as last measured."""
     return OFFSET.seconds

@@ -82,6 +82,10 @@ class StoreBase:
         """Import the database driver (no connection); see :meth:`EngineHolder.load_driver`."""
         self.holder.load_driver()
 
+    def measure_clock(self) -> None:
+        """Read the database server's clock once, briefly (see :meth:`EngineHolder.measure_clock`)."""
+        self.holder.measure_clock()
+
     def dispose(self) -> None:
         self.holder.dispose()
 

@@ -10,7 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine, make_url
 
-from .clock import follow_server_clock
+from .clock import follow_server_clock, measure
 from ..errors import StoreError
 from .prepared import OPTION as PREPARED_OPTION
 from .timeouts import Timeouts
@@ -65,6 +65,32 @@ class EngineHolder:
                     self._engine = self._create()
                     self._pid = pid
         return self._engine
+
+    def measure_clock(self, timeout: float = 2.0) -> None:
+        """Read the database server's clock once, within ``timeout`` seconds, on a connection of its own.
+
+        A worker's main process does this before its pool forks: a pool
+        process that cannot reach the store then still dates the retries it
+        sends on the server's clock (see :func:`~celery_spawn.store.clock.server_eta`).
+        A store that is out only leaves this host's clock in use.
+        """
+        backend = self.dialect
+        if backend == "sqlite":
+            return
+        connect_args = {**self.engine_options.get("connect_args", {}),
+                        **Timeouts(connect=timeout, statement=timeout, lock=0).connect_args(backend)}
+        engine = sa.create_engine(self.url, poolclass=sa.pool.NullPool, connect_args=connect_args)
+        try:
+            raw = engine.raw_connection()
+            try:
+                measure(raw.dbapi_connection, backend)
+            finally:
+                raw.close()
+        except Exception as exc:
+            logger.info("the database server's clock could not be read at start (%s): %s", redact(self.url),
+                        type(exc).__name__)
+        finally:
+            engine.dispose()
 
     def after_fork(self) -> None:
         """Forget connections inherited from the parent process (``worker_process_init``).

@@ -115,6 +115,24 @@ def test_a_copy_of_a_child_claimed_by_a_live_process_comes_back_later(guarded):
     assert runs == [0]
 
 
+def test_a_deferred_copy_is_due_on_the_database_servers_clock(guarded, monkeypatch):
+    """From a host whose clock runs ten minutes ahead, a copy sent back for a look in 1 s is due 1 s from
+    the server's now, not ten minutes later on every other worker."""
+    from datetime import datetime, timezone
+
+    from celery_spawn.store.clock import OFFSET
+
+    app, parent, child, runs = guarded
+    [job] = spawned(app, parent)
+    sent_again(app, job["id"])
+    monkeypatch.setattr(OFFSET, "seconds", -600.0)
+    with claimed_by_a_live_process(app, job["id"]):
+        assert deliver(child, job, redelivered=True) == "ignored"
+    [again] = sent_again(app, job["id"])
+    due = datetime.fromisoformat(again.headers["eta"])
+    assert -600 < (due - datetime.now(timezone.utc)).total_seconds() < -590
+
+
 def test_a_copy_is_looked_at_less_often_the_longer_the_first_runs(guarded):
     app, parent, child, runs = guarded
     [job] = spawned(app, parent)

@@ -2,6 +2,8 @@
 retry either, the message goes back to the broker instead of being dropped as a failure."""
 from __future__ import annotations
 
+from datetime import datetime, timedelta, timezone
+
 import pytest
 from celery import Celery
 from celery.canvas import Signature
@@ -31,8 +33,25 @@ def test_it_retries_later_and_the_attempt_is_marked_unclaimed(task, monkeypatch)
     monkeypatch.setattr(Signature, "apply_async", lambda sig, *a, **kw: sent.append(sig))
     with pytest.raises(Retry):
         wait_for_store(task, OUTAGE)
-    assert len(sent) == 1 and sent[0].options["countdown"] > 0
+    assert len(sent) == 1 and sent[0].options["eta"] > datetime.now(timezone.utc)
     assert getattr(task.request, UNCLAIMED) is True
+
+
+def test_the_retry_is_dated_on_the_database_servers_clock(task, monkeypatch):
+    """A host whose clock runs ten minutes ahead: a countdown dated by it would hold the retry back ten
+    minutes on every other worker (the fault explorer's seed 2628). The eta is the server's now + the delay."""
+    from celery_spawn.hooks import STORE_RETRY_DELAY
+    from celery_spawn.store.clock import OFFSET
+
+    sent = []
+    monkeypatch.setattr(Signature, "apply_async", lambda sig, *a, **kw: sent.append(sig))
+    monkeypatch.setattr(OFFSET, "seconds", -600.0)
+    with pytest.raises(Retry):
+        wait_for_store(task, OUTAGE)
+    [retry] = sent
+    assert "countdown" not in retry.options or retry.options["countdown"] is None
+    expected = datetime.now(timezone.utc) - timedelta(seconds=600 - STORE_RETRY_DELAY)
+    assert abs((retry.options["eta"] - expected).total_seconds()) < 5
 
 
 def test_a_retry_the_broker_cannot_take_goes_back_to_the_broker(task, monkeypatch, caplog):
