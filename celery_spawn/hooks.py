@@ -24,7 +24,7 @@ from .engine.writebehind import FINISH, RETRY, START, Event, enable_in_this_proc
 from .protocol import (FAILED, HEADER_CALLBACK, HEADER_OPERATION, REVOKED, SUCCEEDED, error_text, request_header,
                        request_headers)
 from .state import peek_state
-from .store.clock import server_eta
+from .store.clock import hold_if_ahead, server_eta
 
 if TYPE_CHECKING:
     from celery import Task
@@ -127,7 +127,8 @@ def wait_for_store(task: Task, exc: StoreError) -> NoReturn:
     """
     logger.warning("%s[%s] waits for the spawn store: %s", task.name, task.request.id, exc)
     setattr(task.request, UNCLAIMED, True)
-    retry_later(task, exc, countdown=STORE_RETRY_DELAY, max_retries=None)
+    # Without limit: the attempt never started (Celery's max_retries=None would mean the task's own limit).
+    retry_later(task, exc, countdown=STORE_RETRY_DELAY, max_retries=(task.request.retries or 0) + 1)
 
 
 def retry_later(task: Task, exc: Exception, **options: Any) -> NoReturn:
@@ -143,7 +144,10 @@ def retry_later(task: Task, exc: Exception, **options: Any) -> NoReturn:
     hold its retries back by as much on the other workers.
     """
     if options.get("countdown") is not None and options.get("eta") is None:
-        options["eta"] = server_eta(options.pop("countdown"))
+        countdown = options.pop("countdown")
+        options["eta"] = server_eta(countdown)
+        hold_if_ahead(countdown, STORE_RETRY_DELAY)
+    overrides = hasattr(task, "override_max_retries")
     try:
         raise task.retry(exc=exc, **options) from exc
     except Reject as unsent:
@@ -153,6 +157,9 @@ def retry_later(task: Task, exc: Exception, **options: Any) -> NoReturn:
         logger.warning("%s[%s] goes back to the broker: its retry could not be sent (%s)", task.name,
                        task.request.id, reason)
         raise Reject(reason, requeue=True) from exc
+    finally:
+        if not overrides and hasattr(task, "override_max_retries"):
+            del task.override_max_retries  # set by Celery's retry(max_retries=...) on the task, for this call only
 
 
 def claim_callback(task: Task) -> None:

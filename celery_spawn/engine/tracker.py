@@ -19,7 +19,7 @@ from .. import metrics
 from ..protocol import FAILED, HEADER_DEFERRALS, REVOKED, STARTABLE, STARTED, SUCCEEDED, error_text, request_header
 from .copies import Liveness, finished_here, is_copy, worker_identity
 from ..store import Finish, utcnow
-from ..store.clock import server_eta
+from ..store.clock import hold_if_ahead, server_eta
 from .callbacks import CallbackClaims
 from .completion import has_result_backend
 
@@ -360,6 +360,7 @@ class Tracker:
         transport = self.app.conf.broker_transport_options or {}
         countdown = defer_countdown(deferrals, transport.get("visibility_timeout"))
         signature = task.signature_from_request(request, eta=server_eta(countdown))
+        hold_if_ahead(countdown)
         signature.options["headers"] = {**(signature.options.get("headers") or {}), HEADER_DEFERRALS: deferrals + 1}
         try:
             self.publisher.publish([{"id": request.id, "parent_id": request.parent_id, "root_id": request.root_id,

@@ -65,6 +65,14 @@ def server_eta(seconds: float) -> datetime:
     return datetime.now(timezone.utc) + timedelta(seconds=OFFSET.seconds + seconds)
 
 
+def hold_if_ahead(delay: float, longest: float = 5.0) -> None:
+    """Wait out ``delay`` (at most ``longest`` seconds) here when this host's clock runs ahead of the server's
+    by more than that: a message it sends with :func:`server_eta` is due at once by its own clock, and one
+    that comes back to this host would run (or be looked at) straight away, again and again."""
+    if -OFFSET.seconds > delay:
+        time.sleep(min(delay, longest))
+
+
 def offset_seconds() -> float:
     """How far the database server's clock is ahead of this host's (negative: behind), as last measured."""
     return OFFSET.seconds

@@ -120,17 +120,20 @@ def test_a_deferred_copy_is_due_on_the_database_servers_clock(guarded, monkeypat
     the server's now, not ten minutes later on every other worker."""
     from datetime import datetime, timezone
 
-    from celery_spawn.store.clock import OFFSET
+    from celery_spawn.store import clock
 
     app, parent, child, runs = guarded
     [job] = spawned(app, parent)
     sent_again(app, job["id"])
-    monkeypatch.setattr(OFFSET, "seconds", -600.0)
+    slept: list[float] = []
+    monkeypatch.setattr(clock.time, "sleep", slept.append)
+    monkeypatch.setattr(clock.OFFSET, "seconds", -600.0)
     with claimed_by_a_live_process(app, job["id"]):
         assert deliver(child, job, redelivered=True) == "ignored"
     [again] = sent_again(app, job["id"])
     due = datetime.fromisoformat(again.headers["eta"])
     assert -600 < (due - datetime.now(timezone.utc)).total_seconds() < -590
+    assert slept == [1]  # due at once by this host's clock: the first look's second is waited out here
 
 
 def test_a_copy_is_looked_at_less_often_the_longer_the_first_runs(guarded):

@@ -43,8 +43,11 @@ def test_the_retry_is_dated_on_the_database_servers_clock(task, monkeypatch):
     from celery_spawn.hooks import STORE_RETRY_DELAY
     from celery_spawn.store.clock import OFFSET
 
-    sent = []
+    from celery_spawn.store import clock
+
+    sent, slept = [], []
     monkeypatch.setattr(Signature, "apply_async", lambda sig, *a, **kw: sent.append(sig))
+    monkeypatch.setattr(clock.time, "sleep", slept.append)
     monkeypatch.setattr(OFFSET, "seconds", -600.0)
     with pytest.raises(Retry):
         wait_for_store(task, OUTAGE)
@@ -52,6 +55,25 @@ def test_the_retry_is_dated_on_the_database_servers_clock(task, monkeypatch):
     assert "countdown" not in retry.options or retry.options["countdown"] is None
     expected = datetime.now(timezone.utc) - timedelta(seconds=600 - STORE_RETRY_DELAY)
     assert abs((retry.options["eta"] - expected).total_seconds()) < 5
+    # By this host's clock that retry is due at once: should it come back here, it would not wait at all, so
+    # the delay is waited out before it is sent (and not on a host whose clock agrees with the server's).
+    assert slept == [STORE_RETRY_DELAY]
+    monkeypatch.setattr(OFFSET, "seconds", 0.3)
+    with pytest.raises(Retry):
+        wait_for_store(task, OUTAGE)
+    assert slept == [STORE_RETRY_DELAY]
+
+
+def test_a_child_waits_for_the_store_past_the_tasks_retry_limit(task, monkeypatch):
+    """Its attempts never started: Celery's limit (3 by default) must not fail it while the store is out."""
+    sent = []
+    monkeypatch.setattr(Signature, "apply_async", lambda sig, *a, **kw: sent.append(sig))
+    task.request.retries = 40
+    assert task.max_retries == 3
+    with pytest.raises(Retry):
+        wait_for_store(task, OUTAGE)
+    assert len(sent) == 1
+    assert not hasattr(task, "override_max_retries")  # Celery's per-call override, not left on the task
 
 
 def test_a_retry_the_broker_cannot_take_goes_back_to_the_broker(task, monkeypatch, caplog):
