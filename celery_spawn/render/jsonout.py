@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -68,28 +68,43 @@ def to_json(value: Any) -> str:
 
 def tree_json(tree: dict) -> str:
     """A tree as JSON, one node per line, written without recursion (trees may be 1,000 levels deep)."""
-    out: list[str] = []
-    add = out.append
-    # Stack items: (node, its indent, what goes before its line) or text to emit as is.
-    stack: list[Any] = [(tree, "", "")]
+    return "".join(tree_json_pieces(tree, _node_head, _node_children))
+
+
+def _node_head(node: dict) -> str:
+    fields = dict(node)
+    del fields["children"]
+    return _encode(fields)[:-1]  # the object without its closing brace
+
+
+def _node_children(node: dict) -> Sequence[dict] | None:
+    return node.get("children")
+
+
+def tree_json_pieces(top: Any, head: Callable[[Any], str], children: Callable[[Any], Sequence[Any] | None]
+                     ) -> Iterator[str]:
+    """The JSON text of a tree, piece by piece: one node per line, its ``children`` last, indented by depth.
+
+    ``head(node)`` is the node's fields as a JSON object without its closing
+    brace, ``children(node)`` its child nodes in order. Walked with a stack,
+    not recursion: trees may be 1,000 levels deep.
+    """
+    # Stack items: (node, its indent, what goes before its line), or text to write as it is.
+    stack: list[Any] = [(top, "", "")]
     pop, push = stack.pop, stack.append
     while stack:
         item = pop()
         if item.__class__ is str:
-            add(item)
+            yield item
             continue
         node, pad, before = item
-        fields = dict(node)
-        del fields["children"]
-        head = _encode(fields)[:-1]  # the object without its closing brace
-        kids = node.get("children")
+        kids = children(node)
         if not kids:
-            add(f'{before}{pad}{head}, "children": []}}')
+            yield f'{before}{pad}{head(node)}, "children": []}}'
             continue
-        add(f'{before}{pad}{head}, "children": [\n')
+        yield f'{before}{pad}{head(node)}, "children": [\n'
         push(f"\n{pad}]}}")
         inner = pad + "  "
         for index in range(len(kids) - 1, 0, -1):
             push((kids[index], inner, ",\n"))
         push((kids[0], inner, ""))
-    return "".join(out)

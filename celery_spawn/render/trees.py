@@ -6,7 +6,7 @@ from operator import itemgetter
 from typing import Any
 
 from .escape import has_control, printable
-from .jsonout import encode_node, tree_json
+from .jsonout import encode_node, tree_json, tree_json_pieces
 from .style import DIAGRAM_FILLS, SHORT_ID, TREE_FORMATS, state_word, style
 
 
@@ -149,33 +149,19 @@ def tree_json_chunks(rows: Iterable[tuple], start: str, hidden: Mapping[str, int
     top, kids = _children_by_parent(rows, start)
     if top is None:
         return
-    out: list[str] = []
-    add = out.append
-    # Stack items: (row, its indent, what goes before its line), or text to write as it is.
-    stack: list[Any] = [(top, "", "")]
-    pop, push = stack.pop, stack.append
-    while stack:
-        item = pop()
-        if item.__class__ is str:
-            add(item)
-            continue
-        row, pad, before = item
+
+    def head(row: tuple) -> str:
         job, _parent, name, state, depth, queue, operation, position = row
         fields = {"id": job, "task_name": name, "state": state, "depth": depth, "queue": queue,
                   "operation_id": operation, "position": position}
         if job in hidden:
             fields["hidden_children"] = hidden[job]
-        head = encode_node(fields)[:-1]  # the object without its closing brace
-        children = kids.get(job)
-        if not children:
-            add(f'{before}{pad}{head}, "children": []}}')
-        else:
-            add(f'{before}{pad}{head}, "children": [\n')
-            push(f"\n{pad}]}}")
-            inner = pad + "  "
-            for index in range(len(children) - 1, 0, -1):
-                push((children[index], inner, ",\n"))
-            push((children[0], inner, ""))
+        return encode_node(fields)[:-1]  # the object without its closing brace
+
+    out: list[str] = []
+    add = out.append
+    for piece in tree_json_pieces(top, head, lambda row: kids.get(row[0])):
+        add(piece)
         if len(out) >= CHUNK_LINES:
             yield "".join(out)
             out.clear()

@@ -9,7 +9,7 @@ has it, so every worker may sweep at once.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import sqlalchemy as sa
 
@@ -140,22 +140,8 @@ class Recovery(StoreBase):
             not_waiting.append(s.jobs.c.queue.in_([q for q in idle if q is not None]))
         if None in idle:
             not_waiting.append(s.jobs.c.queue.is_(None))
-        with self.begin() as conn:
-            lost = self.dialect.for_update(
-                sa.select(s.jobs.c.id, s.jobs.c.parent_id, s.jobs.c.root_id, s.jobs.c.message, s.jobs.c.operation_id,
-                          s.jobs.c.task_name, s.jobs.c.redeliveries)
-                .where(s.jobs.c.operation_id == operation_id, _never_started(cutoff), sa.or_(*not_waiting))
-                .order_by(s.jobs.c.position).limit(limit)
-            )
-            rows = [dict(r) for r in conn.execute(lost).mappings()]
-            if rows:
-                conn.execute(s.jobs.update().where(s.jobs.c.id.in_([r["id"] for r in rows]),
-                                                   s.jobs.c.state == s.DISPATCHED)
-                             .values(dispatched_at=utcnow(), redeliveries=s.jobs.c.redeliveries + 1))
-            for row in rows:
-                row["redeliveries"] = (row["redeliveries"] or 0) + 1
-        return rows
-
+        return self._lease_to_send_again(
+            s.DISPATCHED, limit, s.jobs.c.operation_id == operation_id, _never_started(cutoff), sa.or_(*not_waiting))
 
     # ---- started children whose run is gone -----------------------------------------------
     def quiet_starts(self, cutoff: datetime, limit: int) -> dict[str, set[str | None]]:
@@ -182,17 +168,23 @@ class Recovery(StoreBase):
         workers = list(claims)
         if not workers:
             return []
+        return self._lease_to_send_again(s.STARTED, limit, s.jobs.c.operation_id == operation_id,
+                                         _old_start(cutoff), s.jobs.c.worker.in_(workers), columns=[s.jobs.c.worker])
+
+    def _lease_to_send_again(self, state: str, limit: int, *where: sa.ColumnElement[bool],
+                             columns: Sequence[sa.ColumnElement] = ()) -> list[dict]:
+        """Lease up to ``limit`` jobs in ``state`` matching ``where`` (in spawn order) to be sent again: their
+        ``dispatched_at`` refreshed (the next look is a whole cutoff away) and their ``redeliveries`` counted,
+        each row saying how many times it was sent again, this time included."""
         with self.begin() as conn:
             query = self.dialect.for_update(
                 sa.select(s.jobs.c.id, s.jobs.c.parent_id, s.jobs.c.root_id, s.jobs.c.message, s.jobs.c.operation_id,
-                          s.jobs.c.task_name, s.jobs.c.redeliveries, s.jobs.c.worker)
-                .where(s.jobs.c.operation_id == operation_id, _old_start(cutoff), s.jobs.c.worker.in_(workers))
-                .order_by(s.jobs.c.position).limit(limit)
+                          s.jobs.c.task_name, s.jobs.c.redeliveries, *columns)
+                .where(*where).order_by(s.jobs.c.position).limit(limit)
             )
             rows = [dict(r) for r in conn.execute(query).mappings()]
             if rows:
-                conn.execute(s.jobs.update().where(s.jobs.c.id.in_([r["id"] for r in rows]),
-                                                   s.jobs.c.state == s.STARTED)
+                conn.execute(s.jobs.update().where(s.jobs.c.id.in_([r["id"] for r in rows]), s.jobs.c.state == state)
                              .values(dispatched_at=utcnow(), redeliveries=s.jobs.c.redeliveries + 1))
             for row in rows:
                 row["redeliveries"] = (row["redeliveries"] or 0) + 1

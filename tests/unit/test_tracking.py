@@ -293,8 +293,10 @@ def test_operation_state_rolls_up(counts, expected):
     assert _operation_state(counts) == expected
 
 
-def test_recovery_applies_outcomes_the_store_missed(store_url):
-    """A success the store never heard of (its write was lost) is read back from the result backend."""
+@pytest.fixture
+def missed_outcomes(store_url):
+    """An eager app whose spawn of two plain children ran, with both success writes lost: the children
+    ``started`` an hour ago, the operation running. Yields (app, the parent's result)."""
     app = Celery("reconcile", broker="memory://", backend="cache+memory://", set_as_current=False)
     app.conf.update(task_always_eager=True, task_store_eager_result=True)
     manager = SpawnManager()
@@ -311,22 +313,26 @@ def test_recovery_applies_outcomes_the_store_missed(store_url):
     manager.register_handler("kids", lambda context: [child.s(i) for i in range(context.parent.result)])
     result = parent.apply(args=(2,), kwargs={"_spawn_config": {"handler": "kids"}})
     op_id = default_operation_id(result.id)
-    with state.store.begin() as conn:  # as if both success writes had been lost
-        conn.execute(s.jobs.update().where(s.jobs.c.operation_id == op_id).values(state="started"))
-        conn.execute(s.operations.update().where(s.operations.c.id == op_id).values(completed=False, state="running"))
-    with state.store.begin() as conn:  # recorded long ago, so only the results' own age holds them back
+    with state.store.begin() as conn:
         conn.execute(s.jobs.update().where(s.jobs.c.operation_id == op_id)
-                     .values(created_at=s.utcnow() - timedelta(hours=1)))
+                     .values(state="started", created_at=s.utcnow() - timedelta(hours=1)))
+        conn.execute(s.operations.update().where(s.operations.c.id == op_id).values(completed=False, state="running"))
+    yield app, result
+    state.store.dispose()
+
+
+def test_recovery_applies_outcomes_the_store_missed(missed_outcomes):
+    """A success the store never heard of (its write was lost) is read back from the result backend."""
+    app, result = missed_outcomes
     # Stored a moment ago: the workers' own writes may still come, so nothing is "missed" yet.
     assert control.sweep(app, grace_seconds=60).filled_in == 0
     assert operation(app, result.id)["state"] == "running"
     assert recover(app, grace_seconds=0) == 2
     assert operation(app, result.id)["completed"] and operation(app, result.id)["state"] == "succeeded"
     assert recover(app, grace_seconds=0) == 0
-    state.store.dispose()
 
 
-def test_recovery_applies_an_outcome_dated_ahead_once_it_has_seen_it_for_the_grace(store_url, monkeypatch):
+def test_recovery_applies_an_outcome_dated_ahead_once_it_has_seen_it_for_the_grace(missed_outcomes, monkeypatch):
     """The worker that stored the result has a clock 10 minutes ahead: its ``date_done`` says nothing of its age.
 
     Before, such an outcome waited the whole skew (10 minutes) before the sweep applied it; now it waits the
@@ -338,26 +344,7 @@ def test_recovery_applies_an_outcome_dated_ahead_once_it_has_seen_it_for_the_gra
 
     import celery_spawn.engine.recovery as recovery
 
-    app = Celery("reconcile-ahead", broker="memory://", backend="cache+memory://", set_as_current=False)
-    app.conf.update(task_always_eager=True, task_store_eager_result=True)
-    manager = SpawnManager()
-    state = install(app, manager, database_url=store_url)
-
-    @app.task(name="r.parent", base=SpawnTask, shared=False)
-    def parent(n):
-        return n
-
-    @app.task(name="r.child", shared=False)
-    def child(i):
-        return i
-
-    manager.register_handler("kids", lambda context: [child.s(i) for i in range(context.parent.result)])
-    result = parent.apply(args=(2,), kwargs={"_spawn_config": {"handler": "kids"}})
-    op_id = default_operation_id(result.id)
-    with state.store.begin() as conn:  # both success writes lost, the jobs started long ago
-        conn.execute(s.jobs.update().where(s.jobs.c.operation_id == op_id)
-                     .values(state="started", created_at=s.utcnow() - timedelta(hours=1)))
-        conn.execute(s.operations.update().where(s.operations.c.id == op_id).values(completed=False, state="running"))
+    app, result = missed_outcomes
     ahead = datetime.now(timezone.utc) + timedelta(minutes=10)
     monkeypatch.setattr(app.backend, "get_task_meta",
                         lambda task_id: {"status": states.SUCCESS, "result": 1, "date_done": ahead.isoformat()})
@@ -370,7 +357,6 @@ def test_recovery_applies_an_outcome_dated_ahead_once_it_has_seen_it_for_the_gra
     clock[0] += 31
     assert control.sweep(app, grace_seconds=60).filled_in == 2  # seen for the grace: applied, not 10 min later
     assert operation(app, result.id)["completed"] and operation(app, result.id)["state"] == "succeeded"
-    state.store.dispose()
 
 
 @pytest.fixture
