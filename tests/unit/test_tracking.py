@@ -112,7 +112,29 @@ def test_an_unpublished_callback_is_recovered(eager, monkeypatch):
     assert len(calls) == 1
 
 
-def test_a_callback_running_when_the_sweep_finds_it_unsent_is_recorded_sent_and_left_running(store_url):
+@pytest.fixture
+def called_back(store_url):
+    """An eager app whose spawn of two children completed and ran its ``on_complete`` once.
+
+    Yields (app, the parent's result, its operation id, the callback's calls, the store)."""
+    app, parent, _, _ = tracked_app(store_url, backend="cache+memory://")
+    app.conf.update(task_always_eager=True, task_store_eager_result=True)
+    calls: list[str] = []
+
+    @app.task(name="t.done", shared=False)
+    def done(summary):
+        calls.append(summary["operation_id"])
+
+    store = get_state(app).store
+    config = SpawnConfig(handler="kids").with_on_complete(done.s()).to_dict()
+    result = parent.apply(args=(2,), kwargs={"_spawn_config": config})
+    op_id = default_operation_id(result.id)
+    assert calls == [op_id]
+    yield app, result, op_id, calls, store
+    store.dispose()
+
+
+def test_a_callback_running_when_the_sweep_finds_it_unsent_is_recorded_sent_and_left_running(called_back):
     """Completion published ``on_complete`` but could not record it as sent; its run has started meanwhile.
 
     The sweep records it as sent and publishes nothing; the run is not ended
@@ -123,34 +145,19 @@ def test_a_callback_running_when_the_sweep_finds_it_unsent_is_recorded_sent_and_
 
     from celery_spawn.store import schema as s
 
-    app, parent, _, _ = tracked_app(store_url, backend="cache+memory://")
-    app.conf.update(task_always_eager=True, task_store_eager_result=True)
-    calls = []
-
-    @app.task(name="t.done", shared=False)
-    def done(summary):
-        calls.append(summary["operation_id"])
-
-    store = get_state(app).store
-    try:
-        config = SpawnConfig(handler="kids").with_on_complete(done.s()).to_dict()
-        result = parent.apply(args=(2,), kwargs={"_spawn_config": config})
-        op_id = default_operation_id(result.id)
-        assert calls == [op_id]
-        with store.begin() as conn:  # as if the sent mark was lost and the callback's run is still going
-            conn.execute(sa.update(s.operations).where(s.operations.c.id == op_id)
-                         .values(callback_state=s.CALLBACK_PENDING, callback_run=s.CALLBACK_STARTED,
-                                 callback_worker="elsewhere@host/1"))
-        report = control.sweep(app, grace_seconds=0)
-        assert report.callbacks == 0 and calls == [op_id]
-        row = operation(app, result.id)
-        assert row["callback_state"] == "sent"
-        assert row["callback_run"] == s.CALLBACK_STARTED and row["callback_worker"] == "elsewhere@host/1"
-    finally:
-        store.dispose()
+    app, result, op_id, calls, store = called_back
+    with store.begin() as conn:  # as if the sent mark was lost and the callback's run is still going
+        conn.execute(sa.update(s.operations).where(s.operations.c.id == op_id)
+                     .values(callback_state=s.CALLBACK_PENDING, callback_run=s.CALLBACK_STARTED,
+                             callback_worker="elsewhere@host/1"))
+    report = control.sweep(app, grace_seconds=0)
+    assert report.callbacks == 0 and calls == [op_id]
+    row = operation(app, result.id)
+    assert row["callback_state"] == "sent"
+    assert row["callback_run"] == s.CALLBACK_STARTED and row["callback_worker"] == "elsewhere@host/1"
 
 
-def test_a_callback_the_backend_saw_retried_is_recorded_sent_and_left_to_its_retry(store_url):
+def test_a_callback_the_backend_saw_retried_is_recorded_sent_and_left_to_its_retry(called_back):
     """Completion published ``on_complete`` and lost its sent mark; the callback's first attempt met the same
     store failure in its claim and retried (the result backend says RETRY).
 
@@ -164,32 +171,17 @@ def test_a_callback_the_backend_saw_retried_is_recorded_sent_and_left_to_its_ret
     from celery_spawn.engine.completion import completion_task_id
     from celery_spawn.store import schema as s
 
-    app, parent, _, _ = tracked_app(store_url, backend="cache+memory://")
-    app.conf.update(task_always_eager=True, task_store_eager_result=True)
-    calls = []
-
-    @app.task(name="t.done", shared=False)
-    def done(summary):
-        calls.append(summary["operation_id"])
-
-    store = get_state(app).store
-    try:
-        config = SpawnConfig(handler="kids").with_on_complete(done.s()).to_dict()
-        result = parent.apply(args=(2,), kwargs={"_spawn_config": config})
-        op_id = default_operation_id(result.id)
-        assert calls == [op_id]
-        with store.begin() as conn:  # as if neither the sent mark nor the attempt's claim had been written
-            conn.execute(sa.update(s.operations).where(s.operations.c.id == op_id)
-                         .values(callback_state=s.CALLBACK_PENDING, callback_run=None, callback_worker=None))
-        app.backend.forget(completion_task_id(op_id))  # (a backend keeps a success over a later state)
-        app.backend.store_result(completion_task_id(op_id), None, states.RETRY)
-        report = control.sweep(app, grace_seconds=0)
-        assert report.callbacks == 0 and calls == [op_id]
-        row = operation(app, result.id)
-        assert row["callback_state"] == "sent" and row["callback_run"] == s.CALLBACK_WAITING
-        assert store.claim_callback(op_id, "worker@host/7") is True  # the retry's delivery runs it
-    finally:
-        store.dispose()
+    app, result, op_id, calls, store = called_back
+    with store.begin() as conn:  # as if neither the sent mark nor the attempt's claim had been written
+        conn.execute(sa.update(s.operations).where(s.operations.c.id == op_id)
+                     .values(callback_state=s.CALLBACK_PENDING, callback_run=None, callback_worker=None))
+    app.backend.forget(completion_task_id(op_id))  # (a backend keeps a success over a later state)
+    app.backend.store_result(completion_task_id(op_id), None, states.RETRY)
+    report = control.sweep(app, grace_seconds=0)
+    assert report.callbacks == 0 and calls == [op_id]
+    row = operation(app, result.id)
+    assert row["callback_state"] == "sent" and row["callback_run"] == s.CALLBACK_WAITING
+    assert store.claim_callback(op_id, "worker@host/7") is True  # the retry's delivery runs it
 
 
 @pytest.mark.parametrize("ran", [True, False], ids=["ran", "never-ran"])
