@@ -44,6 +44,11 @@ SMOKE = {"dispatch": 300, "e2e": 300, "hops": 10, "memory": (2_000, 10_000), "qu
          "purge": 2_000}
 
 
+#: Spawn / ``group`` time to publish the children, per broker. A speed-up that needs a setting off by default
+#: does not count toward a target: rows measured with such settings carry none.
+DISPATCH_TARGETS = {"redis": 0.12, "rabbitmq": 0.25}
+
+
 def median_of(rounds: int, fn: Callable[[], float], warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
@@ -179,9 +184,8 @@ class Bench:
             # The drivers take turns round by round, so that a noisy moment falls on both.
             spawned = medians_taking_turns(self.rounds, {d: (lambda d=d: spawn_round(d)) for d in drivers})
             for driver in drivers:
-                # The target is Redis's (issue 6); on RabbitMQ a spawn must gain too: a ratio below 1.
                 self.rows.append(Row("1 dispatch", f"{n:,} children, lineage in PostgreSQL/{driver}, {label}",
-                                     spawned[driver], baseline, "s", target=0.33 if label == "redis" else 1.0,
+                                     spawned[driver], baseline, "s", target=DISPATCH_TARGETS.get(label),
                                      note=f"{n / spawned[driver]:,.0f} msg/s vs group {n / baseline:,.0f} msg/s"))
             if len(drivers) > 1:
                 self.rows.append(Row("1 dispatch", f"psycopg (3) vs psycopg2, {label}", spawned["psycopg"],
@@ -292,7 +296,7 @@ class Bench:
                 pg_url, fast, lambda noop, key: group([noop.s(key) for _ in range(n)]),
                 {"handler": "fanout", "max_spawn_count": n, "batch_size": 1000}, n, wait_for_tracking=True)
             self.rows.append(Row("2 end to end", f"{n:,} tracked no-op children, prefork -c 2, {_mode(fast)}",
-                                 spawned, baseline, "s", target=1.3,
+                                 spawned, baseline, "s", target=None if fast else 1.0,
                                  note=f"{n / spawned:,.0f} tasks/s vs group {n / baseline:,.0f} tasks/s"))
 
     def hops(self, pg_url: str) -> None:
@@ -304,7 +308,7 @@ class Bench:
                 pg_url, fast, lambda noop, key: chain(*[noop.si(key) for _ in range(n)]),
                 {"handler": "sequence", "max_spawn_count": n}, n, wait_for_tracking=False)
             self.rows.append(Row("3 dependency hops", f"{n} steps, per hop, {_mode(fast)}", spawned / n * 1000,
-                                 baseline / n * 1000, "ms", target=2.0))
+                                 baseline / n * 1000, "ms", target=None if fast else 1.3))
 
     # ---- case 4 ----------------------------------------------------------------------------
     def memory(self, pg_url: str) -> None:
