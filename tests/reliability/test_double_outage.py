@@ -68,8 +68,12 @@ def test_a_child_whose_retry_the_broker_cannot_take_runs_once_both_are_back(post
                 found = operation(app, parent.id)
                 return found and found["completed"] and found
 
-            op = wait_for(whole, 120, interval=0.5,
-                          what=f"the operation to complete ({state_counts(app, parent.id)})")
+            try:
+                op = wait_for(whole, 120, interval=0.5, what="the operation to complete")
+            except AssertionError as exc:  # the states as they are when the wait gives up, not before it began
+                unfinished = [(r["id"], r["state"], r["worker"]) for r in children(app, parent.id)
+                              if r["state"] != s.SUCCEEDED]
+                raise AssertionError(f"{exc}: {state_counts(app, parent.id)}, unfinished {unfinished[:5]}") from None
             log = worker.log()
             assert SENT_BACK in log, worker.diagnosis()
             assert op["state"] == s.OP_SUCCEEDED, state_counts(app, parent.id)
