@@ -206,6 +206,16 @@ def start_by(app, job_id: str, worker: str | None, seconds_ago: float = 120) -> 
                      .values(state=s.STARTED, started_at=then, worker=worker))
 
 
+def one_started_child(app, parent, worker: str) -> dict:
+    """Spawn one child (its message drained), dispatched long ago and started by ``worker`` as long ago."""
+    operation_id = spawn(app, parent, 1)
+    queued(app)
+    age(app, operation_id, 120)
+    [row] = jobs(app, operation_id)
+    start_by(app, row["id"], worker)
+    return row
+
+
 @pytest.fixture
 def late_acks(rig):
     app, parent = rig
@@ -242,16 +252,12 @@ def test_a_started_child_whose_worker_is_gone_is_published_again_once(late_acks,
 @pytest.mark.parametrize("alive", [True, None], ids=["alive", "cannot-tell"])
 def test_a_started_child_whose_run_goes_on_or_cannot_be_judged_is_left_alone(late_acks, monkeypatch, alive):
     app, parent = late_acks
-    operation_id = spawn(app, parent, 1)
-    queued(app)
-    age(app, operation_id, 120)
-    [row] = jobs(app, operation_id)
-    start_by(app, row["id"], "busy@host/77")
+    row = one_started_child(app, parent, "busy@host/77")
     asked = []
     liveness = get_state(app).tracker.liveness
     monkeypatch.setattr(liveness, "process_of", lambda node, pid: asked.append((node, pid)) or alive)
     assert redeliver(app, after_seconds=60) == 0
-    assert asked == [("busy@host/77".split("/")[0], 77)] and queued(app) == []
+    assert asked == [("busy@host", 77)] and queued(app) == []
     start_by(app, row["id"], None)  # a start recorded outside a worker tells nothing
     assert redeliver(app, after_seconds=60) == 0 and len(asked) == 1
 
@@ -259,11 +265,7 @@ def test_a_started_child_whose_run_goes_on_or_cannot_be_judged_is_left_alone(lat
 def test_a_started_child_that_does_not_ack_late_ends_lost_with_its_worker(rig, caplog):
     """As in Celery: a task acknowledged on receipt is not run again after its worker died."""
     app, parent = rig
-    operation_id = spawn(app, parent, 1)
-    queued(app)
-    age(app, operation_id, 120)
-    [row] = jobs(app, operation_id)
-    start_by(app, row["id"], "gone@nowhere/4242")
+    operation_id = one_started_child(app, parent, "gone@nowhere/4242")["operation_id"]
     with caplog.at_level(logging.ERROR, logger="celery_spawn.redelivery"):
         assert redeliver(app, after_seconds=60) == 0
     assert queued(app) == []
