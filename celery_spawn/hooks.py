@@ -20,7 +20,7 @@ from .engine import copies
 from .engine.completion import completion_task_id
 from .engine.redelivery import claims_its_start
 from .errors import StoreError
-from .engine.writebehind import FINISH, RETRY, START, Event, enable_in_this_process, flush_all, submit
+from .engine.writebehind import FINISH, RETRY, START, UNCLAIM, Event, enable_in_this_process, flush_all, submit
 from .protocol import (FAILED, HEADER_CALLBACK, HEADER_OPERATION, REVOKED, SUCCEEDED, error_text, request_header,
                        request_headers)
 from .state import peek_state
@@ -96,6 +96,11 @@ def _on_prerun(sender=None, task_id=None, task=None, **_: Any) -> None:
 def _on_postrun(sender=None, task_id=None, task=None, **_: Any) -> None:
     if task is not None and task_id is not None and (is_spawned(task) or callback_of(task)):
         copies.left(task_id)
+        if copies.left_unconfirmed(task_id):  # it waits for the store: its claim may have been written
+            tracker = tracker_for(task)
+            if tracker is not None:
+                _record(tracker, "the end of an unconfirmed claim", Event(UNCLAIM, task_id), tracker.free_claim,
+                        task_id)
 
 
 def guard_copies(app: Any) -> None:

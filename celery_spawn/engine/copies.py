@@ -15,11 +15,12 @@ at again.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..protocol import HEADER_RECOVERED, request_header
 
@@ -34,6 +35,11 @@ LIVENESS_TTL = 5.0
 #: How many runs of each job id this process is inside right now (a threads pool runs several at once).
 _running_here: collections.Counter[str] = collections.Counter()
 _running_lock = threading.Lock()
+#: Jobs whose start this process claimed as the store failed: the claim may have been written all the same.
+_unconfirmed: set[str] = set()
+#: Jobs whose unconfirmed claim is being let go: no run of them enters here meanwhile.
+_freeing: set[str] = set()
+_freed = threading.Condition(_running_lock)
 #: Jobs whose body ended for good (succeeded or failed) in this process lately, oldest first. The store may
 #: not have heard yet (the write waits for it): this process knows, and runs none of them again.
 _finished_here: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -42,6 +48,8 @@ FINISHED_REMEMBERED = 10_000
 
 def entered(job_id: str) -> None:
     with _running_lock:
+        while job_id in _freeing:
+            _freed.wait()
         _running_here[job_id] += 1
 
 
@@ -51,6 +59,39 @@ def left(job_id: str) -> None:
             _running_here.pop(job_id, None)
         else:
             _running_here[job_id] -= 1
+
+
+def claim_unconfirmed(job_id: str) -> None:
+    """The store failed while this process claimed ``job_id``'s start: the write may have reached it."""
+    with _running_lock:
+        _unconfirmed.add(job_id)
+
+
+def left_unconfirmed(job_id: str) -> bool:
+    """Whether the run of ``job_id`` that just left this process had claimed its start without knowing if
+    the claim was written, and no other run of it goes on here (asked once: it forgets the job)."""
+    with _running_lock:
+        if job_id not in _unconfirmed or _running_here.get(job_id):
+            return False
+        _unconfirmed.discard(job_id)
+        return True
+
+
+@contextlib.contextmanager
+def freeing(job_id: str) -> Iterator[bool]:
+    """Around letting go of this process's own claim of ``job_id``: True, and no run of it enters here
+    until the block ends; False when one runs here now (it holds the claim: nothing is to be let go)."""
+    with _running_lock:
+        free = not _running_here.get(job_id)
+        if free:
+            _freeing.add(job_id)
+    try:
+        yield free
+    finally:
+        if free:
+            with _running_lock:
+                _freeing.discard(job_id)
+                _freed.notify_all()
 
 
 def finished(job_id: str) -> None:

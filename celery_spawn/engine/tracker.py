@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, Sequence, cast
 from celery.exceptions import Ignore, Reject
 
 from .. import metrics
+from ..errors import StoreError
 from ..protocol import FAILED, HEADER_DEFERRALS, REVOKED, STARTABLE, STARTED, SUCCEEDED, error_text, request_header
+from . import copies
 from .copies import Liveness, finished_here, is_copy, worker_identity
 from ..store import Finish, utcnow
 from ..store.clock import hold_if_ahead, server_eta
@@ -147,7 +149,26 @@ class Tracker:
 
         A job the store does not know (not recorded here) may run.
         """
-        return self.store.claim_start(job_id, _NOT_STARTED, self.worker) is not False
+        return self._claim(job_id, _NOT_STARTED) is not False
+
+    def _claim(self, job_id: str, startable: Sequence[str], taking_over: str | None = None) -> bool | None:
+        """The store's claim; a store error leaves the claim unconfirmed in this process (its commit may
+        have reached the store), to be let go once the attempt has ended (see :meth:`free_claim`)."""
+        try:
+            return self.store.claim_start(job_id, startable, self.worker, taking_over=taking_over)
+        except StoreError:
+            copies.claim_unconfirmed(job_id)
+            raise
+
+    def free_claim(self, job_id: str) -> None:
+        """Let go of this process's claim of ``job_id`` whose commit it could not confirm, once that attempt
+        ended (it waits for the store and retries): the retry, delivered to another process, would otherwise
+        find the start claimed by a live sibling and be sent back again and again. A run of the job here
+        now holds the claim: then nothing changes."""
+        with copies.freeing(job_id) as free:
+            if free and self.store.free_claim(job_id, self.worker):
+                logger.warning("celery-spawn let go of the start of %s claimed by %s: the store failed as it "
+                               "was claimed, and that attempt waits for its retry", job_id, self.worker)
 
     def retried(self, job_id: str, reason: Any) -> None:
         self.store.mark_retrying(job_id, error_text(reason))
@@ -331,7 +352,7 @@ class Tracker:
                                "goes on", task.name, request.id, claimed_by)
                 raise Reject("the worker that claimed it cannot be asked", requeue=True)
             if state == STARTED and not runs:
-                if self.store.claim_start(job_id, (STARTED,), self.worker, taking_over=claimed_by):
+                if self._claim(job_id, (STARTED,), taking_over=claimed_by):
                     if copy:
                         logger.warning("%s[%s] runs again: the run that claimed it (%s) is gone", task.name,
                                        request.id, claimed_by)

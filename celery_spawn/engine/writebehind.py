@@ -49,6 +49,8 @@ MAX_QUEUED = 200_000
 RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 START, FINISH, RETRY = "start", "finish", "retry"
+#: A claim this process could not confirm, of an attempt that has ended: let go once the store answers.
+UNCLAIM = "unclaim"
 _NEVER = 1 << 62
 
 
@@ -272,6 +274,9 @@ def _write_runs(tracker: Tracker, folded: list[Event], marks: Sequence[str], pub
             tracker.start_many([(e.job_id, e.at) for e in starts])
         for event in retries:
             tracker.retried(event.job_id, event.error)
+        for event in run:
+            if event.kind == UNCLAIM:
+                tracker.free_claim(event.job_id)
         if finishes:
             finished = tracker.finish_batch([Finish(e.job_id, cast(str, e.state), e.error, e.at, e.started_at)
                                              for e in finishes], marks=marks, defer_marks=True,

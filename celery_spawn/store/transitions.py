@@ -57,6 +57,19 @@ class JobTransitions(Cancels):
             state = conn.execute(sa.select(s.jobs.c.state).where(s.jobs.c.id == job_id)).scalar()
         return None if state is None else False
 
+    def free_claim(self, job_id: str, worker: str | None) -> bool:
+        """Let go of ``worker``'s claim of a job's start: the job waits for its next attempt (``retrying``).
+
+        For a claim whose commit its process could not confirm, from an attempt
+        that has ended: nothing changes unless the job is still ``started`` by
+        ``worker``. True when it changed.
+        """
+        with self.begin() as conn:
+            return bool(conn.execute(
+                s.jobs.update().where(s.jobs.c.id == job_id, s.jobs.c.state == s.STARTED, s.jobs.c.worker == worker)
+                .values(state=s.RETRYING, worker=None)
+            ).rowcount)
+
     def claim_of(self, job_id: str) -> tuple[str | None, str | None]:
         """A job's state and who claimed its start (``nodename/pid``), or ``(None, None)``."""
         with self.read() as conn:

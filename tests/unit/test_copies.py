@@ -432,3 +432,106 @@ def test_finished_jobs_are_remembered_up_to_a_bound(monkeypatch):
     copies.finished("e")
     assert list(copies._finished_here) == ["d", "b", "e"]
     assert copies.finished_here("e") and not copies.finished_here("a")
+
+
+def _claim_then_lose_the_answer(store, monkeypatch):
+    """The next claim reaches the store and commits, and its caller sees the connection drop."""
+    from celery_spawn.errors import StoreError
+
+    real = store.claim_start
+
+    def committed_then_lost(*args, **kwargs):
+        monkeypatch.setattr(store, "claim_start", real)
+        real(*args, **kwargs)
+        raise StoreError("spawn store failed: OperationalError: server closed the connection unexpectedly")
+
+    monkeypatch.setattr(store, "claim_start", committed_then_lost)
+
+
+def test_a_claim_whose_answer_was_lost_is_let_go_once_its_attempt_ends(spawntask_child, monkeypatch):
+    """The double-outage flake: a claim committed while its process saw the store drop, and that attempt
+    retried. The store said ``started`` by a live sibling, so every delivery landing in the other pool
+    process was sent back for a later look, as long as none landed in the claimant. Once the attempt has
+    ended, its process lets go of the claim it could not confirm: the next delivery runs the child."""
+    from celery.exceptions import Retry
+
+    from celery_spawn import hooks
+
+    app, parent, child, runs = spawntask_child
+    [job] = spawned(app, parent)
+    store = get_state(app).store
+    me = f"{NODE}/{os.getpid()}"
+    _claim_then_lose_the_answer(store, monkeypatch)
+    child.push_request(id=job["id"], called_directly=False, delivery_info={}, hostname=NODE, retries=0,
+                       headers={HEADER_OPERATION: job["operation_id"]}, args=(job["position"],), kwargs={},
+                       parent_id=job["parent_id"], root_id=job["root_id"])
+    copies.entered(job["id"])
+    try:
+        with pytest.raises(Retry):
+            child(job["position"])
+        assert store.claim_of(job["id"]) == (s.STARTED, me)  # written, though the attempt never knew
+    finally:
+        hooks._on_postrun(sender=child, task_id=job["id"], task=child)  # the attempt ends
+        child.pop_request()
+    assert store.claim_of(job["id"]) == (s.RETRYING, None)
+    assert not copies.left_unconfirmed(job["id"])  # let go once
+    assert deliver(child, job, retries=1, node="w2@host") == 1  # the retry, wherever it lands, runs
+    assert runs == [0]
+
+
+def test_an_unconfirmed_claim_is_kept_while_a_run_of_the_job_goes_on_here(spawntask_child):
+    app, parent, child, runs = spawntask_child
+    first, second = spawned(app, parent, 2)
+    tracker = get_state(app).tracker
+    tracker.worker = me = f"{NODE}/{os.getpid()}"
+    set_claim(app, first["id"], s.STARTED, me)
+    set_claim(app, second["id"], s.STARTED, f"{NODE}/{os.getpid() + 1}")
+    copies.entered(first["id"])  # a later delivery runs it here now: the claim is that run's
+    try:
+        tracker.free_claim(first["id"])
+    finally:
+        copies.left(first["id"])
+    tracker.free_claim(second["id"])  # another process's claim: never let go from here
+    assert get_state(app).store.claim_of(first["id"]) == (s.STARTED, me)
+    assert get_state(app).store.claim_of(second["id"]) == (s.STARTED, f"{NODE}/{os.getpid() + 1}")
+    tracker.free_claim(first["id"])
+    assert get_state(app).store.claim_of(first["id"]) == (s.RETRYING, None)
+
+
+def test_the_write_behind_lets_an_unconfirmed_claim_go_once_the_store_answers(spawntask_child, monkeypatch):
+    from celery_spawn.engine.writebehind import UNCLAIM, Event, WriteBehind
+    from celery_spawn.errors import StoreError
+
+    app, parent, child, runs = spawntask_child
+    [job] = spawned(app, parent)
+    tracker = get_state(app).tracker
+    tracker.worker = me = f"{NODE}/{os.getpid()}"
+    set_claim(app, job["id"], s.STARTED, me)
+    store = get_state(app).store
+    real, outages = store.free_claim, [StoreError("spawn store failed: connection refused")]
+
+    def out_once(*args):
+        if outages:
+            raise outages.pop()
+        return real(*args)
+
+    monkeypatch.setattr(store, "free_claim", out_once)
+    queue = WriteBehind(tracker)
+    queue.add(Event(UNCLAIM, job["id"]))
+    assert queue.flush(10)
+    assert outages == [] and store.claim_of(job["id"]) == (s.RETRYING, None)
+
+
+def test_no_run_of_a_job_enters_while_its_claim_is_let_go():
+    import threading
+
+    entered = threading.Event()
+    with copies.freeing("j") as free:
+        assert free
+        thread = threading.Thread(target=lambda: (copies.entered("j"), entered.set()), daemon=True)
+        thread.start()
+        assert not entered.wait(0.2)
+    assert entered.wait(5)
+    with copies.freeing("j") as free:
+        assert not free  # it runs here now
+    copies.left("j")
