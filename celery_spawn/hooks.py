@@ -66,6 +66,11 @@ def tracker_for(task: Any) -> Tracker | None:
     return state.tracker
 
 
+def _operation_of(request: Any) -> str | None:
+    """The operation a spawned child's request belongs to (its message header)."""
+    return request_headers(request).get(HEADER_OPERATION) or getattr(request, HEADER_OPERATION, None)
+
+
 def _record(tracker: Tracker, action: str, event: Event, write_now: Callable[..., Any], *args: Any) -> None:
     """Queue ``event`` for the write-behind inside a worker; elsewhere write it now."""
     try:
@@ -89,7 +94,8 @@ def _on_prerun(sender=None, task_id=None, task=None, **_: Any) -> None:
     tracker = tracker_for(task)
     if tracker is not None and tracker.settings.track_started:
         tracker.worker = copies.worker_identity(task.request.hostname) or tracker.worker
-        _record(tracker, "a start", Event(START, task_id), tracker.claim_start, task_id)
+        _record(tracker, "a start", Event(START, task_id, operation_id=_operation_of(task.request)),
+                tracker.claim_start, task_id)
 
 
 @celery_signals.task_postrun.connect(weak=False)
@@ -225,8 +231,7 @@ def _on_success(sender=None, result=None, **_: Any) -> None:
         copies.finished(job_id)
         if getattr(sender.request, "is_eager", False):  # no result is stored: the summary keeps it
             tracker.completion.remember_result(job_id, result)
-        operation_id = request_headers(sender.request).get(HEADER_OPERATION) or getattr(
-            sender.request, HEADER_OPERATION, None)
+        operation_id = _operation_of(sender.request)
         _record(tracker, "a success", Event(FINISH, job_id, state=SUCCEEDED, operation_id=operation_id),
                 tracker.succeeded, job_id, operation_id)
 

@@ -224,7 +224,7 @@ class Tracker:
 
     def finish_batch(self, finishes: Sequence[Finish], marks: Sequence[str] = (),
                      defer_marks: bool = False, published: set[str] | None = None,
-                     held: HeldRelease | None = None) -> Finished:
+                     held: HeldRelease | None = None, read_ahead: bool = True) -> Finished:
         """Finish jobs and publish what that releases (see :class:`Finished`).
 
         One transaction: the jobs still unfinished change, their dependents
@@ -243,6 +243,9 @@ class Tracker:
         retry marks them instead of publishing them again. ``held`` (see
         :meth:`hold_release`) is used when this is its job's success alone,
         and ended otherwise: then the read was done while the job ran.
+        ``read_ahead=False`` skips that read where the caller expects these
+        finishes to release nothing (their dependents, if any, are then
+        released and published after the write, as on other databases).
         """
         first = list({f.job_id: f for f in reversed(finishes)}.values())  # a job's first finish counts
         states = {f.job_id: f.state for f in first}
@@ -258,7 +261,7 @@ class Tracker:
                 # the common case: one round trip, or two with the next steps published between them
                 if held is not None:
                     ahead = self._publish_ahead([r for r in held.rows if r["id"] not in published], published)
-                elif len(first) <= PUBLISH_AHEAD and may_publish_ahead(self.app):
+                elif read_ahead and len(first) <= PUBLISH_AHEAD and may_publish_ahead(self.app):
                     ahead = self._publish_ahead(self.store.released_by(conn, list(states), sorted(published)),
                                                 published)
                 changed = self.store.succeed_and_release(conn, first, marks, self.grace, sorted(published))

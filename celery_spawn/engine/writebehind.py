@@ -12,6 +12,7 @@ the result backend, as it does for a pool process killed before the signal.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import threading
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence, cast
 
 from .. import metrics
 from ..errors import StoreError
+from ..protocol import SUCCEEDED
 from ..store import Finish, utcnow
 
 if TYPE_CHECKING:
@@ -45,6 +47,11 @@ QUIET = 0.02
 MAX_BATCH = 500
 #: Events kept while the store is unreachable; beyond that the oldest are dropped (and logged).
 MAX_QUEUED = 200_000
+#: Batches in a row whose finishes released nothing in an operation, after which this process stops reading
+#: ahead what that operation's finishes release (a fan-out's children release nothing; a chain's steps do).
+QUIET_RELEASES = 2
+#: Operations whose releases this process remembers, at most (the oldest are forgotten first).
+REMEMBERED_OPERATIONS = 1024
 #: Seconds between attempts while the store is unreachable (doubling up to the last).
 RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -91,6 +98,9 @@ class WriteBehind:
         # locked while that job runs (see Tracker.hold_release), and the last job it was tried for.
         self._held: HeldRelease | None = None
         self._held_for: str | None = None
+        # The last job whose release was read while it ran and found nothing: its finish alone reads no more.
+        self._released_nothing: str | None = None
+        self.releases = ReleaseMemory()
 
     def add(self, event: Event) -> None:
         with self._wake:
@@ -128,8 +138,10 @@ class WriteBehind:
                 left = self._events[0].queued + START_DELAY - time.monotonic()
                 if left <= 0:
                     break
-                if len(self._events) == 1 and self._held is None and self._held_for != self._events[0].job_id:
-                    self._hold_release(self._events[0].job_id)
+                lone = self._events[0]
+                if (len(self._events) == 1 and self._held is None and self._held_for != lone.job_id
+                        and self.releases.expected(lone.operation_id)):
+                    self._hold_release(lone.job_id)
                     continue
                 self._wait(left, wake_at=BUSY, finish_wakes=True)
             if LINGER and (len(self._events) >= BUSY or self._flowing):
@@ -149,6 +161,7 @@ class WriteBehind:
         self._wake.release()
         try:
             self._held = self.tracker.hold_release(job_id)
+            self._released_nothing = job_id if self._held is None else None
         except Exception as exc:  # an optimisation: the finish does it the usual way
             logger.debug("celery-spawn could not read ahead what %s releases: %s", job_id, exc)
         finally:
@@ -200,7 +213,10 @@ class WriteBehind:
         held, self._held = self._held, None
         while True:
             try:
-                return write_events(self.tracker, batch, self._marks, published, held)
+                read_ahead = self.releases.expected_in(batch) and _successes(batch) != {self._released_nothing}
+                written = write_events(self.tracker, batch, self._marks, published, held, read_ahead=read_ahead)
+                self.releases.learn(batch, written.touched)
+                return written
             except StoreError as exc:
                 held = None  # (used or ended by the failed attempt)
                 delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
@@ -234,8 +250,44 @@ class Written(NamedTuple):
     unmarked: Sequence[str]
 
 
+def _successes(events: Sequence[Event]) -> set[str]:
+    return {e.job_id for e in events if e.kind == FINISH and e.state == SUCCEEDED}
+
+
+class ReleaseMemory:
+    """Which operations' finishes in this process have lately released nothing.
+
+    Reading ahead what a success releases (PostgreSQL) takes a dependency
+    hop's next step off the write's path, and costs a round trip that a
+    fan-out's children, which release nothing, pay for nothing. After
+    QUIET_RELEASES batches in a row with no release in an operation, its
+    finishes skip that read; any release there turns it back on. Only
+    speed depends on it: a finish always releases its dependents.
+    """
+
+    def __init__(self) -> None:
+        self._quiet: collections.OrderedDict[str, int] = collections.OrderedDict()
+
+    def expected(self, operation_id: str | None) -> bool:
+        """Whether a finish in ``operation_id`` may release something (unknown: yes)."""
+        return operation_id is None or self._quiet.get(operation_id, 0) < QUIET_RELEASES
+
+    def expected_in(self, events: Sequence[Event]) -> bool:
+        """Whether any success among ``events`` may release something."""
+        return any(self.expected(e.operation_id) for e in events if e.kind == FINISH and e.state == SUCCEEDED)
+
+    def learn(self, events: Sequence[Event], quiet: set[str]) -> None:
+        """After a write: ``quiet`` holds the operations whose finishes there released nothing."""
+        for operation_id in {e.operation_id for e in events if e.kind == FINISH and e.operation_id}:
+            count = self._quiet.pop(operation_id, 0) + 1 if operation_id in quiet else 0
+            self._quiet[operation_id] = count
+        while len(self._quiet) > REMEMBERED_OPERATIONS:
+            self._quiet.popitem(last=False)
+
+
 def write_events(tracker: Tracker, events: list[Event], marks: Sequence[str] = (),
-                 published: set[str] | None = None, held: HeldRelease | None = None) -> Written:
+                 published: set[str] | None = None, held: HeldRelease | None = None,
+                 read_ahead: bool = True) -> Written:
     """Apply events in order, a run of distinct jobs at a time (a job's events never reorder).
 
     A start followed by its job's finish in the same batch is folded into
@@ -255,14 +307,14 @@ def write_events(tracker: Tracker, events: list[Event], marks: Sequence[str] = (
         held.abandon()
         held = None
     try:
-        return _write_runs(tracker, folded, marks, published, held)
+        return _write_runs(tracker, folded, marks, published, held, read_ahead)
     finally:
         if held is not None:
             held.abandon()  # (a no-op once the finish took it)
 
 
 def _write_runs(tracker: Tracker, folded: list[Event], marks: Sequence[str], published: set[str] | None,
-                held: HeldRelease | None) -> Written:
+                held: HeldRelease | None, read_ahead: bool = True) -> Written:
     touched: set[str] = set()
     released = 0
     unmarked: list[str] = []
@@ -280,7 +332,7 @@ def _write_runs(tracker: Tracker, folded: list[Event], marks: Sequence[str], pub
         if finishes:
             finished = tracker.finish_batch([Finish(e.job_id, cast(str, e.state), e.error, e.at, e.started_at)
                                              for e in finishes], marks=marks, defer_marks=True,
-                                             published=published, held=held)
+                                             published=published, held=held, read_ahead=read_ahead)
             marks, held = (), None
             touched.update(finished.to_check)
             released += finished.released

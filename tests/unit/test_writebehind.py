@@ -552,3 +552,87 @@ def test_a_held_write_that_fails_is_retried_without_publishing_again(rig, publis
     assert queue.flush(10)
     assert not failures and [c["ids"] for c in published_calls] == [[second]]
     assert [c["state"] for c in jobs(app, operation_id)] == [s.SUCCEEDED, s.DISPATCHED, s.HELD]
+
+
+# ---- PostgreSQL: a fan-out stops reading ahead what its finishes release -------------------------
+def test_release_memory_turns_read_ahead_off_after_quiet_batches_and_on_at_a_release():
+    from celery_spawn.engine.writebehind import QUIET_RELEASES, ReleaseMemory
+
+    memory = ReleaseMemory()
+    success = [Event(FINISH, "a", state=s.SUCCEEDED, operation_id="fanout")]
+    assert memory.expected("fanout") and memory.expected(None) and memory.expected_in(success)
+    for _ in range(QUIET_RELEASES):
+        memory.learn(success, quiet={"fanout"})
+    assert not memory.expected("fanout") and not memory.expected_in(success)
+    assert memory.expected("other") and memory.expected(None)
+    memory.learn(success, quiet=set())  # a release there: back on
+    assert memory.expected("fanout")
+    failure = [Event(FINISH, "b", state=s.FAILED, operation_id="other")]
+    assert not memory.expected_in(failure)  # a failure releases nothing ahead anyway
+
+
+def test_release_memory_is_bounded(monkeypatch):
+    from celery_spawn.engine import writebehind
+
+    monkeypatch.setattr(writebehind, "REMEMBERED_OPERATIONS", 3)
+    memory = writebehind.ReleaseMemory()
+    for op in "abcde":
+        memory.learn([Event(FINISH, op, state=s.SUCCEEDED, operation_id=op)], quiet={op})
+    assert list(memory._quiet) == ["c", "d", "e"]
+
+
+@pytest.fixture
+def read_aheads(monkeypatch):
+    """The ids each read-ahead (``released_by``) asked about."""
+    reads: list[list[str]] = []
+    real = PostgresDialect.released_by
+    monkeypatch.setattr(PostgresDialect, "released_by",
+                        lambda self, conn, ids, *a: reads.append(list(ids)) or real(self, conn, ids, *a))
+    return reads
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_fan_out_stops_reading_ahead_and_a_chain_keeps_on(rig, read_aheads, published_calls):
+    from celery_spawn.engine.writebehind import QUIET_RELEASES
+
+    app, parent = rig
+    fanout, children = spawn(app, parent, QUIET_RELEASES + 3)
+    queue = WriteBehind(get_state(app).tracker)
+    for child in children:  # one batch each: a lone start, then its finish
+        queue.add(Event(START, child["id"], operation_id=fanout))
+        _wait_for(lambda: queue._held_for == child["id"] or not queue.releases.expected(fanout))
+        queue.add(Event(FINISH, child["id"], state=s.SUCCEEDED, operation_id=fanout))
+        assert queue.flush(10)
+    # one read each while the job ran (its finish does not read again), then none for what releases nothing
+    assert read_aheads == [[child["id"]] for child in children[:QUIET_RELEASES]]
+    assert all(r["state"] == s.SUCCEEDED for r in jobs(app, fanout))
+    chain, steps = spawn(app, parent, QUIET_RELEASES + 3, chain=True)
+    read_aheads.clear()
+    for step in steps[:-1]:
+        queue.add(Event(START, step["id"], operation_id=chain))
+        _wait_for(lambda: queue._held_for == step["id"])
+        queue.add(Event(FINISH, step["id"], state=s.SUCCEEDED, operation_id=chain))
+        assert queue.flush(10)
+    assert read_aheads == [[step["id"]] for step in steps[:-1]]
+    assert all(call["states_then"] == {ids: s.HELD for ids in call["ids"]} for call in published_calls)
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_finish_in_an_operation_taken_for_quiet_still_releases_its_dependents(rig, read_aheads,
+                                                                              published_calls):
+    """The memory only decides whether to read ahead: a join after a fan-out is released all the same,
+    published after the write instead of before it."""
+    from celery_spawn.engine.writebehind import QUIET_RELEASES
+
+    app, parent = rig
+    operation_id, children = spawn(app, parent, 3, chain=True)
+    first, second, _ = (c["id"] for c in children)
+    queue = WriteBehind(get_state(app).tracker)
+    queue.releases._quiet[operation_id] = QUIET_RELEASES
+    queue.add(Event(START, first, operation_id=operation_id))
+    queue.add(Event(FINISH, first, state=s.SUCCEEDED, operation_id=operation_id))
+    assert queue.flush(10)
+    assert read_aheads == []
+    assert published_calls == [{"ids": [second], "states_then": {second: s.PENDING}}]  # after the write
+    assert [r["state"] for r in jobs(app, operation_id)] == [s.SUCCEEDED, s.DISPATCHED, s.HELD]
+    assert queue.releases.expected(operation_id)  # it released: read ahead again
