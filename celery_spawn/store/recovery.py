@@ -116,7 +116,7 @@ class Recovery(StoreBase):
             .limit(limit)
         )
         with self.read() as conn:
-            return [op for op in list(conn.execute(candidates).scalars()) if not _moved_since(conn, op, cutoff)]
+            return list(conn.execute(_unmoved_since(candidates, cutoff)).scalars())
 
     def waiting_queues(self, operation_id: str, cutoff: datetime) -> set[str | None]:
         """The queues of an operation's children dispatched before ``cutoff`` and never started."""
@@ -152,7 +152,7 @@ class Recovery(StoreBase):
                       .where(_old_start(cutoff), s.jobs.c.operation_id.is_not(None)).limit(limit))
         quiet: dict[str, set[str | None]] = {}
         with self.read() as conn:
-            ids = [op for op in list(conn.execute(candidates).scalars()) if not _moved_since(conn, op, cutoff)]
+            ids = list(conn.execute(_unmoved_since(candidates, cutoff)).scalars())
             if ids:
                 for operation_id, worker in conn.execute(
                         sa.select(s.jobs.c.operation_id, s.jobs.c.worker).distinct()
@@ -209,14 +209,14 @@ def _overtaken() -> sa.ColumnElement[bool]:
     )
 
 
-def _moved_since(conn: sa.Connection, operation_id: str, cutoff: datetime) -> bool:
-    """Whether a child of the operation started, finished or was dispatched since ``cutoff``."""
-    return conn.execute(
-        sa.select(s.jobs.c.id).where(
-            s.jobs.c.operation_id == operation_id,
-            sa.or_(s.jobs.c.started_at >= cutoff, s.jobs.c.finished_at >= cutoff,
-                   s.jobs.c.dispatched_at >= cutoff)).limit(1)
-    ).first() is not None
+def _unmoved_since(candidates: sa.Select, cutoff: datetime) -> sa.Select:
+    """Those of the ``candidates`` (a select of operation ids) in which no child started, finished or was
+    dispatched since ``cutoff``: one statement for all of them, each probe an index range of one operation."""
+    found = candidates.subquery("candidates")
+    moved = s.jobs.alias("moved")
+    return sa.select(found.c.operation_id).where(~sa.exists().where(
+        moved.c.operation_id == found.c.operation_id,
+        sa.or_(moved.c.started_at >= cutoff, moved.c.finished_at >= cutoff, moved.c.dispatched_at >= cutoff)))
 
 
 def _old_start(cutoff: datetime) -> sa.ColumnElement[bool]:

@@ -186,3 +186,28 @@ def test_lease_orphaned_starts_takes_the_children_of_the_claims_given_once_per_c
     assert store.lease_orphaned_starts("op", [], cutoff) == []
     set_job(store, "b", state=s.SUCCEEDED, finished_at=utcnow())
     assert store.lease_orphaned_starts("op", ["b@h/2"], cutoff) == []  # ended meanwhile
+
+
+def test_the_sweep_judges_its_candidate_operations_in_one_statement(store):
+    """Not a query per operation: however many candidates, one statement keeps those that stopped moving."""
+    import sqlalchemy as sa
+
+    old = ago(2 * HOUR)
+    names = [f"op{i}" for i in range(6)]
+    seed(store, [op_row(o, total=2, created=old) for o in names],
+         [lost(f"{o}-lost", o) for o in names[:3]] + [running(f"{o}-run", o) for o in names[3:]])
+    seen: list[str] = []
+
+    def listener(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith(("SELECT", "WITH")):
+            seen.append(statement)
+
+    sa.event.listen(store.engine, "before_cursor_execute", listener)
+    try:
+        assert sorted(store.stalled_operations(ago(60), limit=10)) == names[:3]
+        assert len(seen) == 1
+        seen.clear()
+        assert sorted(store.quiet_starts(ago(60), limit=10)) == names[3:]
+        assert len(seen) == 2  # the quiet operations, then their claims
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", listener)
