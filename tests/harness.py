@@ -365,3 +365,20 @@ def fast_clock_env() -> dict[str, str]:
     return {"LD_PRELOAD": f"{real_sleep_library()}:{libfaketime()}",
             "FAKETIME": f"+{int(SKEW.total_seconds())}s",
             "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_DONT_RESET": "1"}
+
+
+@contextlib.contextmanager
+def counting(store):
+    """Counts the SELECT/WITH statements run inside the block."""
+    seen: list[str] = []
+
+    def listener(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith(("SELECT", "WITH")):
+            seen.append(statement)
+
+    engine = store.engine
+    sa.event.listen(engine, "before_cursor_execute", listener)
+    try:
+        yield seen
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", listener)

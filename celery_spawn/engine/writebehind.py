@@ -211,9 +211,11 @@ class WriteBehind:
         attempt = 0
         published: set[str] = set()  # published ahead by a failed attempt: a retry marks them, not publishes
         held, self._held = self._held, None
+        # (once per batch, not per attempt)
+        read_ahead = (self.releases.expected_in(batch)
+                      and {e.job_id for e in _successes(batch)} != {self._released_nothing})
         while True:
             try:
-                read_ahead = self.releases.expected_in(batch) and _successes(batch) != {self._released_nothing}
                 written = write_events(self.tracker, batch, self._marks, published, held, read_ahead=read_ahead)
                 self.releases.learn(batch, written.touched)
                 return written
@@ -250,8 +252,8 @@ class Written(NamedTuple):
     unmarked: Sequence[str]
 
 
-def _successes(events: Sequence[Event]) -> set[str]:
-    return {e.job_id for e in events if e.kind == FINISH and e.state == SUCCEEDED}
+def _successes(events: Sequence[Event]) -> list[Event]:
+    return [e for e in events if e.kind == FINISH and e.state == SUCCEEDED]
 
 
 class ReleaseMemory:
@@ -274,7 +276,7 @@ class ReleaseMemory:
 
     def expected_in(self, events: Sequence[Event]) -> bool:
         """Whether any success among ``events`` may release something."""
-        return any(self.expected(e.operation_id) for e in events if e.kind == FINISH and e.state == SUCCEEDED)
+        return any(self.expected(e.operation_id) for e in _successes(events))
 
     def learn(self, events: Sequence[Event], quiet: set[str]) -> None:
         """After a write: ``quiet`` holds the operations whose finishes there released nothing."""

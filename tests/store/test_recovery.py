@@ -5,6 +5,7 @@ from datetime import timedelta
 
 from celery_spawn.store import schema as s
 from celery_spawn.store import utcnow
+from tests.harness import counting
 from tests.store.helpers import ago, edge, job, job_row, op_row, operation, seed, set_job, set_operation
 
 HOUR = 3600
@@ -190,24 +191,13 @@ def test_lease_orphaned_starts_takes_the_children_of_the_claims_given_once_per_c
 
 def test_the_sweep_judges_its_candidate_operations_in_one_statement(store):
     """Not a query per operation: however many candidates, one statement keeps those that stopped moving."""
-    import sqlalchemy as sa
-
     old = ago(2 * HOUR)
     names = [f"op{i}" for i in range(6)]
     seed(store, [op_row(o, total=2, created=old) for o in names],
          [lost(f"{o}-lost", o) for o in names[:3]] + [running(f"{o}-run", o) for o in names[3:]])
-    seen: list[str] = []
-
-    def listener(conn, cursor, statement, *args):
-        if statement.lstrip().upper().startswith(("SELECT", "WITH")):
-            seen.append(statement)
-
-    sa.event.listen(store.engine, "before_cursor_execute", listener)
-    try:
+    with counting(store) as seen:
         assert sorted(store.stalled_operations(ago(60), limit=10)) == names[:3]
-        assert len(seen) == 1
-        seen.clear()
+    assert len(seen) == 1
+    with counting(store) as seen:
         assert sorted(store.quiet_starts(ago(60), limit=10)) == names[3:]
-        assert len(seen) == 2  # the quiet operations, then their claims
-    finally:
-        sa.event.remove(store.engine, "before_cursor_execute", listener)
+    assert len(seen) == 2  # the quiet operations, then their claims

@@ -6,7 +6,6 @@ whatever the tree size" is measured, not assumed.
 """
 from __future__ import annotations
 
-import contextlib
 from datetime import timedelta
 
 import pytest
@@ -16,7 +15,7 @@ from celery import Celery
 from celery_spawn import get_state, install, render
 from celery_spawn.store import SpawnStore, direct, queries
 from celery_spawn.store import schema as s
-from tests.harness import StoreBuilder
+from tests.harness import StoreBuilder, counting
 
 NASTY_QUEUE = "q'; DROP TABLE spawn_jobs; --\"`\\"
 
@@ -43,23 +42,6 @@ def tree(store):
     b.spawn("a.0", 1, operation="op-a.0", handler="nested", queue="other")
     b.depends("c", "b")
     return b.flush()
-
-
-@contextlib.contextmanager
-def counting(store):
-    """Counts the SELECT/WITH statements run inside the block."""
-    seen: list[str] = []
-
-    def listener(conn, cursor, statement, parameters, context, executemany):
-        if statement.lstrip().upper().startswith(("SELECT", "WITH")):
-            seen.append(statement)
-
-    engine = store.engine
-    sa.event.listen(engine, "before_cursor_execute", listener)
-    try:
-        yield seen
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", listener)
 
 
 def ids(nodes):
