@@ -8,6 +8,7 @@ got wrong, naming the child.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Mapping, TypeGuard, cast
 
@@ -141,6 +142,71 @@ def check_config_depth(what: str, source: Any, limit: int) -> None:
     raise too_deep(what, limit)
 
 
+@dataclass(frozen=True)
+class SharedPart:
+    """What siblings with the same task, arguments and options share: all of their row but id and position."""
+
+    key: tuple | None
+    task_name: str
+    queue: str | None
+    priority: Any
+    message: str
+    depends: list[str]
+    ignored: set
+    pending_deps: int
+    #: The child's own countdown or eta (then ``due``), rather than ``spawn_delay`` times its position.
+    delayed: bool
+    due: datetime | None
+
+
+@dataclass
+class Siblings:
+    """One spawn's memory while its rows are built: the ids it was given, and the last child's shared part."""
+
+    seen: set[str] = field(default_factory=set)
+    last: SharedPart | None = None
+
+
+#: Scalars a sibling key holds as themselves: equal only when JSON writes them alike (floats go by repr).
+_EXACT = frozenset({str, int, bool, type(None)})
+
+
+def sibling_key(name: str, args: Any, kwargs: Any, options: dict) -> tuple | None:
+    """A snapshot that equals another child's exactly when both serialise alike, or None (not kept).
+
+    Handlers often yield clones of one signature: their rows differ only in
+    ids, so the checks, JSON and routing of the first serve the rest. Only
+    flat arguments and options (scalars in a tuple, list or dict) get a key:
+    their snapshot is cheap and immune to the handler changing a nested
+    value in place afterwards. Types are part of it, since ``1``, ``1.0`` and
+    ``True`` are equal in Python and not in JSON.
+    """
+    parts = (_flat_key(args), _flat_key(kwargs), _flat_key(options))
+    if None in parts:
+        return None
+    return (name, *parts)
+
+
+def _flat_key(value: Any) -> tuple | None:
+    kind = type(value)
+    if kind is dict:
+        items: Any = value.items()
+    elif kind is tuple or kind is list:
+        items = enumerate(value)
+    else:
+        return None
+    key: list[Any] = [kind]
+    for name, item in items:  # a dict's keys by type too: JSON writes True as "true", 1 as "1"
+        item_type = type(item)
+        if item_type in _EXACT:
+            key.append((type(name), name, item_type, item))
+        elif item_type is float:
+            key.append((type(name), name, item_type, repr(item)))
+        else:
+            return None
+    return tuple(key)
+
+
 class ChildRows:
     """Builds the rows of one app's spawns (and remembers how its tasks route)."""
 
@@ -151,48 +217,94 @@ class ChildRows:
         self.max_payload_bytes = max_payload_bytes
         self._route_cache: dict[str, str | None] = {}
 
-    def child_row(self, sig: Any, position: int, context: SpawnContext, seen: set[str],
-                   now: Any, eager: bool = False) -> tuple[dict, list[dict], bool]:
+    def child_row(self, sig: Any, position: int, context: SpawnContext, siblings: Siblings,
+                  now: Any, eager: bool = False) -> tuple[dict, list[dict], bool]:
         """One child's job row, its dependency edges, and whether its id was the caller's own.
 
-        ``eager``: the app's ``task_always_eager``, looked up once per spawn by
-        the caller (a Celery setting costs more to read than a row to build).
+        ``siblings`` is the spawn's :class:`Siblings` (the ids seen so far and the
+        last kind of child); ``eager``: the app's ``task_always_eager``, looked up
+        once per spawn by the caller (a Celery setting costs more to read than a
+        row to build).
         """
-        where = f"child #{position}"
         if not isinstance(sig, Signature) or type(sig) is not Signature:
             kind = type(sig).__name__
-            raise HandlerError(f"{where} is a {kind}, not a single task signature (celery.signature / task.s())")
+            raise HandlerError(f"child #{position} is a {kind}, not a single task signature "
+                               "(celery.signature / task.s())")
         name = sig.task
         if not isinstance(name, str) or not name or not name.isprintable():
-            raise HandlerError(f"{where} has no valid task name: {name!r}")
+            raise HandlerError(f"child #{position} has no valid task name: {name!r}")
+        options = dict(sig.options)
+        task_id = options.pop("task_id", None)
+        key = sibling_key(name, sig.args, sig.kwargs, options)
+        shared = siblings.last
+        if shared is None or key is None or shared.key != key:
+            shared = self._shared_part(sig, name, options, key, position, context, now)
+            siblings.last = shared
+        user_chosen = bool(task_id) and not context.generated(task_id)
+        job_id = task_id or context.next_child_id()
+        if not is_valid_id(job_id):
+            raise HandlerError(f"child #{position} has an invalid task_id {job_id!r}: a spawned child's id must be "
+                               f"{ID_RULE}")
+        if task_id:  # ids generated here are unique by construction: remember only the others
+            if job_id in siblings.seen:
+                raise HandlerError(f"child #{position} repeats task id {job_id}")
+            siblings.seen.add(job_id)
+        depends = shared.depends
+        if job_id in depends:
+            raise DependencyError(f"child #{position} ({job_id}) depends on itself")
+        if depends or eager:
+            not_before = None
+        elif shared.delayed:
+            not_before = shared.due
+        else:
+            not_before = _staggered(position, context.config, now)
+        parent = context.parent
+        pending_deps = shared.pending_deps
+        row = {
+            "id": job_id,
+            "parent_id": parent.id,
+            "root_id": parent.root_id,
+            "operation_id": context.operation_id,
+            "position": position,
+            "depth": parent.depth + 1,
+            "task_name": shared.task_name,
+            "queue": shared.queue,
+            "priority": shared.priority,
+            # Without dependency edges a child is recorded as dispatched: the operation's
+            # publish watermark, not a per-row update, says whether its message went out.
+            "state": HELD if pending_deps else (PENDING if depends else SCHEDULED if not_before else DISPATCHED),
+            "pending_deps": pending_deps,
+            "retries": 0,
+            "message": shared.message,
+            "created_at": now,
+            "dispatched_at": None if depends or not_before else now,
+            "not_before": not_before,
+        }
+        edges = [{"job_id": job_id, "depends_on_id": dep, "ignore_failure": dep in shared.ignored,
+                  "satisfied": dep == parent.id} for dep in depends]
+        return row, edges, user_chosen
+
+    def _shared_part(self, sig: Any, name: str, options: dict, key: tuple | None, position: int,
+                     context: SpawnContext, now: Any) -> SharedPart:
+        """What a child's row takes from its task, arguments and options (checked, serialised, routed)."""
+        where = f"child #{position}"
         parts = (sig.args, sig.kwargs, sig.options)
         limit = self.max_payload_depth
         if nesting_depth(parts, limit + 1) > limit + 1:  # one walk for all three; then name the deep one
             for part, value in zip(("args", "kwargs", "options"), parts):
                 check_depth(f"{where} ({name}) {part}", value, limit)
-        options = dict(sig.options)
-        user_chosen = bool(options.get("task_id")) and not context.generated(options["task_id"])
-        job_id = options.get("task_id") or context.next_child_id()
-        if not is_valid_id(job_id):
-            raise HandlerError(f"{where} has an invalid task_id {job_id!r}: a spawned child's id must be {ID_RULE}")
-        if options.get("task_id"):  # ids generated here are unique by construction: remember only the others
-            if job_id in seen:
-                raise HandlerError(f"{where} repeats task id {job_id}")
-            seen.add(job_id)
         parent = context.parent
         config = context.config
         depends = [str(d) for d in options.get(DEPENDS_ON_OPTION) or ()]
         ignored = set(options.get(IGNORE_FAILURE_OPTION) or ())
-        if job_id in depends:
-            raise DependencyError(f"{where} ({job_id}) depends on itself")
-
         publish = {k: v for k, v in options.items() if k not in _PRIVATE_OPTIONS}
         if config.inherit_priority and parent.priority is not None and publish.get("priority") is None:
             publish["priority"] = parent.priority
         if config.inherit_queue and parent.queue and not publish.get("queue"):
             publish["queue"] = parent.queue
+        delayed = "countdown" in publish or "eta" in publish
         try:
-            not_before = None if depends or eager else due_time(publish, position, config, now)
+            due = due_time(publish, position, config, now) if delayed else None
         except (TypeError, ValueError, OverflowError) as exc:
             raise HandlerError(f"{where} ({name}) has an unusable countdown or eta: {exc}") from None
         headers = dict(publish.get("headers") or {})
@@ -210,31 +322,9 @@ class ChildRows:
         except RecursionError:
             raise PayloadTooLarge(f"{where} ({name}) nests too deeply to be serialised to JSON") from None
         check_size(f"{where} ({name}) message", message, self.max_payload_bytes)
-
-        pending_deps = sum(1 for d in depends if d != parent.id)
-        row = {
-            "id": job_id,
-            "parent_id": parent.id,
-            "root_id": parent.root_id,
-            "operation_id": context.operation_id,
-            "position": position,
-            "depth": parent.depth + 1,
-            "task_name": name[:255],
-            "queue": self.queue_of(name, publish),
-            "priority": publish.get("priority"),
-            # Without dependency edges a child is recorded as dispatched: the operation's
-            # publish watermark, not a per-row update, says whether its message went out.
-            "state": HELD if pending_deps else (PENDING if depends else SCHEDULED if not_before else DISPATCHED),
-            "pending_deps": pending_deps,
-            "retries": 0,
-            "message": message,
-            "created_at": now,
-            "dispatched_at": None if depends or not_before else now,
-            "not_before": not_before,
-        }
-        edges = [{"job_id": job_id, "depends_on_id": dep, "ignore_failure": dep in ignored,
-                  "satisfied": dep == parent.id} for dep in depends]
-        return row, edges, user_chosen
+        return SharedPart(key=key, task_name=name[:255], queue=self.queue_of(name, publish),
+                          priority=publish.get("priority"), message=message, depends=depends, ignored=ignored,
+                          pending_deps=sum(1 for d in depends if d != parent.id), delayed=delayed, due=due)
 
     def queue_of(self, task_name: str, options: dict) -> str | None:
         queue = options.get("queue")
@@ -259,16 +349,21 @@ def due_time(publish: dict, position: int, config: SpawnConfig, now: datetime) -
     ``eta`` if it has one, else ``spawn_delay`` times its position. In eager
     mode nothing waits: the options stay as Celery would ignore them.
     """
-    if "countdown" in publish or "eta" in publish:
-        countdown, eta = publish.pop("countdown", None), publish.pop("eta", None)
-        due = _eta_time(eta) if eta is not None else None
-        if countdown is not None:
-            due = now + timedelta(seconds=float(countdown))
-    elif config.spawn_delay_ms and position:
-        due = now + timedelta(milliseconds=position * config.spawn_delay_ms)
-    else:
-        return None
+    if "countdown" not in publish and "eta" not in publish:
+        return _staggered(position, config, now)
+    countdown, eta = publish.pop("countdown", None), publish.pop("eta", None)
+    due = _eta_time(eta) if eta is not None else None
+    if countdown is not None:
+        due = now + timedelta(seconds=float(countdown))
     return due if due is not None and due > now else None
+
+
+def _staggered(position: int, config: SpawnConfig, now: datetime) -> datetime | None:
+    """``spawn_delay`` times ``position`` from now, for a child with no delay of its own (None: no delay)."""
+    if not config.spawn_delay_ms or not position:
+        return None
+    due = now + timedelta(milliseconds=position * config.spawn_delay_ms)
+    return due if due > now else None
 
 
 def _eta_time(eta: Any) -> datetime | None:

@@ -35,7 +35,7 @@ from ..handlers import (ParentJob, SpawnContext, SpawnHandler, SpawnResult, as_h
                         labelled_operation_id)
 from ..protocol import ID_RULE, OP_FAILED, OP_RUNNING, OP_SUCCEEDED, is_valid_id
 from ..store import utcnow
-from .children import (EAGER_ID_LIMIT, ChildRows, Recorded, describe, effective_config, find_cycle,
+from .children import (EAGER_ID_LIMIT, ChildRows, Recorded, Siblings, describe, effective_config, find_cycle,
                        inherited_max_depth, operation_row, parent_from_task, requested_handler, root_row)
 from .outbox import stored_batch_size
 
@@ -200,7 +200,7 @@ class Spawner:
         """Record every child and its edges; returns (children, dependency edges, what is kept in memory)."""
         config = context.config
         total = edge_count = 0
-        seen: set[str] = set()
+        siblings = Siblings()
         recorded = Recorded()
         eager = bool(self.app.conf.task_always_eager)
         for batch in _batched(self._generate(handler, handler_name, context), config.batch_size):
@@ -211,7 +211,7 @@ class Spawner:
                         f"handler {handler_name!r} produced more than max_spawn_count={config.max_spawn_count} "
                         "children; nothing was dispatched")
                 try:
-                    row, child_edges, user_chosen = self.rows.child_row(sig, total, context, seen, now, eager)
+                    row, child_edges, user_chosen = self.rows.child_row(sig, total, context, siblings, now, eager)
                 except SpawnError:
                     raise
                 except (TypeError, ValueError, AttributeError) as exc:
