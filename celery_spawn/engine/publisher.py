@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from kombu.utils.json import loads
@@ -52,6 +53,7 @@ class Publisher:
         self.app = app
         self._confirms: bool | None = None  # whether the broker confirms publishes (decided on first use)
         self._confirming: tuple[int, Any] | None = None  # (pid, pool of connections with confirms)
+        self._local = threading.local()  # each thread's MessageBuilder (its reply_to is the thread's own)
 
     def publish(self, children: Sequence[dict]) -> list[str]:
         """Publish each row's message; returns the ids that reached the broker.
@@ -133,7 +135,7 @@ class Publisher:
         app = self.app
         fast = not app.conf.task_send_sent_event
         signals = _publish_signals_connected()
-        builder = MessageBuilder(app)
+        builder = self._builder()
         published: list[str] = []
         declared: set[str] = set()
         with app.producer_or_acquire() as producer, producer.batch(max_size=max(1, len(children))):
@@ -180,6 +182,13 @@ class Publisher:
                     self._send_task_message(producer, child, message or decode_message(raw), plan, extra)
                 published.append(child["id"])
         return published
+
+    def _builder(self) -> MessageBuilder:
+        """This thread's builder: the plans of the kinds it published stay made, for a hop's one message too."""
+        builder = getattr(self._local, "builder", None)
+        if builder is None:
+            builder = self._local.builder = MessageBuilder(self.app)
+        return builder
 
     def _send_task_message(self, producer: Any, child: dict, message: dict, plan: Plan, extra: dict | None) -> None:
         """Celery's own message building and sending (routing through exchanges, publish signals)."""

@@ -326,7 +326,7 @@ class PostgresDialect(Dialect):
         them dispatched instead of returning them. ``published`` here leaves
         out the ids a failed earlier attempt already published.
         """
-        rows = conn.execute(PG_RELEASED_BY, {"ids": list(succeeding), "published": list(published)}).mappings()
+        rows = PG_RELEASED_BY.execute(conn, {"ids": list(succeeding), "published": list(published)}).mappings()
         return [dict(row) for row in rows]
 
     def succeed_and_release(self, conn: Connection, finishes: Sequence[Finish], marks: Sequence[str] = (),

@@ -100,7 +100,7 @@ PG_SUCCEED_AND_RELEASE = PreparedStatement("spawn_succeed_and_release", sa.text(
 #: the finishing statement updates them) until the transaction ends, so no duplicate finish, other release or
 #: cancellation can act on them meanwhile. (``IS NOT DISTINCT FROM`` keeps the planner off the state index: with
 #: few held rows in its statistics it would otherwise read every held row instead of the few dependents.)
-PG_RELEASED_BY = sa.text(f"""
+PG_RELEASED_BY = PreparedStatement("spawn_released_by", sa.text(f"""
     WITH finishing AS (
         SELECT id FROM {s.jobs.name}
          WHERE id = ANY(CAST(:ids AS varchar[])) AND state NOT IN ({_final_list()})
@@ -116,4 +116,4 @@ PG_RELEASED_BY = sa.text(f"""
      WHERE j.state IS NOT DISTINCT FROM '{s.HELD}' AND j.pending_deps = c.n
        AND NOT (j.id = ANY(CAST(:published AS varchar[]))) AND NOT (j.id = ANY(CAST(:ids AS varchar[])))
        FOR UPDATE OF j
-""")
+"""), {"ids": "varchar[]", "published": "varchar[]"})

@@ -116,6 +116,30 @@ def test_siblings_with_different_arguments_each_get_their_own(app):
     assert [m.headers["root_id"] for m in messages] == ["c0", "c1", "c2", "c3"]  # no root: its own id
 
 
+def test_a_publisher_keeps_its_plans_between_calls_and_each_thread_its_own_reply_to(app, monkeypatch):
+    """A hop publishes one message per call: the kind's plan (Celery's header building) is made once."""
+    import threading
+
+    made = []
+    original = app.amqp.as_task_v2
+    monkeypatch.setattr(app.amqp, "as_task_v2", lambda *a, **k: made.append(a[1]) or original(*a, **k))
+    publisher = Publisher(app)
+    stored = dumps({"task": "m.plain", "args": ["x"], "kwargs": {}, "options": {}})
+    for i in range(3):
+        publisher.publish([{"id": f"hop-{i}", "parent_id": "p", "root_id": "r", "message": stored}])
+    assert made == ["m.plain"]
+    other = threading.Thread(target=publisher.publish,
+                             args=([{"id": "elsewhere", "parent_id": "p", "root_id": "r", "message": stored}],))
+    other.start()
+    other.join()
+    assert made == ["m.plain", "m.plain"]  # another thread: its own builder
+    messages = {m.headers["id"]: m for m in drain(app, app.test_queue)}
+    assert sorted(messages) == ["elsewhere", "hop-0", "hop-1", "hop-2"]
+    assert messages["hop-2"].properties["correlation_id"] == "hop-2"
+    assert messages["hop-0"].properties["reply_to"] == messages["hop-2"].properties["reply_to"]
+    assert messages["elsewhere"].properties["reply_to"] != messages["hop-0"].properties["reply_to"]
+
+
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True),
                     st.text(max_size=40), st.text(alphabet="'\"\\\n\t ", max_size=10))
 

@@ -311,3 +311,49 @@ def test_psycopg_prepare_threshold_none_keeps_the_other_connect_args(postgres_ur
             assert conn.exec_driver_sql("SHOW application_name").scalar() == "spawn-test"
     finally:
         store.dispose()
+
+
+RELEASED_BY = "spawn_released_by"
+
+
+def test_the_read_ahead_is_prepared_once_per_connection_and_locks_the_next_step(pg_store):
+    ids = _chain(pg_store)
+    with pg_store.engine.connect() as conn:
+        conn.rollback()
+        with conn.begin():
+            assert [r["id"] for r in PG.released_by(conn, [ids[0]])] == [ids[1]]
+            assert RELEASED_BY in _prepared_names(conn)
+            assert PG.released_by(conn, [ids[0]], published=[ids[1]]) == []  # published ahead already
+        with conn.begin():
+            rows = PG.released_by(conn, [ids[0]])
+            assert rows[0]["message"] == "message-1" and rows[0]["operation_id"] == ids[0] + "-op"
+            # the finishing row and the dependent stay locked until this transaction ends
+            with pg_store.engine.connect() as other, other.begin():
+                other.exec_driver_sql("SET LOCAL lock_timeout = '100ms'")
+                for job in ids[:2]:
+                    with pytest.raises(sa.exc.OperationalError), other.begin_nested():
+                        other.exec_driver_sql("SELECT 1 FROM spawn_jobs WHERE id = %s FOR UPDATE", (job,))
+
+
+def test_the_prepared_read_ahead_keeps_to_the_indexes_in_a_big_store(pg_store):
+    """A generic plan (what PostgreSQL may switch to for a prepared statement) reads no table whole."""
+    from celery_spawn.store import schema as s
+
+    ids = _chain(pg_store)
+    now = utcnow()
+    with pg_store.begin() as conn:
+        conn.execute(s.jobs.insert(), [
+            {"id": f"filler-{uuid.uuid4().hex[:8]}-{i}", "parent_id": "p", "root_id": "p", "operation_id": "filler",
+             "task_name": "t", "depth": 1, "state": "held" if i % 2 else "succeeded", "pending_deps": 1,
+             "created_at": now} for i in range(20_000)])
+        conn.execute(s.dependencies.insert(), [{"job_id": f"filler-edge-{i}", "depends_on_id": f"filler-dep-{i % 500}"}
+                                               for i in range(20_000)])
+    with pg_store.engine.connect() as conn:
+        conn.exec_driver_sql("ANALYZE spawn_jobs")
+        conn.exec_driver_sql("ANALYZE spawn_dependencies")
+        conn.commit()
+        with conn.begin():
+            conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+            assert [r["id"] for r in PG.released_by(conn, [ids[0]])] == [ids[1]]
+            plan = conn.exec_driver_sql(f"EXPLAIN EXECUTE {RELEASED_BY}(%s, %s)", ([ids[0]], [])).scalars().all()
+    assert not [line for line in plan if "Seq Scan on spawn_" in line], "\n".join(plan)
