@@ -10,6 +10,7 @@ from the write-behind (:mod:`celery_spawn.engine.writebehind`).
 from __future__ import annotations
 
 import logging
+import threading
 import sys
 from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, Sequence, cast
 
@@ -142,6 +143,8 @@ class Tracker:
         self.worker: str | None = None
         self.liveness = Liveness(app)
         self.callbacks = CallbackClaims(self)
+        # Per thread: the connection a hop's finish kept, its next transaction begun (see finish_batch).
+        self._spares = threading.local()
 
     # ---- job transitions -------------------------------------------------------------------
     def claim_start(self, job_id: str) -> bool:
@@ -209,10 +212,11 @@ class Tracker:
         """
         if not self.store.dialect.reads_releases_ahead or not may_publish_ahead(self.app):
             return None
-        conn = None
+        conn = self._take_spare()
         rows: list[dict] = []
         try:
-            conn = self.store.transaction()
+            if conn is None:
+                conn = self.store.transaction()
             rows = self.store.released_by(conn, [job_id])
         except Exception as exc:
             logger.debug("could not read ahead what %s releases: %s", job_id, exc)
@@ -221,6 +225,21 @@ class Tracker:
                 _close_quietly(conn)
             return None
         return HeldRelease(job_id, conn, rows)
+
+    def end_spare(self) -> None:
+        """Give back the connection this thread kept from a hop's finish (no next step came for it)."""
+        conn = self._take_spare()
+        if conn is not None:
+            _close_quietly(conn)
+
+    def _take_spare(self) -> Any:
+        conn = getattr(self._spares, "conn", None)
+        self._spares.conn = None
+        return conn
+
+    def _keep_spare(self, conn: Any) -> None:
+        self.end_spare()
+        self._spares.conn = conn
 
     def finish_batch(self, finishes: Sequence[Finish], marks: Sequence[str] = (),
                      defer_marks: bool = False, published: set[str] | None = None,
@@ -255,7 +274,9 @@ class Tracker:
             held.abandon()
             held = None
         dialect = self.store.dialect
-        with (self.store.begun(held.take()) if held is not None else self.store.begin()) as conn:
+        # A hop's held transaction, once committed, begins the next: the released step's own read ahead,
+        # likely in this thread, takes it instead of checking a connection out (see end_spare).
+        with (self.store.begun(held.take(), keep=True) if held is not None else self.store.begin()) as conn:
             if dialect.succeeds_in_one_statement(len(first), len(marks),
                                                  all(state == SUCCEEDED for state in states.values())):
                 # the common case: one round trip, or two with the next steps published between them
@@ -270,6 +291,11 @@ class Tracker:
                     self.store.lock_jobs(conn, [*marks, *states])  # one lock order for marks and finishes
                     self.store.mark_dispatched_in(conn, marks)
                 changed = self.store.finish_and_release(conn, first, self.grace)
+        if held is not None:
+            if changed.released or ahead:
+                self._keep_spare(conn)
+            else:
+                _close_quietly(conn)
         self.canceller.revoke_jobs(changed.to_revoke)
         to_publish = changed.released
         unmarked = self._publish(to_publish, mark=not defer_marks)

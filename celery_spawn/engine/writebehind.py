@@ -128,9 +128,11 @@ class WriteBehind:
         with self._wake:
             while not self._events:
                 if not self._unchecked and not self._marks:
+                    self.tracker.end_spare()
                     self._idle.set()
                     self._wait(None, wake_at=1)
                 elif not self._wait(QUIET, wake_at=1):
+                    self.tracker.end_spare()  # no next step came: its connection goes back to the pool
                     return []  # quiet for a moment: time to mark what was published, check what finished
             while len(self._events) < BUSY and all(e.kind == START for e in self._events):
                 # Only starts: wait a little for their finishes, so that a short task costs one

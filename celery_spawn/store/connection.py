@@ -104,16 +104,25 @@ class StoreBase:
             yield conn
 
     @contextlib.contextmanager
-    def begun(self, conn: Connection) -> Iterator[Connection]:
+    def begun(self, conn: Connection, keep: bool = False) -> Iterator[Connection]:
         """Finish the transaction already begun on ``conn`` (commit, or roll back on error), then close it;
-        database errors come out as :class:`StoreError`, as from :meth:`begin`."""
-        with self._errors(), conn:
+        database errors come out as :class:`StoreError`, as from :meth:`begin`. ``keep``: after the commit,
+        begin the next transaction on ``conn`` and leave it open for the caller (closed on error)."""
+        with self._errors():
+            kept = False
             try:
-                yield conn
-            except BaseException:
-                conn.rollback()
-                raise
-            conn.commit()
+                try:
+                    yield conn
+                except BaseException:
+                    conn.rollback()
+                    raise
+                conn.commit()
+                if keep:
+                    conn.begin()
+                    kept = True
+            finally:
+                if not kept:
+                    conn.close()
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:

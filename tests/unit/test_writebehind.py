@@ -179,6 +179,9 @@ class FlakyTracker:
     def start_many(self, starts):
         pass
 
+    def end_spare(self):
+        pass
+
     def finish_batch(self, finishes, **_):
         if self.failures:
             self.failures -= 1
@@ -255,6 +258,9 @@ class RecordingTracker:
 
     def __init__(self, releases: int) -> None:
         self.releases, self.batches = releases, []
+
+    def end_spare(self):
+        pass
 
     def finish_batch(self, finishes, **_):
         self.batches.append(len(finishes))
@@ -520,6 +526,40 @@ def test_a_held_release_is_let_go_when_the_job_fails_or_its_start_is_written_alo
     assert queue.flush(10)  # the failure lets the locks go, then cancels what depended on it
     assert queue._held is None and published_calls == []
     assert [r["state"] for r in jobs(app, other_operation)] == [s.FAILED, s.CANCELLED, s.CANCELLED]
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_hop_reads_the_next_release_on_the_connection_its_finish_kept(rig, published_calls):
+    """The committed hop begins its next transaction on the same connection: no checkout on the next read."""
+    app, parent = rig
+    operation_id, children = spawn(app, parent, 3, chain=True)
+    first, second, third = (c["id"] for c in children)
+    tracker = get_state(app).tracker
+    checkouts = []
+
+    def counted(*_):
+        checkouts.append(1)
+
+    sa.event.listen(tracker.store.engine, "checkout", counted)
+    try:
+        queue = WriteBehind(tracker)
+        queue.add(Event(START, first))
+        _wait_for(lambda: queue._held is not None)
+        queue.add(Event(FINISH, first, state=s.SUCCEEDED, operation_id=operation_id))
+        _wait_for(lambda: published_calls and queue._held is None and not queue._events)
+        before = len(checkouts)
+        queue.add(Event(START, second))
+        _wait_for(lambda: queue._held is not None and queue._held.job_id == second)
+        assert len(checkouts) == before  # the read ahead took the kept connection
+        assert [r["id"] for r in queue._held.rows] == [third]
+        queue.add(Event(FINISH, second, state=s.SUCCEEDED, operation_id=operation_id))
+        assert queue.flush(10)
+        assert [c["ids"] for c in published_calls] == [[second], [third]]
+        assert [r["state"] for r in jobs(app, operation_id)] == [s.SUCCEEDED, s.SUCCEEDED, s.DISPATCHED]
+        # quiet: the kept connection went back to the pool, none is left checked out
+        _wait_for(lambda: tracker.store.engine.pool.checkedout() == 0)
+    finally:
+        sa.event.remove(tracker.store.engine, "checkout", counted)
 
 
 def test_hold_release_needs_postgresql(rig):
