@@ -92,6 +92,8 @@ class WriteBehind:
         # Whether events came in while the last batch was written, and it released nothing:
         # events flowing, not a chain (nor the first step of one).
         self._flowing = False
+        # Whether the last batch released a dependent: its start may come here soon (see Tracker.end_spare).
+        self._released = False
         # Children this writer published and has not marked dispatched yet (written with the next batch).
         self._marks: list[str] = []
         # What the success of the job whose lone start waits for its finish will release, read and
@@ -127,11 +129,11 @@ class WriteBehind:
     def _take(self) -> list[Event]:
         with self._wake:
             while not self._events:
-                if not self._unchecked and not self._marks:
-                    self.tracker.end_spare()
+                if not self._unchecked and not self._marks and not self._released:
                     self._idle.set()
                     self._wait(None, wake_at=1)
                 elif not self._wait(QUIET, wake_at=1):
+                    self._released = False
                     self.tracker.end_spare()  # no next step came: its connection goes back to the pool
                     return []  # quiet for a moment: time to mark what was published, check what finished
             while len(self._events) < BUSY and all(e.kind == START for e in self._events):
@@ -182,6 +184,7 @@ class WriteBehind:
             batch = self._take()
             if batch or self._marks:
                 written = self._write_until_done(batch)
+                self._released = bool(written.released)
                 self._marks = list(written.unmarked)
                 self._unchecked.update(written.touched)
                 if batch:  # (marks alone say nothing of how events flow)

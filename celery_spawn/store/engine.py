@@ -13,6 +13,8 @@ from sqlalchemy.engine import URL, Engine, make_url
 from .clock import follow_server_clock, measure
 from ..errors import StoreError
 from .prepared import OPTION as PREPARED_OPTION
+from .prepared import plan_by_table_size
+from .schema import jobs
 from .timeouts import Timeouts
 
 logger = logging.getLogger(__name__)
@@ -158,6 +160,7 @@ class EngineHolder:
             _tune_sqlite(engine)
         else:
             follow_server_clock(engine)
+            plan_by_table_size(engine, jobs.name)
         if not self.prepared_statements:
             engine = engine.execution_options(**{PREPARED_OPTION: False})
         return engine

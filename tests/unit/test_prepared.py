@@ -357,3 +357,56 @@ def test_the_prepared_read_ahead_keeps_to_the_indexes_in_a_big_store(pg_store):
             assert [r["id"] for r in PG.released_by(conn, [ids[0]])] == [ids[1]]
             plan = conn.exec_driver_sql(f"EXPLAIN EXECUTE {RELEASED_BY}(%s, %s)", ([ids[0]], [])).scalars().all()
     assert not [line for line in plan if "Seq Scan on spawn_" in line], "\n".join(plan)
+
+
+def _plan_cache_mode(conn) -> str:
+    return conn.exec_driver_sql("SHOW plan_cache_mode").scalar()
+
+
+@pytest.fixture
+def new_postgres_url():
+    """A database of its own: the planner's estimates of the module's shared one depend on other tests."""
+    from tests.harness import throwaway_database
+
+    with throwaway_database("postgresql") as url:
+        yield url
+
+
+def test_a_connection_to_a_young_store_never_caches_a_generic_plan(new_postgres_url):
+    """A generic plan made while the table is small reads it whole, and keeps doing so as it grows."""
+    store = SpawnStore(new_postgres_url)
+    try:
+        store.migrate()
+        ids = _chain(store, 12)
+        with store.engine.connect() as conn:
+            assert _plan_cache_mode(conn) == "force_custom_plan"
+            conn.rollback()
+            for job in ids[:-1]:  # past the five custom plans after which PostgreSQL may go generic
+                with conn.begin():
+                    PG.released_by(conn, [job])
+                    PG.succeed_and_release(conn, [Finish(job, "succeeded", None, utcnow())])
+            plans = conn.exec_driver_sql(
+                "SELECT name, generic_plans, custom_plans FROM pg_prepared_statements ORDER BY name").all()
+        assert [tuple(p) for p in plans] == [(RELEASED_BY, 0, 11), (NAME, 0, 11)]
+    finally:
+        store.dispose()
+
+
+def test_a_connection_to_a_grown_store_lets_postgresql_choose(new_postgres_url, monkeypatch):
+    from celery_spawn.store import prepared
+
+    monkeypatch.setattr(prepared, "YOUNG_ROWS", 50)
+    store = SpawnStore(new_postgres_url)
+    try:
+        store.migrate()
+        with store.engine.connect() as conn:
+            assert _plan_cache_mode(conn) == "force_custom_plan"
+        _chain(store, 60)
+        with store.engine.connect() as conn:
+            conn.exec_driver_sql("ANALYZE spawn_jobs")
+            conn.commit()
+        store.dispose()  # a new pool: new connections
+        with store.engine.connect() as conn:
+            assert _plan_cache_mode(conn) == "auto"
+    finally:
+        store.dispose()

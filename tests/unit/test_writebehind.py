@@ -529,37 +529,34 @@ def test_a_held_release_is_let_go_when_the_job_fails_or_its_start_is_written_alo
 
 
 @pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
-def test_a_hop_reads_the_next_release_on_the_connection_its_finish_kept(rig, published_calls):
-    """The committed hop begins its next transaction on the same connection: no checkout on the next read."""
+def test_a_hop_reads_the_next_release_on_the_connection_its_finish_kept(rig, monkeypatch):
+    """A committed hop begins its next transaction on the same connection, which the next step's read ahead
+    in that thread takes instead of checking one out; a thread with no step for it gives it back."""
+    from celery_spawn.store import Finish, utcnow
+
     app, parent = rig
     operation_id, children = spawn(app, parent, 3, chain=True)
     first, second, third = (c["id"] for c in children)
+    reads: list = []
+    real_read = PostgresDialect.released_by
+    monkeypatch.setattr(PostgresDialect, "released_by",
+                        lambda self, conn, ids, *a: reads.append((ids[0], conn)) or real_read(self, conn, ids, *a))
     tracker = get_state(app).tracker
-    checkouts = []
-
-    def counted(*_):
-        checkouts.append(1)
-
-    sa.event.listen(tracker.store.engine, "checkout", counted)
-    try:
-        queue = WriteBehind(tracker)
-        queue.add(Event(START, first))
-        _wait_for(lambda: queue._held is not None)
-        queue.add(Event(FINISH, first, state=s.SUCCEEDED, operation_id=operation_id))
-        _wait_for(lambda: published_calls and queue._held is None and not queue._events)
-        before = len(checkouts)
-        queue.add(Event(START, second))
-        _wait_for(lambda: queue._held is not None and queue._held.job_id == second)
-        assert len(checkouts) == before  # the read ahead took the kept connection
-        assert [r["id"] for r in queue._held.rows] == [third]
-        queue.add(Event(FINISH, second, state=s.SUCCEEDED, operation_id=operation_id))
-        assert queue.flush(10)
-        assert [c["ids"] for c in published_calls] == [[second], [third]]
-        assert [r["state"] for r in jobs(app, operation_id)] == [s.SUCCEEDED, s.SUCCEEDED, s.DISPATCHED]
-        # quiet: the kept connection went back to the pool, none is left checked out
-        _wait_for(lambda: tracker.store.engine.pool.checkedout() == 0)
-    finally:
-        sa.event.remove(tracker.store.engine, "checkout", counted)
+    engine = tracker.store.engine
+    held = tracker.hold_release(first)
+    assert held is not None
+    finishing = held.conn
+    tracker.finish_batch([Finish(first, s.SUCCEEDED, None, utcnow())], held=held, defer_marks=True)
+    assert engine.pool.checkedout() == 1  # kept, its next transaction begun
+    held = tracker.hold_release(second)
+    assert held is not None and held.conn is finishing and reads[-1] == (second, finishing)
+    assert [r["id"] for r in held.rows] == [third]
+    tracker.finish_batch([Finish(second, s.SUCCEEDED, None, utcnow())], held=held, defer_marks=True)
+    tracker.end_spare()  # no step came for it: back to the pool
+    assert engine.pool.checkedout() == 0
+    held = tracker.hold_release(third)  # releases nothing: its own connection, given back at once
+    assert held is None and engine.pool.checkedout() == 0
+    assert [r["state"] for r in jobs(app, operation_id)][:2] == [s.SUCCEEDED, s.SUCCEEDED]
 
 
 def test_hold_release_needs_postgresql(rig):
