@@ -363,18 +363,11 @@ def _plan_cache_mode(conn) -> str:
     return conn.exec_driver_sql("SHOW plan_cache_mode").scalar()
 
 
-@pytest.fixture
-def new_postgres_url():
-    """A database of its own: the planner's estimates of the module's shared one depend on other tests."""
-    from tests.harness import throwaway_database
-
-    with throwaway_database("postgresql") as url:
-        yield url
-
-
-def test_a_connection_to_a_young_store_never_caches_a_generic_plan(new_postgres_url):
+# A database of its own (``store_url``): the planner's estimates of the module's shared one depend on other tests.
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_connection_to_a_young_store_never_caches_a_generic_plan(store_url):
     """A generic plan made while the table is small reads it whole, and keeps doing so as it grows."""
-    store = SpawnStore(new_postgres_url)
+    store = SpawnStore(store_url)
     try:
         store.migrate()
         ids = _chain(store, 12)
@@ -392,11 +385,12 @@ def test_a_connection_to_a_young_store_never_caches_a_generic_plan(new_postgres_
         store.dispose()
 
 
-def test_a_connection_to_a_grown_store_lets_postgresql_choose(new_postgres_url, monkeypatch):
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_connection_to_a_grown_store_lets_postgresql_choose(store_url, monkeypatch):
     from celery_spawn.store import prepared
 
     monkeypatch.setattr(prepared, "YOUNG_ROWS", 50)
-    store = SpawnStore(new_postgres_url)
+    store = SpawnStore(store_url)
     try:
         store.migrate()
         with store.engine.connect() as conn:
