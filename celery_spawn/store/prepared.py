@@ -23,13 +23,16 @@ spawn right after took 100 ms per finish instead of 0.5 ms. On a table of
 some size the generic plan follows the indexes, and it runs in half the time
 of planning anew. So a connection opened while the jobs table holds fewer
 than :data:`YOUNG_ROWS` rows (the planner's own estimate) plans every
-execution anew for its life (:func:`plan_by_table_size`); the pool recycles
-connections, and later ones take generic plans once the table has grown.
+execution anew (:func:`plan_by_table_size`), and reads the estimate again every
+:data:`RECHECK_SECONDS` when it is checked out: once the table has grown (and
+been analysed) it lets PostgreSQL choose again, and the generic plans it
+makes from then on follow the indexes.
 """
 from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import Any, Mapping
 
 import sqlalchemy as sa
@@ -47,6 +50,10 @@ _UNKNOWN_STATEMENT = "26000"
 _PARAMETER = re.compile(r"(?<![:\w]):(\w+)\b")
 #: Below this many jobs (``pg_class.reltuples``) a new connection plans every execution anew.
 YOUNG_ROWS = 50_000
+#: Seconds between the size checks of a connection that plans anew, made when it is checked out.
+RECHECK_SECONDS = 60.0
+#: Key, in a pooled connection's ``info``, of the time (monotonic) of its next size check while it plans anew.
+_NEXT_CHECK = "spawn_young_next_check"
 _JOBS_ESTIMATE = ("SELECT COALESCE((SELECT reltuples FROM pg_class WHERE oid = to_regclass(%s)), 0), "
                   "current_setting('server_version_num')::int")
 
@@ -85,30 +92,54 @@ class PreparedStatement:
 
 
 def plan_by_table_size(engine: sa.Engine, jobs_table: str) -> None:
-    """On PostgreSQL, give every new connection of ``engine`` custom plans while ``jobs_table`` is young."""
+    """On PostgreSQL, give the connections of ``engine`` custom plans while ``jobs_table`` is young.
+
+    A connection opened while the table is young checks its size again, on
+    checkout, every :data:`RECHECK_SECONDS`; the round trip is paid once a
+    minute by each such connection, and never once the table has grown.
+    """
     if engine.dialect.name != "postgresql":
         return
 
     @sa.event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        keep_custom_plans_while_young(dbapi_connection, jobs_table)
+    def _on_connect(dbapi_connection: Any, record: Any) -> None:
+        if keep_custom_plans_while_young(dbapi_connection, jobs_table):
+            record.info[_NEXT_CHECK] = time.monotonic() + RECHECK_SECONDS
+
+    @sa.event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        next_check = record.info.get(_NEXT_CHECK)
+        if next_check is None or time.monotonic() < next_check:
+            return
+        if keep_custom_plans_while_young(dbapi_connection, jobs_table, planning_anew=True):
+            record.info[_NEXT_CHECK] = time.monotonic() + RECHECK_SECONDS
+        else:
+            del record.info[_NEXT_CHECK]
 
 
-def keep_custom_plans_while_young(dbapi_connection: Any, jobs_table: str) -> bool:
+def keep_custom_plans_while_young(dbapi_connection: Any, jobs_table: str, planning_anew: bool = False) -> bool:
     """``SET plan_cache_mode = force_custom_plan`` on a raw connection when ``jobs_table`` holds fewer than
-    :data:`YOUNG_ROWS` rows (or was never analysed); returns whether it did. Never breaks a connection."""
+    :data:`YOUNG_ROWS` rows (or was never analysed); returns whether the connection plans anew afterwards.
+
+    ``planning_anew``: the connection did so already. Then a grown table
+    resets the setting to the session's default (what the server, the role
+    or the URL configure), and a young one changes nothing. Never breaks a
+    connection: when the size cannot be read, the connection stays as it was.
+    """
     cursor = dbapi_connection.cursor()
-    young = False
+    young = planning_anew
     try:
         cursor.execute(_JOBS_ESTIMATE, (jobs_table,))
         rows, version = cursor.fetchone()
         young = version >= 120000 and rows < YOUNG_ROWS  # (plan_cache_mode: PostgreSQL 12 and later)
-        if young:
+        if young and not planning_anew:
             cursor.execute("SET plan_cache_mode = force_custom_plan")
-        dbapi_connection.commit()  # the SET outlives the transaction only once committed
+        elif planning_anew and not young:
+            cursor.execute("RESET plan_cache_mode")
+        dbapi_connection.commit()  # a SET outlives the transaction only once committed
     except Exception as exc:  # planning is the server's business: the connection works either way
         logger.debug("could not read the size of %s: %s", jobs_table, exc)
-        young = False
+        young = planning_anew
         try:
             dbapi_connection.rollback()
         except Exception:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
+from types import SimpleNamespace
 
 import pytest
 import sqlalchemy as sa
@@ -402,5 +404,58 @@ def test_a_connection_to_a_grown_store_lets_postgresql_choose(store_url, monkeyp
         store.dispose()  # a new pool: new connections
         with store.engine.connect() as conn:
             assert _plan_cache_mode(conn) == "auto"
+    finally:
+        store.dispose()
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_young_connection_lets_postgresql_choose_once_the_store_has_grown(store_url, monkeypatch):
+    """A pooled connection opened young reads the size again on checkout, once a RECHECK_SECONDS, not only
+    when it connects."""
+    from celery_spawn.store import prepared
+
+    clock = [1000.0]
+    monkeypatch.setattr(prepared, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(prepared, "YOUNG_ROWS", 50)
+    store = SpawnStore(store_url)
+    try:
+        store.migrate()
+        with store.engine.connect() as conn:
+            assert _plan_cache_mode(conn) == "force_custom_plan"
+        _chain(store, 60)
+        with store.engine.connect() as conn:
+            conn.exec_driver_sql("ANALYZE spawn_jobs")
+            conn.commit()
+        clock[0] += prepared.RECHECK_SECONDS - 1
+        with store.engine.connect() as conn:
+            assert _plan_cache_mode(conn) == "force_custom_plan"  # not checked yet
+        grown_at = time.time()
+        clock[0] += 2
+        for _ in range(3):  # (every pooled connection in turn)
+            with store.engine.connect() as conn:
+                assert conn.connection._connection_record.starttime < grown_at  # one opened while young
+                assert _plan_cache_mode(conn) == "auto"
+                assert prepared._NEXT_CHECK not in conn.connection._connection_record.info  # it checks no more
+    finally:
+        store.dispose()
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_young_connection_checked_again_while_the_store_is_young_keeps_custom_plans(store_url, monkeypatch):
+    from celery_spawn.store import prepared
+
+    clock = [1000.0]
+    monkeypatch.setattr(prepared, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    store = SpawnStore(store_url)
+    try:
+        store.migrate()
+        _chain(store, 3)
+        for _ in range(3):
+            clock[0] += prepared.RECHECK_SECONDS + 1
+            with store.engine.connect() as conn:
+                assert _plan_cache_mode(conn) == "force_custom_plan"
+                next_check = conn.connection._connection_record.info[prepared._NEXT_CHECK]
+                assert next_check == clock[0] + prepared.RECHECK_SECONDS  # checked now, and again in a while
+                conn.rollback()
     finally:
         store.dispose()
