@@ -365,6 +365,17 @@ def _plan_cache_mode(conn) -> str:
     return conn.exec_driver_sql("SHOW plan_cache_mode").scalar()
 
 
+def _grow_a_young_store(store: SpawnStore) -> None:
+    """Migrate a new store (its connections plan anew), then grow it past a YOUNG_ROWS of 50 and analyse it."""
+    store.migrate()
+    with store.engine.connect() as conn:
+        assert _plan_cache_mode(conn) == "force_custom_plan"
+    _chain(store, 60)
+    with store.engine.connect() as conn:
+        conn.exec_driver_sql("ANALYZE spawn_jobs")
+        conn.commit()
+
+
 # A database of its own (``store_url``): the planner's estimates of the module's shared one depend on other tests.
 @pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
 def test_a_connection_to_a_young_store_never_caches_a_generic_plan(store_url):
@@ -394,13 +405,7 @@ def test_a_connection_to_a_grown_store_lets_postgresql_choose(store_url, monkeyp
     monkeypatch.setattr(prepared, "YOUNG_ROWS", 50)
     store = SpawnStore(store_url)
     try:
-        store.migrate()
-        with store.engine.connect() as conn:
-            assert _plan_cache_mode(conn) == "force_custom_plan"
-        _chain(store, 60)
-        with store.engine.connect() as conn:
-            conn.exec_driver_sql("ANALYZE spawn_jobs")
-            conn.commit()
+        _grow_a_young_store(store)
         store.dispose()  # a new pool: new connections
         with store.engine.connect() as conn:
             assert _plan_cache_mode(conn) == "auto"
@@ -419,13 +424,7 @@ def test_a_young_connection_lets_postgresql_choose_once_the_store_has_grown(stor
     monkeypatch.setattr(prepared, "YOUNG_ROWS", 50)
     store = SpawnStore(store_url)
     try:
-        store.migrate()
-        with store.engine.connect() as conn:
-            assert _plan_cache_mode(conn) == "force_custom_plan"
-        _chain(store, 60)
-        with store.engine.connect() as conn:
-            conn.exec_driver_sql("ANALYZE spawn_jobs")
-            conn.commit()
+        _grow_a_young_store(store)
         clock[0] += prepared.RECHECK_SECONDS - 1
         with store.engine.connect() as conn:
             assert _plan_cache_mode(conn) == "force_custom_plan"  # not checked yet
